@@ -1,0 +1,7 @@
+"""``python -m taskfs``: the same as the ``taskfs`` command."""
+
+import sys
+
+from taskfs.cli import main
+
+sys.exit(main())

@@ -1,0 +1,302 @@
+"""Async client of the task REST API over one injected ``httpx.AsyncClient``.
+
+Owns: every call taskfs makes to the API (TASK_API.md section 3), their timeouts, retries and
+deadline, and the translation of HTTP outcomes into the typed errors of ``taskfs.errors``.
+
+Must stay true:
+* every call ends by its deadline (``RetryPolicy.deadline``); idempotent calls are retried on
+  connection errors, timeouts, 429 and 5xx with jittered backoff honouring ``Retry-After``; a
+  submit is retried only when the request never reached the server;
+* httpx exceptions never leave this module: they become ``ServiceError``/``ProtocolError``/...
+  chained to their cause;
+* the API key travels only in the ``X-API-Key`` header of requests to the API's own base URL
+  (never to signed URLs) and appears in no message or log record.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import msgspec
+import trio
+
+from taskfs import __version__
+from taskfs.api.models import (
+    SubmitResponse,
+    Task,
+    TaskPage,
+    TaskStatus,
+    TaskStatusCode,
+    TaskWithStatusHistory,
+    ZipArchiveInfo,
+)
+from taskfs.config import ClientSettings
+from taskfs.errors import (
+    AuthError,
+    NotFoundError,
+    ProtocolError,
+    ServiceError,
+    TaskfsError,
+    UsageError,
+)
+from taskfs.retry import Retryable, RetryPolicy, with_retries
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+USER_AGENT = f"taskfs/{__version__}"
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+PAGE_SIZE = 500
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """``Retry-After`` as seconds from now (delta-seconds or an HTTP date), if present."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def transport_message(exc: httpx.TransportError, base: str) -> str:
+    """A short human account of a transport failure (no headers, so no key)."""
+    if isinstance(exc, httpx.ConnectError):
+        return f"cannot connect to {base.rstrip('/')}"
+    if isinstance(exc, httpx.TimeoutException):
+        return f"{base.rstrip('/')} did not answer in time ({type(exc).__name__})"
+    return f"connection to {base.rstrip('/')} failed ({type(exc).__name__}: {exc})"
+
+
+def detail_of(response: httpx.Response) -> str:
+    """The ``detail`` of an error body, or a short excerpt of the body."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200].strip() or response.reason_phrase
+    if isinstance(body, dict) and "detail" in body:
+        return str(body["detail"])
+    return str(body)[:200]
+
+
+def http_client(
+    settings: ClientSettings,
+    transport: httpx.AsyncBaseTransport | None = None,
+    max_connections: int = 16,
+) -> httpx.AsyncClient:
+    """The ``httpx.AsyncClient`` taskfs uses for the API: base URL, key header, timeouts."""
+    return httpx.AsyncClient(
+        base_url=settings.api_url,
+        headers={"X-API-Key": settings.api_key, "User-Agent": USER_AGENT},
+        timeout=httpx.Timeout(
+            settings.read_timeout, connect=settings.connect_timeout, pool=settings.deadline
+        ),
+        limits=httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        ),
+        transport=transport,
+        follow_redirects=False,
+    )
+
+
+class ApiClient:
+    """Calls of the task API. Create with ``ApiClient.open(settings)`` or inject ``http``."""
+
+    def __init__(self, http: httpx.AsyncClient, policy: RetryPolicy | None = None) -> None:
+        self.http = http
+        self.policy = policy or RetryPolicy()
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        settings: ClientSettings,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> AsyncIterator[ApiClient]:
+        async with http_client(settings, transport) as http:
+            yield cls(http, RetryPolicy(deadline=settings.deadline))
+
+    # -- the calls -----------------------------------------------------------------------------
+
+    async def version_check(self) -> dict[str, Any]:
+        return await self._json(
+            "GET", "/version-check", dict[str, Any], params={"client_version": __version__}
+        )
+
+    async def list_page(
+        self,
+        page: int,
+        per_page: int = PAGE_SIZE,
+        status: TaskStatusCode | str | None = None,
+        project: str | None = None,
+    ) -> TaskPage:
+        params: dict[str, Any] = {"page": page, "per_page": per_page}
+        if status is not None:
+            params["status"] = str(status)
+        if project is not None:
+            params["project"] = project
+        return await self._json("GET", "/tasks", TaskPage, params=params)
+
+    async def iter_tasks(
+        self,
+        status: TaskStatusCode | str | None = None,
+        project: str | None = None,
+        per_page: int = PAGE_SIZE,
+        limit: int | None = None,
+    ) -> AsyncIterator[Task]:
+        """All tasks, newest first, page by page; a task shifted across pages comes once."""
+        seen: set[str] = set()
+        page = 1
+        while True:
+            result = await self.list_page(page, per_page, status, project)
+            for task in result.tasks:
+                if task.task_id not in seen:
+                    seen.add(task.task_id)
+                    yield task
+                    if limit is not None and len(seen) >= limit:
+                        return
+            if len(result.tasks) < per_page or page * per_page >= result.total_size:
+                return
+            page += 1
+
+    async def get_task(self, task_id: str) -> TaskWithStatusHistory:
+        return await self._json(
+            "GET", f"/tasks/{task_id}", TaskWithStatusHistory, what=f"task {task_id}"
+        )
+
+    async def get_status(self, task_id: str) -> TaskStatus:
+        return await self._json(
+            "GET", f"/tasks/{task_id}/status", TaskStatus, what=f"task {task_id}"
+        )
+
+    async def kill(self, task_id: str) -> TaskStatus:
+        # A kill is safe to repeat: a second one answers the current status.
+        return await self._json(
+            "POST", f"/tasks/{task_id}/kill", TaskStatus, what=f"task {task_id}"
+        )
+
+    async def submit(self, request: Mapping[str, Any]) -> SubmitResponse:
+        return await self._json(
+            "POST", "/tasks/submit", SubmitResponse, json=dict(request), idempotent=False
+        )
+
+    async def input_uploaded(self, task_id: str) -> None:
+        await self._json(
+            "POST", f"/tasks/{task_id}/input_uploaded", dict[str, Any], what=f"task {task_id}"
+        )
+
+    async def signed_urls(
+        self, operation: str, paths: Sequence[str], region: str | None = None
+    ) -> list[str]:
+        params: list[tuple[str, str]] = [("operation", operation)]
+        params += [("paths", p) for p in paths]
+        if region:
+            params.append(("region", region))
+        urls = await self._json("GET", "/storage/signed-urls", list[str], params=params)
+        if len(urls) != len(paths):
+            raise ProtocolError(f"asked for {len(paths)} signed URLs, got {len(urls)}")
+        return urls
+
+    async def download_url(self, path: str, region: str | None = None) -> str:
+        return (await self.signed_urls("download", [path], region))[0]
+
+    async def zip_contents(
+        self, path: str, relative: str = "artifacts/", recursive: bool = True
+    ) -> ZipArchiveInfo:
+        params = {
+            "path": path,
+            "zip_relative_path": relative,
+            "recursive": "true" if recursive else "false",
+        }
+        return await self._json("GET", "/storage/zip-contents", ZipArchiveInfo, params=params)
+
+    async def upload_file(self, url: str, file: Path) -> None:
+        """PUT a local file to a signed upload URL (no API key on that request)."""
+        size = (await trio.Path(file).stat()).st_size
+
+        async def body() -> AsyncIterator[bytes]:
+            async with await trio.open_file(file, "rb") as f:
+                while chunk := await f.read(1 << 20):
+                    yield chunk
+
+        async def attempt() -> None:
+            request = self.http.build_request(
+                "PUT",
+                url,
+                content=body(),
+                headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+                timeout=httpx.Timeout(60.0, connect=self.http.timeout.connect),
+            )
+            del request.headers["X-API-Key"]  # signed URLs carry their own authority
+            try:
+                response = await self.http.send(request)
+            except httpx.TransportError as exc:
+                raise Retryable(f"upload failed: {exc!r}") from exc
+            self._check(response, "upload")
+
+        await with_retries(
+            attempt, RetryPolicy(deadline=max(self.policy.deadline, 300.0)), "upload"
+        )
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    async def _json(
+        self,
+        method: str,
+        path: str,
+        type_: type[T],
+        *,
+        params: Any = None,
+        json: Any = None,
+        idempotent: bool = True,
+        what: str | None = None,
+    ) -> T:
+        name = f"{method} {path}"
+
+        async def attempt() -> T:
+            try:
+                response = await self.http.request(method, path, params=params, json=json)
+            except httpx.TransportError as exc:
+                message = transport_message(exc, str(self.http.base_url))
+                if idempotent or isinstance(exc, httpx.ConnectError):
+                    raise Retryable(message) from exc
+                raise ServiceError(f"{name}: {message}") from exc
+            if response.status_code in RETRY_STATUSES and idempotent:
+                raise Retryable(
+                    f"HTTP {response.status_code}: {detail_of(response)}",
+                    retry_after_seconds(response.headers.get("retry-after")),
+                )
+            self._check(response, what or name)
+            try:
+                return msgspec.json.decode(response.content, type=type_)
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                raise ProtocolError(f"{name}: unexpected answer: {exc}") from exc
+
+        return await with_retries(attempt, self.policy, name)
+
+    @staticmethod
+    def _check(response: httpx.Response, what: str) -> None:
+        code = response.status_code
+        if 200 <= code < 300:
+            return
+        detail = detail_of(response)
+        if code in (401, 403):
+            raise AuthError(f"{what}: access denied ({code}): {detail}")
+        if code == 404:
+            raise NotFoundError(f"{what}: not found")
+        if code == 422:
+            raise UsageError(f"{what}: rejected by the service: {detail}")
+        if code >= 500:
+            raise ServiceError(f"{what}: service error {code}: {detail}")
+        raise TaskfsError(f"{what}: HTTP {code}: {detail}")

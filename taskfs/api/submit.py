@@ -1,0 +1,77 @@
+"""Submitting a task the way a remote client does: submit, signed upload URL, PUT, input_uploaded.
+
+Owns: packing an input directory into ``input.zip`` (entries under ``sim_dir/``) and the four
+REST calls of a submission. Works against any service speaking TASK_API.md, the embedded one
+included; used by ``taskfs submit`` and ``Task.submit``.
+
+Must stay true: the input archive is built in a temporary file that is removed afterwards; a
+failed upload leaves the task in ``pending-input`` (never ``submitted`` without its input).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from taskfs.api.client import ApiClient
+from taskfs.errors import UsageError
+
+INPUT_PREFIX = "sim_dir/"
+
+
+def pack_input(source: Path | None, archive: Path) -> None:
+    """Write ``archive`` with every file under ``source`` as ``sim_dir/<relative path>``."""
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+        zf.mkdir(INPUT_PREFIX.rstrip("/"))
+        if source is None:
+            return
+        for dirpath, dirnames, filenames in os.walk(source):
+            dirnames.sort()
+            for name in sorted(filenames):
+                file = Path(dirpath) / name
+                if file.is_file():
+                    zf.write(file, INPUT_PREFIX + file.relative_to(source).as_posix())
+
+
+async def submit_task(
+    client: ApiClient,
+    commands: Sequence[str],
+    *,
+    input_dir: Path | None = None,
+    project: str | None = None,
+    ttl_seconds: float | None = None,
+    simulator: str = "custom",
+    container_image: str | None = None,
+    resource_pool: str | None = None,
+    storage_path_prefix: str | None = None,
+) -> str:
+    """Submit ``commands`` with the files of ``input_dir``; returns the new task's id."""
+    if not commands:
+        raise UsageError("nothing to run: give a command")
+    if input_dir is not None and not await trio.Path(input_dir).is_dir():
+        raise UsageError(f"input directory {input_dir} does not exist")
+    request: dict[str, Any] = {
+        "simulator": simulator,
+        "resource_pool": resource_pool,
+        "container_image": container_image,
+        "project": project,
+        "storage_path_prefix": storage_path_prefix,
+        "time_to_live_seconds": ttl_seconds,
+        "extra_params": {"commands": [{"cmd": c, "prompts": []} for c in commands]},
+    }
+    response = await client.submit(request)
+    prefix = (storage_path_prefix or "").strip("/")
+    input_path = f"{prefix}/{response.id}/input.zip" if prefix else f"{response.id}/input.zip"
+    with tempfile.TemporaryDirectory(prefix="taskfs-input-") as tmp:
+        archive = Path(tmp) / "input.zip"
+        await trio.to_thread.run_sync(pack_input, input_dir, archive)
+        url = (await client.signed_urls("upload", [input_path], response.storage_region))[0]
+        await client.upload_file(url, archive)
+    await client.input_uploaded(response.id)
+    return response.id

@@ -1,0 +1,363 @@
+"""The ``taskfs`` command: serve, submit, and (in later modules) mount, unmount and tasks.
+
+Owns: argument parsing, logging configuration (the only place handlers are installed), turning
+``TaskfsError`` into one clear line on stderr and an exit status, and starting/stopping the
+embedded service in the background.
+
+Exit statuses: 0 success, 1 an operation failed, 2 bad usage, 130 interrupted. ``--debug``
+shows tracebacks and debug logs; without it no traceback reaches a user for a known error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import psutil
+import trio
+
+from taskfs import __version__
+from taskfs.config import (
+    ServiceSettings,
+    default_data_dir,
+    local_service_url,
+    parse_duration,
+    resolve_client,
+)
+from taskfs.errors import TaskfsError, UsageError
+
+log = logging.getLogger("taskfs.cli")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises ``UsageError`` instead of exiting, so errors print one way."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def setup_logging(debug: bool, quiet_default: bool = True) -> None:
+    level = logging.DEBUG if debug else (logging.WARNING if quiet_default else logging.INFO)
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not debug:
+        for noisy in ("httpx", "httpcore", "hypercorn.error", "hypercorn.access"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# -- serve ---------------------------------------------------------------------------------------
+
+
+def _service_settings(args: argparse.Namespace) -> ServiceSettings:
+    defaults = ServiceSettings(data_dir=args.data_dir)
+    return ServiceSettings(
+        data_dir=args.data_dir,
+        host=args.host,
+        port=args.port,
+        slots=args.slots or defaults.slots,
+        vm_type=args.vm_type or defaults.vm_type,
+        kill_grace_seconds=args.kill_grace,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _service_settings(args)
+    if args.print_key:
+        from taskfs.server.app import ensure_secret_file
+
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        print(ensure_secret_file(settings.key_file))
+        return 0
+    if args.stop:
+        return 0 if stop_service(settings.data_dir) else 1
+    if args.background:
+        url = start_service_background(settings.data_dir, _serve_argv(args))
+        print(url)
+        return 0
+    setup_logging(args.debug, quiet_default=False)
+    return trio.run(_serve_main, settings, args.debug)
+
+
+def _serve_argv(args: argparse.Namespace) -> list[str]:
+    argv = ["--host", args.host, "--port", str(args.port), "--kill-grace", str(args.kill_grace)]
+    if args.slots:
+        argv += ["--slots", str(args.slots)]
+    if args.vm_type:
+        argv += ["--vm-type", args.vm_type]
+    if args.debug:
+        argv.append("--debug")
+    return argv
+
+
+async def _serve_main(settings: ServiceSettings, debug: bool) -> int:
+    from taskfs.server.app import serve
+
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+
+        async def watch_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info("received %s; shutting down", signal.Signals(signum).name)
+                    shutdown.set()
+                    return
+
+        nursery.start_soon(watch_signals)
+        url = await nursery.start(
+            lambda task_status: serve(
+                settings, shutdown=shutdown, debug=debug, task_status=task_status
+            )
+        )
+        print(f"taskfs service listening on {url} (data in {settings.data_dir})", flush=True)
+        await shutdown.wait()
+    return 0
+
+
+def start_service_background(
+    data_dir: Path, extra: Sequence[str] = (), timeout: float = 20.0
+) -> str:
+    """Start ``taskfs serve`` detached (logging to ``service.log``); return its URL.
+
+    Reuses a service that is already running for ``data_dir``.
+    """
+    url = running_service_url(data_dir)
+    if url is not None:
+        return url
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log_path = data_dir / "service.log"
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "taskfs", "serve", "--data-dir", str(data_dir), *extra],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        url = running_service_url(data_dir)
+        if url is not None:
+            return url
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+            raise TaskfsError(
+                "the local service did not start: "
+                + (" | ".join(tail) or f"exit {proc.returncode}")
+            )
+        time.sleep(0.05)
+    raise TaskfsError(f"the local service did not start within {timeout:g} s (see {log_path})")
+
+
+def running_service_url(data_dir: Path) -> str | None:
+    """The URL of the service running for ``data_dir``, if its process is alive."""
+    url = local_service_url(data_dir)
+    if url is None:
+        return None
+    try:
+        pid = int(json.loads((data_dir / "server.json").read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        return None
+    return url if pid_alive(pid) else None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
+
+
+def stop_service(data_dir: Path, timeout: float = 15.0) -> bool:
+    """SIGTERM the service running for ``data_dir`` and wait for it to exit."""
+    try:
+        pid = int(json.loads((data_dir / "server.json").read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        print(f"no taskfs service is running for {data_dir}", file=sys.stderr)
+        return True
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return True
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.02)
+    print(f"the service (pid {pid}) did not stop within {timeout:g} s", file=sys.stderr)
+    return False
+
+
+# -- submit --------------------------------------------------------------------------------------
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    setup_logging(args.debug)
+    commands = list(args.command or [])
+    trailing = [a for a in args.argv if a != "--"] if args.argv else []
+    if trailing:
+        commands.append(shlex.join(trailing) if len(trailing) > 1 else trailing[0])
+    if not commands:
+        raise UsageError("nothing to run: give a command after '--' or with --command")
+    ttl = parse_duration(args.ttl) if args.ttl else None
+    settings = resolve_client(args.api_url, args.api_key_file, args.data_dir)
+
+    async def main() -> str:
+        from taskfs.api.client import ApiClient
+        from taskfs.api.submit import submit_task
+
+        async with ApiClient.open(settings) as client:
+            return await submit_task(
+                client,
+                commands,
+                input_dir=args.input,
+                project=args.project,
+                ttl_seconds=ttl,
+                simulator=args.simulator,
+            )
+
+    print(trio.run(main))
+    return 0
+
+
+# -- parser --------------------------------------------------------------------------------------
+
+
+def _add_api_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("service")
+    group.add_argument(
+        "--api-url",
+        help="API base URL (default: $INDUCTIVA_API_URL, else the embedded local service)",
+    )
+    group.add_argument(
+        "--api-key-file",
+        type=Path,
+        help="file holding the API key (default: "
+        "$INDUCTIVA_API_KEY, ~/.inductiva/api_key, or the local service's key)",
+    )
+    group.add_argument(
+        "--data-dir",
+        type=Path,
+        default=default_data_dir(),
+        help="data directory of the embedded local service (default: %(default)s)",
+    )
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="taskfs",
+        description="Watch and steer remote compute tasks from a Unix shell.",
+    )
+    parser.add_argument("--version", action="version", version=f"taskfs {__version__}")
+    parser.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
+    sub = parser.add_subparsers(
+        dest="command_name", metavar="COMMAND", required=True, parser_class=ArgumentParser
+    )
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the embedded local task service",
+        description="Run the embedded task service: the REST API of TASK_API.md, running "
+        "tasks as local processes, with state in SQLite under --data-dir.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=8000,
+        help="port to bind, 0 for any free one (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--data-dir",
+        type=Path,
+        default=default_data_dir(),
+        help="state, storage and key files (default: %(default)s)",
+    )
+    serve.add_argument("--slots", type=int, help="tasks run at once (default: CPU count)")
+    serve.add_argument("--vm-type", help="machine type reported for tasks (default: local-<N>vcpu)")
+    serve.add_argument(
+        "--kill-grace",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="SIGTERM to SIGKILL delay when killing a task (default: %(default)s)",
+    )
+    mode = serve.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--background",
+        action="store_true",
+        help="start detached (or reuse the running service) and print its URL",
+    )
+    mode.add_argument("--stop", action="store_true", help="stop the service running for --data-dir")
+    mode.add_argument(
+        "--print-key",
+        action="store_true",
+        help="print the service's API key (creating it) and exit",
+    )
+    serve.add_argument("--debug", action="store_true", help="debug logs, access log")
+    serve.set_defaults(func=cmd_serve)
+
+    submit = sub.add_parser(
+        "submit",
+        help="submit a task",
+        description="Submit a task through the REST API (submit, upload input, mark uploaded) "
+        "and print its id. Example: taskfs submit --input ./sim -- python run.py --steps 100",
+    )
+    submit.add_argument("--input", type=Path, help="directory whose files the task runs in")
+    submit.add_argument("--project", help="project name (default: the service's default)")
+    submit.add_argument("--ttl", help="time to live, e.g. 90s, 10m, 2h (default: none)")
+    submit.add_argument(
+        "--simulator", default="custom", help="simulator label (default: %(default)s)"
+    )
+    submit.add_argument(
+        "-c",
+        "--command",
+        action="append",
+        help="a shell command to run; repeat for several, run in order",
+    )
+    submit.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
+    _add_api_options(submit)
+    submit.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]: one command")
+    submit.set_defaults(func=cmd_submit)
+    return parser
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The single exception inside nested one-member exception groups (trio nurseries)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in (raw[: raw.index("--")] if "--" in raw else raw)
+    try:
+        args = build_parser().parse_args(raw)
+        func: Callable[[argparse.Namespace], int] = args.func
+        return func(args)
+    except BaseException as exc:  # sorted below; anything unknown is re-raised
+        leaf = _leaf(exc)
+        if debug or not isinstance(leaf, TaskfsError | KeyboardInterrupt):
+            raise
+        if isinstance(leaf, KeyboardInterrupt):
+            print("taskfs: interrupted", file=sys.stderr)
+            return 130
+        print(f"taskfs: error: {leaf}", file=sys.stderr)
+        return 2 if isinstance(leaf, UsageError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Frozen settings with documented defaults, and where they come from.
+
+Owns: default locations (data dir of the embedded service, cache dir), how the API URL and key
+are discovered (flags, ``INDUCTIVA_API_URL``/``INDUCTIVA_API_KEY``, ``~/.inductiva/api_key``,
+the local service's own files), and parsing of human values such as ``10G`` and ``10m``.
+
+Must stay true: settings objects are immutable; nothing here performs network I/O; the API key
+is read from files or the environment only (never from process arguments) and never appears in
+``repr`` of a settings object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from taskfs.errors import AuthError, UsageError
+
+DEFAULT_CLOUD_URL = "https://api.inductiva.ai"
+ENV_API_URL = "INDUCTIVA_API_URL"
+ENV_API_KEY = "INDUCTIVA_API_KEY"
+ENV_DATA_DIR = "TASKFS_DATA_DIR"
+KEY_FILE_NAME = "api_key"
+SECRET_FILE_NAME = "url_secret"  # noqa: S105 - a file name, not a secret
+SERVER_FILE_NAME = "server.json"
+KEY_CHARSET = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def default_data_dir() -> Path:
+    """``$TASKFS_DATA_DIR``, else ``$XDG_DATA_HOME/taskfs``, else ``~/.local/share/taskfs``."""
+    if env := os.environ.get(ENV_DATA_DIR):
+        return Path(env)
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "taskfs"
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/taskfs``, else ``~/.cache/taskfs``."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "taskfs"
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """The embedded local service (``taskfs serve``)."""
+
+    data_dir: Path = field(default_factory=default_data_dir)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Task slots run at once; default: one per CPU.
+    slots: int = field(default_factory=lambda: os.cpu_count() or 1)
+    # ``executer.vm_type`` reported for local runs; default ``local-<N>vcpu``.
+    vm_type: str = field(default_factory=lambda: f"local-{os.cpu_count() or 1}vcpu")
+    # SIGTERM to a killed task's process group, SIGKILL this long after.
+    kill_grace_seconds: float = 5.0
+    # Lifetime of signed download/upload URLs.
+    signed_url_ttl_seconds: int = 3600
+    storage_region: str = "local"
+
+    @property
+    def key_file(self) -> Path:
+        return self.data_dir / KEY_FILE_NAME
+
+    @property
+    def secret_file(self) -> Path:
+        return self.data_dir / SECRET_FILE_NAME
+
+    @property
+    def server_file(self) -> Path:
+        return self.data_dir / SERVER_FILE_NAME
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "tasks.sqlite3"
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.data_dir / "storage"
+
+    @property
+    def work_dir(self) -> Path:
+        return self.data_dir / "work"
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """How to reach the task API. ``api_key`` is hidden from ``repr``."""
+
+    api_url: str
+    api_key: str = field(repr=False)
+    # Per-request timeouts (seconds) and the overall deadline of one operation with retries.
+    connect_timeout: float = 5.0
+    read_timeout: float = 10.0
+    deadline: float = 10.0
+    # Whether this is the embedded local service (for messages only).
+    local: bool = False
+
+
+def read_key_file(path: Path) -> str:
+    """Read an API key file; the key is the first line, stripped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise AuthError(f"API key file {path} does not exist") from None
+    except OSError as exc:
+        raise AuthError(f"cannot read API key file {path}: {exc.strerror}") from None
+    key = text.strip().splitlines()[0].strip() if text.strip() else ""
+    if not KEY_CHARSET.fullmatch(key):
+        raise AuthError(f"API key file {path} does not hold a valid key")
+    return key
+
+
+def local_service_url(data_dir: Path) -> str | None:
+    """The URL the local service announced in ``server.json``, or ``None``."""
+    try:
+        info = json.loads((data_dir / SERVER_FILE_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    url = info.get("url") if isinstance(info, dict) else None
+    return url if isinstance(url, str) else None
+
+
+def resolve_client(
+    api_url: str | None = None,
+    api_key_file: Path | None = None,
+    data_dir: Path | None = None,
+) -> ClientSettings:
+    """Find the API to talk to and its key.
+
+    URL: ``api_url``, else ``$INDUCTIVA_API_URL``, else the embedded local service (its
+    ``server.json``). Key for a remote URL: ``api_key_file``, else ``$INDUCTIVA_API_KEY``, else
+    ``~/.inductiva/api_key``; for the local service: ``api_key_file``, else its own key file.
+    """
+    data_dir = data_dir or default_data_dir()
+    url = api_url or os.environ.get(ENV_API_URL)
+    if url:
+        url = url.rstrip("/")
+        if not re.match(r"https?://", url):
+            raise UsageError(f"API URL must start with http:// or https://: {url!r}")
+        if api_key_file is not None:
+            key = read_key_file(api_key_file)
+        elif env_key := os.environ.get(ENV_API_KEY):
+            key = env_key.strip()
+            if not KEY_CHARSET.fullmatch(key):
+                raise AuthError(f"${ENV_API_KEY} does not hold a valid key")
+        else:
+            key = read_key_file(Path.home() / ".inductiva" / KEY_FILE_NAME)
+        return ClientSettings(api_url=url, api_key=key)
+    local_url = local_service_url(data_dir)
+    if local_url is None:
+        raise UsageError(
+            f"no API URL given and no local service found in {data_dir} "
+            "(start one with 'taskfs serve', or set --api-url / $INDUCTIVA_API_URL)"
+        )
+    key = read_key_file(api_key_file or data_dir / KEY_FILE_NAME)
+    return ClientSettings(api_url=local_url, api_key=key, local=True)
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``10G`` -> bytes (binary units K, M, G, T; optional ``B``/``iB`` suffix)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise UsageError(f"not a size: {text!r} (examples: 500M, 10G)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``10m``, ``1h30m``, ``2d`` -> seconds."""
+    cleaned = text.strip().lower()
+    if re.fullmatch(r"\d+(?:\.\d+)?", cleaned):
+        return float(cleaned)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", cleaned)
+    if not parts or "".join(n + u for n, u in parts) != cleaned:
+        raise UsageError(f"not a duration: {text!r} (examples: 90s, 10m, 1h30m)")
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)

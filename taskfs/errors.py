@@ -1,0 +1,85 @@
+"""The exception tree of taskfs; every class knows the errno the filesystem answers with.
+
+Foreign exceptions (httpx, zlib, sqlite3, OSError from the network) are translated at the edge
+of the layer that meets them and chained with ``raise ... from exc``; nothing above that layer
+catches a foreign exception type. The filesystem maps exceptions to errno through
+``TaskfsError.errno`` only (one table, used by ``fs.fuse_ops``).
+
+    TaskfsError                     EIO      base class; anything unexpected is also EIO
+    ├── NotFoundError               ENOENT   no such task, output name or storage object
+    ├── AuthError                   EACCES   API key missing or rejected
+    ├── ServiceError                EIO      unreachable, timed out, 5xx after retries
+    ├── ProtocolError               EIO      the peer broke the protocol (bad JSON, 200 for a range)
+    ├── TaskEndedError              ESRCH    kill on a task that has already ended
+    ├── InvalidCommandError         EINVAL   unknown word written to ``control``
+    ├── ReadOnlyError               EROFS    write to anything but ``control``
+    ├── StaleError                  ESTALE   the archive changed under an open file (ETag)
+    └── ArchiveError                EIO      corrupt or truncated archive
+        ├── ChecksumError           EIO      CRC-32 mismatch: never return the bytes
+        └── UnsupportedError        ENOTSUP  a compression method taskfs cannot read
+    UsageError                      (CLI)    bad command-line input; one line, exit status 2
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class TaskfsError(Exception):
+    """Base class. ``errno`` is what the filesystem answers; ``str()`` is safe to show users."""
+
+    errno: int = _errno.EIO
+
+
+class NotFoundError(TaskfsError):
+    errno = _errno.ENOENT
+
+
+class AuthError(TaskfsError):
+    errno = _errno.EACCES
+
+
+class ServiceError(TaskfsError):
+    """The service is unreachable, timed out, or kept answering 5xx until the deadline."""
+
+    errno = _errno.EIO
+
+
+class ProtocolError(TaskfsError):
+    """The peer answered something the protocol does not allow."""
+
+    errno = _errno.EIO
+
+
+class TaskEndedError(TaskfsError):
+    errno = _errno.ESRCH
+
+
+class InvalidCommandError(TaskfsError):
+    errno = _errno.EINVAL
+
+
+class ReadOnlyError(TaskfsError):
+    errno = _errno.EROFS
+
+
+class StaleError(TaskfsError):
+    errno = _errno.ESTALE
+
+
+class ArchiveError(TaskfsError):
+    errno = _errno.EIO
+
+
+class ChecksumError(ArchiveError):
+    errno = _errno.EIO
+
+
+class UnsupportedError(ArchiveError):
+    errno = _errno.ENOTSUP
+
+
+class UsageError(TaskfsError):
+    """Bad command-line input: the CLI prints the message and exits with status 2."""
+
+    errno = _errno.EINVAL

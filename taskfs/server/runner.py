@@ -1,0 +1,484 @@
+"""Runs tasks of the embedded service as local processes.
+
+Owns: the queue (``submitted`` tasks, oldest input first), N slots, each task's life from
+``started`` to its end, kills, time-to-live, and recovery after a restart.
+
+A task's life (TASK_API.md section 2)::
+
+    submitted -> started -> computation-started -> computation-ended -> success | failed
+                        \\-> (kill) pending-kill -> killed      (TTL) -> ttl-exceeded
+
+Must stay true:
+* every status change goes through ``Store.transition`` with the statuses it expects, so a kill
+  racing with the end of a task resolves to exactly one outcome;
+* the output archive is written before the final status: ``is_terminated`` implies the
+  archive exists, for failed, killed and recovered tasks too;
+* each command runs as ``sh -c`` in its own session (process group) in the task's working
+  directory, stdin from ``/dev/null``, stdout/stderr appended to ``stdout.txt``/``stderr.txt``;
+  ending a command (kill, TTL, shutdown) is SIGTERM to the group, SIGKILL after the grace
+  period; leftovers in the group are killed when the command ends;
+* a service stopped or crashed under running tasks leaves them to ``recover()``: on the next
+  start their leftover process groups are killed, their partial outputs packed, and they end
+  as ``executer-terminated`` (``killed`` if a kill was pending); queued tasks stay queued.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import uuid
+import zipfile
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import psutil
+import trio
+
+from taskfs.api.models import KILLABLE, TaskStatusCode, format_time, now_utc
+from taskfs.config import ServiceSettings
+from taskfs.server.storage import OutputStats, Storage
+from taskfs.server.store import Store
+
+log = logging.getLogger(__name__)
+S = TaskStatusCode
+
+RUNNING = frozenset({S.STARTED, S.COMPUTATION_STARTED, S.COMPUTATION_ENDED})
+StatusHook = Callable[[str, TaskStatusCode], Awaitable[None]]
+# Environment variables never passed to task commands.
+_SECRET_ENV = ("INDUCTIVA_API_KEY",)
+
+
+@dataclass
+class _Running:
+    """In-memory handle of a task that holds a slot."""
+
+    task_id: str
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    kill_requested: bool = False
+
+
+class Runner:
+    """The queue and the slots. Start with ``await nursery.start(runner.run)``."""
+
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        store: Store,
+        storage: Storage,
+        hook: StatusHook | None = None,
+    ) -> None:
+        self.settings = settings
+        # Awaited after each status change the runner makes (tests hold tasks in a state).
+        self._hook = hook
+        self.store = store
+        self.storage = storage
+        self._running: dict[str, _Running] = {}
+        self._wakeup = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._machine = _machine_facts(settings)
+
+    # -- public --------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Recover from the last run, then schedule queued tasks until cancelled."""
+        await self.recover()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                wakeup = self._wakeup = trio.Event()
+                await self._fill_slots()
+                await wakeup.wait()
+
+    def wake(self) -> None:
+        """Tell the scheduler that the queue may have changed."""
+        self._wakeup.set()
+
+    async def kill(self, task_id: str) -> TaskStatusCode | None:
+        """Kill a task; returns its status afterwards (unchanged when it is not killable)."""
+        while True:
+            task = await self.store.call(self.store.get_task, task_id)
+            if task is None:
+                return None
+            status = S(task["status"])
+            if status not in KILLABLE:
+                return status
+            running = self._running.get(task_id)
+            if running is not None:
+                result = await self.store.call(
+                    self.store.transition,
+                    task_id,
+                    S.PENDING_KILL,
+                    "Kill requested by the user",
+                    expect=RUNNING,
+                )
+                if result.done:
+                    running.kill_requested = True
+                    running.scope.cancel()
+                    return S.PENDING_KILL
+                continue  # it moved on (ended, or a concurrent kill): look again
+            # Not holding a slot: pending-input or submitted. Claim it for the kill.
+            result = await self.store.call(
+                self.store.transition,
+                task_id,
+                S.PENDING_KILL,
+                "Kill requested by the user",
+                expect={S.PENDING_INPUT, S.SUBMITTED},
+            )
+            if not result.done:
+                continue
+            await self._finish(task_id, S.KILLED, "Killed before it started", {S.PENDING_KILL})
+            self.wake()
+            return S.KILLED
+
+    async def recover(self) -> None:
+        """End tasks that a previous run of the service left running (see module docstring)."""
+        leftovers = await self.store.call(self.store.in_status, RUNNING | {S.PENDING_KILL})
+        for task in leftovers:
+            task_id = task["task_id"]
+            _kill_leftover_group(task.get("pid"), task.get("pid_start"))
+            await self.store.call(self.store.fail_running_operations, task_id)
+            if task["status"] == S.PENDING_KILL:
+                final, why = S.KILLED, "Killed; the service restarted before the kill completed"
+            else:
+                final, why = S.EXECUTER_TERMINATED, "The service stopped while the task was running"
+            log.info("recovering task %s as %s", task_id, final)
+            await self._finish(task_id, final, why, {S(task["status"])})
+
+    # -- scheduling ----------------------------------------------------------------------------
+
+    async def _fill_slots(self) -> None:
+        assert self._nursery is not None
+        free = self.settings.slots - len(self._running)
+        if free <= 0:
+            return
+        for task_id in await self.store.call(self.store.queued, free):
+            running = _Running(task_id)
+            self._running[task_id] = running  # before the claim: kill() must find it
+            result = await self.store.call(
+                self.store.transition,
+                task_id,
+                S.STARTED,
+                "A local machine took the task",
+                expect={S.SUBMITTED},
+                fields={
+                    "start_time": format_time(now_utc()),
+                    "executer": {**self._machine, "uuid": str(uuid.uuid4())},
+                },
+                machine_id=self._machine["vm_name"],
+            )
+            if not result.done:
+                del self._running[task_id]
+                continue
+            self._nursery.start_soon(self._run_task, running)
+
+    async def _run_task(self, running: _Running) -> None:
+        task_id = running.task_id
+        try:
+            await self._run_task_steps(running)
+        except Exception:
+            log.exception("task %s failed inside the runner", task_id)
+            await self._finish(
+                task_id,
+                S.EXECUTER_FAILED,
+                "Internal error of the local runner",
+                set(RUNNING | {S.PENDING_KILL}),
+            )
+        finally:
+            del self._running[task_id]
+            self.wake()
+
+    async def _run_task_steps(self, running: _Running) -> None:
+        task_id = running.task_id
+        task = await self.store.call(self.store.get_task, task_id)
+        assert task is not None
+        ttl = task.get("ttl_seconds")
+        if ttl:
+            running.scope.deadline = trio.current_time() + float(ttl)
+        work_dir = self.settings.work_dir / task_id
+        outcome = S.FAILED
+        with running.scope:
+            outcome = await self._execute(task, work_dir)
+        if running.kill_requested:
+            await self._finish(task_id, S.KILLED, "Killed by the user", {S.PENDING_KILL})
+            return
+        if running.scope.cancelled_caught:
+            outcome = S.TTL_EXCEEDED
+        ended = await self.store.call(
+            self.store.transition,
+            task_id,
+            S.COMPUTATION_ENDED,
+            "Commands finished; packing outputs",
+            expect={S.STARTED, S.COMPUTATION_STARTED},
+            fields={"computation_end_time": format_time(now_utc())},
+        )
+        if not ended.done and ended.status == S.PENDING_KILL:
+            await self._finish(task_id, S.KILLED, "Killed by the user", {S.PENDING_KILL})
+            return
+        await self._after(task_id, S.COMPUTATION_ENDED)
+        reason = {
+            S.SUCCESS: "All commands succeeded",
+            S.FAILED: "A command failed",
+            S.TTL_EXCEEDED: f"Time to live of {ttl} s exceeded",
+        }[outcome]
+        done = await self._finish(task_id, outcome, reason, {S.COMPUTATION_ENDED})
+        if not done:
+            await self._finish(task_id, S.KILLED, "Killed by the user", {S.PENDING_KILL})
+
+    async def _after(self, task_id: str, status: TaskStatusCode) -> None:
+        if self._hook is not None:
+            await self._hook(task_id, status)
+
+    async def _execute(self, task: dict[str, Any], work_dir: Path) -> TaskStatusCode:
+        """Unpack the input and run the commands; SUCCESS or FAILED (cancellable)."""
+        task_id = task["task_id"]
+        await self._after(task_id, S.STARTED)
+        await trio.to_thread.run_sync(work_dir.mkdir, 0o755, True, True)
+        input_path = f"{task['storage_path']}/input.zip"
+        op = await self.store.call(self.store.start_operation, task_id, "uncompress_input", {})
+        try:
+            await trio.to_thread.run_sync(_unpack_input, self.storage.resolve(input_path), work_dir)
+        except (OSError, zipfile.BadZipFile, ValueError) as exc:
+            await self.store.call(self.store.end_operation, op, False, {"error": str(exc)})
+            await self.store.call(
+                self.store.update_fields, task_id, {"error_detail": f"bad input: {exc}"}
+            )
+            return S.FAILED
+        await self.store.call(self.store.end_operation, op, True)
+        started = await self.store.call(
+            self.store.transition,
+            task_id,
+            S.COMPUTATION_STARTED,
+            "Running commands",
+            expect={S.STARTED},
+            fields={"computation_start_time": format_time(now_utc())},
+        )
+        if not started.done:
+            return S.FAILED
+        await self._after(task_id, S.COMPUTATION_STARTED)
+        commands = (task["request"].get("extra_params") or {}).get("commands") or []
+        for command in commands:
+            cmd = command["cmd"] if isinstance(command, dict) else str(command)
+            op = await self.store.call(
+                self.store.start_operation, task_id, "exec_command", {"command": cmd}
+            )
+            try:
+                code = await self._run_command(task_id, cmd, work_dir)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self.store.call(self.store.end_operation, op, False)
+                raise
+            await self.store.call(self.store.end_operation, op, code == 0, {"exit_code": code})
+            if code != 0:
+                await self.store.call(
+                    self.store.update_fields,
+                    task_id,
+                    {"error_detail": f"command exited with status {code}: {cmd}"},
+                )
+                return S.FAILED
+        return S.SUCCESS
+
+    async def _run_command(self, task_id: str, cmd: str, work_dir: Path) -> int:
+        env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
+        proc: trio.Process | None = None
+        with (
+            open(work_dir / "stdout.txt", "ab") as out,  # noqa: ASYNC230 - open is instant
+            open(work_dir / "stderr.txt", "ab") as err,  # noqa: ASYNC230
+        ):
+            try:
+                async with trio.open_nursery() as nursery:
+                    proc = await nursery.start(
+                        partial(
+                            trio.run_process,
+                            ["/bin/sh", "-c", cmd],
+                            cwd=work_dir,
+                            stdin=subprocess.DEVNULL,
+                            stdout=out,
+                            stderr=err,
+                            env=env,
+                            start_new_session=True,
+                            check=False,
+                            deliver_cancel=partial(
+                                _terminate_group, grace=self.settings.kill_grace_seconds
+                            ),
+                        )
+                    )
+                    assert proc is not None
+                    await self.store.call(
+                        self.store.update_fields,
+                        task_id,
+                        {"pid": proc.pid, "pid_start": _process_start(proc.pid)},
+                    )
+            finally:
+                if proc is not None:
+                    _killpg(proc.pid, signal.SIGKILL)  # leftovers of the command's group
+        assert proc is not None and proc.returncode is not None
+        return proc.returncode
+
+    async def _finish(
+        self,
+        task_id: str,
+        status: TaskStatusCode,
+        description: str,
+        expect: set[TaskStatusCode],
+    ) -> bool:
+        """Pack outputs, then move to the terminal ``status``. Shielded: an end always ends."""
+        with trio.CancelScope(shield=True):
+            done = await self._finish_unshielded(task_id, status, description, expect)
+        return done
+
+    async def _finish_unshielded(
+        self,
+        task_id: str,
+        status: TaskStatusCode,
+        description: str,
+        expect: set[TaskStatusCode],
+    ) -> bool:
+        task = await self.store.call(self.store.get_task, task_id)
+        assert task is not None
+        if S(task["status"]) not in expect:
+            return False
+        work_dir = self.settings.work_dir / task_id
+        op = await self.store.call(self.store.start_operation, task_id, "compress_output", {})
+        stats = await self._pack(task_id, work_dir, f"{task['storage_path']}/output.zip")
+        await self.store.call(self.store.end_operation, op, stats is not None)
+        stats = stats or OutputStats(0, 0, 0)
+        end = now_utc()
+        fields = {
+            "end_time": format_time(end),
+            "pid": None,
+            "pid_start": None,
+            "metrics": _metrics(task, end, stats),
+        }
+        if task.get("computation_start_time") and not task.get("computation_end_time"):
+            fields["computation_end_time"] = format_time(end)
+        result = await self.store.call(
+            self.store.transition, task_id, status, description, expect=expect, fields=fields
+        )
+        if result.done:
+            await trio.to_thread.run_sync(partial(shutil.rmtree, work_dir, ignore_errors=True))
+        return result.done
+
+    async def _pack(self, task_id: str, work_dir: Path, output: str) -> OutputStats | None:
+        """Pack the outputs; if that fails (disk full, ...), at least an empty archive."""
+        try:
+            return await trio.to_thread.run_sync(self.storage.pack_outputs, work_dir, output)
+        except OSError as exc:
+            log.error("packing outputs of %s failed: %s", task_id, exc)
+        try:
+            await trio.to_thread.run_sync(self.storage.pack_outputs, Path("/nonexistent"), output)
+        except OSError as exc:
+            log.error("writing an empty output archive for %s failed: %s", task_id, exc)
+        return None
+
+
+def _metrics(task: dict[str, Any], end: datetime, stats: OutputStats) -> dict[str, float]:
+    def t(name: str) -> datetime | None:
+        value = task.get(name)
+        return datetime.fromisoformat(value) if value else None
+
+    metrics: dict[str, float] = {
+        "output_size_bytes": stats.size_bytes,
+        "output_total_files": stats.total_files,
+        "output_zipped_size_bytes": stats.zipped_size_bytes,
+    }
+    if (created := t("create_time")) is not None:
+        metrics["total_seconds"] = (end - created).total_seconds()
+    submitted, started = t("input_submit_time"), t("start_time")
+    if submitted is not None and started is not None:
+        metrics["queue_time_seconds"] = (started - submitted).total_seconds()
+    computing = t("computation_start_time")
+    if computing is not None:
+        computed = t("computation_end_time") or end
+        metrics["computation_seconds"] = (computed - computing).total_seconds()
+    if "input_size_bytes" in task.get("metrics", {}):
+        metrics["input_size_bytes"] = task["metrics"]["input_size_bytes"]
+    return metrics
+
+
+def _machine_facts(settings: ServiceSettings) -> dict[str, Any]:
+    return {
+        "cpu_count_logical": psutil.cpu_count(logical=True) or 1,
+        "cpu_count_physical": psutil.cpu_count(logical=False) or 1,
+        "memory": psutil.virtual_memory().total,
+        "n_mpi_hosts": 1,
+        "vm_type": settings.vm_type,
+        "vm_name": platform.node() or "localhost",
+        "host_type": "LOCAL",
+        "error_detail": None,
+    }
+
+
+def _unpack_input(archive: Path, work_dir: Path) -> None:
+    """Extract ``sim_dir/...`` of the input archive into ``work_dir`` (no archive: nothing)."""
+    if not archive.exists():
+        return
+    with zipfile.ZipFile(archive) as zf:
+        for info in zf.infolist():
+            if not info.filename.startswith("sim_dir/") or info.filename == "sim_dir/":
+                continue
+            rel = info.filename[len("sim_dir/") :]
+            target = (work_dir / rel).resolve()
+            if work_dir.resolve() not in target.parents:
+                raise ValueError(f"input member escapes the working directory: {info.filename}")
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            mode = (info.external_attr >> 16) & 0o777
+            if mode:
+                target.chmod(mode | 0o600)
+
+
+def _killpg(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+async def _terminate_group(proc: trio.Process, grace: float) -> None:
+    """``deliver_cancel`` for commands: SIGTERM to the group, SIGKILL after ``grace``."""
+    _killpg(proc.pid, signal.SIGTERM)
+    with trio.move_on_after(grace):
+        await proc.wait()
+        return
+    log.info("process group %d ignored SIGTERM for %.1f s; killing it", proc.pid, grace)
+    _killpg(proc.pid, signal.SIGKILL)
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (to recognise it after a restart), if known."""
+    try:
+        return str(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return None
+
+
+def _kill_leftover_group(pid: int | None, started: str | None) -> None:
+    """Kill the process group a crashed service left behind, if it is still that group.
+
+    The group's id is its leader's pid. While the leader lives, its start time tells it from a
+    new process that reused the pid; once it is gone, the pid cannot be handed out again while
+    members of the group remain, so signalling the group cannot hit a stranger.
+    """
+    if not pid:
+        return
+    try:
+        same = str(psutil.Process(pid).create_time()) == started
+    except psutil.NoSuchProcess:
+        same = True
+    except psutil.Error:
+        same = False
+    if same:
+        log.info("killing leftover process group %d", pid)
+        _killpg(pid, signal.SIGKILL)

@@ -1,0 +1,232 @@
+"""Object storage of the embedded service: paths, signed URLs, output packing, ZIP metadata.
+
+Owns: the mapping of storage paths (``{prefix}/{task_id}/output.zip``) to files under one root
+directory, HMAC-signed URLs with an expiry, packing a task's working directory into its output
+archive, and the ``zip-contents``/``zip-file-range`` answers computed from a stored archive.
+
+Must stay true:
+* no storage path ever resolves outside the root: ``..``, absolute paths, backslashes, NUL,
+  empty segments and symlinks out of the root are refused (``ValueError``);
+* a signed URL is valid only for its operation, its path and until its expiry; signatures are
+  compared in constant time;
+* an archive appears complete or not at all: it is written to a temporary file in the same
+  directory, fsynced and renamed over the final name;
+* everything here is synchronous and blocking; the app calls it through ``trio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import stat
+import struct
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+_SEGMENT = re.compile(r"[A-Za-z0-9._~@+=,-]+")
+LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
+LOCAL_HEADER_MAGIC = b"PK\x03\x04"
+OUTPUT_PREFIX = "artifacts/"
+
+
+def check_storage_path(path: str) -> str:
+    """Validate a storage path and return it normalised; ``ValueError`` if it could escape."""
+    if not path or len(path) > 1024:
+        raise ValueError(f"invalid storage path: {path!r}")
+    for segment in path.split("/"):
+        if segment in (".", "..") or not _SEGMENT.fullmatch(segment):
+            raise ValueError(f"invalid storage path: {path!r}")
+    return path
+
+
+@dataclass(frozen=True)
+class OutputStats:
+    """What packing found: bytes and files under the working directory, archive size."""
+
+    size_bytes: int
+    total_files: int
+    zipped_size_bytes: int
+
+
+class Storage:
+    """Files under ``root`` addressed by storage path, and URL signing with ``secret``."""
+
+    def __init__(self, root: Path, secret: bytes) -> None:
+        self.root = root
+        self._secret = secret
+        root.mkdir(parents=True, exist_ok=True)
+        self._real_root = root.resolve()
+
+    # -- paths ---------------------------------------------------------------------------------
+
+    def resolve(self, path: str) -> Path:
+        """The file behind a storage path; ``ValueError`` if the path is invalid or escapes."""
+        clean = check_storage_path(path)
+        candidate = self._real_root / clean
+        real = candidate.resolve()
+        if real != self._real_root and self._real_root not in real.parents:
+            raise ValueError(f"storage path escapes the storage root: {path!r}")
+        return candidate
+
+    # -- signing -------------------------------------------------------------------------------
+
+    def signature(self, operation: str, path: str, expires: int) -> str:
+        message = f"{operation}\n{path}\n{expires}".encode()
+        return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
+
+    def sign(self, operation: str, path: str, ttl_seconds: int) -> tuple[int, str]:
+        """``(expires, signature)`` for ``operation`` (``download``/``upload``) on ``path``."""
+        expires = int(time.time()) + ttl_seconds
+        return expires, self.signature(operation, path, expires)
+
+    def verify(self, operation: str, path: str, expires: str, signature: str) -> str | None:
+        """``None`` when the signature is valid and unexpired, else the reason it is not."""
+        if not expires.isdigit():
+            return "malformed expiry"
+        if int(expires) < time.time():
+            return "signed URL expired"
+        expected = self.signature(operation, path, int(expires))
+        if not hmac.compare_digest(expected, signature):
+            return "bad signature"
+        return None
+
+    # -- objects -------------------------------------------------------------------------------
+
+    def write_atomic(self, path: str, chunks: Iterator[bytes]) -> int:
+        """Write an object from chunks to a temp file, fsync and rename; returns its size."""
+        target = self.resolve(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".upload-")
+        size = 0
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for chunk in chunks:
+                    out.write(chunk)
+                    size += len(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return size
+
+    @staticmethod
+    def etag(st: os.stat_result) -> str:
+        """A strong ETag: changes whenever the file is replaced (new inode) or rewritten."""
+        return f'"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"'
+
+    # -- outputs -------------------------------------------------------------------------------
+
+    def pack_outputs(self, work_dir: Path, path: str) -> OutputStats:
+        """Pack ``work_dir`` into the archive at ``path``: ``artifacts/`` plus every file.
+
+        Deflate, zip64 when needed, symlinks stored as the files they point to when those lie
+        inside ``work_dir`` and skipped otherwise. Written to a temp file and renamed.
+        """
+        target = self.resolve(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".output-", suffix=".zip")
+        size = files = 0
+        try:
+            with os.fdopen(fd, "wb") as raw:
+                with zipfile.ZipFile(raw, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+                    zf.mkdir(OUTPUT_PREFIX.rstrip("/"))
+                    for file, rel in _walk_files(work_dir):
+                        info = zipfile.ZipInfo.from_file(file, OUTPUT_PREFIX + rel)
+                        info.compress_type = zipfile.ZIP_DEFLATED
+                        with open(file, "rb") as src, zf.open(info, "w") as dst:
+                            while chunk := src.read(1 << 20):
+                                dst.write(chunk)
+                        size += info.file_size
+                        files += 1
+                raw.flush()
+                os.fsync(raw.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return OutputStats(size, files, target.stat().st_size)
+
+    def zip_contents(self, path: str, relative: str, recursive: bool) -> dict[str, Any]:
+        """``ZipArchiveInfo`` for members under ``relative``; names relative to it."""
+        file = self.resolve(path)
+        prefix = _dir_prefix(relative)
+        contents = []
+        with zipfile.ZipFile(file) as zf:
+            for info in zf.infolist():
+                if not info.filename.startswith(prefix) or info.is_dir():
+                    continue
+                name = info.filename[len(prefix) :]
+                if not name or (not recursive and "/" in name):
+                    continue
+                contents.append(
+                    {
+                        "name": name,
+                        "size": info.file_size,
+                        "compressed_size": info.compress_size,
+                        "range_start": info.header_offset,
+                        "creation_time": _zip_time(info.date_time),
+                        "compress_type": info.compress_type,
+                    }
+                )
+        return {"size": file.stat().st_size, "contents": contents}
+
+    def zip_file_range(self, path: str, relative: str, filename: str) -> dict[str, Any]:
+        """Byte range (end inclusive) of one member's compressed data; ``KeyError`` if absent."""
+        file = self.resolve(path)
+        name = _dir_prefix(relative) + filename.lstrip("/")
+        with zipfile.ZipFile(file) as zf:
+            info = zf.getinfo(name)
+        with open(file, "rb") as f:
+            f.seek(info.header_offset)
+            header = f.read(LOCAL_HEADER.size)
+        fields = LOCAL_HEADER.unpack(header)
+        if fields[0] != LOCAL_HEADER_MAGIC:
+            raise zipfile.BadZipFile(f"bad local header for {name!r}")
+        name_len, extra_len = fields[9], fields[10]
+        start = info.header_offset + LOCAL_HEADER.size + name_len + extra_len
+        return {
+            "range_start": start,
+            "range_end": start + info.compress_size - 1,
+            "compress_type": info.compress_type,
+        }
+
+
+def _dir_prefix(relative: str) -> str:
+    relative = relative.strip("/")
+    return relative + "/" if relative else ""
+
+
+def _zip_time(date_time: tuple[int, int, int, int, int, int]) -> str:
+    """A member's DOS timestamp (local time, as zip tools write it) with its UTC offset."""
+    local = datetime(*date_time).astimezone()
+    return local.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _walk_files(root: Path) -> Iterator[tuple[Path, str]]:
+    """Regular files under ``root`` (following symlinks that stay inside), sorted, relative."""
+    if not root.is_dir():
+        return
+    real_root = root.resolve()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        for name in sorted(filenames):
+            file = Path(dirpath) / name
+            try:
+                real = file.resolve(strict=True)
+                if real_root not in real.parents:
+                    continue
+                if not stat.S_ISREG(real.stat().st_mode):
+                    continue
+            except (OSError, RuntimeError):
+                continue
+            yield file, file.relative_to(root).as_posix()

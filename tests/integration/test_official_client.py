@@ -1,0 +1,203 @@
+"""The official Python client of the API (``inductiva`` 0.18.x) works unmodified against us.
+
+It runs in its own virtual environment (``inductiva`` is large: installed once and cached in
+``$TASKFS_INDUCTIVA_VENV``, default ``~/.cache/taskfs-tests/inductiva-0.18.12``), pointed at
+the embedded service with ``INDUCTIVA_API_URL``/``INDUCTIVA_API_KEY``, and exercises every
+call of TASK_API.md section 6: the import (version check and ``/users/*``), the ``Task``
+methods, ``tasks.get``/``get_all`` and the CLI's ``tasks list/info/kill/download``.
+
+Set ``TASKFS_SKIP_OFFICIAL_CLIENT=1`` to skip it on a machine without PyPI access.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import trio
+
+from taskfs.api.client import ApiClient
+from taskfs.api.models import TaskStatusCode as S
+from taskfs.api.submit import submit_task
+from tests.integration.conftest import Service
+from tests.support import wait_status
+
+pytestmark = pytest.mark.slow
+
+VERSION = "0.18.12"
+
+
+@pytest.fixture(scope="session")
+def inductiva_python() -> Path:
+    if os.environ.get("TASKFS_SKIP_OFFICIAL_CLIENT") == "1":
+        pytest.skip("TASKFS_SKIP_OFFICIAL_CLIENT=1")
+    default = Path.home() / ".cache" / "taskfs-tests" / f"inductiva-{VERSION}"
+    venv = Path(os.environ.get("TASKFS_INDUCTIVA_VENV", default))
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    python = venv / "bin" / "python"
+    check = [
+        str(python),
+        "-c",
+        f"import importlib.metadata as m; assert m.version('inductiva') == '{VERSION}'",
+    ]
+    with open(venv.parent / f"{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
+            return python
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+        install = subprocess.run(
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                f"inductiva=={VERSION}",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if install.returncode != 0:
+            pytest.fail(f"could not install inductiva=={VERSION}:\n{install.stderr[-2000:]}")
+    return python
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import inductiva
+    from inductiva.tasks import Task
+
+    done_id, running_id, slow_id, out_dir = sys.argv[1:5]
+    out = {}
+    task = Task(done_id)
+    out["status"] = task.get_status().value
+    out["machine_type"] = task.get_machine_type()
+    out["computation_time"] = task.get_computation_time()
+    info = task.get_info()
+    out["info_status"] = str(getattr(info.status, "value", info.status))
+    out["info_text"] = str(info)
+    output_info = task.get_output_info()
+    out["output_files"] = sorted(f.name for f in output_info.files)
+    out["output_sizes"] = {f.name: f.size for f in output_info.files}
+    out["output_total"] = output_info.total_size_bytes
+    out["wait_done"] = task.wait().value
+    whole = task.download_outputs(output_dir=str(Path(out_dir) / "whole"))
+    out["whole"] = sorted(str(p.relative_to(whole)) for p in Path(whole).rglob("*") if p.is_file())
+    part = task.download_outputs(filenames=["stdout.txt", "vtk/ParticleData_Fluid_2.vtk"],
+                                 output_dir=str(Path(out_dir) / "part"))
+    out["part"] = sorted(str(p.relative_to(part)) for p in Path(part).rglob("*") if p.is_file())
+    out["wait_slow"] = Task(slow_id).wait().value
+    out["kill"] = Task(running_id).kill(wait_timeout=15)
+    out["killed_status"] = Task(running_id).get_status().value
+    out["get"] = [t.id for t in inductiva.tasks.get(last_n=2)]
+    out["get_all"] = sorted(t.id for t in inductiva.tasks.get_all())
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+async def _run(cmd: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    result = await trio.run_process(
+        cmd, env=env, cwd=cwd, capture_stdout=True, capture_stderr=True, check=False
+    )
+    return subprocess.CompletedProcess(
+        cmd, result.returncode, result.stdout.decode(), result.stderr.decode()
+    )
+
+
+async def test_official_client_against_local_service(
+    inductiva_python: Path, service: Service, api: ApiClient, tmp_path: Path
+) -> None:
+    done = await submit_task(
+        api,
+        [
+            "echo simulating; mkdir -p vtk log",
+            "for i in 1 2 3; do seq 1 $((i*100)) > vtk/ParticleData_Fluid_$i.vtk; done",
+            "echo converged > log/SPH_log.txt",
+        ],
+    )
+    await wait_status(api, done)
+    running = await submit_task(api, ["sleep 60"])
+    await wait_status(api, running, lambda s: s.status == S.COMPUTATION_STARTED)
+    slow = await submit_task(api, ["sleep 2; echo slow done"])
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {
+        "PATH": f"{inductiva_python.parent}:/usr/bin:/bin",
+        "HOME": str(home),
+        "INDUCTIVA_API_URL": service.url,
+        "INDUCTIVA_API_KEY": service.key,
+        "INDUCTIVA_DISABLE_ANSI": "true",
+    }
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    with trio.fail_after(180):
+        result = await _run(
+            [str(inductiva_python), str(script), done, running, slow, str(tmp_path / "dl")],
+            env,
+            tmp_path,
+        )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # wait() writes carriage returns and ANSI erases to stdout before our line.
+    line = next(x for x in result.stdout.splitlines() if "RESULT " in x)
+    out = json.loads(line[line.index("RESULT ") + len("RESULT ") :])
+
+    task = await api.get_task(done)
+    assert out["status"] == "success" and out["info_status"] == "success"
+    assert out["machine_type"] == "LOCAL-test-vm"
+    assert out["computation_time"] == pytest.approx(task.metrics.computation_seconds)
+    assert done in out["info_text"]
+    expected = {
+        "stdout.txt",
+        "stderr.txt",
+        "log/SPH_log.txt",
+        *(f"vtk/ParticleData_Fluid_{i}.vtk" for i in (1, 2, 3)),
+    }
+    # The listing is not recursive in the official client: top-level files only.
+    assert set(out["output_files"]) == {n for n in expected if "/" not in n}
+    assert out["output_total"] == task.metrics.output_zipped_size_bytes
+    assert out["wait_done"] == "success"
+    assert set(out["whole"]) == expected
+    assert set(out["part"]) == {"stdout.txt", "vtk/ParticleData_Fluid_2.vtk"}
+    whole_dir = tmp_path / "dl" / "whole"
+    assert (whole_dir / "vtk" / "ParticleData_Fluid_3.vtk").read_text() == "".join(
+        f"{i}\n" for i in range(1, 301)
+    )
+    assert (tmp_path / "dl" / "part" / "stdout.txt").read_text() == "simulating\n"
+    assert out["wait_slow"] == "success"
+    assert out["kill"] is True and out["killed_status"] == "killed"
+    assert len(out["get"]) == 2
+    assert set(out["get_all"]) == {done, running, slow}
+    assert "Traceback" not in result.stderr
+
+    # The CLI: list, info, kill, download.
+    cli = str(inductiva_python.parent / "inductiva")
+    listed = await _run([cli, "tasks", "list"], env, tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    for task_id in (done, running, slow):
+        assert task_id in listed.stdout
+    info = await _run([cli, "tasks", "info", done], env, tmp_path)
+    assert info.returncode == 0 and done in info.stdout, info.stderr
+    victim = await submit_task(api, ["sleep 60"])
+    await wait_status(api, victim, lambda s: s.status == S.COMPUTATION_STARTED)
+    killed = await _run([cli, "tasks", "kill", victim, "-y"], env, tmp_path)
+    assert killed.returncode == 0, killed.stderr
+    assert (await wait_status(api, victim)).status == S.KILLED
+    got = await _run(
+        [cli, "tasks", "download", done, "--dir", str(tmp_path / "cli")], env, tmp_path
+    )
+    assert got.returncode == 0, got.stderr
+    cli_out = tmp_path / "cli" / done / "outputs"
+    assert {str(p.relative_to(cli_out)) for p in cli_out.rglob("*") if p.is_file()} == expected
+    for run in (result, listed, info, killed, got):
+        assert "Traceback" not in run.stderr

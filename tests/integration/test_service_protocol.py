@@ -1,0 +1,353 @@
+"""The service keeps TASK_API.md sections 1 and 3 to the letter: auth, errors, paging, ranges."""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+
+from taskfs.api.client import ApiClient
+from taskfs.api.models import TaskStatusCode as S
+from taskfs.api.submit import submit_task
+from taskfs.server.storage import Storage
+from tests.integration.conftest import Service
+from tests.support import wait_status
+
+
+def assert_json_error(response: httpx.Response, status: int) -> str:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"detail"} and isinstance(body["detail"], str) and body["detail"]
+    return str(body["detail"])
+
+
+# -- auth ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path", ["/tasks", "/tasks/abc", "/tasks/abc/status", "/storage/signed-urls", "/users/info"]
+)
+async def test_requests_without_valid_key_are_401(service: Service, path: str) -> None:
+    async with httpx.AsyncClient(base_url=service.url) as plain:
+        assert "X-API-Key" in assert_json_error(await plain.get(path), 401)
+        wrong = await plain.get(path, headers={"X-API-Key": service.key + "x"})
+        assert_json_error(wrong, 401)
+        assert_json_error(await plain.post("/tasks/abc/kill"), 401)
+
+
+async def test_version_check_is_public(service: Service) -> None:
+    async with httpx.AsyncClient(base_url=service.url) as plain:
+        response = await plain.get("/version-check", params={"client_version": "0.18.12"})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["is_valid"] is True and body["client_version"] == "0.18.12"
+    assert isinstance(body["server_version"], str)
+
+
+async def test_key_file_is_private(service: Service) -> None:
+    for path in (service.settings.key_file, service.settings.secret_file):
+        assert path.stat().st_mode & 0o777 == 0o600
+
+
+# -- errors and validation -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "task_id", ["nope", "..", "a%20b", "x" * 65, "%00", "a;drop", "%2E%2E%2Fetc"]
+)
+async def test_unknown_or_odd_ids_are_404(http: httpx.AsyncClient, task_id: str) -> None:
+    for path in (f"/tasks/{task_id}", f"/tasks/{task_id}/status"):
+        assert_json_error(await http.get(path), 404)
+    assert_json_error(await http.post(f"/tasks/{task_id}/kill"), 404)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "per_page=0",
+        "per_page=501",
+        "per_page=ten",
+        "page=0",
+        "page=-1",
+        "status=finished",
+        "status=SUCCESS",
+    ],
+)
+async def test_bad_list_parameters_are_422(http: httpx.AsyncClient, query: str) -> None:
+    assert_json_error(await http.get(f"/tasks?{query}"), 422)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b"[]",
+        b'{"resource_pool": null, "container_image": null}',
+        b'{"simulator": 3, "resource_pool": null, "container_image": null}',
+        b'{"simulator": "x", "resource_pool": null, "container_image": null,'
+        b' "extra_params": {"commands": "echo hi"}}',
+        b'{"simulator": "x", "resource_pool": null, "container_image": null,'
+        b' "extra_params": {"commands": [{"prompts": []}]}}',
+        b'{"simulator": "x", "resource_pool": null, "container_image": null,'
+        b' "time_to_live_seconds": -5}',
+        b'{"simulator": "x", "resource_pool": null, "container_image": null,'
+        b' "storage_path_prefix": "../escape"}',
+    ],
+)
+async def test_bad_submit_bodies_are_422(http: httpx.AsyncClient, body: bytes) -> None:
+    response = await http.post(
+        "/tasks/submit", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert_json_error(response, 422)
+    # Nothing was created.
+    assert (await http.get("/tasks")).json()["total_size"] == 0
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "../secret",
+        "/etc/passwd",
+        "a/../../b",
+        "a//b",
+        "a/./b",
+        "a\\b",
+        "..",
+        "x/\x00",
+        "",
+    ],
+)
+async def test_storage_paths_outside_the_root_are_refused(
+    http: httpx.AsyncClient, path: str
+) -> None:
+    for query in (
+        {"operation": "download", "paths": path},
+        {"operation": "upload", "paths": path},
+    ):
+        assert_json_error(await http.get("/storage/signed-urls", params=query), 422)
+    assert_json_error(
+        await http.get(
+            "/storage/zip-contents", params={"path": path, "zip_relative_path": "artifacts/"}
+        ),
+        422,
+    )
+
+
+async def test_object_route_refuses_traversal(service: Service) -> None:
+    storage = Storage(
+        service.settings.storage_dir, service.settings.secret_file.read_bytes().strip()
+    )
+    expires, sig = storage.sign("download", "../api_key", 60)
+    async with httpx.AsyncClient(base_url=service.url) as plain:
+        for raw in ("../api_key", "%2E%2E/api_key", "..%2Fapi_key"):
+            response = await plain.get(
+                f"/storage/objects/{raw}", params={"op": "download", "expires": expires, "sig": sig}
+            )
+            assert response.status_code in (401, 403, 404)
+            assert service.key not in response.text
+
+
+async def test_kill_without_body_and_input_uploaded_twice(http: httpx.AsyncClient) -> None:
+    created = await http.post(
+        "/tasks/submit",
+        json={"simulator": "x", "resource_pool": None, "container_image": None},
+    )
+    assert created.status_code == 202
+    task_id = created.json()["id"]
+    assert created.json()["status"] == "pending-input"
+    assert (await http.post(f"/tasks/{task_id}/input_uploaded")).status_code == 200
+    assert_json_error(await http.post(f"/tasks/{task_id}/input_uploaded"), 409)
+    kill = await http.post(f"/tasks/{task_id}/kill")  # no body, no content type
+    assert kill.status_code == 200 and kill.json()["id"] == task_id
+
+
+async def test_unknown_route_and_method(http: httpx.AsyncClient) -> None:
+    assert_json_error(await http.get("/no/such/thing"), 404)
+    assert_json_error(await http.delete("/tasks"), 405)
+
+
+async def test_live_channel_is_declined(http: httpx.AsyncClient, api: ApiClient) -> None:
+    task_id = await submit_task(api, ["true"])
+    assert (await http.get(f"/tasks/{task_id}/message")).status_code == 204
+    assert_json_error(await http.post(f"/tasks/{task_id}/register", json={"sender_id": "a"}), 404)
+
+
+# -- paging and filters --------------------------------------------------------------------------
+
+
+async def test_paging_newest_first_and_filters(api: ApiClient, http: httpx.AsyncClient) -> None:
+    ids = []
+    for i in range(7):
+        ids.append(await submit_task(api, ["true"], project="even" if i % 2 == 0 else "odd"))
+    for task_id in ids:
+        await wait_status(api, task_id)
+    newest_first = list(reversed(ids))
+    seen = []
+    for page in (1, 2, 3):
+        body = (await http.get("/tasks", params={"page": page, "per_page": 3})).json()
+        assert body["total_size"] == 7
+        seen += [t["task_id"] for t in body["tasks"]]
+    assert seen == newest_first
+    past = (await http.get("/tasks", params={"page": 4, "per_page": 3})).json()
+    assert past == {"total_size": 7, "tasks": []}
+    even = (await http.get("/tasks", params={"project": "even", "per_page": 500})).json()
+    assert [t["task_id"] for t in even["tasks"]] == newest_first[::2]
+    none = (await http.get("/tasks", params={"status": "failed"})).json()
+    assert none == {"total_size": 0, "tasks": []}
+    listed = [t.task_id async for t in api.iter_tasks(per_page=2)]
+    assert listed == newest_first
+    for item in (await http.get("/tasks")).json()["tasks"]:
+        assert isinstance(item["metrics"], dict)
+
+
+# -- signed URLs and ranges ----------------------------------------------------------------------
+
+
+async def _archive_url(api: ApiClient) -> tuple[str, str]:
+    task_id = await submit_task(api, ["seq 1 20000 > numbers.txt"])
+    await wait_status(api, task_id)
+    task = await api.get_task(task_id)
+    assert task.storage_output_path is not None
+    return await api.download_url(task.storage_output_path), task.storage_output_path
+
+
+async def test_ranges_etag_and_conditions(api: ApiClient) -> None:
+    url, _ = await _archive_url(api)
+    async with httpx.AsyncClient() as plain:
+        full = await plain.get(url)
+        assert full.status_code == 200
+        body = full.content
+        etag = full.headers["etag"]
+        assert etag.startswith('"') and not etag.startswith("W/")
+        assert full.headers["accept-ranges"] == "bytes"
+        size = len(body)
+
+        head = await plain.head(url)
+        assert head.status_code == 200 and int(head.headers["content-length"]) == size
+
+        part = await plain.get(url, headers={"Range": "bytes=10-99"})
+        assert part.status_code == 206 and part.content == body[10:100]
+        assert part.headers["content-range"] == f"bytes 10-99/{size}"
+
+        tail = await plain.get(url, headers={"Range": "bytes=-64"})
+        assert tail.status_code == 206 and tail.content == body[-64:]
+        assert tail.headers["content-range"] == f"bytes {size - 64}-{size - 1}/{size}"
+
+        big_tail = await plain.get(url, headers={"Range": f"bytes=-{size * 10}"})
+        assert big_tail.status_code == 206 and big_tail.content == body
+
+        open_end = await plain.get(url, headers={"Range": f"bytes={size - 5}-"})
+        assert open_end.status_code == 206 and open_end.content == body[-5:]
+
+        beyond = await plain.get(url, headers={"Range": f"bytes={size}-{size + 10}"})
+        assert beyond.status_code == 416
+
+        matching = await plain.get(url, headers={"Range": "bytes=0-3", "If-Match": etag})
+        assert matching.status_code == 206 and matching.content == b"PK\x03\x04"
+        stale = await plain.get(url, headers={"Range": "bytes=0-3", "If-Match": '"other"'})
+        assert_json_error(stale, 412)
+
+        same = await plain.get(url, headers={"Range": "bytes=0-3", "If-Range": etag})
+        assert same.status_code == 206
+        changed = await plain.get(url, headers={"Range": "bytes=0-3", "If-Range": '"old"'})
+        assert changed.status_code == 200 and changed.content == body
+
+        identity = await plain.get(
+            url, headers={"Range": "bytes=0-999", "Accept-Encoding": "gzip, deflate"}
+        )
+        assert "content-encoding" not in identity.headers and len(identity.content) == 1000
+
+
+async def test_signed_url_expiry_tampering_and_operation(api: ApiClient, service: Service) -> None:
+    url, path = await _archive_url(api)
+    parts = urlsplit(url)
+    query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+    base = f"{parts.scheme}://{parts.netloc}{parts.path}"
+    secret = service.settings.secret_file.read_text().strip().encode()
+    storage = Storage(service.settings.storage_dir, secret)
+    past = int(time.time()) - 5
+    async with httpx.AsyncClient() as plain:
+        assert (await plain.get(url)).status_code == 200
+        expired = {**query, "expires": str(past), "sig": storage.signature("download", path, past)}
+        assert "expired" in assert_json_error(await plain.get(base, params=expired), 403)
+        tampered = {**query, "sig": query["sig"][:-1] + ("0" if query["sig"][-1] != "0" else "1")}
+        assert_json_error(await plain.get(base, params=tampered), 403)
+        later = {**query, "expires": str(int(query["expires"]) + 1000)}
+        assert_json_error(await plain.get(base, params=later), 403)
+        other_path = base.replace("output.zip", "input.zip")
+        assert_json_error(await plain.get(other_path, params=query), 403)
+        assert_json_error(await plain.put(base, params=query, content=b"x"), 403)
+        unsigned = await plain.get(base)
+        assert_json_error(unsigned, 403)
+
+
+async def test_upload_then_download_and_outputs_are_immutable(
+    api: ApiClient, http: httpx.AsyncClient
+) -> None:
+    [put_url] = await api.signed_urls("upload", ["scratch/blob.bin"])
+    payload = bytes(range(256)) * 4096
+    async with httpx.AsyncClient() as plain:
+        put = await plain.put(
+            put_url, content=payload, headers={"Content-Type": "application/octet-stream"}
+        )
+        assert put.status_code == 200
+        [get_url] = await api.signed_urls("download", ["scratch/blob.bin"])
+        assert (await plain.get(get_url)).content == payload
+    task_id = await submit_task(api, ["true"])
+    await wait_status(api, task_id)
+    response = await http.get(
+        "/storage/signed-urls", params={"operation": "upload", "paths": f"{task_id}/output.zip"}
+    )
+    assert_json_error(response, 403)
+
+
+async def test_urls_follow_the_base_url_of_the_request(service: Service) -> None:
+    async with httpx.AsyncClient(
+        base_url=service.url, headers={"X-API-Key": service.key, "Host": "proxy.example:9999"}
+    ) as client:
+        urls = (
+            await client.get(
+                "/storage/signed-urls", params={"operation": "download", "paths": "a/b.zip"}
+            )
+        ).json()
+    assert urls[0].startswith("http://proxy.example:9999/storage/objects/a/b.zip?")
+
+
+async def test_zip_listing_and_member_ranges_match_the_archive(api: ApiClient) -> None:
+    task_id = await submit_task(
+        api, ["mkdir -p d/e && seq 1 500 > d/e/n.txt && printf abc > top.txt"]
+    )
+    await wait_status(api, task_id)
+    task = await api.get_task(task_id)
+    assert task.storage_output_path is not None
+    listing = await api.zip_contents(task.storage_output_path, "artifacts/", recursive=True)
+    names = {m.name: m for m in listing.contents}
+    assert set(names) == {"d/e/n.txt", "top.txt", "stdout.txt", "stderr.txt"}
+    flat = await api.zip_contents(task.storage_output_path, "artifacts", recursive=False)
+    assert {m.name for m in flat.contents} == {"top.txt", "stdout.txt", "stderr.txt"}
+    url = await api.download_url(task.storage_output_path)
+    async with httpx.AsyncClient() as plain:
+        whole = (await plain.get(url)).content
+        assert listing.size == len(whole)
+        response = await api.http.get(
+            "/storage/zip-file-range",
+            params={
+                "path": task.storage_output_path,
+                "zip_relative_path": "artifacts/",
+                "filename": "d/e/n.txt",
+            },
+        )
+        rng = response.json()
+        import zlib
+
+        data = whole[rng["range_start"] : rng["range_end"] + 1]
+        assert zlib.decompress(data, -15) == b"".join(f"{i}\n".encode() for i in range(1, 501))
+        missing = await api.http.get(
+            "/storage/zip-file-range",
+            params={"path": task.storage_output_path, "filename": "nope"},
+        )
+        assert_json_error(missing, 404)
+    assert (await api.get_status(task_id)).status == S.SUCCESS
