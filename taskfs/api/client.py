@@ -242,7 +242,9 @@ class ApiClient:
             try:
                 response = await self.http.send(request)
             except httpx.TransportError as exc:
-                raise Retryable(f"upload failed: {exc!r}") from exc
+                raise Retryable(f"upload failed: {type(exc).__name__}: {exc}") from exc
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
+                raise ProtocolError(f"upload: {type(exc).__name__}: {exc}") from exc
             self._check(response, "upload")
 
         await with_retries(
@@ -272,6 +274,8 @@ class ApiClient:
                 if idempotent or isinstance(exc, httpx.ConnectError):
                     raise Retryable(message) from exc
                 raise ServiceError(f"{name}: {message}") from exc
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
+                raise ProtocolError(f"{name}: {type(exc).__name__}: {exc}") from exc
             if response.status_code in RETRY_STATUSES and idempotent:
                 raise Retryable(
                     f"HTTP {response.status_code}: {detail_of(response)}",

@@ -1,0 +1,427 @@
+"""``RemoteArchive``: a ZIP archive behind a signed URL, listed and read with range requests.
+
+Owns: opening (the suffix GET, at most one more for the central directory), the parsed index
+and tree, and every fetch of archive bytes: aligned blocks for large members with parallel
+read-ahead, whole extents for small members with adjacent members fetched together when they
+are read in a row, all through the memory/disk caches and a bounded connection pool.
+
+Fetch rules:
+
+* blocks are ``BLOCK`` bytes aligned in the archive; missing consecutive blocks are fetched in
+  one GET (at most ``MAX_REQUEST``); different runs go in parallel under the pool's limiter;
+* a block or member being fetched is fetched once: later readers wait for that fetch;
+* a small member costs exactly one GET the first time (its local header and data, with a small
+  margin for the local extra field) and none after; when members are read in archive order the
+  next ones are fetched with it, the batch doubling while the streak lasts, and the following
+  batch is started in the background when the reader is halfway through the current one;
+* read-ahead (asked for by member readers) prefetches blocks in the background.
+
+Must stay true: bytes come only from this archive's ETag (cache keys carry it); no member's
+data is read outside the data area (before the central directory); background fetches never
+raise into a reader (a failed prefetch is simply fetched again on demand).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import trio
+
+from taskfs.archive.cache import CacheKey, Tiered
+from taskfs.archive.member import DeflateIndex, MemberReader, open_member
+from taskfs.archive.rangeio import RangeSource
+from taskfs.archive.zipindex import (
+    LOCAL,
+    TAIL_SIZE,
+    DirNode,
+    Entry,
+    NeedBytes,
+    build_tree,
+    clean_path,
+    locate_directory,
+    parse_directory,
+    parse_local_header,
+)
+from taskfs.errors import ArchiveError
+
+log = logging.getLogger(__name__)
+
+BLOCK = 1 << 20
+MAX_REQUEST = 8 << 20
+# Bytes allowed beyond the central directory's extra length for the local header's own.
+LOCAL_MARGIN = 256
+# Batches of small members: first extra budget, and the most one GET may carry.
+BATCH_START = 256 << 10
+BATCH_MAX = 8 << 20
+# Parse the central directory in a thread above this size.
+THREAD_PARSE = 256 << 10
+MAX_DEFLATE_INDEXES = 16
+
+
+class RemoteArchive:
+    """One archive: its index and tree, and the fetching of its bytes."""
+
+    def __init__(
+        self,
+        *,
+        source: RangeSource,
+        cache: Tiered,
+        object_id: str,
+        entries: list[Entry],
+        data_end: int,
+        tree: DirNode,
+        nursery: trio.Nursery,
+        limiter: trio.CapacityLimiter,
+    ) -> None:
+        assert source.size is not None
+        self.source = source
+        self.cache = cache
+        self.object_id = object_id
+        self.etag = source.etag or f"size:{source.size}"
+        self.size = source.size
+        self.entries = entries
+        self.data_end = data_end  # where the central directory starts
+        self.tree = tree
+        self._nursery = nursery
+        self._limiter = limiter
+        self._pending: dict[CacheKey, _Flight] = {}
+        self._starts: dict[int, int] = {}
+        self._indexes: OrderedDict[int, DeflateIndex] = OrderedDict()
+        # Members in archive order, for batching neighbours.
+        self._order = sorted(range(len(entries)), key=lambda i: entries[i].header_offset)
+        self._rank = {index: rank for rank, index in enumerate(self._order)}
+        self._last_rank = -2
+        self._streak = 0
+        self._frontier = -1  # highest rank fetched or being fetched by a batch
+        self._batch_mid = -1
+
+    # -- opening -------------------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        source: RangeSource,
+        cache: Tiered,
+        object_id: str,
+        *,
+        nursery: trio.Nursery,
+        limiter: trio.CapacityLimiter | None = None,
+        prefix: str = "artifacts/",
+    ) -> RemoteArchive:
+        """Open: one suffix GET, one more when the central directory is larger than the tail."""
+        limiter = limiter or trio.CapacityLimiter(8)
+        async with limiter:
+            tail = await source.open_tail(TAIL_SIZE)
+        assert source.size is not None
+        size = source.size
+        tail_start = size - len(tail)
+        location = locate_directory(tail, tail_start, size)
+        while isinstance(location, NeedBytes):
+            async with limiter:
+                tail = await source.fetch(location.start, tail_start) + tail
+            tail_start = location.start
+            location = locate_directory(tail, tail_start, size)
+        if location.start < tail_start:
+            async with limiter:
+                tail = await source.fetch(location.start, tail_start) + tail
+            tail_start = location.start
+        rel = location.start - tail_start
+        data = tail[rel : rel + location.size]
+        if location.size > THREAD_PARSE:
+            entries = await trio.to_thread.run_sync(parse_directory, data, location)
+            tree = await trio.to_thread.run_sync(build_tree, entries, prefix)
+        else:
+            entries = parse_directory(data, location)
+            tree = build_tree(entries, prefix)
+        log.debug("opened %s: %d entries, %d bytes", object_id, len(entries), size)
+        return cls(
+            source=source,
+            cache=cache,
+            object_id=object_id,
+            entries=entries,
+            data_end=location.start,
+            tree=tree,
+            nursery=nursery,
+            limiter=limiter,
+        )
+
+    # -- listing -------------------------------------------------------------------------------
+
+    def find(self, path: Sequence[str]) -> DirNode | Entry | None:
+        """The node at ``path`` (components under the shown subtree), or ``None``."""
+        node: DirNode | Entry = self.tree
+        for part in path:
+            if not isinstance(node, DirNode):
+                return None
+            child = node.children.get(part)
+            if child is None:
+                return None
+            node = child
+        return node
+
+    def lookup(self, relative: str) -> DirNode | Entry | None:
+        parts = clean_path(relative)
+        return (
+            self.tree
+            if parts is None and relative in ("", ".")
+            else (self.find(parts) if parts is not None else None)
+        )
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def open_member(self, entry: Entry) -> MemberReader:
+        return open_member(self, entry)
+
+    async def read(self, entry: Entry, offset: int, size: int) -> bytes:
+        """Convenience: open a reader and read once (tests, one-shot tools)."""
+        return await self.open_member(entry).read(offset, size)
+
+    def deflate_index(self, entry: Entry) -> DeflateIndex:
+        index = self._indexes.get(entry.index)
+        if index is None:
+            index = DeflateIndex.for_size(entry.size)
+            self._indexes[entry.index] = index
+            while len(self._indexes) > MAX_DEFLATE_INDEXES:
+                self._indexes.popitem(last=False)
+        else:
+            self._indexes.move_to_end(entry.index)
+        return index
+
+    def _check_bounds(self, entry: Entry) -> None:
+        if entry.header_offset + LOCAL.size + entry.compressed_size > self.data_end:
+            raise ArchiveError(f"{entry.name}: member data lies outside the archive's data area")
+
+    def _extent(self, entry: Entry) -> tuple[int, int]:
+        """The archive bytes that hold the member's local header and data (with a margin)."""
+        start = entry.header_offset
+        end = start + LOCAL.size + entry.name_len + entry.extra_len + LOCAL_MARGIN
+        return start, min(self.data_end, end + entry.compressed_size)
+
+    async def data_start(self, entry: Entry) -> int:
+        start = self._starts.get(entry.index)
+        if start is None:
+            self._check_bounds(entry)
+            head_end = min(
+                self.data_end,
+                entry.header_offset + LOCAL.size + entry.name_len + entry.extra_len + LOCAL_MARGIN,
+            )
+            head = await self.read_range(entry.header_offset, head_end)
+            start = entry.header_offset + parse_local_header(head)
+            if start + entry.compressed_size > self.data_end:
+                raise ArchiveError(f"{entry.name}: member data runs into the central directory")
+            self._starts[entry.index] = start
+        return start
+
+    async def member_data(self, entry: Entry) -> bytes:
+        """The compressed data of a (small) member; one GET on a miss, none on a hit."""
+        self._check_bounds(entry)
+        extent = await self._member_extent(entry)
+        header = parse_local_header(extent)
+        data = extent[header : header + entry.compressed_size]
+        if len(data) < entry.compressed_size:
+            # The local extra field was longer than the margin: fetch the rest.
+            start = entry.header_offset + header + len(data)
+            end = entry.header_offset + header + entry.compressed_size
+            if end > self.data_end:
+                raise ArchiveError(f"{entry.name}: member data runs into the central directory")
+            data += await self._fetch(start, end)
+        self._starts.setdefault(entry.index, entry.header_offset + header)
+        return data
+
+    def _key(self, kind: str, number: int) -> CacheKey:
+        return CacheKey(self.object_id, self.etag, kind, number)
+
+    # -- fetch plumbing ------------------------------------------------------------------------
+
+    async def _land(
+        self,
+        start: int,
+        end: int,
+        parts: list[tuple[CacheKey, int, int]],
+        flights: dict[CacheKey, _Flight],
+    ) -> None:
+        """Fetch ``[start, end)``, put each part in memory, wake waiters, then write to disk.
+
+        Runs in the archive's nursery: it never raises; waiters get the error.
+        """
+        data = b""
+        error: Exception | None = None
+        try:
+            data = await self._fetch(start, end)
+            for key, p_start, p_end in parts:
+                self.cache.memory.put(key, data[p_start - start : p_end - start])
+        except Exception as exc:  # handed to every waiter below
+            error = exc
+        finally:
+            for key, flight in flights.items():
+                self._pending.pop(key, None)
+                flight.error = error
+                flight.event.set()
+        if error is None:
+            for key, p_start, p_end in parts:
+                await self.cache.put_disk(key, data[p_start - start : p_end - start])
+
+    def _start(self, start: int, end: int, parts: list[tuple[CacheKey, int, int]]) -> None:
+        """Fetch ``[start, end)`` in the background for the parts not already in flight."""
+        mine: dict[CacheKey, _Flight] = {}
+        for key, _, _ in parts:
+            if key not in self._pending:
+                mine[key] = self._pending[key] = _Flight()
+        if mine:
+            self._nursery.start_soon(self._land, start, end, parts, mine)
+
+    async def _member_extent(self, entry: Entry) -> bytes:
+        key = self._key("m", entry.header_offset)
+        rank = self._rank[entry.index]
+        self._note_rank(rank)
+        while True:
+            data = await self.cache.get(key)
+            if data is not None:
+                self._maybe_prefetch_batch(rank)
+                return data
+            flight = self._pending.get(key)
+            if flight is None:
+                budget = BATCH_START << (self._streak - 1) if self._streak > 0 else 0
+                self._start_batch(rank, min(budget, BATCH_MAX))
+                flight = self._pending[key]
+            await flight.event.wait()
+            if flight.error is not None:
+                raise flight.error
+
+    def _note_rank(self, rank: int) -> None:
+        if 0 < rank - self._last_rank <= 2:
+            self._streak = min(self._streak + 1, 16)
+        elif rank != self._last_rank:
+            self._streak = 0
+        self._last_rank = rank
+
+    def _batch(self, rank: int, budget: int) -> list[Entry]:
+        """The member at ``rank`` plus following small members within ``budget`` extra bytes."""
+        first = self.entries[self._order[rank]]
+        members = [first]
+        start, end = self._extent(first)
+        limit = end + budget
+        for next_rank in range(rank + 1, len(self._order)):
+            entry = self.entries[self._order[next_rank]]
+            e_start, e_end = self._extent(entry)
+            if (
+                e_end > limit
+                or e_start < start
+                or entry.compressed_size > BATCH_MAX // 4
+                or self._key("m", entry.header_offset) in self._pending
+            ):
+                break
+            members.append(entry)
+            end = max(end, e_end)
+        return members
+
+    def _start_batch(self, rank: int, budget: int) -> None:
+        members = self._batch(rank, budget)
+        last_rank = self._rank[members[-1].index]
+        self._frontier = max(self._frontier, last_rank)
+        self._batch_mid = (rank + last_rank) // 2
+        extents = [self._extent(m) for m in members]
+        parts = [
+            (self._key("m", m.header_offset), e_start, e_end)
+            for m, (e_start, e_end) in zip(members, extents, strict=True)
+        ]
+        self._start(extents[0][0], max(e for _, e in extents), parts)
+
+    def _maybe_prefetch_batch(self, rank: int) -> None:
+        """Start the next batch in the background once a streak passes the current midpoint."""
+        if self._streak < 2 or rank < self._batch_mid or self._frontier + 1 >= len(self._order):
+            return
+        following = self._frontier + 1
+        entry = self.entries[self._order[following]]
+        if entry.compressed_size > BATCH_MAX // 4:
+            return
+        key = self._key("m", entry.header_offset)
+        if key in self._pending or self.cache.contains(key):
+            self._frontier = following
+            return
+        self._start_batch(following, min(BATCH_MAX, BATCH_START << self._streak))
+
+    # -- blocks --------------------------------------------------------------------------------
+
+    async def read_range(self, start: int, end: int, ahead: int = 0) -> bytes:
+        """Archive bytes ``[start, end)`` through the block caches."""
+        if not 0 <= start <= end <= self.size:
+            raise ArchiveError(f"range {start}-{end} outside the archive")
+        if start == end:
+            return b""
+        first, last = start // BLOCK, (end - 1) // BLOCK
+        blocks = await self._blocks(first, last)
+        if ahead > 0:
+            stop = min((end + ahead - 1) // BLOCK, (self.size - 1) // BLOCK)
+            self._prefetch(last + 1, stop)
+        data = b"".join(blocks) if len(blocks) > 1 else blocks[0]
+        offset = first * BLOCK
+        return data[start - offset : end - offset]
+
+    def _block_parts(self, first: int, last: int) -> list[tuple[CacheKey, int, int]]:
+        return [
+            (self._key("b", n), n * BLOCK, min(self.size, (n + 1) * BLOCK))
+            for n in range(first, last + 1)
+        ]
+
+    def _start_blocks(self, numbers: list[int], longest: int) -> None:
+        """Fetch the blocks of ``numbers`` nobody is fetching yet, in coalesced runs."""
+        numbers = [n for n in numbers if self._key("b", n) not in self._pending]
+        for run_start, run_end in _runs(numbers, longest):
+            parts = self._block_parts(run_start, run_end)
+            self._start(parts[0][1], parts[-1][2], parts)
+
+    async def _blocks(self, first: int, last: int) -> list[bytes]:
+        found: dict[int, bytes] = {}
+        while len(found) < last - first + 1:
+            missing: list[int] = []
+            for n in range(first, last + 1):
+                if n not in found:
+                    data = await self.cache.get(self._key("b", n))
+                    if data is not None:
+                        found[n] = data
+                    elif self._key("b", n) not in self._pending:
+                        missing.append(n)
+            self._start_blocks(missing, MAX_REQUEST // BLOCK)
+            for n in range(first, last + 1):
+                flight = self._pending.get(self._key("b", n))
+                if n not in found and flight is not None:
+                    await flight.event.wait()
+                    if flight.error is not None:
+                        raise flight.error
+        return [found[n] for n in range(first, last + 1)]
+
+    def _prefetch(self, first: int, last: int) -> None:
+        missing = [
+            n
+            for n in range(first, last + 1)
+            if self._key("b", n) not in self._pending and not self.cache.contains(self._key("b", n))
+        ]
+        self._start_blocks(missing, MAX_REQUEST // BLOCK // 2)
+
+    async def _fetch(self, start: int, end: int) -> bytes:
+        async with self._limiter:
+            return await self.source.fetch(start, end)
+
+
+class _Flight:
+    """One fetch in progress: waiters wait on ``event``, then see ``error`` or the cache."""
+
+    __slots__ = ("error", "event")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.error: Exception | None = None
+
+
+def _runs(numbers: list[int], longest: int) -> list[tuple[int, int]]:
+    """Consecutive runs of sorted ``numbers``, each at most ``longest`` long."""
+    runs: list[tuple[int, int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][1] + 1 and n - runs[-1][0] < longest:
+            runs[-1] = (runs[-1][0], n)
+        else:
+            runs.append((n, n))
+    return runs

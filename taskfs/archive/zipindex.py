@@ -1,0 +1,404 @@
+"""Bytes in, entries out: the ZIP end records, central directory and the tree taskfs shows.
+
+Owns: finding the end-of-central-directory record (and the zip64 locator and record) in a tail
+buffer, saying which bytes are still needed, parsing the central directory into ``Entry``
+records, and building the directory tree of one subtree (``artifacts/``) with implicit
+directories and sanitised names.
+
+Must stay true:
+* no I/O: every function takes bytes and returns values or raises ``ArchiveError``;
+* hostile input never loops, never allocates more than the bytes it was given suggest (counts
+  from the end record are checked against the data, never used to preallocate), and never
+  produces a name that escapes the tree: absolute names, ``..`` components, NUL bytes and
+  components longer than 255 bytes are dropped; ``.`` and empty components are folded;
+* duplicate paths keep the last entry; where a file and a directory share a path the directory
+  wins (its contents stay reachable);
+* names flagged UTF-8 are decoded with ``surrogateescape`` (so ``os.fsencode`` gives the
+  original bytes back), others as CP437, as ``zipfile`` does.
+"""
+
+from __future__ import annotations
+
+import stat
+import struct
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from taskfs.errors import ArchiveError
+
+EOCD_SIG = b"PK\x05\x06"
+ZIP64_LOCATOR_SIG = b"PK\x06\x07"
+ZIP64_EOCD_SIG = b"PK\x06\x06"
+CENTRAL_SIG = b"PK\x01\x02"
+LOCAL_SIG = b"PK\x03\x04"
+
+EOCD = struct.Struct("<4sHHHHIIH")  # 22 bytes
+ZIP64_LOCATOR = struct.Struct("<4sIQI")  # 20 bytes
+ZIP64_EOCD = struct.Struct("<4sQHHIIQQQQ")  # 56 bytes
+CENTRAL = struct.Struct("<4sBBHHHHHIIIHHHHHII")  # 46 bytes
+LOCAL = struct.Struct("<4sHHHHHIIIHH")  # 30 bytes
+
+MAX_COMMENT = 0xFFFF
+# The suffix a reader fetches first: the end record with the longest comment, the zip64
+# locator and the zip64 end record always fit (65,633 bytes; DESIGN.md rounds it to 64 KiB).
+TAIL_SIZE = EOCD.size + 0xFFFF + ZIP64_LOCATOR.size + ZIP64_EOCD.size
+# Refuse central directories larger than this (a hostile size would otherwise be fetched).
+MAX_DIRECTORY_BYTES = 1 << 30
+MAX_NAME_COMPONENT = 255
+# Sizes and offsets at or above this are nonsense (st_size is a signed 64-bit number).
+MAX_MEMBER_BYTES = 1 << 62
+
+STORED, DEFLATED, BZIP2, LZMA = 0, 8, 12, 14
+FLAG_ENCRYPTED = 0x1
+FLAG_UTF8 = 0x800
+UNIX = 3
+DOS_EPOCH = 315532800.0  # 1980-01-01T00:00:00Z
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One central-directory record; offsets are absolute positions in the archive file."""
+
+    index: int
+    name: str
+    header_offset: int
+    compressed_size: int
+    size: int
+    method: int
+    crc: int
+    flags: int
+    mtime: float
+    mode: int
+    # Lengths of the name and extra field in the central directory: the local header usually
+    # repeats them, so header + data is about ``LOCAL.size + name_len + extra_len`` + data.
+    name_len: int
+    extra_len: int
+
+    @property
+    def is_dir(self) -> bool:
+        return self.name.endswith("/")
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(self.flags & FLAG_ENCRYPTED)
+
+
+@dataclass(frozen=True, slots=True)
+class Directory:
+    """Where the central directory is: ``[start, start + size)``, ``count`` records."""
+
+    start: int
+    size: int
+    count: int
+    # Bytes prepended to the archive (self-extractors): added to every recorded offset.
+    shift: int
+    zip64: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NeedBytes:
+    """The tail did not hold enough: fetch from ``start`` up to the current tail start."""
+
+    start: int
+
+
+def locate_directory(tail: bytes, tail_start: int, file_size: int) -> Directory | NeedBytes:
+    """Find the central directory from the last bytes of the archive.
+
+    ``tail`` holds bytes ``[tail_start, file_size)``. Returns where the directory is, or which
+    earlier bytes are needed (a zip64 end record before the tail).
+    """
+    if len(tail) != file_size - tail_start or tail_start < 0:
+        raise ArchiveError("tail buffer does not match the file size")
+    if file_size < EOCD.size:
+        raise ArchiveError(f"not a ZIP archive: only {file_size} bytes")
+    pos = _find_eocd(tail)
+    if pos < 0:
+        raise ArchiveError("not a ZIP archive: no end-of-central-directory record")
+    eocd_offset = tail_start + pos
+    (_, disk, cd_disk, _on_disk, count, cd_size, cd_offset, _) = EOCD.unpack_from(tail, pos)
+    zip64 = False
+    loc_pos = pos - ZIP64_LOCATOR.size
+    if loc_pos >= 0 and tail[loc_pos : loc_pos + 4] == ZIP64_LOCATOR_SIG:
+        _, _, record_offset, _ = ZIP64_LOCATOR.unpack_from(tail, loc_pos)
+        if record_offset < 0 or record_offset + ZIP64_EOCD.size > eocd_offset:
+            raise ArchiveError("zip64 locator points outside the archive")
+        if record_offset < tail_start:
+            return NeedBytes(record_offset)
+        rel = record_offset - tail_start
+        fields = ZIP64_EOCD.unpack_from(tail, rel)
+        if fields[0] != ZIP64_EOCD_SIG:
+            raise ArchiveError("zip64 end record missing where the locator points")
+        disk, cd_disk, count, cd_size, cd_offset = (
+            fields[4],
+            fields[5],
+            fields[7],
+            fields[8],
+            fields[9],
+        )
+        end_of_cd = record_offset
+        zip64 = True
+    else:
+        if 0xFFFFFFFF in (cd_size, cd_offset):
+            raise ArchiveError("zip64 values without a zip64 end record")
+        end_of_cd = eocd_offset
+    if disk != 0 or cd_disk != 0:
+        raise ArchiveError("multi-disk archives are not supported")
+    if cd_size > MAX_DIRECTORY_BYTES:
+        raise ArchiveError(f"central directory of {cd_size} bytes is too large")
+    start = end_of_cd - cd_size
+    if start < 0:
+        raise ArchiveError("central directory size exceeds the archive")
+    shift = start - cd_offset
+    if shift < 0:
+        raise ArchiveError("central directory offset points past its end")
+    return Directory(start=start, size=cd_size, count=count, shift=shift, zip64=zip64)
+
+
+def _find_eocd(tail: bytes) -> int:
+    """Position of the end record: the last plausible one whose comment reaches the end, else
+    the last plausible one (trailing bytes after the archive), else -1."""
+    limit = max(0, len(tail) - EOCD.size - MAX_COMMENT)
+    fallback = -1
+    pos = tail.rfind(EOCD_SIG, limit)
+    while pos >= 0:
+        if pos + EOCD.size <= len(tail):
+            _, disk, cd_disk, on_disk, count, _, _, comment_len = EOCD.unpack_from(tail, pos)
+            plausible = disk == cd_disk == 0 and on_disk == count
+            if plausible and pos + EOCD.size + comment_len == len(tail):
+                return pos
+            if plausible and fallback < 0 and pos + EOCD.size + comment_len <= len(tail):
+                fallback = pos
+        pos = tail.rfind(EOCD_SIG, limit, pos)
+    return fallback
+
+
+def parse_directory(data: bytes, directory: Directory) -> list[Entry]:
+    """Parse the central directory bytes ``data`` (exactly ``directory.size`` long).
+
+    A member whose data would lie outside the data area (before the directory) is still
+    listed; reading it fails (``RemoteArchive`` checks the bounds).
+    """
+    if len(data) != directory.size:
+        raise ArchiveError("central directory buffer has the wrong size")
+    entries: list[Entry] = []
+    pos = 0
+    end = len(data)
+    while pos < end:
+        if end - pos < CENTRAL.size:
+            raise ArchiveError(f"central directory truncated at record {len(entries)}")
+        fields = CENTRAL.unpack_from(data, pos)
+        if fields[0] != CENTRAL_SIG:
+            raise ArchiveError(f"bad central directory record {len(entries)} at +{pos}")
+        (
+            _,
+            _ver,
+            system,
+            _need,
+            flags,
+            method,
+            dtime,
+            ddate,
+            crc,
+            csize,
+            usize,
+            name_len,
+            extra_len,
+            comment_len,
+            disk_start,
+            _iattr,
+            eattr,
+            offset,
+        ) = fields
+        name_start = pos + CENTRAL.size
+        extra_start = name_start + name_len
+        next_pos = extra_start + extra_len + comment_len
+        if next_pos > end:
+            raise ArchiveError(f"central directory record {len(entries)} runs past its end")
+        raw_name = data[name_start:extra_start]
+        extra = data[extra_start : extra_start + extra_len]
+        usize, csize, offset, mtime = _apply_extra(extra, usize, csize, offset, disk_start)
+        offset += directory.shift
+        if max(usize, csize, offset) >= MAX_MEMBER_BYTES:
+            raise ArchiveError(f"member {len(entries)} claims an impossible size or offset")
+        name = _decode(raw_name, flags)
+        entries.append(
+            Entry(
+                index=len(entries),
+                name=name,
+                header_offset=offset,
+                compressed_size=csize,
+                size=usize,
+                method=method,
+                crc=crc,
+                flags=flags,
+                mtime=mtime if mtime is not None else _dos_time(ddate, dtime),
+                mode=_mode(system, eattr, name),
+                name_len=name_len,
+                extra_len=extra_len,
+            )
+        )
+        pos = next_pos
+    if len(entries) != directory.count and len(entries) % 0x10000 != directory.count % 0x10000:
+        raise ArchiveError(
+            f"end record says {directory.count} entries, central directory holds {len(entries)}"
+        )
+    return entries
+
+
+def _decode(raw: bytes, flags: int) -> str:
+    if flags & FLAG_UTF8:
+        return raw.decode("utf-8", "surrogateescape")
+    return raw.decode("cp437")
+
+
+def _apply_extra(
+    extra: bytes, usize: int, csize: int, offset: int, disk: int
+) -> tuple[int, int, int, float | None]:
+    """Zip64 sizes/offset (0x0001) and the extended timestamp (0x5455) from an extra field."""
+    mtime: float | None = None
+    pos = 0
+    while pos + 4 <= len(extra):
+        tag, length = struct.unpack_from("<HH", extra, pos)
+        body = extra[pos + 4 : pos + 4 + length]
+        if len(body) < length:
+            break  # truncated extra field: ignore the rest, as zip tools do
+        if tag == 0x0001:
+            values = [v for (v,) in struct.iter_unpack("<Q", body[: len(body) // 8 * 8])]
+            wanted = [usize == 0xFFFFFFFF, csize == 0xFFFFFFFF, offset == 0xFFFFFFFF]
+            it = iter(values)
+            try:
+                if wanted[0]:
+                    usize = next(it)
+                if wanted[1]:
+                    csize = next(it)
+                if wanted[2]:
+                    offset = next(it)
+            except StopIteration:
+                raise ArchiveError("zip64 extra field is too short") from None
+        elif tag == 0x5455 and length >= 5 and body[0] & 1:
+            mtime = float(struct.unpack_from("<i", body, 1)[0])
+        pos += 4 + length
+    if disk not in (0, 0xFFFF):
+        raise ArchiveError("multi-disk archives are not supported")
+    return usize, csize, offset, mtime
+
+
+def _dos_time(ddate: int, dtime: int) -> float:
+    """DOS date/time (local time, as zip tools write it) to epoch seconds; invalid -> 1980."""
+    year = 1980 + (ddate >> 9)
+    month = (ddate >> 5) & 0xF
+    day = ddate & 0x1F
+    hour, minute, second = dtime >> 11, (dtime >> 5) & 0x3F, (dtime & 0x1F) * 2
+    if not (1 <= month <= 12 and 1 <= day <= 31 and hour < 24 and minute < 60 and second < 62):
+        return DOS_EPOCH
+    try:
+        return time.mktime((year, month, day, hour, minute, second, 0, 0, -1))
+    except (OverflowError, ValueError):
+        return DOS_EPOCH
+
+
+def _mode(system: int, external: int, name: str) -> int:
+    """Permission bits for the mount: read-only, executable where the archive says so."""
+    directory = name.endswith("/")
+    executable = system == UNIX and bool((external >> 16) & 0o111)
+    if directory:
+        return stat.S_IFDIR | 0o555
+    return stat.S_IFREG | (0o555 if executable else 0o444)
+
+
+def parse_local_header(data: bytes) -> int:
+    """Length of the local header at the start of ``data`` (signature checked)."""
+    if len(data) < LOCAL.size:
+        raise ArchiveError("local header truncated")
+    signature, *_, name_len, extra_len = LOCAL.unpack_from(data, 0)
+    if signature != LOCAL_SIG:
+        raise ArchiveError("bad local header signature")
+    return int(LOCAL.size + name_len + extra_len)
+
+
+# -- the tree ------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class DirNode:
+    """A directory of the tree: children by name, in archive order."""
+
+    children: dict[str, DirNode | Entry] = field(default_factory=dict)
+    mtime: float = DOS_EPOCH
+    explicit: bool = False
+
+
+def clean_path(name: str) -> tuple[str, ...] | None:
+    """The path components of an archive name, or ``None`` if it must not be shown."""
+    if not name or name.startswith("/") or "\x00" in name:
+        return None
+    parts = []
+    for part in name.split("/"):
+        if part in ("", "."):
+            continue
+        if part == ".." or len(part.encode("utf-8", "surrogateescape")) > MAX_NAME_COMPONENT:
+            return None
+        parts.append(part)
+    return tuple(parts) if parts else None
+
+
+def build_tree(entries: Iterable[Entry], prefix: str = "artifacts/") -> DirNode:
+    """The tree of everything under ``prefix`` (not shown itself), names sanitised."""
+    root = DirNode(explicit=True)
+    for entry in entries:
+        if not entry.name.startswith(prefix):
+            continue
+        # Below the prefix a leading slash cannot escape: "artifacts//x" is "x".
+        parts = clean_path(entry.name[len(prefix) :].lstrip("/"))
+        if parts is None:
+            continue
+        node = root
+        for part in parts[:-1]:
+            child = node.children.get(part)
+            if not isinstance(child, DirNode):
+                child = DirNode(mtime=entry.mtime)  # replaces a file of the same name
+                node.children[part] = child
+            node = child
+        leaf = parts[-1]
+        existing = node.children.get(leaf)
+        if entry.is_dir:
+            if isinstance(existing, DirNode):
+                existing.explicit = True
+                existing.mtime = entry.mtime
+            else:
+                node.children[leaf] = DirNode(mtime=entry.mtime, explicit=True)
+        elif not isinstance(existing, DirNode):
+            node.children.pop(leaf, None)  # duplicates keep the last entry, in its place
+            node.children[leaf] = entry
+    _settle_mtimes(root)
+    return root
+
+
+def _settle_mtimes(root: DirNode) -> None:
+    """Implicit directories take the newest mtime below them (iteratively, no recursion)."""
+    order: list[DirNode] = []
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        order.append(node)
+        stack.extend(c for c in node.children.values() if isinstance(c, DirNode))
+    for node in reversed(order):
+        if node.explicit and node is not root:
+            continue
+        times = [c.mtime for c in node.children.values()]
+        if times:
+            node.mtime = max(times)
+
+
+def walk(root: DirNode, base: Sequence[str] = ()) -> Iterator[tuple[tuple[str, ...], Entry]]:
+    """Every file of the tree with its path, depth first (iteratively)."""
+    stack: list[tuple[tuple[str, ...], DirNode]] = [(tuple(base), root)]
+    while stack:
+        path, node = stack.pop()
+        for name, child in node.children.items():
+            if isinstance(child, DirNode):
+                stack.append(((*path, name), child))
+            else:
+                yield (*path, name), child

@@ -1,0 +1,185 @@
+"""Disk and memory caches, and single-flight fetching."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from taskfs.archive.cache import CacheKey, DiskCache, MemoryCache, SingleFlight, Tiered
+
+
+def key(n: int, etag: str = '"e1"') -> CacheKey:
+    return CacheKey("task/output.zip", etag, "b", n)
+
+
+def files(cache: DiskCache) -> list[Path]:
+    return [p for p in cache.root.rglob("*") if p.is_file()]
+
+
+def test_put_get_and_etag_in_the_key(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path, 1 << 20)
+    assert cache.put(key(1), b"block one")
+    assert cache.get(key(1)) == b"block one"
+    assert cache.get(key(1, etag='"e2"')) is None  # a replaced archive never hits old blocks
+    assert cache.get(key(2)) is None
+    assert cache.contains(key(1)) and not cache.contains(key(2))
+
+
+def test_limit_and_lru_eviction(tmp_path: Path) -> None:
+    block = b"x" * 1000
+    cache = DiskCache(tmp_path, 3500)  # three blocks with their headers
+    for n in range(3):
+        cache.put(key(n), block)
+    assert cache.get(key(0)) == block  # 0 is now the most recent
+    cache.put(key(3), block)
+    assert cache.total <= 3500
+    assert cache.get(key(1)) is None  # the least recently used went
+    assert {cache.get(key(n)) for n in (0, 2, 3)} == {block}
+    assert sum(p.stat().st_size for p in files(cache)) == cache.total
+    assert not cache.put(key(9), b"y" * 5000)  # larger than the whole cache: not stored
+
+
+def test_survives_restart(tmp_path: Path) -> None:
+    first = DiskCache(tmp_path, 1 << 20)
+    first.put(key(1), b"persisted")
+    second = DiskCache(tmp_path, 1 << 20)
+    assert second.get(key(1)) == b"persisted"
+    assert second.total == first.total
+    small = DiskCache(tmp_path, 10)  # a smaller limit evicts on start
+    assert small.total == 0 and files(small) == []
+
+
+def test_corrupt_entries_are_misses_and_removed(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path, 1 << 20)
+    cache.put(key(1), b"good data")
+    [path] = files(cache)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    assert cache.get(key(1)) is None
+    assert not path.exists() and cache.total == 0
+    cache.put(key(2), b"other")
+    [path] = files(cache)
+    path.write_bytes(b"TFSB")  # truncated header
+    assert cache.get(key(2)) is None
+
+
+def test_interrupted_writes_are_cleaned(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path, 1 << 20)
+    cache.put(key(1), b"data")
+    leftover = files(cache)[0].parent / ".tmp-interrupted"
+    leftover.write_bytes(b"partial")
+    DiskCache(tmp_path, 1 << 20)
+    assert not leftover.exists()
+
+
+def test_full_disk_means_no_caching(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = DiskCache(tmp_path, 1 << 20)
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    assert cache.put(key(1), b"data") is False
+    assert cache.get(key(1)) is None and cache.total == 0
+    assert [p for p in cache.root.rglob("*") if p.is_file()] == []
+
+
+def test_unwritable_directory_disables_the_cache(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    cache = DiskCache(blocker, 1 << 20)
+    assert not cache.enabled
+    assert cache.put(key(1), b"x") is False and cache.get(key(1)) is None
+
+
+def test_memory_cache_limit() -> None:
+    memory = MemoryCache(10)
+    memory.put(key(1), b"12345")
+    memory.put(key(2), b"12345")
+    memory.get(key(1))
+    memory.put(key(3), b"123")
+    assert memory.get(key(2)) is None and memory.get(key(1)) is not None
+    assert memory.total <= 10
+    memory.put(key(4), b"x" * 11)
+    assert memory.get(key(4)) is None
+
+
+async def test_tiered_reads_through(tmp_path: Path) -> None:
+    disk = DiskCache(tmp_path, 1 << 20)
+    disk.put(key(1), b"on disk")
+    tiered = Tiered(MemoryCache(1 << 20), disk)
+    assert await tiered.get(key(1)) == b"on disk"
+    assert tiered.memory.get(key(1)) == b"on disk"
+    await tiered.put(key(2), b"both")
+    assert disk.get(key(2)) == b"both" and tiered.contains(key(2))
+
+
+async def test_single_flight_runs_once() -> None:
+    flights: SingleFlight[str, bytes] = SingleFlight()
+    calls = 0
+    results: list[bytes] = []
+
+    async def fetch() -> bytes:
+        nonlocal calls
+        calls += 1
+        await trio.sleep(0.01)
+        return b"value"
+
+    async def user() -> None:
+        results.append(await flights.run("k", fetch))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(10):
+            nursery.start_soon(user)
+    assert calls == 1 and results == [b"value"] * 10
+
+
+async def test_single_flight_shares_errors_and_survives_cancel() -> None:
+    flights: SingleFlight[str, bytes] = SingleFlight()
+
+    async def fail() -> bytes:
+        await trio.sleep(0.01)
+        raise ValueError("boom")
+
+    errors: list[BaseException] = []
+
+    async def user() -> None:
+        try:
+            await flights.run("k", fail)
+        except ValueError as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(user)
+    assert len(errors) == 3
+
+    async def slow() -> bytes:
+        await trio.sleep(10)
+        return b"never"
+
+    async def quick() -> bytes:
+        return b"second"
+
+    got: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        leader = trio.CancelScope()
+
+        async def lead() -> None:
+            with leader:
+                await flights.run("j", slow)
+
+        async def follow() -> None:
+            await trio.sleep(0.01)
+            got.append(await flights.run("j", quick))
+
+        nursery.start_soon(lead)
+        nursery.start_soon(follow)
+        await trio.sleep(0.05)
+        leader.cancel()
+    assert got == [b"second"]

@@ -1,0 +1,319 @@
+"""RemoteArchive over a mock object store: request accounting, caching, members, corruption."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import struct
+import zipfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from taskfs.archive import member as member_mod
+from taskfs.archive.cache import DiskCache, MemoryCache, Tiered
+from taskfs.archive.rangeio import RangeSource
+from taskfs.archive.remote import BLOCK, RemoteArchive
+from taskfs.archive.zipindex import Entry, walk
+from taskfs.errors import ArchiveError, ChecksumError, StaleError, UnsupportedError
+from tests.rangeserver import Objects
+
+Opener = Callable[..., Awaitable[RemoteArchive]]
+
+
+def build(members: list[tuple[str, bytes, int]]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", allowZip64=True) as zf:
+        zf.mkdir("artifacts")
+        for name, data, method in members:
+            zf.writestr(f"artifacts/{name}", data, method)
+    return buf.getvalue()
+
+
+def text(size: int, seed: int = 0) -> bytes:
+    """Compressible simulation-like text of about ``size`` bytes."""
+    rng = random.Random(seed)
+    lines = []
+    total = 0
+    while total < size:
+        line = f"{rng.random():.6f} {rng.random():.6f} {rng.randint(0, 9999)}\n".encode()
+        lines.append(line)
+        total += len(line)
+    return b"".join(lines)[:size]
+
+
+@pytest.fixture
+async def opener(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[tuple[Objects, Opener]]:
+    objects = Objects()
+    http = httpx.AsyncClient(transport=objects.transport())
+
+    async def open_archive(
+        data: bytes | None = None, *, disk_limit: int = 64 << 20, memory_limit: int = 8 << 20
+    ) -> RemoteArchive:
+        if data is not None:
+            objects.put("out.zip", data)
+
+        async def url(refresh: bool) -> str:
+            return "http://store/o/out.zip"
+
+        cache = Tiered(MemoryCache(memory_limit), DiskCache(tmp_path / "cache", disk_limit))
+        return await RemoteArchive.open(
+            RangeSource(http, url, name="out.zip"), cache, "t/out.zip", nursery=nursery
+        )
+
+    yield objects, open_archive
+    await http.aclose()
+
+
+async def settled(archive: RemoteArchive) -> None:
+    """Wait until background disk writes have landed (they follow the reads)."""
+    disk = archive.cache.disk
+    assert disk is not None
+    with trio.fail_after(5):
+        while archive.cache.memory.total > 0 and disk.total < archive.cache.memory.total:
+            await trio.sleep(0.01)
+
+
+def member(archive: RemoteArchive, name: str) -> Entry:
+    node = archive.lookup(name)
+    assert isinstance(node, Entry)
+    return node
+
+
+async def read_all(archive: RemoteArchive, entry: Entry, chunk: int = 128 << 10) -> bytes:
+    reader = archive.open_member(entry)
+    out = bytearray()
+    while True:
+        data = await reader.read(len(out), chunk)
+        if not data:
+            return bytes(out)
+        out += data
+
+
+async def test_open_costs_one_get_for_a_small_directory(opener: tuple[Objects, Opener]) -> None:
+    objects, open_archive = opener
+    archive = await open_archive(build([(f"f{i}", b"x", zipfile.ZIP_STORED) for i in range(50)]))
+    assert objects.gets() == 1
+    assert len(list(walk(archive.tree))) == 50
+
+
+async def test_open_costs_two_gets_for_a_large_directory(opener: tuple[Objects, Opener]) -> None:
+    objects, open_archive = opener
+    data = build([(f"dir{i % 37}/file_{i:05}.vtk", b"", zipfile.ZIP_STORED) for i in range(10_000)])
+    archive = await open_archive(data)
+    assert archive.data_end < len(data) - 200_000  # the directory is far larger than the tail
+    assert objects.gets() == 2
+    assert len(list(walk(archive.tree))) == 10_000
+
+
+async def test_small_member_costs_one_get_and_rereads_none(
+    opener: tuple[Objects, Opener],
+) -> None:
+    objects, open_archive = opener
+    data = build([("log.txt", text(5000), zipfile.ZIP_DEFLATED), ("other", b"o", 0)])
+    archive = await open_archive(data)
+    objects.reset()
+    entry = member(archive, "log.txt")
+    reader = archive.open_member(entry)
+    assert await reader.read(0, 100) == text(5000)[:100]
+    assert objects.gets() == 1
+    assert await reader.read(4000, 2000) == text(5000)[4000:]
+    assert await read_all(archive, entry) == text(5000)
+    assert objects.gets() == 1
+    # A new archive object over the same disk cache (a remount): only the open costs.
+    await settled(archive)
+    again = await open_archive()
+    objects.reset()
+    assert await read_all(again, member(again, "log.txt")) == text(5000)
+    assert objects.gets() == 0
+
+
+async def test_members_read_in_a_row_are_fetched_together(
+    opener: tuple[Objects, Opener],
+) -> None:
+    objects, open_archive = opener
+    files = [(f"d/f{i:03}.txt", text(3000, seed=i), zipfile.ZIP_DEFLATED) for i in range(200)]
+    archive = await open_archive(build(files))
+    objects.reset()
+    for name, body, _ in files:
+        assert await read_all(archive, member(archive, name)) == body
+    assert objects.gets() <= 15, objects.gets()
+
+
+async def test_large_stored_member_streams_and_is_cached(
+    opener: tuple[Objects, Opener],
+) -> None:
+    objects, open_archive = opener
+    body = os.urandom(12 << 20)
+    archive = await open_archive(build([("big.bin", body, zipfile.ZIP_STORED)]))
+    objects.reset()
+    entry = member(archive, "big.bin")
+    assert await read_all(archive, entry, chunk=128 << 10) == body
+    fetched = objects.gets()
+    assert fetched <= 12  # aligned blocks coalesced into multi-MiB requests
+    assert await read_all(archive, entry, chunk=1 << 20) == body
+    reader = archive.open_member(entry)
+    assert await reader.read(5_000_000, 10) == body[5_000_000:5_000_010]
+    assert objects.gets() == fetched
+
+
+async def test_cache_stays_within_its_limit(opener: tuple[Objects, Opener]) -> None:
+    _, open_archive = opener
+    body = os.urandom(10 << 20)
+    archive = await open_archive(
+        build([("big.bin", body, zipfile.ZIP_STORED)]), disk_limit=3 << 20, memory_limit=2 << 20
+    )
+    assert await read_all(archive, member(archive, "big.bin")) == body
+    await trio.sleep(0.1)  # background disk writes
+    disk = archive.cache.disk
+    assert disk is not None and disk.total <= 3 << 20
+    assert sum(p.stat().st_size for p in disk.root.rglob("*") if p.is_file()) <= 3 << 20
+    assert archive.cache.memory.total <= 2 << 20
+
+
+async def test_concurrent_readers_fetch_each_block_once(opener: tuple[Objects, Opener]) -> None:
+    objects, open_archive = opener
+    body = os.urandom(6 << 20)
+    archive = await open_archive(build([("big.bin", body, zipfile.ZIP_STORED)]))
+    objects.reset()
+    entry = member(archive, "big.bin")
+    results: list[bytes] = []
+
+    async def reader() -> None:
+        results.append(await read_all(archive, entry, chunk=512 << 10))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(8):
+            nursery.start_soon(reader)
+    assert results == [body] * 8
+    fetched = 0
+    for seen in objects.seen:
+        assert seen.range is not None
+        first, last = (int(x) for x in seen.range.removeprefix("bytes=").split("-"))
+        fetched += last - first + 1
+    assert fetched <= len(body) + 2 * BLOCK
+
+
+async def test_deflate_random_access(
+    opener: tuple[Objects, Opener], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(member_mod, "CHECKPOINT_SPACING", 256 << 10)
+    monkeypatch.setattr(member_mod, "SMALL_COMPRESSED", 64 << 10)
+    monkeypatch.setattr(member_mod, "SMALL_SIZE", 256 << 10)
+    monkeypatch.setattr(member_mod, "RETAIN", 128 << 10)
+    monkeypatch.setattr(member_mod, "STEP_OUT", 64 << 10)
+    objects, open_archive = opener
+    body = text(4 << 20, seed=7)
+    archive = await open_archive(build([("sim.vtk", body, zipfile.ZIP_DEFLATED)]))
+    entry = member(archive, "sim.vtk")
+    assert await read_all(archive, entry, chunk=1 << 20) == body
+    index = archive.deflate_index(entry)
+    assert len(index.points) >= 4
+    rng = random.Random(1)
+    reader = archive.open_member(entry)
+    objects.reset()
+    for _ in range(60):
+        offset = rng.randrange(len(body))
+        assert await reader.read(offset, 4096) == body[offset : offset + 4096]
+    assert objects.gets() == 0  # everything came from the cache
+
+
+async def test_bzip2_and_lzma_members(
+    opener: tuple[Objects, Opener], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Members above these limits stream through a cursor instead of being read whole.
+    monkeypatch.setattr(member_mod, "SMALL_COMPRESSED", 64 << 10)
+    monkeypatch.setattr(member_mod, "SMALL_SIZE", 256 << 10)
+    monkeypatch.setattr(member_mod, "STEP_IN", 16 << 10)
+    _, open_archive = opener
+    small, large = text(20_000, 1), text(600 << 10, 2)
+    archive = await open_archive(
+        build(
+            [
+                ("a.bz2", small, zipfile.ZIP_BZIP2),
+                ("b.xz", small, zipfile.ZIP_LZMA),
+                ("c.bz2", large, zipfile.ZIP_BZIP2),
+                ("d.xz", large, zipfile.ZIP_LZMA),
+            ]
+        )
+    )
+    for name, body in (("a.bz2", small), ("b.xz", small), ("c.bz2", large), ("d.xz", large)):
+        entry = member(archive, name)
+        assert await read_all(archive, entry, chunk=1 << 20) == body
+        reader = archive.open_member(entry)
+        assert await reader.read(len(body) - 10, 100) == body[-10:]
+        assert await reader.read(5, 5) == body[5:10]  # backward: starts over
+
+
+def corrupt_crc(data: bytes, name: str) -> bytes:
+    raw = bytearray(data)
+    target = f"artifacts/{name}".encode()
+    pos = 0
+    while (pos := raw.find(b"PK\x01\x02", pos)) >= 0:
+        name_len = struct.unpack_from("<H", raw, pos + 28)[0]
+        if raw[pos + 46 : pos + 46 + name_len] == target:
+            struct.pack_into("<I", raw, pos + 16, struct.unpack_from("<I", raw, pos + 16)[0] ^ 1)
+        pos += 4
+    return bytes(raw)
+
+
+async def test_crc_mismatch_is_an_error_never_bytes(opener: tuple[Objects, Opener]) -> None:
+    _, open_archive = opener
+    big = os.urandom(5 << 20)
+    data = build([("small.txt", b"hello" * 100, 8), ("big.bin", big, 0), ("ok", b"fine", 8)])
+    data = corrupt_crc(corrupt_crc(data, "small.txt"), "big.bin")
+    archive = await open_archive(data)
+    with pytest.raises(ChecksumError, match="CRC"):
+        await archive.open_member(member(archive, "small.txt")).read(0, 10)
+    with pytest.raises(ChecksumError):
+        await read_all(archive, member(archive, "big.bin"), chunk=1 << 20)
+    assert await read_all(archive, member(archive, "ok")) == b"fine"
+
+
+def patch_central(data: bytes, name: str, offset: int, fmt: str, value: int) -> bytes:
+    raw = bytearray(data)
+    pos = 0
+    target = f"artifacts/{name}".encode()
+    while (pos := raw.find(b"PK\x01\x02", pos)) >= 0:
+        name_len = struct.unpack_from("<H", raw, pos + 28)[0]
+        if raw[pos + 46 : pos + 46 + name_len] == target:
+            struct.pack_into(fmt, raw, pos + offset, value)
+        pos += 4
+    return bytes(raw)
+
+
+async def test_unsupported_and_encrypted_members(opener: tuple[Objects, Opener]) -> None:
+    _, open_archive = opener
+    data = build([("odd", b"data", 0), ("secret", b"data", 0), ("fine", b"data", 0)])
+    data = patch_central(data, "odd", 10, "<H", 9)  # method: deflate64
+    data = patch_central(data, "secret", 8, "<H", 1)  # flags: encrypted
+    archive = await open_archive(data)
+    assert member(archive, "odd").size == 4  # listed
+    with pytest.raises(UnsupportedError, match="deflate64"):
+        archive.open_member(member(archive, "odd"))
+    with pytest.raises(UnsupportedError, match="encrypted"):
+        archive.open_member(member(archive, "secret"))
+    assert await read_all(archive, member(archive, "fine")) == b"data"
+
+
+async def test_member_outside_the_data_area(opener: tuple[Objects, Opener]) -> None:
+    _, open_archive = opener
+    data = build([("a", b"x" * 100, 0)])
+    data = patch_central(data, "a", 20, "<I", 10_000_000)  # compressed size
+    archive = await open_archive(data)
+    with pytest.raises(ArchiveError, match="outside"):
+        await archive.open_member(member(archive, "a")).read(0, 10)
+
+
+async def test_replaced_archive_is_stale(opener: tuple[Objects, Opener]) -> None:
+    objects, open_archive = opener
+    archive = await open_archive(build([("a", os.urandom(6 << 20), 0)]))
+    reader = archive.open_member(member(archive, "a"))
+    await reader.read(0, 1024)
+    objects.put("out.zip", build([("a", os.urandom(6 << 20), 0)]))
+    with pytest.raises(StaleError):
+        await reader.read(3 << 20, 1024)
