@@ -20,20 +20,24 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
-import psutil
 import trio
 
 from taskfs import __version__
 from taskfs.config import (
+    ENV_API_URL,
     ServiceSettings,
+    default_cache_dir,
     default_data_dir,
     local_service_url,
     parse_duration,
+    parse_size,
     resolve_client,
 )
 from taskfs.errors import TaskfsError, UsageError
+from taskfs.proc import pid_alive
 
 log = logging.getLogger("taskfs.cli")
 
@@ -172,14 +176,6 @@ def running_service_url(data_dir: Path) -> str | None:
     return url if pid_alive(pid) else None
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
-    try:
-        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
-    except psutil.Error:
-        return False
-
-
 def stop_service(data_dir: Path, timeout: float = 15.0) -> bool:
     """SIGTERM the service running for ``data_dir`` and wait for it to exit."""
     try:
@@ -229,6 +225,76 @@ def cmd_submit(args: argparse.Namespace) -> int:
             )
 
     print(trio.run(main))
+    return 0
+
+
+# -- mount / unmount -----------------------------------------------------------------------------
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from taskfs.fs.mount import MountSettings, check_mountpoint, mount_entry, run_mount
+
+    mountpoint = Path(args.mountpoint).absolute()
+    allow_other = False
+    for option in ",".join(args.options or []).split(","):
+        if option == "allow_other":
+            allow_other = True
+        elif option:
+            raise UsageError(f"unsupported mount option {option!r} (supported: allow_other)")
+    cache_size = parse_size(args.cache_size)
+    check_mountpoint(mountpoint)
+    if not (args.api_url or os.environ.get(ENV_API_URL)):
+        start_service_background(args.data_dir, ["--port", "0"])
+    client = resolve_client(args.api_url, args.api_key_file, args.data_dir)
+    if args.deadline is not None:
+        client = replace(client, deadline=args.deadline, read_timeout=args.deadline)
+    settings = MountSettings(
+        mountpoint=mountpoint,
+        client=client,
+        cache_dir=args.cache_dir,
+        cache_size=cache_size,
+        allow_other=allow_other,
+        debug=args.debug,
+    )
+    if args.foreground:
+        setup_logging(args.debug, quiet_default=False)
+        trio.run(run_mount, settings)
+        return 0
+    log_path = args.cache_dir / f"mount-{_slug(mountpoint)}.log"
+    args.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    argv = [sys.executable, "-m", "taskfs", "mount", *args.raw_argv, "--foreground"]
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        found = mount_entry(mountpoint)
+        if found is not None and found[0] == "fuse.taskfs":
+            print(f"mounted {client.api_url} at {mountpoint} (pid {proc.pid}, log {log_path})")
+            return 0
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:]
+            raise TaskfsError(f"mount failed: {' '.join(tail) or f'exit {proc.returncode}'}")
+        time.sleep(0.05)
+    proc.terminate()
+    raise TaskfsError(f"mount did not come up within 30 s (see {log_path})")
+
+
+def _slug(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(str(path).encode()).hexdigest()[:12]
+
+
+def cmd_unmount(args: argparse.Namespace) -> int:
+    from taskfs.fs.mount import unmount
+
+    unmount(Path(args.mountpoint).absolute())
     return 0
 
 
@@ -331,6 +397,58 @@ def build_parser() -> ArgumentParser:
     _add_api_options(submit)
     submit.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]: one command")
     submit.set_defaults(func=cmd_submit)
+
+    mount = sub.add_parser(
+        "mount",
+        help="mount the tasks of a service as a filesystem",
+        description="Mount every task of the service as a directory: status, machine_type, "
+        "computation_time, control, wait, info.json and the outputs archive as a tree. "
+        "Without --api-url (or $INDUCTIVA_API_URL) the embedded local service is used, "
+        "started in the background when it is not running.",
+    )
+    mount.add_argument("mountpoint", help="an empty directory")
+    mount.add_argument(
+        "--foreground",
+        action="store_true",
+        help="stay in the foreground (systemd, tests); default: background",
+    )
+    mount.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=default_cache_dir(),
+        help="disk cache of archive data (default: %(default)s)",
+    )
+    mount.add_argument(
+        "--cache-size",
+        default="10G",
+        help="disk cache limit, e.g. 500M, 10G; 0 disables it (default: %(default)s)",
+    )
+    mount.add_argument(
+        "--deadline",
+        type=float,
+        metavar="SECONDS",
+        help="time limit of one remote operation, retries included (default: 10)",
+    )
+    mount.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        metavar="OPTIONS",
+        help="mount options: allow_other (let other users in)",
+    )
+    mount.add_argument("--debug", action="store_true", help="debug logs and FUSE debugging")
+    _add_api_options(mount)
+    mount.set_defaults(func=cmd_mount)
+
+    unmount = sub.add_parser(
+        "unmount",
+        aliases=["umount"],
+        help="unmount a taskfs mount",
+        description="Unmount a taskfs mount; also recovers a mountpoint whose mount process "
+        "died ('Transport endpoint is not connected').",
+    )
+    unmount.add_argument("mountpoint")
+    unmount.set_defaults(func=cmd_unmount)
     return parser
 
 
@@ -346,6 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in (raw[: raw.index("--")] if "--" in raw else raw)
     try:
         args = build_parser().parse_args(raw)
+        args.raw_argv = raw[raw.index("mount") + 1 :] if "mount" in raw else []
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
     except BaseException as exc:  # sorted below; anything unknown is re-raised

@@ -14,6 +14,10 @@ catches a foreign exception type. The filesystem maps exceptions to errno throug
     ├── InvalidCommandError         EINVAL   unknown word written to ``control``
     ├── ReadOnlyError               EROFS    write to anything but ``control``
     ├── StaleError                  ESTALE   the archive changed under an open file (ETag)
+    ├── NotDirError                 ENOTDIR  a directory operation on a file
+    ├── IsDirError                  EISDIR   a file operation on a directory
+    ├── BusyError                   EAGAIN   too many readers already blocked on ``wait``
+    ├── ReaderGoneError             EINTR    the process blocked on ``wait`` went away
     └── ArchiveError                EIO      corrupt or truncated archive
         ├── ChecksumError           EIO      CRC-32 mismatch: never return the bytes
         └── UnsupportedError        ENOTSUP  a compression method taskfs cannot read
@@ -65,6 +69,22 @@ class ReadOnlyError(TaskfsError):
 
 class StaleError(TaskfsError):
     errno = _errno.ESTALE
+
+
+class NotDirError(TaskfsError):
+    errno = _errno.ENOTDIR
+
+
+class IsDirError(TaskfsError):
+    errno = _errno.EISDIR
+
+
+class BusyError(TaskfsError):
+    errno = _errno.EAGAIN
+
+
+class ReaderGoneError(TaskfsError):
+    errno = _errno.EINTR
 
 
 class ArchiveError(TaskfsError):

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import trio
@@ -50,6 +50,12 @@ class Seen:
 Fault = Callable[[Seen, Answer], Answer | None]
 
 
+class Answerer(Protocol):
+    def answer(
+        self, method: str, path: str, headers: dict[str, str], query: str = "", body: bytes = b""
+    ) -> Answer: ...
+
+
 @dataclass
 class Objects:
     data: dict[str, bytes] = field(default_factory=dict)
@@ -77,27 +83,37 @@ class Objects:
         with self.lock:
             self.seen.clear()
 
-    def answer(self, method: str, path: str, headers: dict[str, str]) -> Answer:
+    def answer(
+        self, method: str, path: str, headers: dict[str, str], query: str = "", body: bytes = b""
+    ) -> Answer:
         seen = Seen(method, path, headers.get("range"), headers.get("if-match"))
         with self.lock:
             self.seen.append(seen)
             name = path.removeprefix("/o/")
-            body = self.data.get(name) if path.startswith("/o/") else None
+            stored = self.data.get(name) if path.startswith("/o/") else None
             etag = self.etags.get(name, "")
-        answer = _answer(method, body, etag, headers)
+        answer = _answer(method, stored, etag, headers)
         if self.fault is not None:
             answer = self.fault(seen, answer) or answer
         return answer
 
     def transport(self) -> httpx.MockTransport:
-        def handler(request: httpx.Request) -> httpx.Response:
-            headers = {k.lower(): v for k, v in request.headers.items()}
-            answer = self.answer(request.method, request.url.path, headers)
-            if answer.cut_after is not None:
-                raise httpx.ReadError("connection reset (injected)", request=request)
-            return httpx.Response(answer.status, headers=answer.headers, content=answer.body)
+        return mock_transport(self)
 
-        return httpx.MockTransport(handler)
+
+def mock_transport(app: Answerer) -> httpx.MockTransport:
+    """An httpx transport that answers with ``app`` (no sockets)."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        answer = app.answer(
+            request.method, request.url.path, headers, request.url.query.decode(), request.content
+        )
+        if answer.cut_after is not None:
+            raise httpx.ReadError("connection reset (injected)", request=request)
+        return httpx.Response(answer.status, headers=answer.headers, content=answer.body)
+
+    return httpx.MockTransport(handler)
 
 
 def _answer(method: str, body: bytes | None, etag: str, headers: dict[str, str]) -> Answer:
@@ -143,7 +159,7 @@ def _answer(method: str, body: bytes | None, etag: str, headers: dict[str, str])
 
 
 class _App:
-    def __init__(self, objects: Objects) -> None:
+    def __init__(self, objects: Answerer) -> None:
         self.objects = objects
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -156,7 +172,14 @@ class _App:
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        answer = self.objects.answer(scope["method"], scope["path"], headers)
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        query = scope["query_string"].decode()
+        answer = self.objects.answer(scope["method"], scope["path"], headers, query, body)
         if answer.delay:
             await trio.sleep(answer.delay)
         raw = [(k.encode(), v.encode()) for k, v in answer.headers.items()]
@@ -185,6 +208,13 @@ class Server:
 def serve_in_thread(objects: Objects | None = None) -> Iterator[Server]:
     """A real HTTP range server on 127.0.0.1 in a background thread."""
     objects = objects or Objects()
+    with serve_answerer(objects) as url:
+        yield Server(url, objects)
+
+
+@contextmanager
+def serve_answerer(app: Answerer) -> Iterator[str]:
+    """Serve any ``answer()``-er over real HTTP on 127.0.0.1 in a background thread."""
     ready = threading.Event()
     state: dict[str, Any] = {}
 
@@ -200,7 +230,7 @@ def serve_in_thread(objects: Objects | None = None) -> Iterator[Server]:
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(
                 lambda task_status: serve(
-                    _App(objects),  # type: ignore[arg-type]
+                    _App(app),  # type: ignore[arg-type]
                     config,
                     shutdown_trigger=stop.wait,
                     task_status=task_status,
@@ -214,7 +244,7 @@ def serve_in_thread(objects: Objects | None = None) -> Iterator[Server]:
     if not ready.wait(10):
         raise RuntimeError("range server did not start")
     try:
-        yield Server(state["url"], objects)
+        yield str(state["url"])
     finally:
         trio.from_thread.run_sync(state["stop"].set, trio_token=state["token"])
         thread.join(10)

@@ -124,6 +124,7 @@ class ApiClient:
         settings: ClientSettings,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> AsyncIterator[ApiClient]:
+        """A client for ``settings``; ``transport`` replaces the network (tests)."""
         async with http_client(settings, transport) as http:
             yield cls(http, RetryPolicy(deadline=settings.deadline))
 
@@ -174,6 +175,11 @@ class ApiClient:
         return await self._json(
             "GET", f"/tasks/{task_id}", TaskWithStatusHistory, what=f"task {task_id}"
         )
+
+    async def get_task_raw(self, task_id: str) -> tuple[TaskWithStatusHistory, bytes]:
+        """The task and the exact JSON the API sent (``info.json`` shows it as is)."""
+        raw = await self._call("GET", f"/tasks/{task_id}", what=f"task {task_id}")
+        return self._decode(raw, TaskWithStatusHistory, f"GET /tasks/{task_id}"), raw
 
     async def get_status(self, task_id: str) -> TaskStatus:
         return await self._json(
@@ -264,9 +270,32 @@ class ApiClient:
         idempotent: bool = True,
         what: str | None = None,
     ) -> T:
+        raw = await self._call(
+            method, path, params=params, json=json, idempotent=idempotent, what=what
+        )
+        return self._decode(raw, type_, f"{method} {path}")
+
+    @staticmethod
+    def _decode(raw: bytes, type_: type[T], name: str) -> T:
+        try:
+            return msgspec.json.decode(raw, type=type_)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise ProtocolError(f"{name}: unexpected answer: {exc}") from exc
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Any = None,
+        json: Any = None,
+        idempotent: bool = True,
+        what: str | None = None,
+    ) -> bytes:
+        """One API call with retries; the body of its 2xx answer."""
         name = f"{method} {path}"
 
-        async def attempt() -> T:
+        async def attempt() -> bytes:
             try:
                 response = await self.http.request(method, path, params=params, json=json)
             except httpx.TransportError as exc:
@@ -282,10 +311,7 @@ class ApiClient:
                     retry_after_seconds(response.headers.get("retry-after")),
                 )
             self._check(response, what or name)
-            try:
-                return msgspec.json.decode(response.content, type=type_)
-            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-                raise ProtocolError(f"{name}: unexpected answer: {exc}") from exc
+            return response.content
 
         return await with_retries(attempt, self.policy, name)
 

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 
 import httpx
 
-from taskfs.errors import ArchiveError, AuthError, ProtocolError, StaleError
+from taskfs.errors import ArchiveError, AuthError, NotFoundError, ProtocolError, StaleError
 from taskfs.retry import Retryable, RetryPolicy, with_retries
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,24 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 UrlProvider = Callable[[bool], Awaitable[str]]
 """Returns the object's signed URL; ``True`` asks for a fresh one (the old one expired)."""
+
+
+Transport = httpx.AsyncBaseTransport
+
+
+def data_client(
+    max_connections: int = 16, timeout: float = 10.0, transport: Transport | None = None
+) -> httpx.AsyncClient:
+    """The HTTP client for object storage: no API key, identity encoding, pooled."""
+    return httpx.AsyncClient(
+        transport=transport,
+        timeout=httpx.Timeout(timeout, connect=5.0),
+        limits=httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        ),
+        headers={"Accept-Encoding": "identity"},
+        follow_redirects=True,
+    )
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -101,6 +119,8 @@ class RangeSource:
                 raise AuthError(f"{self.name}: storage refused the signed URL (403)")
             if status == 412:
                 raise StaleError(f"{self.name} changed since it was opened (ETag mismatch)")
+            if status == 404 and first:
+                raise NotFoundError(f"{self.name} does not exist")
             if status == 404:
                 raise StaleError(f"{self.name} no longer exists")
             if status == 416 and first:

@@ -1,0 +1,73 @@
+"""The ``control`` file: its grammar and what each command does.
+
+Owns: parsing what is written to ``control`` and carrying the command out through the API.
+
+Grammar: one command per line; surrounding whitespace and the newline are ignored; the only
+command is ``kill``. Reading ``control`` lists the accepted commands (``HELP``).
+
+Must stay true:
+* a write is validated and acted on in the ``write`` call itself (``echo kill > control``
+  arrives as ``open(O_TRUNC)`` + ``write``; errors raised at ``release`` are thrown away by the
+  kernel), and returns only after the API acknowledged the command;
+* a write that is only the beginning of a command (``ki``) waits for the rest; anything else
+  that is not a command is ``InvalidCommandError`` (EINVAL) and nothing is sent;
+* ``kill`` on a task that has already ended is ``TaskEndedError`` (ESRCH); on a task whose kill
+  is accepted or already pending it succeeds.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from taskfs.api.client import ApiClient
+from taskfs.api.models import TaskStatusCode
+from taskfs.errors import InvalidCommandError, TaskEndedError
+
+log = logging.getLogger(__name__)
+
+COMMANDS = ("kill",)
+HELP = "".join(f"{c}\n" for c in COMMANDS)
+MAX_PENDING = 64  # bytes of an unfinished command kept between writes
+
+
+def split_commands(buffer: str) -> tuple[list[str], str]:
+    """Complete commands in ``buffer`` and the unfinished rest.
+
+    Raises ``InvalidCommandError`` for a line that is not (and cannot become) a command.
+    """
+    lines = buffer.split("\n")
+    rest = lines.pop()  # after the last newline: maybe unfinished
+    commands = [word for word in (line.strip() for line in lines) if word]
+    for word in commands:
+        if word not in COMMANDS:
+            raise InvalidCommandError(f"unknown control command {word!r}")
+    word = rest.strip()
+    if word in COMMANDS:
+        commands.append(word)
+        rest = ""
+    elif (word and not any(c.startswith(word) for c in COMMANDS)) or len(rest) > MAX_PENDING:
+        raise InvalidCommandError(f"unknown control command {word!r}")
+    return commands, rest
+
+
+async def kill(api: ApiClient, task_id: str) -> TaskStatusCode:
+    """Ask the API to kill ``task_id``; ``TaskEndedError`` if it had already ended.
+
+    The API answers a kill of an ended task with its unchanged status, so a task that is
+    ``killed`` already is told apart from one killed now by asking for its status first.
+    """
+    before = await api.get_status(task_id)
+    if before.is_terminated:
+        raise TaskEndedError(f"task {task_id} has already ended ({before.status})")
+    answer = await api.kill(task_id)
+    if answer.is_terminated and answer.status != TaskStatusCode.KILLED:
+        raise TaskEndedError(f"task {task_id} has already ended ({answer.status})")
+    log.info("kill of task %s accepted (%s)", task_id, answer.status)
+    return answer.status
+
+
+async def run(api: ApiClient, task_id: str, command: str) -> None:
+    if command == "kill":
+        await kill(api, task_id)
+    else:  # pragma: no cover - split_commands admits only COMMANDS
+        raise InvalidCommandError(command)

@@ -1,0 +1,160 @@
+"""Mount lifecycle: options, checks, the one nursery, signals, clean unmount.
+
+Owns: everything between "mount this API here" and "unmounted": checking the mountpoint, the
+FUSE options (a pure function), laying out every lifetime in one function (API client, data
+client and caches, the vfs, pyfuse3's main loop, the signal watcher), and unmounting, also of
+a mountpoint whose process died.
+
+Must stay true: SIGINT and SIGTERM end the main loop and unmount cleanly; a failure anywhere
+unmounts before the process exits; a mountpoint that is in use, not empty or still mounted is
+refused with a clear message before anything is mounted.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import signal
+import stat
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from taskfs.api.client import ApiClient
+from taskfs.config import ClientSettings
+from taskfs.errors import TaskfsError, UsageError
+from taskfs.fs.fuse_ops import Operations
+from taskfs.fs.vfs import Vfs, VfsSettings
+from taskfs.outputs import Outputs, make_cache
+
+log = logging.getLogger(__name__)
+
+FSTYPE = "fuse.taskfs"
+
+
+@dataclass(frozen=True)
+class MountSettings:
+    mountpoint: Path
+    client: ClientSettings
+    cache_dir: Path
+    cache_size: int = 10 << 30
+    allow_other: bool = False
+    debug: bool = False
+    connections: int = 8
+    vfs: VfsSettings = field(default_factory=VfsSettings)
+
+    @property
+    def max_tasks(self) -> int:
+        """FUSE handlers at once: every blocked ``wait`` reader holds one, so leave room."""
+        return self.vfs.max_waiters + 128
+
+
+def fuse_options(settings: MountSettings) -> set[str]:
+    """The FUSE mount options for ``settings`` (pure)."""
+    options = {"fsname=taskfs", "subtype=taskfs", "default_permissions", "noatime"}
+    if settings.allow_other:
+        options.add("allow_other")
+    if settings.debug:
+        options.add("debug")
+    return options
+
+
+def mount_entry(mountpoint: Path) -> tuple[str, str] | None:
+    """``(fstype, source)`` of the mount at ``mountpoint`` from /proc/self/mountinfo."""
+    target = os.path.abspath(mountpoint)
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    found = None
+    for line in lines:
+        fields = line.split()
+        sep = fields.index("-")
+        where = fields[4].encode().decode("unicode_escape")
+        if where == target:
+            found = (fields[sep + 1], fields[sep + 2])  # the last mount on top wins
+    return found
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    """Refuse a mountpoint that is missing, not a directory, mounted, stale or not empty."""
+    if mount_entry(mountpoint) is not None:
+        raise UsageError(
+            f"{mountpoint} is already mounted (run 'taskfs unmount {mountpoint}' first)"
+        )
+    try:
+        st = mountpoint.stat()
+    except FileNotFoundError:
+        raise UsageError(f"mountpoint {mountpoint} does not exist (create it with mkdir)") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise UsageError(
+                f"{mountpoint} is a dead mount (run 'taskfs unmount {mountpoint}')"
+            ) from None
+        raise UsageError(f"cannot use {mountpoint}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"mountpoint {mountpoint} is not a directory")
+    if any(mountpoint.iterdir()):
+        raise UsageError(f"mountpoint {mountpoint} is not empty")
+
+
+async def run_mount(
+    settings: MountSettings, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Mount and serve until unmounted or signalled; all lifetimes in one place."""
+    check_mountpoint(settings.mountpoint)
+    cache = make_cache(settings.cache_dir, settings.cache_size)
+    async with (
+        ApiClient.open(settings.client) as api,
+        Outputs(
+            api, cache, connections=settings.connections, deadline=settings.client.deadline
+        ) as outputs,
+        trio.open_nursery() as nursery,
+    ):
+        vfs = Vfs(api, outputs, nursery, settings.vfs)
+        pyfuse3.init(Operations(vfs), str(settings.mountpoint), fuse_options(settings))
+        try:
+            nursery.start_soon(_watch_signals)
+            log.info("mounted %s at %s", settings.client.api_url, settings.mountpoint)
+            task_status.started()
+            await pyfuse3.main(min_tasks=1, max_tasks=settings.max_tasks)
+        finally:
+            nursery.cancel_scope.cancel()
+            pyfuse3.close(unmount=True)
+            log.info("unmounted %s", settings.mountpoint)
+
+
+async def _watch_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s; unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+def unmount(mountpoint: Path) -> None:
+    """Unmount a taskfs mount, also when its process died (lazily if it is busy)."""
+    found = mount_entry(mountpoint)
+    if found is None:
+        raise UsageError(f"{mountpoint} is not mounted")
+    if found[0] != FSTYPE:
+        raise UsageError(f"{mountpoint} is a {found[0]} mount, not taskfs")
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    if tool is None:
+        raise TaskfsError("fusermount3 not found (install the fuse3 package)")
+    first = subprocess.run(
+        [tool, "-u", str(mountpoint)], capture_output=True, text=True, check=False
+    )
+    if first.returncode == 0:
+        return
+    log.info("plain unmount failed (%s); unmounting lazily", first.stderr.strip())
+    lazy = subprocess.run(
+        [tool, "-u", "-z", str(mountpoint)], capture_output=True, text=True, check=False
+    )
+    if lazy.returncode != 0:
+        raise TaskfsError(f"cannot unmount {mountpoint}: {lazy.stderr.strip() or first.stderr}")

@@ -1,0 +1,570 @@
+"""The taskfs tree (DESIGN.md section 1) as plain async methods: all behaviour, no FUSE.
+
+Owns: what every path shows and does: the root listing of tasks, each task's virtual files
+(``status``, ``machine_type``, ``computation_time``, ``control``, ``wait``, ``info.json``) and
+its ``outputs/`` tree; attributes and their cache timeouts; open handles; the lookup counts of
+the inode table; freshness of task state; the one poller per task behind ``wait``.
+
+Must stay true:
+* nothing here imports pyfuse3; failures are ``TaskfsError`` subclasses whose ``errno`` the
+  adapter answers with (the one errno table lives in ``taskfs.errors``);
+* a live task's state is at most ``live_timeout`` old when shown, and its nodes carry that
+  timeout; a terminal task never changes, so its nodes carry ``final_timeout`` and its output
+  files the kernel page cache (``keep_cache``); virtual files are always ``direct_io`` with
+  ``st_size`` equal to their current content;
+* every reply that hands an inode to the kernel adds one to its lookup count, and readdir adds
+  one only for entries the kernel accepted (``emit`` returned True);
+* readdir offsets index a snapshot taken at ``opendir``, so they stay valid while tasks come and
+  go;
+* a name that cannot be a task id is ENOENT without any request; everything but ``control`` is
+  read-only (EROFS).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import stat
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+
+import trio
+
+from taskfs.api.client import ApiClient
+from taskfs.api.models import Task, TaskWithStatusHistory, computation_time, machine_type
+from taskfs.archive.cache import SingleFlight
+from taskfs.archive.member import MemberReader
+from taskfs.archive.remote import RemoteArchive
+from taskfs.archive.zipindex import DirNode, Entry
+from taskfs.errors import (
+    BusyError,
+    ChecksumError,
+    InvalidCommandError,
+    IsDirError,
+    NotDirError,
+    NotFoundError,
+    ReaderGoneError,
+    ReadOnlyError,
+    StaleError,
+    TaskfsError,
+)
+from taskfs.fs import control
+from taskfs.fs.inodes import ROOT_INODE, Inode, InodeTable, NodeKey
+from taskfs.outputs import Outputs
+from taskfs.proc import wants_out
+
+log = logging.getLogger(__name__)
+
+TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+VIRTUAL_FILES = ("status", "machine_type", "computation_time", "control", "wait", "info.json")
+OUTPUTS = "outputs"
+DIR_MODE = stat.S_IFDIR | 0o555
+FILE_MODE = stat.S_IFREG | 0o444
+CONTROL_MODE = stat.S_IFREG | 0o600
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+NS = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class VfsSettings:
+    """Behaviour of the tree; the defaults are the documented ones (README)."""
+
+    uid: int = field(default_factory=os.getuid)
+    gid: int = field(default_factory=os.getgid)
+    # Live tasks: state at most this old; entry/attribute timeout of their nodes.
+    live_timeout: float = 1.0
+    # Terminal tasks: entry/attribute timeout (they never change again).
+    final_timeout: float = 3600.0
+    # The root listing is refetched when older than this.
+    listing_ttl: float = 2.0
+    # A task id the API did not know is not asked for again within this time.
+    negative_ttl: float = 1.0
+    # ``wait`` pollers: first interval and the most they back off to.
+    wait_poll: float = 1.0
+    wait_poll_max: float = 5.0
+    # Readers blocked on ``wait`` at once; more get EAGAIN (FUSE handler slots are finite).
+    max_waiters: int = 512
+    # Open output archives kept (their indexes stay in memory).
+    max_archives: int = 32
+
+
+@dataclass(frozen=True)
+class Attr:
+    """What ``stat`` shows, plus how long the kernel may cache it."""
+
+    inode: Inode
+    mode: int
+    size: int
+    nlink: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    timeout: float
+
+    @property
+    def blocks(self) -> int:
+        return (self.size + 511) // 512
+
+
+@dataclass(frozen=True)
+class OpenInfo:
+    fh: int
+    direct_io: bool
+    keep_cache: bool
+
+
+@dataclass
+class _TaskState:
+    task: Task
+    fetched: float
+    raw: bytes | None = None  # the full GET /tasks/{id} answer, for info.json
+
+
+@dataclass
+class _DirHandle:
+    entries: list[tuple[str, NodeKey, Attr]]
+
+
+@dataclass
+class _FileHandle:
+    key: NodeKey
+    content: bytes = b""
+    reader: MemberReader | None = None
+    inode: Inode = ROOT_INODE
+    pending: str = ""  # control: an unfinished command
+    pid: int = 0  # wait: the process that opened it
+
+
+@dataclass
+class _Waiter:
+    done: trio.Event = field(default_factory=trio.Event)
+    status: str = ""
+    readers: int = 0
+
+
+class Vfs:
+    """The tree over one API. ``nursery`` hosts pollers and background fetches."""
+
+    def __init__(
+        self,
+        api: ApiClient,
+        outputs: Outputs,
+        nursery: trio.Nursery,
+        settings: VfsSettings | None = None,
+    ) -> None:
+        self.api = api
+        self.outputs = outputs
+        self.nursery = nursery
+        self.settings = settings or VfsSettings()
+        self.inodes = InodeTable()
+        self.on_corrupt: Callable[[Inode], None] = lambda inode: None
+        self._states: dict[str, _TaskState] = {}
+        self._state_flights: SingleFlight[str, _TaskState] = SingleFlight()
+        self._listing: list[str] = []
+        self._listing_at = -1e9
+        self._listing_flight: SingleFlight[int, list[str]] = SingleFlight()
+        self._missing: dict[str, float] = {}
+        self._archives: OrderedDict[str, RemoteArchive | None] = OrderedDict()
+        self._archive_flights: SingleFlight[str, RemoteArchive | None] = SingleFlight()
+        self._handles: dict[int, _FileHandle | _DirHandle] = {}
+        self._next_fh = 1
+        self._waiters: dict[str, _Waiter] = {}
+        self._wait_slots = trio.CapacityLimiter(self.settings.max_waiters)
+        self._mount_time_ns = _now_ns()
+
+    # -- task state ----------------------------------------------------------------------------
+
+    async def _state(self, task_id: str, full: bool = False) -> _TaskState:
+        """The task's state, fresh enough (live: ``live_timeout``; terminal: once fetched)."""
+        state = self._states.get(task_id)
+        now = trio.current_time()
+        if (
+            state is not None
+            and (not full or state.raw is not None)
+            and (state.task.is_terminated or now - state.fetched < self.settings.live_timeout)
+        ):
+            return state
+        missing_at = self._missing.get(task_id)
+        if missing_at is not None and now - missing_at <= self.settings.negative_ttl:
+            raise NotFoundError(f"no task {task_id}")
+        return await self._state_flights.run(task_id, lambda: self._fetch_state(task_id))
+
+    async def _fetch_state(self, task_id: str) -> _TaskState:
+        try:
+            task, raw = await self.api.get_task_raw(task_id)
+        except NotFoundError:
+            self._missing[task_id] = trio.current_time()
+            self._states.pop(task_id, None)
+            raise
+        self._missing.pop(task_id, None)
+        state = _TaskState(task, trio.current_time(), raw)
+        self._states[task_id] = state
+        return state
+
+    async def _task_ids(self) -> list[str]:
+        """All task ids, newest first, refetched when older than ``listing_ttl``."""
+        if trio.current_time() - self._listing_at <= self.settings.listing_ttl:
+            return self._listing
+        return await self._listing_flight.run(0, self._fetch_listing)
+
+    async def _fetch_listing(self) -> list[str]:
+        ids: list[str] = []
+        async for task in self.api.iter_tasks():
+            ids.append(task.task_id)
+            known = self._states.get(task.task_id)
+            if known is None or not known.task.is_terminated:
+                self._states[task.task_id] = _TaskState(task, trio.current_time())
+        self._listing = ids
+        self._listing_at = trio.current_time()
+        return ids
+
+    # -- attributes ----------------------------------------------------------------------------
+
+    def _timeout(self, task: Task) -> float:
+        return self.settings.final_timeout if task.is_terminated else self.settings.live_timeout
+
+    def _attr(self, mode: int, size: int, mtime_ns: int, timeout: float, nlink: int = 1) -> Attr:
+        return Attr(
+            inode=ROOT_INODE,
+            mode=mode,
+            size=size,
+            nlink=nlink,
+            uid=self.settings.uid,
+            gid=self.settings.gid,
+            mtime_ns=mtime_ns,
+            timeout=timeout,
+        )
+
+    async def _attr_for(self, key: NodeKey) -> Attr:
+        if key.kind == "root":
+            count = len(self._listing)
+            return self._attr(
+                DIR_MODE, 0, self._mount_time_ns, self.settings.live_timeout, 2 + count
+            )
+        state = await self._state(key.task_id)
+        task = state.task
+        changed = _last_change_ns(task)
+        timeout = self._timeout(task)
+        if key.kind == "task":
+            return self._attr(DIR_MODE, 0, changed, timeout, nlink=3)
+        if key.kind == "file":
+            if key.name == "info.json" and state.raw is None:
+                state = await self._state(key.task_id, full=True)
+            content = self._content(key.name, state)
+            mode = CONTROL_MODE if key.name == "control" else FILE_MODE
+            return self._attr(mode, len(content), changed, timeout)
+        # outputs
+        node = await self._output_node(key)
+        if isinstance(node, DirNode):
+            subdirs = sum(1 for c in node.children.values() if isinstance(c, DirNode))
+            mtime = changed if not key.path else int(node.mtime * NS)
+            return self._attr(DIR_MODE, 0, mtime, timeout, nlink=2 + subdirs)
+        return self._attr(node.mode, node.size, int(node.mtime * NS), timeout)
+
+    def _content(self, name: str, state: _TaskState) -> bytes:
+        task = state.task
+        if name == "status":
+            return f"{task.status}\n".encode()
+        if name == "machine_type":
+            return _line(machine_type(task))
+        if name == "computation_time":
+            return _line(computation_time(task))
+        if name == "control":
+            return control.HELP.encode()
+        if name == "wait":
+            return f"{task.status}\n".encode() if task.is_terminated else b""
+        if name == "info.json":
+            assert state.raw is not None
+            return json.dumps(json.loads(state.raw), indent=2).encode() + b"\n"
+        raise NotFoundError(name)
+
+    # -- outputs -------------------------------------------------------------------------------
+
+    async def _archive(self, task_id: str) -> RemoteArchive | None:
+        """The task's outputs archive once it has ended, else ``None`` (an empty ``outputs``)."""
+        state = await self._state(task_id)
+        if not state.task.is_terminated:
+            return None
+        if task_id in self._archives:
+            self._archives.move_to_end(task_id)
+            return self._archives[task_id]
+
+        async def open_it() -> RemoteArchive | None:
+            archive = await self.outputs.open(state.task, self.nursery)
+            self._archives[task_id] = archive
+            while len(self._archives) > self.settings.max_archives:
+                self._archives.popitem(last=False)
+            return archive
+
+        return await self._archive_flights.run(task_id, open_it)
+
+    async def _output_node(self, key: NodeKey) -> DirNode | Entry:
+        archive = await self._archive(key.task_id)
+        if archive is None:
+            if key.path:
+                raise NotFoundError("/".join(key.path))
+            return DirNode()
+        node = archive.find(key.path)
+        if node is None:
+            raise NotFoundError("/".join(key.path))
+        return node
+
+    # -- the operations ------------------------------------------------------------------------
+
+    def _ref(self, key: NodeKey, attr: Attr) -> Attr:
+        inode = self.inodes.inode_for(key)
+        self.inodes.ref(inode)
+        return replace(attr, inode=inode)
+
+    def _key(self, inode: Inode) -> NodeKey:
+        key = self.inodes.key(inode)
+        if key is None:
+            raise NotFoundError(f"inode {inode} is not known")
+        return key
+
+    def _child_key(self, parent: NodeKey, name: str) -> NodeKey:
+        if parent.kind == "root":
+            if not TASK_ID.fullmatch(name):
+                raise NotFoundError(f"{name!r} cannot be a task id")
+            return NodeKey("task", name)
+        if parent.kind == "task":
+            if name in VIRTUAL_FILES:
+                return NodeKey("file", parent.task_id, name=name)
+            if name == OUTPUTS:
+                return NodeKey("outputs", parent.task_id)
+            raise NotFoundError(name)
+        if parent.kind == "outputs":
+            return NodeKey("outputs", parent.task_id, path=(*parent.path, name))
+        raise NotFoundError(name)  # files have no children
+
+    async def lookup(self, parent: Inode, name: str) -> Attr:
+        key = self._child_key(self._key(parent), name)
+        attr = await self._attr_for(key)
+        return self._ref(key, attr)
+
+    def forget(self, items: list[tuple[Inode, int]]) -> None:
+        for inode, count in items:
+            self.inodes.forget(inode, count)
+
+    async def getattr(self, inode: Inode) -> Attr:
+        key = self._key(inode)
+        return replace(await self._attr_for(key), inode=inode)
+
+    async def opendir(self, inode: Inode) -> int:
+        key = self._key(inode)
+        entries: list[tuple[str, NodeKey, Attr]] = []
+        if key.kind == "root":
+            for task_id in await self._task_ids():
+                child = NodeKey("task", task_id)
+                state = self._states.get(task_id)
+                if state is None:
+                    continue
+                task = state.task
+                attr = self._attr(DIR_MODE, 0, _last_change_ns(task), self._timeout(task), 3)
+                entries.append((task_id, child, attr))
+        elif key.kind == "task":
+            for name in (*VIRTUAL_FILES, OUTPUTS):
+                child = self._child_key(key, name)
+                entries.append((name, child, await self._attr_for(child)))
+        elif key.kind == "outputs":
+            node = await self._output_node(key)
+            if not isinstance(node, DirNode):
+                raise NotDirError(_describe(key))
+            state = await self._state(key.task_id)
+            timeout = self._timeout(state.task)
+            for name, item in node.children.items():
+                item_key = NodeKey("outputs", key.task_id, path=(*key.path, name))
+                if isinstance(item, DirNode):
+                    subdirs = sum(1 for c in item.children.values() if isinstance(c, DirNode))
+                    attr = self._attr(DIR_MODE, 0, int(item.mtime * NS), timeout, 2 + subdirs)
+                else:
+                    attr = self._attr(item.mode, item.size, int(item.mtime * NS), timeout)
+                entries.append((name, item_key, attr))
+        else:
+            raise NotDirError(_describe(key))
+        return self._new_handle(_DirHandle(entries))
+
+    async def readdir(self, fh: int, start: int, emit: Callable[[str, Attr, int], bool]) -> None:
+        """Emit entries from offset ``start``; stop when ``emit`` returns False."""
+        handle = self._handles.get(fh)
+        if not isinstance(handle, _DirHandle):
+            raise NotFoundError(f"no open directory {fh}")
+        for index in range(start, len(handle.entries)):
+            name, key, attr = handle.entries[index]
+            inode = self.inodes.inode_for(key)
+            if not emit(name, replace(attr, inode=inode), index + 1):
+                self.inodes.drop_unreferenced(inode)
+                return
+            self.inodes.ref(inode)
+
+    def releasedir(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    async def open(self, inode: Inode, flags: int, pid: int = 0) -> OpenInfo:
+        key = self._key(inode)
+        writing = bool(flags & WRITE_FLAGS)
+        if key.kind == "file":
+            if writing and key.name != "control":
+                raise ReadOnlyError(f"{key.name} is read-only")
+            state = await self._state(key.task_id, full=key.name == "info.json")
+            content = b"" if key.name == "wait" else self._content(key.name, state)
+            handle = _FileHandle(key, content=content, inode=inode, pid=pid)
+            return OpenInfo(self._new_handle(handle), direct_io=True, keep_cache=False)
+        if key.kind == "outputs":
+            if writing:
+                raise ReadOnlyError("outputs are read-only")
+            archive = await self._archive(key.task_id)
+            node = await self._output_node(key)
+            if archive is None or not isinstance(node, Entry):
+                raise IsDirError(_describe(key))
+            reader = archive.open_member(node)
+            handle = _FileHandle(key, reader=reader, inode=inode)
+            return OpenInfo(self._new_handle(handle), direct_io=False, keep_cache=True)
+        raise IsDirError(_describe(key))
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
+        handle = self._file(fh)
+        if handle.reader is not None:
+            try:
+                return await handle.reader.read(offset, size)
+            except ChecksumError:
+                self.on_corrupt(handle.inode)
+                raise
+            except StaleError:
+                self._archives.pop(handle.key.task_id, None)
+                raise
+        if handle.key.name == "wait" and not handle.content:
+            handle.content = await self._wait(handle.key.task_id, handle.pid)
+        return handle.content[offset : offset + size]
+
+    async def write(self, fh: int, offset: int, data: bytes) -> int:
+        handle = self._file(fh)
+        if handle.key.name != "control":
+            raise ReadOnlyError("read-only file")
+        text = data.decode("utf-8", "replace")
+        commands, handle.pending = control.split_commands(handle.pending + text)
+        for command in commands:
+            await control.run(self.api, handle.key.task_id, command)
+        if commands:
+            self._states.pop(handle.key.task_id, None)  # show the new status at once
+        return len(data)
+
+    def flush(self, fh: int) -> None:
+        handle = self._handles.get(fh)
+        if isinstance(handle, _FileHandle) and handle.pending.strip():
+            pending, handle.pending = handle.pending, ""
+            raise InvalidCommandError(f"unfinished control command {pending.strip()!r}")
+
+    def release(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    async def setattr(self, inode: Inode, size: int | None, ownership: bool, times: bool) -> Attr:
+        """Only ``control`` may be truncated (``echo kill > control``) or touched."""
+        key = self._key(inode)
+        is_control = key.kind == "file" and key.name == "control"
+        if not is_control or ownership or size not in (None, 0):
+            raise ReadOnlyError("taskfs is read-only except for control")
+        del times  # control has no stored times to change
+        return replace(await self._attr_for(key), inode=inode)
+
+    # -- wait ----------------------------------------------------------------------------------
+
+    async def _wait(self, task_id: str, pid: int) -> bytes:
+        """Block until the task has ended; one poller per task however many readers."""
+        try:
+            self._wait_slots.acquire_nowait()
+        except trio.WouldBlock:
+            raise BusyError("too many readers are waiting on tasks") from None
+        waiter = self._waiters.get(task_id)
+        if waiter is None:
+            waiter = self._waiters[task_id] = _Waiter()
+            self.nursery.start_soon(self._poll, task_id, waiter)
+        waiter.readers += 1
+        try:
+            while not waiter.done.is_set():
+                with trio.move_on_after(0.2):
+                    await waiter.done.wait()
+                if not waiter.done.is_set() and pid and wants_out(pid):
+                    # Ctrl-C or a kill: the kernel waits for our answer, so give it one.
+                    raise ReaderGoneError(f"the reader of {task_id}/wait was interrupted")
+        finally:
+            waiter.readers -= 1
+            self._wait_slots.release()
+        return f"{waiter.status}\n".encode()
+
+    async def _poll(self, task_id: str, waiter: _Waiter) -> None:
+        """Poll until the task ends or nobody waits any more.
+
+        Every ``wait_poll`` seconds for the first minute, then backing off to ``wait_poll_max``.
+        """
+        interval = self.settings.wait_poll
+        started = trio.current_time()
+        try:
+            while waiter.readers > 0:
+                try:
+                    state = await self._state(task_id)
+                except TaskfsError as exc:
+                    log.info("wait: polling task %s failed: %s", task_id, exc)
+                else:
+                    if state.task.is_terminated:
+                        waiter.status = state.task.status
+                        waiter.done.set()
+                        return
+                await trio.sleep(interval)
+                if trio.current_time() - started > 60:
+                    interval = min(self.settings.wait_poll_max, interval * 1.25)
+        finally:
+            if self._waiters.get(task_id) is waiter:
+                del self._waiters[task_id]
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _new_handle(self, handle: _FileHandle | _DirHandle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = handle
+        return fh
+
+    def _file(self, fh: int) -> _FileHandle:
+        handle = self._handles.get(fh)
+        if not isinstance(handle, _FileHandle):
+            raise NotFoundError(f"no open file {fh}")
+        return handle
+
+    def open_handles(self) -> int:
+        return len(self._handles)
+
+
+def _describe(key: NodeKey) -> str:
+    return "/".join((key.task_id, key.name or OUTPUTS, *key.path)) if key.task_id else "/"
+
+
+def _line(text: str) -> bytes:
+    return f"{text}\n".encode() if text else b""
+
+
+def _now_ns() -> int:
+    return int(datetime.now().timestamp() * NS)
+
+
+def _last_change_ns(task: Task) -> int:
+    """When the task last changed status, as well as the record tells."""
+    if isinstance(task, TaskWithStatusHistory) and task.status_history:
+        return int(task.status_history[-1].timestamp.timestamp() * NS)
+    times = [
+        t
+        for t in (
+            task.end_time,
+            task.computation_end_time,
+            task.computation_start_time,
+            task.start_time,
+            task.input_submit_time,
+            task.create_time,
+        )
+        if t is not None
+    ]
+    return int(max(times).timestamp() * NS) if times else 0

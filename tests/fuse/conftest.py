@@ -1,0 +1,207 @@
+"""Real mounts: ``taskfs mount --foreground`` in a subprocess over a real local service.
+
+The tests use plain ``os`` calls and real tools (ls, cat, sh, cp, find, grep). They skip with a
+clear reason only where ``/dev/fuse`` or ``fusermount3`` is missing; CI has both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import trio
+
+from taskfs.api.client import ApiClient
+from taskfs.api.models import TaskStatus
+from taskfs.api.submit import submit_task
+from taskfs.config import ClientSettings
+from taskfs.fs.mount import mount_entry
+
+T = TypeVar("T")
+
+FUSE_MISSING = (
+    "no /dev/fuse"
+    if not os.path.exists("/dev/fuse")
+    else "no fusermount3"
+    if shutil.which("fusermount3") is None
+    else None
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/fuse/" in str(item.fspath).replace(os.sep, "/"):
+            item.add_marker(pytest.mark.fuse)
+            if FUSE_MISSING:
+                item.add_marker(pytest.mark.skip(reason=f"FUSE tests need FUSE: {FUSE_MISSING}"))
+
+
+def taskfs_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "taskfs", *args]
+
+
+@dataclass
+class Service:
+    url: str
+    key: str
+    data_dir: Path
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def settings(self) -> ClientSettings:
+        return ClientSettings(api_url=self.url, api_key=self.key)
+
+    def call(self, fn: Callable[[ApiClient], Any]) -> Any:
+        """Run ``await fn(api)`` against the service (from sync test code)."""
+
+        async def main() -> Any:
+            async with ApiClient.open(self.settings) as api:
+                return await fn(api)
+
+        return trio.run(main)
+
+    def submit(self, *commands: str, **kwargs: Any) -> str:
+        return str(self.call(lambda api: submit_task(api, list(commands), **kwargs)))
+
+    def status(self, task_id: str) -> TaskStatus:
+        result: TaskStatus = self.call(lambda api: api.get_status(task_id))
+        return result
+
+    def wait_for(
+        self, task_id: str, until: Callable[[TaskStatus], bool], timeout: float = 30
+    ) -> TaskStatus:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status(task_id)
+            if until(status):
+                return status
+            if time.monotonic() > deadline:
+                raise AssertionError(f"task {task_id} stayed {status.status}")
+            time.sleep(0.1)
+
+
+def start_service(data_dir: Path, slots: int = 2) -> Service:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / "test-service.log", "wb") as log:
+        proc = subprocess.Popen(
+            taskfs_cmd(
+                "serve",
+                "--port",
+                "0",
+                "--data-dir",
+                str(data_dir),
+                "--slots",
+                str(slots),
+                "--kill-grace",
+                "1",
+            ),
+            stdout=log,
+            stderr=log,
+        )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            info = json.loads((data_dir / "server.json").read_text())
+            if info["pid"] == proc.pid:
+                key = (data_dir / "api_key").read_text().strip()
+                return Service(info["url"], key, data_dir, proc)
+        except (OSError, ValueError, KeyError):
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"service died: {(data_dir / 'test-service.log').read_text()}")
+        time.sleep(0.05)
+    raise RuntimeError("service did not start")
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+@dataclass
+class Mount:
+    path: Path
+    proc: subprocess.Popen[bytes]
+    service: Service
+    log: Path
+
+    def __truediv__(self, other: str) -> Path:
+        return self.path / other
+
+    def run(self, command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """A shell command, run the way a user would."""
+        return subprocess.run(
+            ["sh", "-c", command], capture_output=True, text=True, timeout=timeout, check=False
+        )
+
+
+def start_mount(
+    service: Service, path: Path, cache_dir: Path, *extra: str, env: dict[str, str] | None = None
+) -> Mount:
+    path.mkdir(parents=True, exist_ok=True)
+    log = cache_dir.parent / f"{path.name}.log"
+    args = ["mount", str(path), "--foreground", "--cache-dir", str(cache_dir), *extra]
+    if "--api-url" not in extra:
+        args += ["--data-dir", str(service.data_dir)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(taskfs_cmd(*args), stdout=out, stderr=out, env=env)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        found = mount_entry(path)
+        if found is not None and found[0] == "fuse.taskfs":
+            return Mount(path, proc, service, log)
+        if proc.poll() is not None:
+            raise RuntimeError(f"mount failed: {log.read_text()}")
+        time.sleep(0.05)
+    stop(proc)
+    raise RuntimeError(f"mount did not come up: {log.read_text()}")
+
+
+def stop_mount(mount: Mount) -> None:
+    stop(mount.proc)
+    if mount_entry(mount.path) is not None:
+        subprocess.run(["fusermount3", "-u", "-z", str(mount.path)], check=False)
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    running = start_service(tmp_path_factory.mktemp("data"))
+    yield running
+    stop(running.proc)
+
+
+@pytest.fixture(scope="module")
+def mounted(service: Service, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
+    base = tmp_path_factory.mktemp("mnt")
+    mount = start_mount(service, base / "tasks", base / "cache")
+    yield mount
+    stop_mount(mount)
+    assert mount.proc.returncode == 0, mount.log.read_text()
+    log = mount.log.read_text()
+    assert " WARNING " not in log and " ERROR " not in log, log
+
+
+def wait_until(check: Callable[[], T], timeout: float = 20, step: float = 0.1) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(step)

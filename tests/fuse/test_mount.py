@@ -1,0 +1,325 @@
+"""Real mounts over the real local service, used with real tools."""
+
+from __future__ import annotations
+
+import filecmp
+import io
+import re
+import signal
+import subprocess
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
+
+from taskfs.api.models import TaskStatusCode as S
+from tests.fuse.conftest import (
+    Mount,
+    Service,
+    start_mount,
+    start_service,
+    stop,
+    stop_mount,
+    taskfs_cmd,
+    wait_until,
+)
+
+TIME = re.compile(rb"^\d\d:\d\d:\d\d\n$")
+
+
+def ended(service: Service, task_id: str) -> str:
+    return service.wait_for(task_id, lambda s: s.is_terminated).status
+
+
+def test_ls_of_root_and_task_dirs(mounted: Mount) -> None:
+    service = mounted.service
+    task_id = service.submit("echo hello")
+    ended(service, task_id)
+
+    def listed() -> str:
+        out = mounted.run(f"ls -l {mounted.path}").stdout
+        return out if task_id in out else ""
+
+    line = next(x for x in wait_until(listed).splitlines() if task_id in x)
+    assert line.startswith("dr-xr-xr-x")
+    listing = mounted.run(f"ls -l {mounted / task_id}")
+    assert listing.returncode == 0, listing.stderr
+    modes = {ln.split()[-1]: ln.split()[0] for ln in listing.stdout.splitlines()[1:]}
+    assert modes == {
+        "computation_time": "-r--r--r--",
+        "control": "-rw-------",
+        "info.json": "-r--r--r--",
+        "machine_type": "-r--r--r--",
+        "outputs": "dr-xr-xr-x",
+        "status": "-r--r--r--",
+        "wait": "-r--r--r--",
+    }
+    assert (mounted / task_id / "status").stat().st_size == len("success\n")
+
+
+def test_virtual_files_through_the_lifecycle(tmp_path: Path) -> None:
+    service = start_service(tmp_path / "data", slots=1)
+    mount = start_mount(service, tmp_path / "mnt", tmp_path / "cache")
+    try:
+        blocker = service.submit("sleep 60")
+        service.wait_for(blocker, lambda s: s.status == S.COMPUTATION_STARTED)
+        task_id = service.submit("echo start; sleep 3; echo end")
+        task = mount / task_id
+        # queued
+        assert mount.run(f"cat {task}/status").stdout == "submitted\n"
+        assert mount.run(f"cat {task}/machine_type").stdout == ""
+        assert mount.run(f"cat {task}/computation_time").stdout == ""
+        assert mount.run(f"ls {task}/outputs").stdout == ""
+        waiter = subprocess.Popen(["cat", str(task / "wait")], stdout=subprocess.PIPE)
+        # running
+        assert mount.run(f"sh -c 'echo kill > {mount / blocker}/control'").returncode == 0
+        wait_until(lambda: mount.run(f"cat {task}/status").stdout == "computation-started\n")
+        assert re.fullmatch(r"local-\d+vcpu\n", mount.run(f"cat {task}/machine_type").stdout)
+        assert TIME.match(mount.run(f"cat {task}/computation_time").stdout.encode())
+        assert waiter.poll() is None, "wait must block while the task runs"
+        # ended
+        assert service.wait_for(task_id, lambda s: s.is_terminated).status == S.SUCCESS
+        out, _ = waiter.communicate(timeout=30)
+        assert out == b"success\n" and waiter.returncode == 0
+        wait_until(lambda: mount.run(f"cat {task}/status").stdout == "success\n")
+        assert TIME.match(mount.run(f"cat {task}/computation_time").stdout.encode())
+        assert mount.run(f"cat {task}/wait").stdout == "success\n"
+        assert sorted(mount.run(f"ls {task}/outputs").stdout.split()) == [
+            "stderr.txt",
+            "stdout.txt",
+        ]
+        assert (task / "outputs" / "stdout.txt").read_text() == "start\nend\n"
+        assert '"task_id": "' + task_id in (task / "info.json").read_text()
+    finally:
+        stop_mount(mount)
+        stop(service.proc)
+    assert mount.proc.returncode == 0
+
+
+def test_kill_through_control(mounted: Mount) -> None:
+    service = mounted.service
+    running = service.submit("sleep 60")
+    service.wait_for(running, lambda s: s.status == S.COMPUTATION_STARTED)
+    result = mounted.run(f"echo kill > {mounted / running}/control")
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: mounted.run(f"cat {mounted / running}/status").stdout == "killed\n")
+    # On an ended task: "No such process". dash's echo prints its own "I/O error" for any
+    # failed write, so the message is checked with bash and /bin/echo as well.
+    again = mounted.run(f"echo kill > {mounted / running}/control")
+    assert again.returncode != 0
+    for shell in (
+        f"bash -c 'echo kill > {mounted / running}/control'",
+        f"/bin/echo kill > {mounted / running}/control",
+    ):
+        failed = mounted.run(shell)
+        assert failed.returncode != 0 and "No such process" in failed.stderr, failed.stderr
+    other = service.submit("sleep 60")
+    service.wait_for(other, lambda s: s.status == S.COMPUTATION_STARTED)
+    unknown = mounted.run(f"bash -c 'echo explode > {mounted / other}/control'")
+    assert unknown.returncode != 0 and "Invalid argument" in unknown.stderr, unknown.stderr
+    assert mounted.run(f"sh -c 'echo explode > {mounted / other}/control'").returncode != 0
+    assert service.status(other).status == S.COMPUTATION_STARTED  # nothing was sent
+    assert mounted.run(f"printf '  kill  ' > {mounted / other}/control").returncode == 0
+    assert mounted.run(f"cat {mounted / other}/control").stdout == "kill\n"
+    service.wait_for(other, lambda s: s.status == S.KILLED)
+
+
+def test_wait_answers_at_once_for_ended_tasks_and_obeys_timeout(mounted: Mount) -> None:
+    service = mounted.service
+    done = service.submit("exit 4")
+    ended(service, done)
+    assert mounted.run(f"cat {mounted / done}/wait").stdout == "failed\n"
+    long = service.submit("sleep 60")
+    blocked = mounted.run(f"timeout 2 cat {mounted / long}/wait")
+    assert blocked.returncode == 124
+    # The mount keeps answering.
+    assert mounted.run(f"cat {mounted / long}/status").stdout in (
+        "started\n",
+        "computation-started\n",
+    )
+    mounted.run(f"echo kill > {mounted / long}/control")
+
+
+def test_copy_of_outputs_equals_the_archive(mounted: Mount, tmp_path: Path) -> None:
+    service = mounted.service
+    task_id = service.submit(
+        "mkdir -p vtk log 'ünï cöde' && "
+        "for i in 1 2 3 4 5; do seq 1 $((i * 20000)) > vtk/ParticleData_Fluid_$i.vtk; done && "
+        "head -c 6000000 /dev/urandom > big.bin && : > empty.txt && "
+        "echo 'solver converged' > log/SPH_log.txt && echo x > 'ünï cöde/file'"
+    )
+    assert ended(service, task_id) == S.SUCCESS
+    copy = tmp_path / "copy"
+    result = mounted.run(f"cp -r {mounted / task_id}/outputs {copy}")
+    assert result.returncode == 0, result.stderr
+    reference = tmp_path / "reference"
+    task = service.call(lambda api: api.get_task(task_id))
+    url = service.call(lambda api: api.download_url(task.storage_output_path))
+    with zipfile.ZipFile(io.BytesIO(httpx.get(url).content)) as zf:
+        for info in zf.infolist():
+            if info.filename.startswith("artifacts/") and not info.is_dir():
+                target = reference / info.filename.removeprefix("artifacts/")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(zf.read(info))
+    assert_same_tree(reference, copy)
+
+
+def assert_same_tree(expected: Path, actual: Path) -> None:
+    want = sorted(p.relative_to(expected) for p in expected.rglob("*"))
+    got = sorted(p.relative_to(actual) for p in actual.rglob("*"))
+    assert want == got
+    for rel in want:
+        if (expected / rel).is_file():
+            assert filecmp.cmp(expected / rel, actual / rel, shallow=False), rel
+
+
+def test_find_and_grep(mounted: Mount) -> None:
+    service = mounted.service
+    task_id = service.submit(
+        "mkdir -p a/b c && echo needle > a/b/one.txt && echo hay > c/two.txt && "
+        "echo 'needle again' > top.txt"
+    )
+    ended(service, task_id)
+    outputs = mounted / task_id / "outputs"
+    found = mounted.run(f"cd {outputs} && find . -type f | sort")
+    assert found.stdout.split() == [
+        "./a/b/one.txt",
+        "./c/two.txt",
+        "./stderr.txt",
+        "./stdout.txt",
+        "./top.txt",
+    ]
+    dirs = mounted.run(f"cd {outputs} && find . -type d | sort")
+    assert dirs.stdout.split() == [".", "./a", "./a/b", "./c"]
+    grep = mounted.run(f"cd {outputs} && grep -rn needle . | sort")
+    assert grep.stdout.splitlines() == ["./a/b/one.txt:1:needle", "./top.txt:1:needle again"]
+
+
+def test_writes_are_refused(mounted: Mount) -> None:
+    service = mounted.service
+    task_id = service.submit("echo hi")
+    ended(service, task_id)
+    task = mounted / task_id
+    for command in (
+        f"touch {task}/status",
+        f"echo x > {task}/status",
+        f"echo x > {task}/outputs/stdout.txt",
+        f"mkdir {task}/outputs/new",
+        f"mkdir {mounted.path}/newtask",
+        f"rm {task}/status",
+        f"mv {task}/status {task}/renamed",
+        f"chmod 777 {task}/status",
+        f"chmod 777 {task}/control",
+        f"ln -s status {task}/link",
+        f"truncate -s 0 {task}/outputs/stdout.txt",
+    ):
+        result = mounted.run(command)
+        assert result.returncode != 0, command
+        assert "Read-only file system" in result.stderr, (command, result.stderr)
+    assert (task / "status").read_text() == "success\n"
+
+
+def test_new_tasks_show_up_and_unlisted_ids_resolve(mounted: Mount) -> None:
+    service = mounted.service
+    mounted.run(f"ls {mounted.path}")  # prime the listing cache
+    task_id = service.submit("true")
+    # By name at once, even before the listing knows it.
+    assert mounted.run(f"cat {mounted / task_id}/status").returncode == 0
+    wait_until(lambda: task_id in mounted.run(f"ls {mounted.path}").stdout.split(), timeout=10)
+    missing = mounted.run(f"ls {mounted.path}/no-such-task")
+    assert missing.returncode != 0 and "No such file or directory" in missing.stderr
+
+
+def test_unmount_by_signal(service: Service, tmp_path: Path) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        mount = start_mount(service, tmp_path / f"m{sig}", tmp_path / "cache")
+        assert mount.run(f"ls {mount.path}").returncode == 0
+        assert stop(mount.proc, sig) == 0
+        assert "unmounted" in mount.log.read_text()
+        from taskfs.fs.mount import mount_entry
+
+        assert mount_entry(mount.path) is None
+        assert list(mount.path.iterdir()) == []
+
+
+def test_mount_refuses_busy_or_bad_mountpoints(mounted: Mount, tmp_path: Path) -> None:
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "file").write_text("x")
+    cases = {
+        str(mounted.path): "already mounted",
+        str(full): "not empty",
+        str(tmp_path / "missing"): "does not exist",
+        str(full / "file"): "not a directory",
+    }
+    for path, message in cases.items():
+        result = subprocess.run(
+            taskfs_cmd("mount", path, "--data-dir", str(mounted.service.data_dir)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_background_mount_and_unmount_command(service: Service, tmp_path: Path) -> None:
+    path = tmp_path / "bg"
+    path.mkdir()
+    started = subprocess.run(
+        taskfs_cmd(
+            "mount",
+            str(path),
+            "--data-dir",
+            str(service.data_dir),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert started.returncode == 0, started.stderr
+    assert "mounted" in started.stdout
+    assert subprocess.run(["ls", str(path)], capture_output=True, check=False).returncode == 0
+    done = subprocess.run(
+        taskfs_cmd("unmount", str(path)), capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    from taskfs.fs.mount import mount_entry
+
+    wait_until(lambda: mount_entry(path) is None)
+    time.sleep(0.1)
+
+
+def test_unmount_recovers_a_mount_whose_process_died(service: Service, tmp_path: Path) -> None:
+    from taskfs.fs.mount import mount_entry
+
+    mount = start_mount(service, tmp_path / "dead", tmp_path / "cache")
+    assert stop(mount.proc, signal.SIGKILL) == -signal.SIGKILL
+    dead = mount.run(f"ls {mount.path}")
+    assert dead.returncode != 0 and "Transport endpoint is not connected" in dead.stderr
+    refused = subprocess.run(
+        taskfs_cmd("mount", str(mount.path), "--data-dir", str(service.data_dir)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert refused.returncode == 2 and "already mounted" in refused.stderr
+    done = subprocess.run(
+        taskfs_cmd("unmount", str(mount.path)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert mount_entry(mount.path) is None
+    again = start_mount(service, mount.path, tmp_path / "cache")
+    assert again.run(f"ls {again.path}").returncode == 0
+    stop_mount(again)
+    assert again.proc.returncode == 0

@@ -1,0 +1,99 @@
+"""The same tree over a service that is not ours: a TASK_API.md fake with zipfile archives."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import zipfile
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from taskfs.api.models import TaskStatusCode as S
+from tests.fakeapi import KEY, FakeApi
+from tests.fuse.conftest import Mount, Service, start_mount, stop_mount, wait_until
+from tests.rangeserver import serve_answerer
+
+FILES = {
+    "stdout.txt": b"SPlisHSPlasH v2.13\nsimulation finished\n",
+    "stderr.txt": b"",
+    "vtk/ParticleData_Fluid_1.vtk": b"# vtk DataFile Version 3.0\n" + b"0.1 0.2 0.3\n" * 20000,
+    "vtk/ParticleData_Fluid_2.vtk": b"# vtk DataFile Version 3.0\n" + b"0.4 0.5 0.6\n" * 20000,
+    "log/SPH_log.txt": b"[info] converged\n",
+}
+
+
+def cloud_archive() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(zipfile.ZipInfo("artifacts/"), b"")
+        for name, data in FILES.items():
+            zf.writestr(f"artifacts/{name}", data)
+        zf.writestr("output.json", b"{}")  # outside artifacts/: not shown
+    return buf.getvalue()
+
+
+@pytest.fixture
+def cloud(tmp_path: Path) -> Iterator[tuple[Mount, FakeApi]]:
+    fake = FakeApi()
+    fake.add(
+        "i4ir3kvv62odsfrhko4y8w2an", S.SUCCESS, archive=cloud_archive(), computation_seconds=192.4
+    )
+    fake.add(
+        "running0000000000000000000",
+        S.COMPUTATION_STARTED,
+        computation_start=datetime.now(UTC) - timedelta(hours=27, seconds=3),
+    )
+    fake.add("queued00000000000000000000", S.SUBMITTED, vm_type=None)
+    with serve_answerer(fake) as url:
+        fake.base_url = url
+        key = tmp_path / "key"
+        key.write_text(KEY + "\n")
+        key.chmod(0o600)
+        service = Service(url, KEY, tmp_path / "unused", subprocess.Popen(["true"]))
+        service.proc.wait()
+        mount = start_mount(
+            service,
+            tmp_path / "mnt",
+            tmp_path / "cache",
+            "--api-url",
+            url,
+            "--api-key-file",
+            str(key),
+        )
+        try:
+            yield mount, fake
+        finally:
+            stop_mount(mount)
+    assert mount.proc.returncode == 0
+
+
+def test_tree_over_another_service(cloud: tuple[Mount, FakeApi], tmp_path: Path) -> None:
+    mount, fake = cloud
+    listing = mount.run(f"ls -U {mount.path}").stdout.split()  # directory order: newest first
+    assert listing == [
+        "queued00000000000000000000",
+        "running0000000000000000000",
+        "i4ir3kvv62odsfrhko4y8w2an",
+    ]
+    done = mount / "i4ir3kvv62odsfrhko4y8w2an"
+    assert (done / "status").read_text() == "success\n"
+    assert (done / "machine_type").read_text() == "c2-standard-4\n"
+    assert (done / "computation_time").read_text() == "00:03:12\n"
+    running = mount / "running0000000000000000000"
+    assert (running / "computation_time").read_text().startswith("27:00:0")
+    assert (running / "outputs").is_dir() and list((running / "outputs").iterdir()) == []
+    queued = mount / "queued00000000000000000000"
+    assert (queued / "machine_type").read_text() == ""
+    copy = tmp_path / "copy"
+    assert mount.run(f"cp -r {done}/outputs {copy}").returncode == 0
+    got = {str(p.relative_to(copy)): p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    assert got == {name: data for name, data in FILES.items()}
+    result = mount.run(f"echo kill > {running}/control")
+    assert result.returncode == 0, result.stderr
+    assert fake.tasks["running0000000000000000000"]["status"] == "pending-kill"
+    wait_until(lambda: (running / "status").read_text() == "pending-kill\n")
+    failed = mount.run(f"bash -c 'echo kill > {done}/control'")
+    assert "No such process" in failed.stderr

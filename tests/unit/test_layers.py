@@ -1,0 +1,93 @@
+"""The architecture's rules (DESIGN.md section 2), checked on the source itself.
+
+* dependency direction between the packages; the filesystem never imports the server;
+* only ``fs/fuse_ops.py`` and ``fs/mount.py`` import pyfuse3; only ``api/client.py`` and
+  ``archive/rangeio.py`` import httpx; ``archive/zipindex.py`` does no I/O;
+* the README's semantics table names exactly the errnos of ``taskfs.errors``.
+"""
+
+from __future__ import annotations
+
+import ast
+import errno
+import re
+from pathlib import Path
+
+import pytest
+
+from taskfs import errors
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "taskfs"
+
+
+def imports(path: Path) -> set[str]:
+    """Modules imported at run time (imports under ``if TYPE_CHECKING:`` do not count)."""
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            node.body = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return found
+
+
+def modules() -> dict[str, set[str]]:
+    return {str(path.relative_to(PACKAGE)): imports(path) for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def test_only_the_adapter_and_mount_import_pyfuse3() -> None:
+    users = {
+        name for name, found in modules().items() if any(m.startswith("pyfuse3") for m in found)
+    }
+    assert users == {"fs/fuse_ops.py", "fs/mount.py"}
+
+
+def test_only_the_client_and_rangeio_import_httpx() -> None:
+    users = {name for name, found in modules().items() if any(m.startswith("httpx") for m in found)}
+    assert users == {"api/client.py", "archive/rangeio.py"}
+
+
+def test_zipindex_does_no_io() -> None:
+    found = modules()["archive/zipindex.py"]
+    assert not found & {"os", "io", "socket", "pathlib", "trio", "httpx", "shutil", "tempfile"}
+
+
+@pytest.mark.parametrize(
+    ("package", "forbidden"),
+    [
+        ("server/", {"taskfs.fs", "taskfs.archive", "taskfs.api.client", "taskfs.outputs"}),
+        ("fs/", {"taskfs.server"}),
+        ("archive/", {"taskfs.fs", "taskfs.server", "taskfs.api", "taskfs.outputs"}),
+        ("api/", {"taskfs.fs", "taskfs.server", "taskfs.archive", "taskfs.outputs"}),
+        ("errors.py", {"taskfs"}),
+        ("api/models.py", {"taskfs"}),
+    ],
+)
+def test_dependency_direction(package: str, forbidden: set[str]) -> None:
+    for name, found in modules().items():
+        if name.startswith(package):
+            bad = {m for m in found for f in forbidden if m == f or m.startswith(f + ".")}
+            assert not bad, f"{name} imports {sorted(bad)}"
+
+
+def test_config_is_a_leaf() -> None:
+    found = {m for m in modules()["config.py"] if m.startswith("taskfs")}
+    assert found <= {"taskfs.errors"}
+
+
+def test_readme_errno_table_matches_the_code() -> None:
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("### Errors (the semantics table)", 1)[1].split("\n\n", 2)[1]
+    in_readme = set(re.findall(r"\bE[A-Z]{2,}\b", table))
+    classes = [
+        c
+        for c in vars(errors).values()
+        if isinstance(c, type) and issubclass(c, errors.TaskfsError)
+    ]
+    in_code = {errno.errorcode[c.errno] for c in classes if c is not errors.UsageError}
+    assert in_readme == in_code

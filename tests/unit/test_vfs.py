@@ -1,0 +1,433 @@
+"""The vfs without FUSE: a fake kernel drives it against a fake API over MockTransport.
+
+Every test ends with every inode forgotten and the inode table empty (the fixture checks).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+import subprocess
+import zipfile
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from taskfs.api.client import ApiClient
+from taskfs.api.models import TaskStatusCode as S
+from taskfs.config import ClientSettings
+from taskfs.errors import (
+    BusyError,
+    InvalidCommandError,
+    IsDirError,
+    NotDirError,
+    NotFoundError,
+    ReaderGoneError,
+    ReadOnlyError,
+    TaskEndedError,
+)
+from taskfs.fs.inodes import ROOT_INODE, Inode
+from taskfs.fs.vfs import Attr, Vfs, VfsSettings
+from taskfs.outputs import Outputs, make_cache
+from tests.fakeapi import KEY, FakeApi
+from tests.rangeserver import mock_transport
+
+
+def archive(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.mkdir("artifacts")
+        for name, data in files.items():
+            zf.writestr(f"artifacts/{name}", data)
+    return buf.getvalue()
+
+
+FILES = {
+    "stdout.txt": b"step 1\nstep 2\n",
+    "stderr.txt": b"",
+    "vtk/ParticleData_Fluid_1.vtk": b"1 2 3\n" * 500,
+    "vtk/ParticleData_Fluid_2.vtk": b"4 5 6\n" * 500,
+    "log/SPH_log.txt": b"converged\n",
+}
+
+
+class Kernel:
+    """Plays the kernel: keeps the lookup counts it was given and forgets them at the end."""
+
+    def __init__(self, vfs: Vfs) -> None:
+        self.vfs = vfs
+        self.refs: Counter[Inode] = Counter()
+
+    async def lookup(self, parent: Inode, name: str) -> Attr:
+        attr = await self.vfs.lookup(parent, name)
+        self.refs[attr.inode] += 1
+        return attr
+
+    async def resolve(self, path: str) -> Attr:
+        attr = await self.vfs.getattr(ROOT_INODE)
+        for part in path.strip("/").split("/"):
+            if part:
+                attr = await self.lookup(attr.inode, part)
+        return attr
+
+    async def listdir(self, inode: Inode, batch: int = 3) -> list[tuple[str, Attr]]:
+        """readdir in small batches, like a kernel with a small buffer."""
+        fh = await self.vfs.opendir(inode)
+        seen: list[tuple[str, Attr]] = []
+        offset = 0
+        got: list[tuple[str, Attr, int]] = []
+
+        def emit(name: str, attr: Attr, next_id: int) -> bool:
+            if len(got) == batch:
+                return False
+            got.append((name, attr, next_id))
+            return True
+
+        while True:
+            got.clear()
+            await self.vfs.readdir(fh, offset, emit)
+            if not got:
+                break
+            for name, attr, next_id in got:
+                seen.append((name, attr))
+                self.refs[attr.inode] += 1
+                offset = next_id
+        self.vfs.releasedir(fh)
+        return seen
+
+    async def read(self, path: str, size: int = 4096) -> bytes:
+        attr = await self.resolve(path)
+        info = await self.vfs.open(attr.inode, os.O_RDONLY)
+        out = b""
+        while chunk := await self.vfs.read(info.fh, len(out), size):
+            out += chunk
+        self.vfs.release(info.fh)
+        return out
+
+    async def write(self, path: str, data: bytes) -> int:
+        attr = await self.resolve(path)
+        info = await self.vfs.open(attr.inode, os.O_WRONLY | os.O_TRUNC)
+        try:
+            await self.vfs.setattr(attr.inode, 0, False, True)
+            return await self.vfs.write(info.fh, 0, data)
+        finally:
+            try:
+                self.vfs.flush(info.fh)
+            finally:
+                self.vfs.release(info.fh)
+
+    def forget_all(self) -> None:
+        self.vfs.forget(list(self.refs.items()))
+        self.refs.clear()
+
+
+@dataclass
+class Env:
+    vfs: Vfs
+    fake: FakeApi
+    kernel: Kernel
+
+
+@pytest.fixture
+async def env(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Env]:
+    fake = FakeApi()
+    settings = ClientSettings(api_url=fake.base_url, api_key=KEY, deadline=5)
+    async with (
+        ApiClient.open(settings, transport=mock_transport(fake)) as api,
+        Outputs(
+            api, make_cache(tmp_path / "cache", 1 << 30), transport=mock_transport(fake)
+        ) as outputs,
+    ):
+        vfs = Vfs(api, outputs, nursery, VfsSettings(uid=1234, gid=5678, max_waiters=4))
+        kernel = Kernel(vfs)
+        yield Env(vfs, fake, kernel)
+        kernel.forget_all()
+        assert len(vfs.inodes) == 0, "every inode must be forgotten"
+        assert vfs.open_handles() == 0
+
+
+async def test_root_lists_tasks_and_finds_unlisted_ones(env: Env) -> None:
+    env.fake.add("aaa", S.SUCCESS, archive=archive(FILES))
+    env.fake.add("bbb", S.COMPUTATION_STARTED)
+    env.fake.add("hidden1", S.SUCCESS, hidden=True)
+    entries = await env.kernel.listdir(ROOT_INODE)
+    assert [name for name, _ in entries] == ["bbb", "aaa"]
+    assert all(stat.S_ISDIR(a.mode) and a.mode & 0o777 == 0o555 for _, a in entries)
+    assert {a.uid for _, a in entries} == {1234}
+    hidden = await env.kernel.lookup(ROOT_INODE, "hidden1")
+    assert stat.S_ISDIR(hidden.mode)
+    with pytest.raises(NotFoundError):
+        await env.kernel.lookup(ROOT_INODE, "nope")
+
+
+@pytest.mark.parametrize("name", ["bad name", "a/b", "x" * 65, "..", "dots.dots", "é"])
+async def test_impossible_ids_cost_no_request(env: Env, name: str) -> None:
+    before = sum(env.fake.calls.values())
+    with pytest.raises(NotFoundError):
+        await env.kernel.lookup(ROOT_INODE, name)
+    assert sum(env.fake.calls.values()) == before
+
+
+async def test_virtual_files_of_an_ended_task(env: Env) -> None:
+    env.fake.add("done", S.SUCCESS, archive=archive(FILES), computation_seconds=192.7)
+    names = [n for n, _ in await env.kernel.listdir((await env.kernel.resolve("done")).inode)]
+    assert names == [
+        "status",
+        "machine_type",
+        "computation_time",
+        "control",
+        "wait",
+        "info.json",
+        "outputs",
+    ]
+    assert await env.kernel.read("done/status") == b"success\n"
+    assert await env.kernel.read("done/machine_type") == b"c2-standard-4\n"
+    assert await env.kernel.read("done/computation_time") == b"00:03:12\n"
+    assert await env.kernel.read("done/control") == b"kill\n"
+    assert await env.kernel.read("done/wait") == b"success\n"
+    info = json.loads(await env.kernel.read("done/info.json", size=100))
+    assert info["task_id"] == "done" and info["executer"]["extra_field_from_the_future"]
+    for name in ("status", "machine_type", "computation_time", "wait", "info.json"):
+        attr = await env.kernel.resolve(f"done/{name}")
+        assert attr.size == len(await env.kernel.read(f"done/{name}"))
+        assert attr.mode == stat.S_IFREG | 0o444 and attr.timeout == 3600
+    control = await env.kernel.resolve("done/control")
+    assert control.mode == stat.S_IFREG | 0o600
+    task_dir = await env.kernel.resolve("done")
+    assert task_dir.mtime_ns == int(datetime(2026, 11, 20, 9, 10, tzinfo=UTC).timestamp() * 1e9)
+
+
+async def test_virtual_files_of_queued_and_running_tasks(env: Env) -> None:
+    env.fake.add("queued", S.SUBMITTED)
+    start = datetime.now(UTC) - timedelta(seconds=75)
+    env.fake.add("running", S.COMPUTATION_STARTED, computation_start=start)
+    assert await env.kernel.read("queued/status") == b"submitted\n"
+    assert await env.kernel.read("queued/machine_type") == b""
+    assert await env.kernel.read("queued/computation_time") == b""
+    assert (await env.kernel.resolve("queued/machine_type")).size == 0
+    assert await env.kernel.read("running/machine_type") == b"c2-standard-4\n"
+    live = await env.kernel.read("running/computation_time")
+    assert live in (b"00:01:15\n", b"00:01:16\n")
+    assert (await env.kernel.resolve("running/status")).timeout == 1.0
+    outputs = await env.kernel.resolve("running/outputs")
+    assert stat.S_ISDIR(outputs.mode)
+    assert await env.kernel.listdir(outputs.inode) == []
+
+
+async def test_freshness_of_live_and_ended_tasks(
+    env: Env, autojump_clock: trio.testing.MockClock
+) -> None:
+    env.fake.add("live", S.COMPUTATION_STARTED)
+    env.fake.add("done", S.FAILED)
+    calls = env.fake.calls
+    await env.kernel.read("live/status")
+    first = calls["GET tasks/{id}"]
+    await env.kernel.read("live/status")
+    assert calls["GET tasks/{id}"] == first  # within the 1 s of a live task
+    env.fake.set_status("live", S.SUCCESS)
+    await trio.sleep(1.1)
+    assert await env.kernel.read("live/status") == b"success\n"
+    assert calls["GET tasks/{id}"] == first + 1
+    await env.kernel.read("done/status")
+    ended = calls["GET tasks/{id}"]
+    await trio.sleep(600)
+    assert await env.kernel.read("done/status") == b"failed\n"
+    assert calls["GET tasks/{id}"] == ended  # an ended task never changes
+
+
+async def test_outputs_tree_and_reads(env: Env) -> None:
+    env.fake.add("done", S.SUCCESS, archive=archive(FILES))
+    outputs = await env.kernel.resolve("done/outputs")
+    top = dict(await env.kernel.listdir(outputs.inode))
+    assert set(top) == {"stdout.txt", "stderr.txt", "vtk", "log"}
+    assert stat.S_ISDIR(top["vtk"].mode) and top["vtk"].nlink == 2
+    assert top["stdout.txt"].size == len(FILES["stdout.txt"])
+    assert top["stdout.txt"].mode == stat.S_IFREG | 0o444
+    for name, data in FILES.items():
+        assert await env.kernel.read(f"done/outputs/{name}", size=1000) == data
+    file_attr = await env.kernel.resolve("done/outputs/stdout.txt")
+    info = await env.vfs.open(file_attr.inode, os.O_RDONLY)
+    assert info.keep_cache and not info.direct_io
+    env.vfs.release(info.fh)
+    status = await env.kernel.resolve("done/status")
+    status_info = await env.vfs.open(status.inode, os.O_RDONLY)
+    assert status_info.direct_io and not status_info.keep_cache
+    env.vfs.release(status_info.fh)
+    with pytest.raises(NotFoundError):
+        await env.kernel.resolve("done/outputs/vtk/missing.vtk")
+    with pytest.raises(NotFoundError):
+        await env.kernel.resolve("done/outputs/stdout.txt/below")
+    with pytest.raises(IsDirError):
+        await env.vfs.open(top["vtk"].inode, os.O_RDONLY)
+    with pytest.raises(NotDirError):
+        await env.vfs.opendir(file_attr.inode)
+    with pytest.raises(ReadOnlyError):
+        await env.vfs.open(file_attr.inode, os.O_WRONLY)
+
+
+async def test_task_without_archive_has_empty_outputs(env: Env) -> None:
+    env.fake.add("noarchive", S.FAILED)  # the service never stored one
+    outputs = await env.kernel.resolve("noarchive/outputs")
+    assert await env.kernel.listdir(outputs.inode) == []
+
+
+async def test_readdir_offsets_survive_changes(env: Env) -> None:
+    for i in range(7):
+        env.fake.add(f"t{i}", S.SUCCESS)
+    fh = await env.vfs.opendir(ROOT_INODE)
+    names: list[str] = []
+
+    def take_two(batch: list[tuple[str, int]]) -> object:
+        def emit(name: str, attr: Attr, next_id: int) -> bool:
+            if len(batch) == 2:
+                return False
+            batch.append((name, next_id))
+            env.kernel.refs[attr.inode] += 1
+            return True
+
+        return emit
+
+    offset = 0
+    while True:
+        batch: list[tuple[str, int]] = []
+        await env.vfs.readdir(fh, offset, take_two(batch))  # type: ignore[arg-type]
+        if not batch:
+            break
+        names += [n for n, _ in batch]
+        offset = batch[-1][1]
+        env.fake.add(f"new{offset}", S.SUBMITTED)  # tasks keep arriving meanwhile
+    env.vfs.releasedir(fh)
+    assert names == [f"t{i}" for i in reversed(range(7))]
+
+
+async def test_unaccepted_readdir_entries_take_no_reference(env: Env) -> None:
+    env.fake.add("one", S.SUCCESS)
+    fh = await env.vfs.opendir(ROOT_INODE)
+    await env.vfs.readdir(fh, 0, lambda name, attr, next_id: False)
+    env.vfs.releasedir(fh)
+    assert len(env.vfs.inodes) == 0
+
+
+async def test_lookup_counts_and_forget(env: Env) -> None:
+    env.fake.add("abc", S.SUCCESS)
+    first = await env.vfs.lookup(ROOT_INODE, "abc")
+    again = await env.vfs.lookup(ROOT_INODE, "abc")
+    assert first.inode == again.inode and env.vfs.inodes.count(first.inode) == 2
+    env.vfs.forget([(first.inode, 1)])
+    assert env.vfs.inodes.key(first.inode) is not None
+    env.vfs.forget([(first.inode, 1)])
+    assert env.vfs.inodes.key(first.inode) is None
+    renewed = await env.kernel.lookup(ROOT_INODE, "abc")
+    assert renewed.inode > first.inode  # numbers are never reused
+    with pytest.raises(NotFoundError):
+        await env.vfs.getattr(first.inode)
+
+
+async def test_control_kill_and_errors(env: Env) -> None:
+    env.fake.add("run", S.COMPUTATION_STARTED)
+    env.fake.add("done", S.SUCCESS)
+    assert await env.kernel.write("run/control", b"kill\n") == 5
+    assert env.fake.tasks["run"]["status"] == "pending-kill"
+    assert await env.kernel.read("run/status") == b"pending-kill\n"  # shown at once
+    assert await env.kernel.write("run/control", b"  kill  ") == 8  # already pending: fine
+    with pytest.raises(TaskEndedError):
+        await env.kernel.write("done/control", b"kill\n")
+    with pytest.raises(InvalidCommandError):
+        await env.kernel.write("run/control", b"restart\n")
+    with pytest.raises(InvalidCommandError):
+        await env.kernel.write("run/control", b"kill now\n")
+    kills = env.fake.calls["POST tasks/{id}/kill"]
+    control = await env.kernel.resolve("run/control")
+    info = await env.vfs.open(control.inode, os.O_WRONLY)
+    assert await env.vfs.write(info.fh, 0, b"ki") == 2  # the start of a command: wait
+    assert await env.vfs.write(info.fh, 2, b"ll\n") == 3
+    assert env.fake.calls["POST tasks/{id}/kill"] == kills + 1
+    assert await env.vfs.write(info.fh, 5, b"ki") == 2
+    with pytest.raises(InvalidCommandError, match="unfinished"):
+        env.vfs.flush(info.fh)
+    env.vfs.release(info.fh)
+
+
+async def test_everything_but_control_is_read_only(env: Env) -> None:
+    env.fake.add("done", S.SUCCESS, archive=archive(FILES))
+    for path in ("done/status", "done/wait", "done/info.json", "done/outputs/stdout.txt"):
+        attr = await env.kernel.resolve(path)
+        with pytest.raises(ReadOnlyError):
+            await env.vfs.open(attr.inode, os.O_WRONLY | os.O_TRUNC)
+        with pytest.raises(ReadOnlyError):
+            await env.vfs.setattr(attr.inode, 0, False, False)
+    control = await env.kernel.resolve("done/control")
+    assert (await env.vfs.setattr(control.inode, 0, False, True)).mode & 0o777 == 0o600
+    with pytest.raises(ReadOnlyError):
+        await env.vfs.setattr(control.inode, None, True, False)  # chmod
+    with pytest.raises(ReadOnlyError):
+        await env.vfs.setattr(control.inode, 10, False, False)
+
+
+async def test_wait_uses_one_poller_per_task(
+    env: Env, autojump_clock: trio.testing.MockClock
+) -> None:
+    env.fake.add("long", S.COMPUTATION_STARTED)
+    results: list[bytes] = []
+    attr = await env.kernel.resolve("long/wait")
+
+    async def waiter() -> None:
+        info = await env.vfs.open(attr.inode, os.O_RDONLY, pid=os.getpid())
+        results.append(await env.vfs.read(info.fh, 0, 100))
+        assert await env.vfs.read(info.fh, len(results[-1]), 100) == b""
+        env.vfs.release(info.fh)
+
+    before = env.fake.calls["GET tasks/{id}"]
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(waiter)
+        await trio.sleep(10)
+        polls = env.fake.calls["GET tasks/{id}"] - before
+        assert 3 <= polls <= 12, polls  # about one per second, not one per reader
+        env.fake.set_status("long", S.KILLED)
+    assert results == [b"killed\n"] * 4
+
+
+async def test_wait_limits_and_abandoned_readers(
+    env: Env, autojump_clock: trio.testing.MockClock
+) -> None:
+    env.fake.add("long", S.COMPUTATION_STARTED)
+    attr = await env.kernel.resolve("long/wait")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    info = await env.vfs.open(attr.inode, os.O_RDONLY, pid=gone.pid)
+    with pytest.raises(ReaderGoneError):
+        await env.vfs.read(info.fh, 0, 100)
+    env.vfs.release(info.fh)
+    handles = []
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):  # max_waiters=4 in the fixture
+            handle = await env.vfs.open(attr.inode, os.O_RDONLY, pid=os.getpid())
+            handles.append(handle)
+            nursery.start_soon(env.vfs.read, handle.fh, 0, 100)
+        await trio.sleep(1)
+        extra = await env.vfs.open(attr.inode, os.O_RDONLY, pid=os.getpid())
+        with pytest.raises(BusyError):
+            await env.vfs.read(extra.fh, 0, 100)
+        env.vfs.release(extra.fh)
+        env.fake.set_status("long", S.SUCCESS)
+    for handle in handles:
+        env.vfs.release(handle.fh)
+
+
+async def test_root_listing_pages_of_500(env: Env) -> None:
+    for i in range(1000):
+        env.fake.add(f"task{i:04}", S.SUCCESS)
+    entries = await env.kernel.listdir(ROOT_INODE, batch=1000)
+    assert len(entries) == 1000
+    assert env.fake.calls["GET tasks"] == 2
+    await env.kernel.listdir(ROOT_INODE, batch=1000)
+    assert env.fake.calls["GET tasks"] == 2  # cached briefly
