@@ -1,0 +1,1 @@
+"""The REST API: typed models shared with the server, the async client, submission."""

@@ -1,0 +1,1 @@
+"""The embedded local task service: REST app, SQLite store, runner, storage."""

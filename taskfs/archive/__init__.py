@@ -1,0 +1,1 @@
+"""The remote-ZIP reader: index parsing, ranged I/O, caches, member readers."""
