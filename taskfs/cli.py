@@ -20,12 +20,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import trio
 
 from taskfs import __version__
+from taskfs.cli_tasks import add_parsers as add_task_parsers
+from taskfs.cli_tasks import settings_of
 from taskfs.config import (
     ENV_API_URL,
     ServiceSettings,
@@ -34,9 +35,8 @@ from taskfs.config import (
     local_service_url,
     parse_duration,
     parse_size,
-    resolve_client,
 )
-from taskfs.errors import TaskfsError, UsageError
+from taskfs.errors import TaskfsError, UsageError, unwrap
 from taskfs.proc import pid_alive
 
 log = logging.getLogger("taskfs.cli")
@@ -208,7 +208,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not commands:
         raise UsageError("nothing to run: give a command after '--' or with --command")
     ttl = parse_duration(args.ttl) if args.ttl else None
-    settings = resolve_client(args.api_url, args.api_key_file, args.data_dir)
+    settings = settings_of(args)
 
     async def main() -> str:
         from taskfs.api.client import ApiClient
@@ -245,9 +245,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     check_mountpoint(mountpoint)
     if not (args.api_url or os.environ.get(ENV_API_URL)):
         start_service_background(args.data_dir, ["--port", "0"])
-    client = resolve_client(args.api_url, args.api_key_file, args.data_dir)
-    if args.deadline is not None:
-        client = replace(client, deadline=args.deadline, read_timeout=args.deadline)
+    client = settings_of(args)
     settings = MountSettings(
         mountpoint=mountpoint,
         client=client,
@@ -318,6 +316,12 @@ def _add_api_options(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=default_data_dir(),
         help="data directory of the embedded local service (default: %(default)s)",
+    )
+    group.add_argument(
+        "--deadline",
+        type=float,
+        metavar="SECONDS",
+        help="time limit of one remote operation, retries included (default: 10)",
     )
 
 
@@ -424,12 +428,6 @@ def build_parser() -> ArgumentParser:
         help="disk cache limit, e.g. 500M, 10G; 0 disables it (default: %(default)s)",
     )
     mount.add_argument(
-        "--deadline",
-        type=float,
-        metavar="SECONDS",
-        help="time limit of one remote operation, retries included (default: 10)",
-    )
-    mount.add_argument(
         "-o",
         dest="options",
         action="append",
@@ -449,14 +447,9 @@ def build_parser() -> ArgumentParser:
     )
     unmount.add_argument("mountpoint")
     unmount.set_defaults(func=cmd_unmount)
+
+    add_task_parsers(sub, _add_api_options, ArgumentParser)
     return parser
-
-
-def _leaf(exc: BaseException) -> BaseException:
-    """The single exception inside nested one-member exception groups (trio nurseries)."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -465,10 +458,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(raw)
         args.raw_argv = raw[raw.index("mount") + 1 :] if "mount" in raw else []
+        if args.command_name == "tasks":
+            setup_logging(args.debug)
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
     except BaseException as exc:  # sorted below; anything unknown is re-raised
-        leaf = _leaf(exc)
+        leaf = unwrap(exc)
         if debug or not isinstance(leaf, TaskfsError | KeyboardInterrupt):
             raise
         if isinstance(leaf, KeyboardInterrupt):

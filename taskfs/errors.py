@@ -103,3 +103,27 @@ class UsageError(TaskfsError):
     """Bad command-line input: the CLI prints the message and exits with status 2."""
 
     errno = _errno.EINVAL
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The single exception inside nested one-member exception groups (trio nurseries)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+class single_errors:  # noqa: N801 - used like contextlib's lower-case context managers
+    """Re-raise an exception group holding a single ``TaskfsError`` as that error.
+
+    Library entry points that run nurseries use it, so callers catch ``TaskfsError`` rather
+    than ``ExceptionGroup``. Groups of several errors, and cancellations, pass unchanged.
+    """
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            leaf = unwrap(exc)
+            if isinstance(leaf, TaskfsError):
+                raise leaf

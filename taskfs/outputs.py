@@ -1,8 +1,9 @@
-"""Opening a task's outputs archive: signed URL from the API, range reads, shared caches.
+"""A task's outputs archive: opening it, listing it, downloading from it.
 
 Owns: the wiring between the API client and the remote-ZIP reader, used by the filesystem,
 the ``Task`` class and the CLI: a task record in, a ``RemoteArchive`` out, with its signed URL
-refreshed through the API whenever storage refuses it.
+refreshed through the API whenever storage refuses it; the archive listing as the official
+client prints it; downloads of all or selected members with range requests.
 
 Must stay true: the API key goes only to the API; storage requests carry the signed URL alone.
 """
@@ -10,6 +11,8 @@ Must stay true: the API key goes only to the API; storage requests carry the sig
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -19,7 +22,8 @@ from taskfs.api.models import Task
 from taskfs.archive.cache import DiskCache, MemoryCache, Tiered
 from taskfs.archive.rangeio import RangeSource, Transport, data_client
 from taskfs.archive.remote import RemoteArchive
-from taskfs.errors import NotFoundError
+from taskfs.archive.zipindex import Entry, clean_path, walk
+from taskfs.errors import ArchiveError, NotFoundError, single_errors
 from taskfs.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -75,3 +79,151 @@ class Outputs:
         except NotFoundError:
             log.info("task %s has no outputs archive at %s", task.task_id, path)
             return None
+
+
+# -- listing and downloading (the Task class and ``taskfs tasks``) ------------------------------
+
+ARTIFACTS = "artifacts/"
+CHUNK = 1 << 20
+
+
+def format_bytes(size: float) -> str:
+    """Decimal units, like the official client: ``859 B``, ``3.12 KB``, ``262.00 KB``."""
+    if size < 1000:
+        return f"{int(size)} B"
+    for unit in ("KB", "MB", "GB", "TB"):
+        size /= 1000
+        if size < 1000 or unit == "TB":
+            break
+    return f"{size:.2f} {unit}"
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    name: str  # relative to artifacts/, as the archive holds it
+    size: int
+    compressed_size: int
+
+
+@dataclass(frozen=True)
+class OutputInfo:
+    """What an outputs archive holds; ``str()`` prints it like the official client."""
+
+    archive_size: int
+    files: tuple[OutputFile, ...]
+
+    def __str__(self) -> str:
+        lines = [
+            f"Archive size: {format_bytes(self.archive_size)}",
+            "Contents:",
+            f"  {'Size':<13}{'Compressed':<13}Name",
+        ]
+        lines += [
+            f"  {format_bytes(f.size):<13}{format_bytes(f.compressed_size):<13}{f.name}"
+            for f in self.files
+        ]
+        return "\n".join(lines)
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+async def output_info(api: ApiClient, task: Task) -> OutputInfo:
+    """The archive's listing from its central directory (range requests, no download)."""
+    with single_errors():
+        async with Outputs(api, make_cache(None, 0)) as outputs, trio.open_nursery() as nursery:
+            archive = await outputs.open(task, nursery)
+            nursery.cancel_scope.cancel()
+    if archive is None:
+        raise NotFoundError(f"task {task.task_id} has no outputs archive")
+    files = tuple(
+        OutputFile(e.name[len(ARTIFACTS) :], e.size, e.compressed_size)
+        for e in archive.entries
+        if e.name.startswith(ARTIFACTS) and not e.is_dir
+    )
+    return OutputInfo(archive.size, files)
+
+
+ProgressFn = Callable[[str, int], None]
+
+
+async def download(
+    api: ApiClient,
+    task: Task,
+    dest: Path,
+    filenames: Sequence[str] | None = None,
+    progress: ProgressFn | None = None,
+    *,
+    parallel: int = 4,
+    on_file: ProgressFn | None = None,
+) -> list[Path]:
+    """Write the outputs (all, or ``filenames`` relative to ``artifacts/``) under ``dest``.
+
+    Members are read with range requests and checked (CRC); each file is written to a
+    temporary name and renamed, so no half-written file is left behind. Names that are not in
+    the archive are refused before anything is written. ``progress(name, nbytes)`` follows
+    every chunk, ``on_file(name, size)`` every finished file.
+    """
+    with single_errors():
+        async with Outputs(api, make_cache(None, 0)) as outputs, trio.open_nursery() as nursery:
+            archive = await outputs.open(task, nursery)
+            if archive is None:
+                raise NotFoundError(f"task {task.task_id} has no outputs archive")
+            files = {"/".join(parts): entry for parts, entry in walk(archive.tree)}
+            if filenames:
+                wanted = [_relative(name) for name in filenames]
+                missing = [name for name in wanted if name not in files]
+                if missing:
+                    raise NotFoundError(
+                        f"not in the outputs of {task.task_id}: {', '.join(missing)}"
+                    )
+                selected = {name: files[name] for name in dict.fromkeys(wanted)}
+            else:
+                selected = files
+            limiter = trio.CapacityLimiter(parallel)
+            written: list[Path] = []
+
+            async def fetch(name: str, entry: Entry) -> None:
+                async with limiter:
+                    target = dest.joinpath(*name.split("/"))
+                    await _write_member(archive, entry, target, name, progress)
+                    written.append(target)
+                    if on_file is not None:
+                        on_file(name, entry.size)
+
+            async with trio.open_nursery() as workers:
+                for name, entry in selected.items():
+                    workers.start_soon(fetch, name, entry)
+            nursery.cancel_scope.cancel()
+    return sorted(written)
+
+
+def _relative(name: str) -> str:
+    """A requested output name as the tree spells it (``./a//b`` is ``a/b``)."""
+    parts = clean_path(name.strip().lstrip("/"))
+    return "/".join(parts) if parts else name
+
+
+async def _write_member(
+    archive: RemoteArchive, entry: Entry, target: Path, name: str, progress: ProgressFn | None
+) -> None:
+    await trio.Path(target.parent).mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.taskfs-part")
+    reader = archive.open_member(entry)
+    try:
+        async with await trio.open_file(tmp, "wb") as out:
+            offset = 0
+            while offset < entry.size:
+                data = await reader.read(offset, CHUNK)
+                if not data:
+                    raise ArchiveError(f"{name}: data ends at {offset} of {entry.size} bytes")
+                await out.write(data)
+                offset += len(data)
+                if progress is not None:
+                    progress(name, len(data))
+        await trio.Path(tmp).replace(target)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await trio.Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,16 +1,26 @@
-"""Helpers shared by the test layers: a gate on the runner, waiting for statuses, zips."""
+"""Helpers shared by the test layers: a gate on the runner, statuses, zips, service processes."""
 
 from __future__ import annotations
 
 import io
+import json
+import signal
+import subprocess
+import sys
+import time
 import zipfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import trio
 
 from taskfs.api.client import ApiClient
 from taskfs.api.models import TaskStatus, TaskStatusCode
+from taskfs.api.submit import submit_task
+from taskfs.config import ClientSettings
 
 
 class Gate:
@@ -62,3 +72,93 @@ def make_zip(members: Iterable[tuple[str, bytes]], method: int = zipfile.ZIP_DEF
         for name, data in members:
             zf.writestr(name, data)
     return buf.getvalue()
+
+
+# -- the local service as a process (sync tests: CLI, Task class, FUSE) --------------------
+
+
+def taskfs_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "taskfs", *args]
+
+
+@dataclass
+class Service:
+    url: str
+    key: str
+    data_dir: Path
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def settings(self) -> ClientSettings:
+        return ClientSettings(api_url=self.url, api_key=self.key)
+
+    def call(self, fn: Callable[[ApiClient], Any]) -> Any:
+        """Run ``await fn(api)`` against the service (from sync test code)."""
+
+        async def main() -> Any:
+            async with ApiClient.open(self.settings) as api:
+                return await fn(api)
+
+        return trio.run(main)
+
+    def submit(self, *commands: str, **kwargs: Any) -> str:
+        return str(self.call(lambda api: submit_task(api, list(commands), **kwargs)))
+
+    def status(self, task_id: str) -> TaskStatus:
+        result: TaskStatus = self.call(lambda api: api.get_status(task_id))
+        return result
+
+    def wait_for(
+        self, task_id: str, until: Callable[[TaskStatus], bool], timeout: float = 30
+    ) -> TaskStatus:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status(task_id)
+            if until(status):
+                return status
+            if time.monotonic() > deadline:
+                raise AssertionError(f"task {task_id} stayed {status.status}")
+            time.sleep(0.1)
+
+
+def start_service(data_dir: Path, slots: int = 2) -> Service:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / "test-service.log", "wb") as log:
+        proc = subprocess.Popen(
+            taskfs_cmd(
+                "serve",
+                "--port",
+                "0",
+                "--data-dir",
+                str(data_dir),
+                "--slots",
+                str(slots),
+                "--kill-grace",
+                "1",
+            ),
+            stdout=log,
+            stderr=log,
+        )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            info = json.loads((data_dir / "server.json").read_text())
+            if info["pid"] == proc.pid:
+                key = (data_dir / "api_key").read_text().strip()
+                return Service(info["url"], key, data_dir, proc)
+        except (OSError, ValueError, KeyError):
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"service died: {(data_dir / 'test-service.log').read_text()}")
+        time.sleep(0.05)
+    raise RuntimeError("service did not start")
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()

@@ -43,6 +43,7 @@ from taskfs.errors import (
     NotFoundError,
     ProtocolError,
     ServiceError,
+    TaskEndedError,
     TaskfsError,
     UsageError,
 )
@@ -191,6 +192,20 @@ class ApiClient:
         return await self._json(
             "POST", f"/tasks/{task_id}/kill", TaskStatus, what=f"task {task_id}"
         )
+
+    async def kill_running(self, task_id: str) -> TaskStatusCode:
+        """Kill a task that has not ended; ``TaskEndedError`` (ESRCH) if it has.
+
+        The API answers a kill of an ended task with its unchanged status, so a task that is
+        ``killed`` already is told apart from one killed now by asking for its status first.
+        """
+        before = await self.get_status(task_id)
+        if before.is_terminated:
+            raise TaskEndedError(f"task {task_id} has already ended ({before.status})")
+        answer = await self.kill(task_id)
+        if answer.is_terminated and answer.status != TaskStatusCode.KILLED:
+            raise TaskEndedError(f"task {task_id} has already ended ({answer.status})")
+        return answer.status
 
     async def submit(self, request: Mapping[str, Any]) -> SubmitResponse:
         return await self._json(

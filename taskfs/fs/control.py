@@ -21,7 +21,7 @@ import logging
 
 from taskfs.api.client import ApiClient
 from taskfs.api.models import TaskStatusCode
-from taskfs.errors import InvalidCommandError, TaskEndedError
+from taskfs.errors import InvalidCommandError
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +51,10 @@ def split_commands(buffer: str) -> tuple[list[str], str]:
 
 
 async def kill(api: ApiClient, task_id: str) -> TaskStatusCode:
-    """Ask the API to kill ``task_id``; ``TaskEndedError`` if it had already ended.
-
-    The API answers a kill of an ended task with its unchanged status, so a task that is
-    ``killed`` already is told apart from one killed now by asking for its status first.
-    """
-    before = await api.get_status(task_id)
-    if before.is_terminated:
-        raise TaskEndedError(f"task {task_id} has already ended ({before.status})")
-    answer = await api.kill(task_id)
-    if answer.is_terminated and answer.status != TaskStatusCode.KILLED:
-        raise TaskEndedError(f"task {task_id} has already ended ({answer.status})")
-    log.info("kill of task %s accepted (%s)", task_id, answer.status)
-    return answer.status
+    """Ask the API to kill ``task_id``; ``TaskEndedError`` if it had already ended."""
+    status = await api.kill_running(task_id)
+    log.info("kill of task %s accepted (%s)", task_id, status)
+    return status
 
 
 async def run(api: ApiClient, task_id: str, command: str) -> None:

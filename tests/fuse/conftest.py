@@ -6,28 +6,22 @@ clear reason only where ``/dev/fuse`` or ``fusermount3`` is missing; CI has both
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pytest
-import trio
 
-from taskfs.api.client import ApiClient
-from taskfs.api.models import TaskStatus
-from taskfs.api.submit import submit_task
-from taskfs.config import ClientSettings
 from taskfs.fs.mount import mount_entry
+from tests.support import Service, start_service, stop, taskfs_cmd
 
 T = TypeVar("T")
+__all__ = ["Service", "start_service", "stop", "taskfs_cmd"]
 
 FUSE_MISSING = (
     "no /dev/fuse"
@@ -44,93 +38,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.fuse)
             if FUSE_MISSING:
                 item.add_marker(pytest.mark.skip(reason=f"FUSE tests need FUSE: {FUSE_MISSING}"))
-
-
-def taskfs_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "taskfs", *args]
-
-
-@dataclass
-class Service:
-    url: str
-    key: str
-    data_dir: Path
-    proc: subprocess.Popen[bytes]
-
-    @property
-    def settings(self) -> ClientSettings:
-        return ClientSettings(api_url=self.url, api_key=self.key)
-
-    def call(self, fn: Callable[[ApiClient], Any]) -> Any:
-        """Run ``await fn(api)`` against the service (from sync test code)."""
-
-        async def main() -> Any:
-            async with ApiClient.open(self.settings) as api:
-                return await fn(api)
-
-        return trio.run(main)
-
-    def submit(self, *commands: str, **kwargs: Any) -> str:
-        return str(self.call(lambda api: submit_task(api, list(commands), **kwargs)))
-
-    def status(self, task_id: str) -> TaskStatus:
-        result: TaskStatus = self.call(lambda api: api.get_status(task_id))
-        return result
-
-    def wait_for(
-        self, task_id: str, until: Callable[[TaskStatus], bool], timeout: float = 30
-    ) -> TaskStatus:
-        deadline = time.monotonic() + timeout
-        while True:
-            status = self.status(task_id)
-            if until(status):
-                return status
-            if time.monotonic() > deadline:
-                raise AssertionError(f"task {task_id} stayed {status.status}")
-            time.sleep(0.1)
-
-
-def start_service(data_dir: Path, slots: int = 2) -> Service:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with open(data_dir / "test-service.log", "wb") as log:
-        proc = subprocess.Popen(
-            taskfs_cmd(
-                "serve",
-                "--port",
-                "0",
-                "--data-dir",
-                str(data_dir),
-                "--slots",
-                str(slots),
-                "--kill-grace",
-                "1",
-            ),
-            stdout=log,
-            stderr=log,
-        )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            info = json.loads((data_dir / "server.json").read_text())
-            if info["pid"] == proc.pid:
-                key = (data_dir / "api_key").read_text().strip()
-                return Service(info["url"], key, data_dir, proc)
-        except (OSError, ValueError, KeyError):
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"service died: {(data_dir / 'test-service.log').read_text()}")
-        time.sleep(0.05)
-    raise RuntimeError("service did not start")
-
-
-def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-    try:
-        return proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
 
 
 @dataclass

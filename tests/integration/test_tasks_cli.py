@@ -1,0 +1,287 @@
+"""``taskfs tasks ...`` as a user runs it, against the real local service in a process."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pty
+import signal
+import subprocess
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from taskfs.api.models import TaskStatusCode as S
+from tests.support import Service, start_service, stop, taskfs_cmd
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    running = start_service(tmp_path_factory.mktemp("data"), slots=4)
+    yield running
+    stop(running.proc)
+
+
+def cli(
+    service: Service, *args: str, stdin: int | None = subprocess.DEVNULL, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INDUCTIVA_")}
+    return subprocess.run(
+        taskfs_cmd(*args, "--data-dir", str(service.data_dir)),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        stdin=stdin,
+        check=False,
+    )
+
+
+def with_terminal(service: Service, *args: str, answer: str) -> subprocess.CompletedProcess[str]:
+    """Run with a pseudo-terminal on stdin and type ``answer`` at the prompt."""
+    master, slave = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INDUCTIVA_")}
+    proc = subprocess.Popen(
+        taskfs_cmd(*args, "--data-dir", str(service.data_dir)),
+        stdin=slave,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    os.close(slave)
+    os.write(master, answer.encode() + b"\n")
+    out, err = proc.communicate(timeout=60)
+    os.close(master)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def running(service: Service, command: str = "sleep 60") -> str:
+    task_id = service.submit(command)
+    service.wait_for(task_id, lambda s: s.status == S.COMPUTATION_STARTED)
+    return task_id
+
+
+def test_list_table_json_and_filters(service: Service) -> None:
+    first = service.submit("true", project="alpha")
+    second = service.submit("exit 1", project="beta")
+    for task_id in (first, second):
+        service.wait_for(task_id, lambda s: s.is_terminated)
+    table = cli(service, "tasks", "list", "-n", "2")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["ID", "STATUS", "SUBMITTED", "STARTED", "COMPUTATION", "MACHINE"]
+    assert [ln.split()[0] for ln in lines[1:]] == [second, first]  # newest first
+    assert lines[1].split()[1] == "failed" and lines[2].split()[1] == "success"
+    parsed = json.loads(cli(service, "tasks", "list", "--all", "--json").stdout)
+    ids = [t["task_id"] for t in parsed]
+    assert ids.index(second) < ids.index(first)
+    record = next(t for t in parsed if t["task_id"] == first)
+    assert record["status"] == "success" and record["project"] == "alpha"
+    assert record["is_terminated"] is True and record["machine_type"].startswith("local-")
+    assert record["computation_time"].count(":") == 2
+    beta = json.loads(cli(service, "tasks", "list", "--project", "beta", "--json").stdout)
+    assert [t["task_id"] for t in beta] == [second]
+    failed = json.loads(cli(service, "tasks", "list", "--status", "failed", "--json").stdout)
+    assert second in [t["task_id"] for t in failed]
+    assert first not in [t["task_id"] for t in failed]
+    bad = cli(service, "tasks", "list", "--status", "finished")
+    assert bad.returncode == 2 and "unknown status 'finished'" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_info_text_and_json(service: Service) -> None:
+    task_id = service.submit("echo hi")
+    service.wait_for(task_id, lambda s: s.is_terminated)
+    text = cli(service, "tasks", "info", task_id)
+    assert text.returncode == 0, text.stderr
+    assert f"Task {task_id}" in text.stdout and "success (Success)" in text.stdout
+    assert "Timeline:" in text.stdout and "exec_command echo hi [OK]" in text.stdout
+    for status in ("pending-input", "submitted", "started", "computation-started", "success"):
+        assert status in text.stdout
+    record = json.loads(cli(service, "tasks", "info", task_id, "--json").stdout)
+    assert record["task_id"] == task_id and record["status_history"][-1]["status"] == "success"
+
+
+def test_kill_prompt_yes_no_and_no_terminal(service: Service) -> None:
+    victim = running(service)
+    no_tty = cli(service, "tasks", "kill", victim)
+    assert no_tty.returncode == 1
+    assert "You are about to kill the following tasks:\n  - " + victim in no_tty.stdout
+    assert "nothing killed" in no_tty.stderr
+    said_no = with_terminal(service, "tasks", "kill", victim, answer="n")
+    assert said_no.returncode == 1
+    assert "Are you sure you want to proceed (y/[N])? " in said_no.stdout
+    assert service.status(victim).status == S.COMPUTATION_STARTED
+    said_yes = with_terminal(service, "tasks", "kill", victim, answer="y")
+    assert said_yes.returncode == 0, said_yes.stderr
+    assert f"Successfully sent kill request for task {victim}." in said_yes.stdout
+    assert service.wait_for(victim, lambda s: s.is_terminated).status == S.KILLED
+
+
+def test_kill_many_ended_and_wait(service: Service) -> None:
+    ended = service.submit("true")
+    service.wait_for(ended, lambda s: s.is_terminated)
+    victims = [running(service) for _ in range(3)]
+    victims += [service.submit("sleep 60") for _ in range(3)]  # some may still be queued
+    many = with_terminal(service, "tasks", "kill", *victims, ended, answer="yes")
+    assert "You are about to kill 7 task(s)." in many.stdout
+    assert many.returncode == 1  # the ended one failed...
+    assert f"Task {ended}: task {ended} has already ended (success); not killed." in many.stderr
+    for victim in victims:  # ...and did not stop the others
+        assert f"Successfully sent kill request for task {victim}." in many.stdout
+        assert service.wait_for(victim, lambda s: s.is_terminated).status == S.KILLED
+    another = running(service)
+    waited = cli(service, "tasks", "kill", another, "-y", "--wait", "20")
+    assert waited.returncode == 0, waited.stderr
+    assert f"Task {another} killed." in waited.stdout
+    assert cli(service, "tasks", "kill").returncode == 2
+    assert cli(service, "tasks", "kill", "--all", another).returncode == 2
+
+
+def test_kill_all(service: Service) -> None:
+    victims = {running(service), running(service)}
+    result = cli(service, "tasks", "kill", "--all", "-y")
+    assert result.returncode == 0, result.stderr
+    for victim in victims:
+        assert victim in result.stdout
+        assert service.wait_for(victim, lambda s: s.is_terminated).status == S.KILLED
+
+
+def _archive(service: Service, task_id: str) -> zipfile.ZipFile:
+    task = service.call(lambda api: api.get_task(task_id))
+    url = service.call(lambda api: api.download_url(task.storage_output_path))
+    return zipfile.ZipFile(io.BytesIO(httpx.get(url).content))
+
+
+def test_outputs_and_download(service: Service, tmp_path: Path) -> None:
+    task_id = service.submit(
+        "mkdir -p vtk log && seq 1 50000 > vtk/ParticleData_Fluid_1.vtk && "
+        "echo done > log/SPH_log.txt && head -c 300000 /dev/urandom > blob.bin && echo out"
+    )
+    service.wait_for(task_id, lambda s: s.is_terminated)
+    archive = _archive(service, task_id)
+    listing = cli(service, "tasks", "outputs", task_id)
+    assert listing.returncode == 0, listing.stderr
+    assert listing.stdout.startswith("Archive size: ")
+    from taskfs.outputs import format_bytes
+
+    for info in archive.infolist()[1:]:
+        name = info.filename.removeprefix("artifacts/")
+        row = f"  {format_bytes(info.file_size):<13}{format_bytes(info.compress_size):<13}{name}"
+        assert row in listing.stdout.splitlines()
+    whole = cli(service, "tasks", "download", task_id, "--dir", str(tmp_path / "all"))
+    assert whole.returncode == 0, whole.stderr
+    dest = tmp_path / "all" / task_id / "outputs"
+    assert f"to {dest}" in whole.stdout
+    assert "downloaded vtk/ParticleData_Fluid_1.vtk (" in whole.stdout  # plain lines: no tty
+    for info in archive.infolist()[1:]:
+        path = dest / info.filename.removeprefix("artifacts/")
+        assert path.read_bytes() == archive.read(info)
+    some = cli(
+        service,
+        "tasks",
+        "download",
+        task_id,
+        "--dir",
+        str(tmp_path / "some"),
+        "--files",
+        "log/SPH_log.txt",
+        "stdout.txt",
+    )
+    assert some.returncode == 0, some.stderr
+    got = sorted(
+        p.relative_to(tmp_path / "some" / task_id / "outputs").as_posix()
+        for p in (tmp_path / "some").rglob("*")
+        if p.is_file()
+    )
+    assert got == ["log/SPH_log.txt", "stdout.txt"]
+    wrong = cli(
+        service,
+        "tasks",
+        "download",
+        task_id,
+        "--dir",
+        str(tmp_path / "bad"),
+        "--files",
+        "stdout.txt",
+        "missing.txt",
+    )
+    assert wrong.returncode == 1 and "missing.txt" in wrong.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_wait_prints_changes_and_exit_status(service: Service) -> None:
+    task_id = service.submit("sleep 1; exit 3")
+    result = cli(service, "tasks", "wait", task_id, "--poll", "0.1")
+    assert result.returncode == 1
+    statuses = [line.split()[-1] for line in result.stdout.splitlines()]
+    assert statuses[-1] == "failed"
+    assert "computation-started" in statuses
+    assert len(statuses) == len(set(statuses))  # each change once
+    ok = service.submit("true")
+    assert cli(service, "tasks", "wait", ok, "--poll", "0.1").returncode == 0
+
+
+def test_ctrl_c_during_wait_kills_the_task(service: Service) -> None:
+    task_id = running(service)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INDUCTIVA_")}
+    proc = subprocess.Popen(
+        taskfs_cmd(
+            "tasks",
+            "wait",
+            task_id,
+            "--kill-on-interrupt",
+            "--poll",
+            "0.1",
+            "--data-dir",
+            str(service.data_dir),
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    deadline = time.monotonic() + 30
+    assert proc.stdout is not None
+    first = proc.stdout.readline()  # the first status line: it is watching
+    assert "computation-started" in first and time.monotonic() < deadline
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert f"Interrupted: killed task {task_id}." in err
+    assert "Traceback" not in err
+    assert service.wait_for(task_id, lambda s: s.is_terminated).status == S.KILLED
+
+
+def test_errors_are_one_line(service: Service, tmp_path: Path) -> None:
+    unknown = cli(service, "tasks", "info", "nosuchtask")
+    assert unknown.returncode == 1 and "not found" in unknown.stderr
+    assert unknown.stderr.count("\n") == 1 and "Traceback" not in unknown.stderr
+    bad_key = tmp_path / "key"
+    bad_key.write_text("wrong-key\n")
+    denied = cli(service, "tasks", "list", "--api-key-file", str(bad_key))
+    assert denied.returncode == 1 and "access denied" in denied.stderr
+    assert "wrong-key" not in denied.stderr and denied.stderr.count("\n") == 1
+    down = cli(
+        service,
+        "tasks",
+        "list",
+        "--api-url",
+        "http://127.0.0.1:9",
+        "--api-key-file",
+        str(bad_key),
+        "--deadline",
+        "1",
+    )
+    assert down.returncode == 1 and "cannot connect" in down.stderr
+    assert down.stderr.count("\n") == 1
+    usage = cli(service, "tasks", "list", "-n", "zero")
+    assert usage.returncode == 2 and "invalid int value" in usage.stderr
+    debug = cli(service, "tasks", "info", "nosuchtask", "--debug")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
