@@ -28,7 +28,8 @@ from taskfs.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
-MEMORY_CACHE = 64 << 20
+# The memory tier: blocks just fetched (until they are on disk) and hot small members.
+MEMORY_CACHE = 24 << 20
 
 
 def make_cache(cache_dir: Path | None, limit_bytes: int) -> Tiered:
@@ -137,10 +138,11 @@ async def output_info(api: ApiClient, task: Task) -> OutputInfo:
             nursery.cancel_scope.cancel()
     if archive is None:
         raise NotFoundError(f"task {task.task_id} has no outputs archive")
+    index = archive.entries
     files = tuple(
-        OutputFile(e.name[len(ARTIFACTS) :], e.size, e.compressed_size)
-        for e in archive.entries
-        if e.name.startswith(ARTIFACTS) and not e.is_dir
+        OutputFile(name[len(ARTIFACTS) :], index.sizes[i], index.csizes[i])
+        for i, name in enumerate(index.names)
+        if name.startswith(ARTIFACTS) and not name.endswith("/")
     )
     return OutputInfo(archive.size, files)
 
@@ -170,7 +172,7 @@ async def download(
             archive = await outputs.open(task, nursery)
             if archive is None:
                 raise NotFoundError(f"task {task.task_id} has no outputs archive")
-            files = {"/".join(parts): entry for parts, entry in walk(archive.tree)}
+            files = {"/".join(parts): entry for parts, entry in walk(archive.tree, archive.entries)}
             if filenames:
                 wanted = [_relative(name) for name in filenames]
                 missing = [name for name in wanted if name not in files]

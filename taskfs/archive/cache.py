@@ -20,6 +20,7 @@ limit after a ``put`` returns, and never turns a cache failure into a failed rea
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -56,8 +57,14 @@ class CacheKey(NamedTuple):
     number: int
 
     def digest(self) -> bytes:
-        text = f"{self.object_id}\0{self.etag}\0{self.kind}\0{self.number}"
-        return hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()
+        return _digest(self)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _digest(key: CacheKey) -> bytes:
+    """The key's file name (memoised: read-ahead asks about the same blocks again and again)."""
+    text = f"{key.object_id}\0{key.etag}\0{key.kind}\0{key.number}"
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()
 
 
 class DiskCache:

@@ -50,11 +50,11 @@ RETAIN = 4 << 20
 # A read further ahead than this repositions from a checkpoint instead of inflating on.
 FAR_AHEAD = 8 << 20
 # Checkpoint spacing: at least this, and at most ``MAX_CHECKPOINTS`` per member.
-CHECKPOINT_SPACING = 4 << 20
-MAX_CHECKPOINTS = 64
+CHECKPOINT_SPACING = 2 << 20
+MAX_CHECKPOINTS = 128
 # Sequential read-ahead window (bytes of archive data), doubling per sequential read.
 READAHEAD_START = 1 << 20
-READAHEAD_MAX = 32 << 20
+READAHEAD_MAX = 16 << 20
 
 SUPPORTED = frozenset({STORED, DEFLATED, BZIP2, LZMA})
 METHOD_NAMES = {1: "shrink", 6: "implode", 9: "deflate64", 93: "zstandard", 95: "xz", 98: "ppmd"}
@@ -77,6 +77,10 @@ class ArchiveBytes(Protocol):
 
     def deflate_index(self, entry: Entry) -> DeflateIndex:
         """The checkpoints of a deflate member, shared by all its readers."""
+        ...
+
+    def decoded(self, entry: Entry) -> bytes | None:
+        """A small member already decompressed and verified ahead of time, if any."""
         ...
 
 
@@ -169,6 +173,8 @@ class WholeMember:
 
     async def _load(self) -> bytes:
         async with self._lock:
+            if self._data is None:
+                self._data = self.archive.decoded(self.entry)
             if self._data is None:
                 raw = await self.archive.member_data(self.entry)
                 if len(raw) >= THREAD_INPUT and self.entry.method != STORED:

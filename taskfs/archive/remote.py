@@ -11,9 +11,9 @@ Fetch rules:
   one GET (at most ``MAX_REQUEST``); different runs go in parallel under the pool's limiter;
 * a block or member being fetched is fetched once: later readers wait for that fetch;
 * a small member costs exactly one GET the first time (its local header and data, with a small
-  margin for the local extra field) and none after; when members are read in archive order the
-  next ones are fetched with it, the batch doubling while the streak lasts, and the following
-  batch is started in the background when the reader is halfway through the current one;
+  margin for the local extra field, and a few neighbours in the same request) and none after;
+  once members are read in archive order, up to ``BATCH_MAX`` bytes of the following members
+  are kept fetched ahead, in parallel requests of at most ``BATCH_PART`` bytes;
 * read-ahead (asked for by member readers) prefetches blocks in the background.
 
 Must stay true: bytes come only from this archive's ETag (cache keys carry it); no member's
@@ -24,19 +24,21 @@ raise into a reader (a failed prefetch is simply fetched again on demand).
 from __future__ import annotations
 
 import logging
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 
 import trio
 
 from taskfs.archive.cache import CacheKey, Tiered
-from taskfs.archive.member import DeflateIndex, MemberReader, open_member
+from taskfs.archive.member import DeflateIndex, MemberReader, decompress_all, open_member
 from taskfs.archive.rangeio import RangeSource
 from taskfs.archive.zipindex import (
     LOCAL,
     TAIL_SIZE,
     DirNode,
     Entry,
+    Index,
     NeedBytes,
     build_tree,
     clean_path,
@@ -44,7 +46,7 @@ from taskfs.archive.zipindex import (
     parse_directory,
     parse_local_header,
 )
-from taskfs.errors import ArchiveError
+from taskfs.errors import ArchiveError, TaskfsError
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +55,16 @@ MAX_REQUEST = 8 << 20
 # Bytes allowed beyond the central directory's extra length for the local header's own.
 LOCAL_MARGIN = 256
 # Batches of small members: first extra budget, and the most one GET may carry.
-BATCH_START = 256 << 10
+BATCH_START = 128 << 10
 BATCH_MAX = 8 << 20
+# One request of a batch carries at most this much; the rest go in parallel requests.
+BATCH_PART = 1 << 20
 # Parse the central directory in a thread above this size.
 THREAD_PARSE = 256 << 10
-MAX_DEFLATE_INDEXES = 16
+MAX_DEFLATE_INDEXES = 4
+# Decoding ahead: members up to this size, and at most this much kept decoded.
+PREDECODE_MAX = 1 << 20
+DECODED_MAX = 8 << 20
 
 
 class RemoteArchive:
@@ -69,7 +76,7 @@ class RemoteArchive:
         source: RangeSource,
         cache: Tiered,
         object_id: str,
-        entries: list[Entry],
+        entries: Index,
         data_end: int,
         tree: DirNode,
         nursery: trio.Nursery,
@@ -89,13 +96,15 @@ class RemoteArchive:
         self._pending: dict[CacheKey, _Flight] = {}
         self._starts: dict[int, int] = {}
         self._indexes: OrderedDict[int, DeflateIndex] = OrderedDict()
-        # Members in archive order, for batching neighbours.
-        self._order = sorted(range(len(entries)), key=lambda i: entries[i].header_offset)
-        self._rank = {index: rank for rank, index in enumerate(self._order)}
+        # Members in archive order, for batching neighbours (built on first use).
+        self._order_cache: tuple[array[int], array[int]] | None = None
         self._last_rank = -2
         self._streak = 0
         self._frontier = -1  # highest rank fetched or being fetched by a batch
-        self._batch_mid = -1
+        # Small members decoded ahead of their readers (header offset -> verified bytes).
+        self._decoded: OrderedDict[int, bytes] = OrderedDict()
+        self._decoded_bytes = 0
+        self._decode_slots = trio.CapacityLimiter(1)
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -151,7 +160,7 @@ class RemoteArchive:
 
     def find(self, path: Sequence[str]) -> DirNode | Entry | None:
         """The node at ``path`` (components under the shown subtree), or ``None``."""
-        node: DirNode | Entry = self.tree
+        node: DirNode | int = self.tree
         for part in path:
             if not isinstance(node, DirNode):
                 return None
@@ -159,7 +168,27 @@ class RemoteArchive:
             if child is None:
                 return None
             node = child
-        return node
+        return node if isinstance(node, DirNode) else self.entries[node]
+
+    @property
+    def _order(self) -> array[int]:
+        """Record numbers in archive order."""
+        return self._orders()[0]
+
+    @property
+    def _rank(self) -> array[int]:
+        """The position of each record in archive order."""
+        return self._orders()[1]
+
+    def _orders(self) -> tuple[array[int], array[int]]:
+        if self._order_cache is None:
+            offsets = self.entries.offsets
+            order = array("l", sorted(range(len(offsets)), key=offsets.__getitem__))
+            rank = array("l", bytes(order.itemsize * len(order)))
+            for position, index in enumerate(order):
+                rank[index] = position
+            self._order_cache = (order, rank)
+        return self._order_cache
 
     def lookup(self, relative: str) -> DirNode | Entry | None:
         parts = clean_path(relative)
@@ -241,8 +270,10 @@ class RemoteArchive:
         end: int,
         parts: list[tuple[CacheKey, int, int]],
         flights: dict[CacheKey, _Flight],
+        members: tuple[Entry, ...] = (),
     ) -> None:
-        """Fetch ``[start, end)``, put each part in memory, wake waiters, then write to disk.
+        """Fetch ``[start, end)``, put each part in memory, wake waiters, then decode small
+        ``members`` ahead of their readers (in a worker thread) and write to disk.
 
         Runs in the archive's nursery: it never raises; waiters get the error.
         """
@@ -260,17 +291,61 @@ class RemoteArchive:
                 flight.error = error
                 flight.event.set()
         if error is None:
+            if members:
+                await self._predecode(members, data, start)
             for key, p_start, p_end in parts:
                 await self.cache.put_disk(key, data[p_start - start : p_end - start])
 
-    def _start(self, start: int, end: int, parts: list[tuple[CacheKey, int, int]]) -> None:
+    async def _predecode(self, members: tuple[Entry, ...], data: bytes, start: int) -> None:
+        """Decompress and verify fetched small members before anyone asks (another core)."""
+
+        def work() -> list[tuple[int, bytes]]:
+            decoded = []
+            view = memoryview(data)
+            for entry in members:
+                if entry.header_offset in self._decoded or entry.size > PREDECODE_MAX:
+                    continue
+                at = entry.header_offset - start
+                try:
+                    header = parse_local_header(view[at:])
+                    raw = data[at + header : at + header + entry.compressed_size]
+                    if len(raw) == entry.compressed_size:
+                        decoded.append((entry.header_offset, decompress_all(entry, raw)))
+                except TaskfsError:
+                    continue  # its reader will meet the same error and report it
+            return decoded
+
+        for offset, body in await trio.to_thread.run_sync(work, limiter=self._decode_slots):
+            self._decoded[offset] = body
+            self._decoded_bytes += len(body)
+        while self._decoded_bytes > DECODED_MAX:
+            _, old = self._decoded.popitem(last=False)
+            self._decoded_bytes -= len(old)
+
+    def decoded(self, entry: Entry) -> bytes | None:
+        """A small member already decompressed and verified, if it was decoded ahead."""
+        body = self._decoded.pop(entry.header_offset, None) if self._decoded else None
+        if body is not None:
+            self._decoded_bytes -= len(body)
+            rank = self._rank[entry.index]
+            self._note_rank(rank)  # a reader on a streak: keep fetching ahead of it
+            self._maybe_prefetch_batch(rank)
+        return body
+
+    def _start(
+        self,
+        start: int,
+        end: int,
+        parts: list[tuple[CacheKey, int, int]],
+        members: tuple[Entry, ...] = (),
+    ) -> None:
         """Fetch ``[start, end)`` in the background for the parts not already in flight."""
         mine: dict[CacheKey, _Flight] = {}
         for key, _, _ in parts:
             if key not in self._pending:
                 mine[key] = self._pending[key] = _Flight()
         if mine:
-            self._nursery.start_soon(self._land, start, end, parts, mine)
+            self._nursery.start_soon(self._land, start, end, parts, mine, members)
 
     async def _member_extent(self, entry: Entry) -> bytes:
         key = self._key("m", entry.header_offset)
@@ -283,8 +358,8 @@ class RemoteArchive:
                 return data
             flight = self._pending.get(key)
             if flight is None:
-                budget = BATCH_START << (self._streak - 1) if self._streak > 0 else 0
-                self._start_batch(rank, min(budget, BATCH_MAX))
+                # Even a lone miss takes a few neighbours along (cheap: same request).
+                self._start_batch(rank, min(BATCH_START << self._streak, BATCH_MAX))
                 flight = self._pending[key]
             await flight.event.wait()
             if flight.error is not None:
@@ -318,20 +393,28 @@ class RemoteArchive:
         return members
 
     def _start_batch(self, rank: int, budget: int) -> None:
+        """Fetch a batch of neighbours, split into requests of at most ``BATCH_PART`` bytes
+        that go in parallel (one connection is capped; several are not)."""
         members = self._batch(rank, budget)
-        last_rank = self._rank[members[-1].index]
-        self._frontier = max(self._frontier, last_rank)
-        self._batch_mid = (rank + last_rank) // 2
-        extents = [self._extent(m) for m in members]
-        parts = [
-            (self._key("m", m.header_offset), e_start, e_end)
-            for m, (e_start, e_end) in zip(members, extents, strict=True)
-        ]
-        self._start(extents[0][0], max(e for _, e in extents), parts)
+        self._frontier = max(self._frontier, self._rank[members[-1].index])
+        group: list[tuple[CacheKey, int, int]] = []
+        entries: list[Entry] = []
+        for member in members:
+            e_start, e_end = self._extent(member)
+            if group and e_end - group[0][1] > BATCH_PART:
+                self._start(group[0][1], max(e for _, _, e in group), group, tuple(entries))
+                group, entries = [], []
+            group.append((self._key("m", member.header_offset), e_start, e_end))
+            entries.append(member)
+        self._start(group[0][1], max(e for _, _, e in group), group, tuple(entries))
 
     def _maybe_prefetch_batch(self, rank: int) -> None:
-        """Start the next batch in the background once a streak passes the current midpoint."""
-        if self._streak < 2 or rank < self._batch_mid or self._frontier + 1 >= len(self._order):
+        """Keep at least half of ``BATCH_MAX`` fetched ahead of a reader on a streak."""
+        if self._streak < 2 or self._frontier + 1 >= len(self._order):
+            return
+        current = self._extent(self.entries[self._order[rank]])[1]
+        frontier = self._extent(self.entries[self._order[self._frontier]])[1]
+        if frontier - current >= BATCH_MAX // 2:
             return
         following = self._frontier + 1
         entry = self.entries[self._order[following]]
@@ -341,7 +424,7 @@ class RemoteArchive:
         if key in self._pending or self.cache.contains(key):
             self._frontier = following
             return
-        self._start_batch(following, min(BATCH_MAX, BATCH_START << self._streak))
+        self._start_batch(following, BATCH_MAX - max(0, frontier - current))
 
     # -- blocks --------------------------------------------------------------------------------
 

@@ -22,8 +22,10 @@ from __future__ import annotations
 import stat
 import struct
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
 from taskfs.errors import ArchiveError
 
@@ -82,6 +84,86 @@ class Entry:
     @property
     def encrypted(self) -> bool:
         return bool(self.flags & FLAG_ENCRYPTED)
+
+
+class Index(Sequence[Entry]):
+    """The central directory in columns: a few machine words and one string per entry.
+
+    ``index[i]`` builds the ``Entry`` of record ``i`` on demand; nothing else keeps per-entry
+    Python objects, so a 70,000-entry archive costs a few MiB, not tens.
+    """
+
+    __slots__ = (
+        "crcs",
+        "csizes",
+        "extra_lens",
+        "flags",
+        "methods",
+        "modes",
+        "mtimes",
+        "name_lens",
+        "names",
+        "offsets",
+        "sizes",
+    )
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.offsets = array("q")
+        self.csizes = array("q")
+        self.sizes = array("q")
+        self.crcs = array("I")
+        self.methods = array("H")
+        self.flags = array("H")
+        self.name_lens = array("H")
+        self.extra_lens = array("H")
+        self.mtimes = array("d")
+        self.modes = array("I")
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @overload
+    def __getitem__(self, i: int) -> Entry: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Entry]: ...
+
+    def __getitem__(self, i: int | slice) -> Entry | list[Entry]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        return Entry(
+            index=i,
+            name=self.names[i],
+            header_offset=self.offsets[i],
+            compressed_size=self.csizes[i],
+            size=self.sizes[i],
+            method=self.methods[i],
+            crc=self.crcs[i],
+            flags=self.flags[i],
+            mtime=self.mtimes[i],
+            mode=self.modes[i],
+            name_len=self.name_lens[i],
+            extra_len=self.extra_lens[i],
+        )
+
+    def append(self, entry: Entry) -> None:
+        self.names.append(entry.name)
+        self.offsets.append(entry.header_offset)
+        self.csizes.append(entry.compressed_size)
+        self.sizes.append(entry.size)
+        self.crcs.append(entry.crc)
+        self.methods.append(entry.method)
+        self.flags.append(entry.flags)
+        self.name_lens.append(entry.name_len)
+        self.extra_lens.append(entry.extra_len)
+        self.mtimes.append(entry.mtime)
+        self.modes.append(entry.mode)
+
+    def is_dir(self, i: int) -> bool:
+        return self.names[i].endswith("/")
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +256,7 @@ def _find_eocd(tail: bytes) -> int:
     return fallback
 
 
-def parse_directory(data: bytes, directory: Directory) -> list[Entry]:
+def parse_directory(data: bytes, directory: Directory) -> Index:
     """Parse the central directory bytes ``data`` (exactly ``directory.size`` long).
 
     A member whose data would lie outside the data area (before the directory) is still
@@ -182,7 +264,7 @@ def parse_directory(data: bytes, directory: Directory) -> list[Entry]:
     """
     if len(data) != directory.size:
         raise ArchiveError("central directory buffer has the wrong size")
-    entries: list[Entry] = []
+    entries = Index()
     pos = 0
     end = len(data)
     while pos < end:
@@ -223,22 +305,17 @@ def parse_directory(data: bytes, directory: Directory) -> list[Entry]:
         if max(usize, csize, offset) >= MAX_MEMBER_BYTES:
             raise ArchiveError(f"member {len(entries)} claims an impossible size or offset")
         name = _decode(raw_name, flags)
-        entries.append(
-            Entry(
-                index=len(entries),
-                name=name,
-                header_offset=offset,
-                compressed_size=csize,
-                size=usize,
-                method=method,
-                crc=crc,
-                flags=flags,
-                mtime=mtime if mtime is not None else _dos_time(ddate, dtime),
-                mode=_mode(system, eattr, name),
-                name_len=name_len,
-                extra_len=extra_len,
-            )
-        )
+        entries.names.append(name)
+        entries.offsets.append(offset)
+        entries.csizes.append(csize)
+        entries.sizes.append(usize)
+        entries.crcs.append(crc)
+        entries.methods.append(method)
+        entries.flags.append(flags)
+        entries.name_lens.append(name_len)
+        entries.extra_lens.append(extra_len)
+        entries.mtimes.append(mtime if mtime is not None else _dos_time(ddate, dtime))
+        entries.modes.append(_mode(system, eattr, name))
         pos = next_pos
     if len(entries) != directory.count and len(entries) % 0x10000 != directory.count % 0x10000:
         raise ArchiveError(
@@ -299,16 +376,19 @@ def _dos_time(ddate: int, dtime: int) -> float:
         return DOS_EPOCH
 
 
+DIR_MODE = stat.S_IFDIR | 0o555
+FILE_MODE = stat.S_IFREG | 0o444
+EXEC_MODE = stat.S_IFREG | 0o555
+
+
 def _mode(system: int, external: int, name: str) -> int:
     """Permission bits for the mount: read-only, executable where the archive says so."""
-    directory = name.endswith("/")
-    executable = system == UNIX and bool((external >> 16) & 0o111)
-    if directory:
-        return stat.S_IFDIR | 0o555
-    return stat.S_IFREG | (0o555 if executable else 0o444)
+    if name.endswith("/"):
+        return DIR_MODE
+    return EXEC_MODE if system == UNIX and (external >> 16) & 0o111 else FILE_MODE
 
 
-def parse_local_header(data: bytes) -> int:
+def parse_local_header(data: bytes | memoryview) -> int:
     """Length of the local header at the start of ``data`` (signature checked)."""
     if len(data) < LOCAL.size:
         raise ArchiveError("local header truncated")
@@ -323,9 +403,10 @@ def parse_local_header(data: bytes) -> int:
 
 @dataclass(slots=True)
 class DirNode:
-    """A directory of the tree: children by name, in archive order."""
+    """A directory of the tree: children by name, in archive order; a file child is its
+    record number in the ``Index``."""
 
-    children: dict[str, DirNode | Entry] = field(default_factory=dict)
+    children: dict[str, DirNode | int] = field(default_factory=dict)
     mtime: float = DOS_EPOCH
     explicit: bool = False
 
@@ -344,39 +425,41 @@ def clean_path(name: str) -> tuple[str, ...] | None:
     return tuple(parts) if parts else None
 
 
-def build_tree(entries: Iterable[Entry], prefix: str = "artifacts/") -> DirNode:
+def build_tree(entries: Index, prefix: str = "artifacts/") -> DirNode:
     """The tree of everything under ``prefix`` (not shown itself), names sanitised."""
     root = DirNode(explicit=True)
-    for entry in entries:
-        if not entry.name.startswith(prefix):
+    names, mtimes = entries.names, entries.mtimes
+    for index, name in enumerate(names):
+        if not name.startswith(prefix):
             continue
         # Below the prefix a leading slash cannot escape: "artifacts//x" is "x".
-        parts = clean_path(entry.name[len(prefix) :].lstrip("/"))
+        parts = clean_path(name[len(prefix) :].lstrip("/"))
         if parts is None:
             continue
+        mtime = mtimes[index]
         node = root
         for part in parts[:-1]:
             child = node.children.get(part)
             if not isinstance(child, DirNode):
-                child = DirNode(mtime=entry.mtime)  # replaces a file of the same name
+                child = DirNode(mtime=mtime)  # replaces a file of the same name
                 node.children[part] = child
             node = child
         leaf = parts[-1]
         existing = node.children.get(leaf)
-        if entry.is_dir:
+        if name.endswith("/"):
             if isinstance(existing, DirNode):
                 existing.explicit = True
-                existing.mtime = entry.mtime
+                existing.mtime = mtime
             else:
-                node.children[leaf] = DirNode(mtime=entry.mtime, explicit=True)
+                node.children[leaf] = DirNode(mtime=mtime, explicit=True)
         elif not isinstance(existing, DirNode):
             node.children.pop(leaf, None)  # duplicates keep the last entry, in its place
-            node.children[leaf] = entry
-    _settle_mtimes(root)
+            node.children[leaf] = index
+    _settle_mtimes(root, mtimes)
     return root
 
 
-def _settle_mtimes(root: DirNode) -> None:
+def _settle_mtimes(root: DirNode, mtimes: array[float]) -> None:
     """Implicit directories take the newest mtime below them (iteratively, no recursion)."""
     order: list[DirNode] = []
     stack = [root]
@@ -387,12 +470,14 @@ def _settle_mtimes(root: DirNode) -> None:
     for node in reversed(order):
         if node.explicit and node is not root:
             continue
-        times = [c.mtime for c in node.children.values()]
+        times = [c.mtime if isinstance(c, DirNode) else mtimes[c] for c in node.children.values()]
         if times:
             node.mtime = max(times)
 
 
-def walk(root: DirNode, base: Sequence[str] = ()) -> Iterator[tuple[tuple[str, ...], Entry]]:
+def walk(
+    root: DirNode, entries: Index, base: Sequence[str] = ()
+) -> Iterator[tuple[tuple[str, ...], Entry]]:
     """Every file of the tree with its path, depth first (iteratively)."""
     stack: list[tuple[tuple[str, ...], DirNode]] = [(tuple(base), root)]
     while stack:
@@ -401,4 +486,4 @@ def walk(root: DirNode, base: Sequence[str] = ()) -> Iterator[tuple[tuple[str, .
             if isinstance(child, DirNode):
                 stack.append(((*path, name), child))
             else:
-                yield (*path, name), child
+                yield (*path, name), entries[child]

@@ -8,9 +8,10 @@ command is ``kill``. Reading ``control`` lists the accepted commands (``HELP``).
 Must stay true:
 * a write is validated and acted on in the ``write`` call itself (``echo kill > control``
   arrives as ``open(O_TRUNC)`` + ``write``; errors raised at ``release`` are thrown away by the
-  kernel), and returns only after the API acknowledged the command;
-* a write that is only the beginning of a command (``ki``) waits for the rest; anything else
-  that is not a command is ``InvalidCommandError`` (EINVAL) and nothing is sent;
+  kernel, and taskfs answers no ``flush`` at all), and returns only after the API acknowledged
+  the command;
+* each write holds whole commands: a write with anything that is not a command is
+  ``InvalidCommandError`` (EINVAL) and nothing of it is sent;
 * ``kill`` on a task that has already ended is ``TaskEndedError`` (ESRCH); on a task whose kill
   is accepted or already pending it succeeds.
 """
@@ -27,27 +28,18 @@ log = logging.getLogger(__name__)
 
 COMMANDS = ("kill",)
 HELP = "".join(f"{c}\n" for c in COMMANDS)
-MAX_PENDING = 64  # bytes of an unfinished command kept between writes
 
 
-def split_commands(buffer: str) -> tuple[list[str], str]:
-    """Complete commands in ``buffer`` and the unfinished rest.
+def parse(text: str) -> list[str]:
+    """The commands in one write: one per line, surrounding whitespace and newline ignored.
 
-    Raises ``InvalidCommandError`` for a line that is not (and cannot become) a command.
+    Raises ``InvalidCommandError`` if any line is not a command (then none is carried out).
     """
-    lines = buffer.split("\n")
-    rest = lines.pop()  # after the last newline: maybe unfinished
-    commands = [word for word in (line.strip() for line in lines) if word]
+    commands = [word for word in (line.strip() for line in text.splitlines()) if word]
     for word in commands:
         if word not in COMMANDS:
             raise InvalidCommandError(f"unknown control command {word!r}")
-    word = rest.strip()
-    if word in COMMANDS:
-        commands.append(word)
-        rest = ""
-    elif (word and not any(c.startswith(word) for c in COMMANDS)) or len(rest) > MAX_PENDING:
-        raise InvalidCommandError(f"unknown control command {word!r}")
-    return commands, rest
+    return commands
 
 
 async def kill(api: ApiClient, task_id: str) -> TaskStatusCode:

@@ -178,9 +178,10 @@ class Operations(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         return await self.vfs.write(fh, off, buf)
 
-    @handler
     async def flush(self, fh: int) -> None:
-        self.vfs.flush(fh)
+        # Nothing to flush (control acts in write): ENOSYS makes the kernel stop sending
+        # FLUSH, one request less for every close.
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @handler
     async def release(self, fh: int) -> None:
@@ -196,13 +197,14 @@ class Operations(pyfuse3.Operations):
         stats.f_namemax = 255
         return stats
 
-    @handler
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+    # No extended attributes: ENOSYS makes the kernel stop asking (``ls -l`` would otherwise
+    # send two xattr requests per file).
 
-    @handler
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return []
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     # Everything that would change the tree is refused: taskfs is read-only but for control.
 

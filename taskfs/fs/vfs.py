@@ -43,7 +43,6 @@ from taskfs.archive.zipindex import DirNode, Entry
 from taskfs.errors import (
     BusyError,
     ChecksumError,
-    InvalidCommandError,
     IsDirError,
     NotDirError,
     NotFoundError,
@@ -135,7 +134,6 @@ class _FileHandle:
     content: bytes = b""
     reader: MemberReader | None = None
     inode: Inode = ROOT_INODE
-    pending: str = ""  # control: an unfinished command
     pid: int = 0  # wait: the process that opened it
 
 
@@ -376,13 +374,18 @@ class Vfs:
                 raise NotDirError(_describe(key))
             state = await self._state(key.task_id)
             timeout = self._timeout(state.task)
+            archive = await self._archive(key.task_id)
             for name, item in node.children.items():
                 item_key = NodeKey("outputs", key.task_id, path=(*key.path, name))
                 if isinstance(item, DirNode):
                     subdirs = sum(1 for c in item.children.values() if isinstance(c, DirNode))
                     attr = self._attr(DIR_MODE, 0, int(item.mtime * NS), timeout, 2 + subdirs)
                 else:
-                    attr = self._attr(item.mode, item.size, int(item.mtime * NS), timeout)
+                    assert archive is not None
+                    index = archive.entries
+                    attr = self._attr(
+                        index.modes[item], index.sizes[item], int(index.mtimes[item] * NS), timeout
+                    )
                 entries.append((name, item_key, attr))
         else:
             raise NotDirError(_describe(key))
@@ -445,19 +448,12 @@ class Vfs:
         handle = self._file(fh)
         if handle.key.name != "control":
             raise ReadOnlyError("read-only file")
-        text = data.decode("utf-8", "replace")
-        commands, handle.pending = control.split_commands(handle.pending + text)
+        commands = control.parse(data.decode("utf-8", "replace"))
         for command in commands:
             await control.run(self.api, handle.key.task_id, command)
         if commands:
             self._states.pop(handle.key.task_id, None)  # show the new status at once
         return len(data)
-
-    def flush(self, fh: int) -> None:
-        handle = self._handles.get(fh)
-        if isinstance(handle, _FileHandle) and handle.pending.strip():
-            pending, handle.pending = handle.pending, ""
-            raise InvalidCommandError(f"unfinished control command {pending.strip()!r}")
 
     def release(self, fh: int) -> None:
         self._handles.pop(fh, None)

@@ -25,6 +25,7 @@ import struct
 import tempfile
 import time
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -129,8 +130,10 @@ class Storage:
     def pack_outputs(self, work_dir: Path, path: str) -> OutputStats:
         """Pack ``work_dir`` into the archive at ``path``: ``artifacts/`` plus every file.
 
-        Deflate, zip64 when needed, symlinks stored as the files they point to when those lie
-        inside ``work_dir`` and skipped otherwise. Written to a temp file and renamed.
+        Deflate, except files that do not compress (their first MiB shrinks by less than 3%),
+        which are stored as zip tools do; zip64 when needed; symlinks stored as the files they
+        point to when those lie inside ``work_dir`` and skipped otherwise. Written to a temp
+        file and renamed.
         """
         target = self.resolve(path)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -142,10 +145,13 @@ class Storage:
                     zf.mkdir(OUTPUT_PREFIX.rstrip("/"))
                     for file, rel in _walk_files(work_dir):
                         info = zipfile.ZipInfo.from_file(file, OUTPUT_PREFIX + rel)
-                        info.compress_type = zipfile.ZIP_DEFLATED
-                        with open(file, "rb") as src, zf.open(info, "w") as dst:
-                            while chunk := src.read(1 << 20):
-                                dst.write(chunk)
+                        with open(file, "rb") as src:
+                            sample = src.read(SAMPLE)
+                            info.compress_type = _method_for(sample)
+                            with zf.open(info, "w") as dst:
+                                dst.write(sample)
+                                while chunk := src.read(1 << 20):
+                                    dst.write(chunk)
                         size += info.file_size
                         files += 1
                 raw.flush()
@@ -199,6 +205,17 @@ class Storage:
             "range_end": start + info.compress_size - 1,
             "compress_type": info.compress_type,
         }
+
+
+SAMPLE = 1 << 20
+
+
+def _method_for(sample: bytes) -> int:
+    """Deflate, unless the sample does not compress (random or already compressed data)."""
+    if len(sample) < 4096:
+        return zipfile.ZIP_DEFLATED
+    compressed = len(zlib.compress(sample, 1))
+    return zipfile.ZIP_STORED if compressed > 0.97 * len(sample) else zipfile.ZIP_DEFLATED
 
 
 def _dir_prefix(relative: str) -> str:

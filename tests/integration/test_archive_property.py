@@ -93,7 +93,7 @@ async def check(
     async with httpx.AsyncClient() as http, trio.open_nursery() as nursery:
         cache = Tiered(MemoryCache(1 << 20), DiskCache(cache_dir, 4 << 20))
         archive = await RemoteArchive.open(RangeSource(http, url), cache, path, nursery=nursery)
-        files = dict(walk(archive.tree))
+        files = dict(walk(archive.tree, archive.entries))
         # Directories that shadow a file of the same name hide it; everything else is there.
         assert set(files) <= set(expected)
         for parts, entry in files.items():

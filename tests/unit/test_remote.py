@@ -98,7 +98,7 @@ async def test_open_costs_one_get_for_a_small_directory(opener: tuple[Objects, O
     objects, open_archive = opener
     archive = await open_archive(build([(f"f{i}", b"x", zipfile.ZIP_STORED) for i in range(50)]))
     assert objects.gets() == 1
-    assert len(list(walk(archive.tree))) == 50
+    assert len(list(walk(archive.tree, archive.entries))) == 50
 
 
 async def test_open_costs_two_gets_for_a_large_directory(opener: tuple[Objects, Opener]) -> None:
@@ -107,7 +107,7 @@ async def test_open_costs_two_gets_for_a_large_directory(opener: tuple[Objects, 
     archive = await open_archive(data)
     assert archive.data_end < len(data) - 200_000  # the directory is far larger than the tail
     assert objects.gets() == 2
-    assert len(list(walk(archive.tree))) == 10_000
+    assert len(list(walk(archive.tree, archive.entries))) == 10_000
 
 
 async def test_small_member_costs_one_get_and_rereads_none(

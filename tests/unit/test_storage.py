@@ -117,3 +117,18 @@ def test_zip_metadata(storage: Storage, tmp_path: Path) -> None:
     assert zlib.decompress(data, -15) == b"deep " * 50
     with pytest.raises(KeyError):
         storage.zip_file_range("t/output.zip", "artifacts/", "missing")
+
+
+def test_incompressible_files_are_stored(storage: Storage, tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "random.bin").write_bytes(os.urandom(200_000))
+    (work / "text.vtk").write_bytes(b"0.125 0.250 0.375\n" * 20_000)
+    (work / "tiny").write_bytes(os.urandom(100))
+    storage.pack_outputs(work, "t/output.zip")
+    with zipfile.ZipFile(storage.resolve("t/output.zip")) as zf:
+        methods = {i.filename: i.compress_type for i in zf.infolist()}
+        assert zf.testzip() is None
+    assert methods["artifacts/random.bin"] == zipfile.ZIP_STORED
+    assert methods["artifacts/text.vtk"] == zipfile.ZIP_DEFLATED
+    assert methods["artifacts/tiny"] == zipfile.ZIP_DEFLATED

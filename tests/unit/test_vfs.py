@@ -119,10 +119,7 @@ class Kernel:
             await self.vfs.setattr(attr.inode, 0, False, True)
             return await self.vfs.write(info.fh, 0, data)
         finally:
-            try:
-                self.vfs.flush(info.fh)
-            finally:
-                self.vfs.release(info.fh)
+            self.vfs.release(info.fh)
 
     def forget_all(self) -> None:
         self.vfs.forget(list(self.refs.items()))
@@ -345,15 +342,14 @@ async def test_control_kill_and_errors(env: Env) -> None:
     with pytest.raises(InvalidCommandError):
         await env.kernel.write("run/control", b"kill now\n")
     kills = env.fake.calls["POST tasks/{id}/kill"]
-    control = await env.kernel.resolve("run/control")
-    info = await env.vfs.open(control.inode, os.O_WRONLY)
-    assert await env.vfs.write(info.fh, 0, b"ki") == 2  # the start of a command: wait
-    assert await env.vfs.write(info.fh, 2, b"ll\n") == 3
+    with pytest.raises(InvalidCommandError):
+        await env.kernel.write("run/control", b"ki")  # each write holds whole commands
+    with pytest.raises(InvalidCommandError):
+        await env.kernel.write("run/control", b"kill\nnonsense\n")  # all or nothing
+    assert env.fake.calls["POST tasks/{id}/kill"] == kills
+    assert await env.kernel.write("run/control", b"\n") == 1  # nothing to do
+    assert await env.kernel.write("run/control", b"kill") == 4  # no newline: fine
     assert env.fake.calls["POST tasks/{id}/kill"] == kills + 1
-    assert await env.vfs.write(info.fh, 5, b"ki") == 2
-    with pytest.raises(InvalidCommandError, match="unfinished"):
-        env.vfs.flush(info.fh)
-    env.vfs.release(info.fh)
 
 
 async def test_everything_but_control_is_read_only(env: Env) -> None:

@@ -30,7 +30,7 @@ def build(members: list[tuple[str, bytes]]) -> bytes:
     return buf.getvalue()
 
 
-def index(data: bytes, tail: int = zi.TAIL_SIZE) -> tuple[zi.Directory, list[zi.Entry]]:
+def index(data: bytes, tail: int = zi.TAIL_SIZE) -> tuple[zi.Directory, zi.Index]:
     """Locate and parse like a reader would, fetching more only when told to."""
     start = max(0, len(data) - tail)
     location = zi.locate_directory(data[start:], start, len(data))
@@ -173,12 +173,12 @@ def test_tree_rules() -> None:
     deep = tree.children["implicit"]
     assert isinstance(deep, zi.DirNode) and not deep.explicit
     dup = tree.children["dup.txt"]
-    assert isinstance(dup, zi.Entry) and dup.index == 3
+    assert dup == 3 and entries[dup].index == 3
     clash = tree.children["clash"]
     assert isinstance(clash, zi.DirNode) and set(clash.children) == {"inner"}
     explicit = tree.children["explicit"]
     assert isinstance(explicit, zi.DirNode) and explicit.children == {}
-    paths = sorted("/".join(p) for p, _ in zi.walk(tree))
+    paths = sorted("/".join(p) for p, _ in zi.walk(tree, entries))
     assert paths == ["abs", "clash/inner", "dup.txt", "implicit/deep/file.txt"]
 
 
@@ -273,5 +273,5 @@ def test_corrupted_archives_fail_cleanly(flips: list[tuple[int, int]], cut: int)
     except ArchiveError:
         return
     tree = zi.build_tree(entries)
-    for path, _ in zi.walk(tree):
+    for path, _ in zi.walk(tree, entries):
         assert all(part not in ("", ".", "..") and "\x00" not in part for part in path)
