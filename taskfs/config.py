@@ -95,8 +95,9 @@ class ClientSettings:
     connect_timeout: float = 5.0
     read_timeout: float = 10.0
     deadline: float = 10.0
-    # Whether this is the embedded local service (for messages only).
-    local: bool = False
+    # The embedded local service's data dir: its URL is looked up again there when it stops
+    # answering (a restarted service may listen on another port).
+    local_data_dir: Path | None = None
 
 
 def read_key_file(path: Path) -> str:
@@ -156,7 +157,7 @@ def resolve_client(
             "(start one with 'taskfs serve', or set --api-url / $INDUCTIVA_API_URL)"
         )
     key = read_key_file(api_key_file or data_dir / KEY_FILE_NAME)
-    return ClientSettings(api_url=local_url, api_key=key, local=True)
+    return ClientSettings(api_url=local_url, api_key=key, local_data_dir=data_dir)
 
 
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

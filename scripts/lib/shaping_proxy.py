@@ -123,7 +123,10 @@ async def _pipe(
                         for method, path in found:
                             counters.requests[f"{method.decode()} {_route(path)}"] += 1
                     tail = scan[-200:] if not found else scan[scan.rfind(b"\r\n") + 2 :][-200:]
-                await send.send((trio.current_time() + shape.rtt / 2, data))
+                try:
+                    await send.send((trio.current_time() + shape.rtt / 2, data))
+                except trio.BrokenResourceError:
+                    return  # the other side is gone
 
     async def writer() -> None:
         async with receive:
@@ -150,6 +153,20 @@ async def _pipe(
 
 
 async def _handle(
+    client: trio.SocketStream, target: tuple[str, int], shape: Shape, counters: Counters
+) -> None:
+    """One client connection; whatever happens to it never takes the proxy down."""
+    try:
+        await _connect(client, target, shape, counters)
+    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    except BaseExceptionGroup as group:
+        _, rest = group.split((OSError, trio.BrokenResourceError, trio.ClosedResourceError))
+        if rest is not None:
+            raise rest from None
+
+
+async def _connect(
     client: trio.SocketStream, target: tuple[str, int], shape: Shape, counters: Counters
 ) -> None:
     with counters.lock:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import email.utils
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,7 +37,7 @@ from taskfs.api.models import (
     TaskWithStatusHistory,
     ZipArchiveInfo,
 )
-from taskfs.config import ClientSettings
+from taskfs.config import ClientSettings, local_service_url
 from taskfs.errors import (
     AuthError,
     NotFoundError,
@@ -114,9 +114,16 @@ def http_client(
 class ApiClient:
     """Calls of the task API. Create with ``ApiClient.open(settings)`` or inject ``http``."""
 
-    def __init__(self, http: httpx.AsyncClient, policy: RetryPolicy | None = None) -> None:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        policy: RetryPolicy | None = None,
+        rediscover: Callable[[], str | None] | None = None,
+    ) -> None:
         self.http = http
         self.policy = policy or RetryPolicy()
+        # Where the service is now, asked when it stops answering (the local service).
+        self._rediscover = rediscover
 
     @classmethod
     @asynccontextmanager
@@ -126,8 +133,10 @@ class ApiClient:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> AsyncIterator[ApiClient]:
         """A client for ``settings``; ``transport`` replaces the network (tests)."""
+        data_dir = settings.local_data_dir
+        rediscover = (lambda: local_service_url(data_dir)) if data_dir is not None else None
         async with http_client(settings, transport) as http:
-            yield cls(http, RetryPolicy(deadline=settings.deadline))
+            yield cls(http, RetryPolicy(deadline=settings.deadline), rediscover)
 
     # -- the calls -----------------------------------------------------------------------------
 
@@ -290,6 +299,17 @@ class ApiClient:
         )
         return self._decode(raw, type_, f"{method} {path}")
 
+    def _moved(self) -> bool:
+        """Follow the local service to its new address, if it has one."""
+        if self._rediscover is None:
+            return False
+        url = self._rediscover()
+        if url is None or url.rstrip("/") == str(self.http.base_url).rstrip("/"):
+            return False
+        log.info("the local service moved to %s", url)
+        self.http.base_url = httpx.URL(url)
+        return True
+
     @staticmethod
     def _decode(raw: bytes, type_: type[T], name: str) -> T:
         try:
@@ -315,6 +335,8 @@ class ApiClient:
                 response = await self.http.request(method, path, params=params, json=json)
             except httpx.TransportError as exc:
                 message = transport_message(exc, str(self.http.base_url))
+                if isinstance(exc, httpx.ConnectError) and self._moved():
+                    raise Retryable(f"{message}; the service moved", retry_after=0.0) from exc
                 if idempotent or isinstance(exc, httpx.ConnectError):
                     raise Retryable(message) from exc
                 raise ServiceError(f"{name}: {message}") from exc

@@ -25,7 +25,6 @@ import hashlib
 import logging
 import os
 import struct
-import tempfile
 import threading
 import time
 import zlib
@@ -60,7 +59,7 @@ class CacheKey(NamedTuple):
         return _digest(self)
 
 
-@functools.lru_cache(maxsize=1 << 16)
+@functools.lru_cache(maxsize=1 << 13)
 def _digest(key: CacheKey) -> bytes:
     """The key's file name (memoised: read-ahead asks about the same blocks again and again)."""
     text = f"{key.object_id}\0{key.etag}\0{key.kind}\0{key.number}"
@@ -76,6 +75,7 @@ class DiskCache:
         self._lock = threading.Lock()
         self._index: OrderedDict[str, int] = OrderedDict()  # digest hex -> bytes on disk
         self._touched: dict[str, float] = {}
+        self._dirs: set[str] = set()  # subdirectories known to exist
         self.total = 0
         self.enabled = limit_bytes > 0
         if self.enabled:
@@ -147,9 +147,14 @@ class DiskCache:
         name = digest.hex()
         path = self._path(name)
         header = HEADER.pack(MAGIC, VERSION, digest, len(data), zlib.crc32(data))
+        directory = os.path.dirname(path)
+        # A per-process, per-thread temporary name (dot-prefixed: swept at start after a crash).
+        tmp = os.path.join(directory, f".{name}.{os.getpid()}.{threading.get_ident()}")
         try:
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".")
+            if directory not in self._dirs:
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+                self._dirs.add(directory)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
                 with os.fdopen(fd, "wb") as out:
                     out.write(header)
@@ -256,8 +261,19 @@ class Tiered:
         await self.put_disk(key, data)
 
     async def put_disk(self, key: CacheKey, data: bytes) -> None:
-        if self.disk is not None and self.disk.enabled:
-            await trio.to_thread.run_sync(self.disk.put, key, data, limiter=self._limiter)
+        await self.put_disk_many([(key, data)])
+
+    async def put_disk_many(self, items: list[tuple[CacheKey, bytes]]) -> None:
+        """Write several extents in one worker-thread call (one handoff, not one each)."""
+        disk = self.disk
+        if disk is None or not disk.enabled or not items:
+            return
+
+        def work() -> None:
+            for key, data in items:
+                disk.put(key, data)
+
+        await trio.to_thread.run_sync(work, limiter=self._limiter)
 
 
 class _Flight(Generic[V]):

@@ -102,47 +102,58 @@ class RangeSource:
             if self.etag is not None:
                 headers["If-Match"] = self.etag
             try:
-                response = await self._http.get(url, headers=headers)
+                async with self._http.stream("GET", url, headers=headers) as response:
+                    self._check_status(response, first, refreshed)
+                    expected = self._check_range(response, want, first)
+                    return await _read_body(response, expected, self.name)
+            except _UrlRefusedError:
+                refreshed = True
+                log.debug("%s: signed URL refused (403); asking for a fresh one", self.name)
+                await self._current_url(True)
+                raise Retryable("signed URL expired", retry_after=0.0) from None
             except httpx.TransportError as exc:
+                if isinstance(exc, httpx.ConnectError):
+                    self._url = None  # ask for the URL again: the server may have moved
                 raise Retryable(f"{type(exc).__name__}: {exc or 'connection failed'}") from exc
             except httpx.DecodingError as exc:
                 raise ProtocolError(f"{self.name}: the server compressed a range response") from exc
             except (httpx.HTTPError, httpx.InvalidURL) as exc:
                 raise ProtocolError(f"{self.name}: {type(exc).__name__}: {exc}") from exc
-            status = response.status_code
-            if status == 403 and not refreshed:
-                refreshed = True
-                log.debug("%s: signed URL refused (403); asking for a fresh one", self.name)
-                await self._current_url(True)
-                raise Retryable("signed URL expired", retry_after=0.0)
-            if status == 403:
-                raise AuthError(f"{self.name}: storage refused the signed URL (403)")
-            if status == 412:
-                raise StaleError(f"{self.name} changed since it was opened (ETag mismatch)")
-            if status == 404 and first:
-                raise NotFoundError(f"{self.name} does not exist")
-            if status == 404:
-                raise StaleError(f"{self.name} no longer exists")
-            if status == 416 and first:
-                raise ArchiveError(f"{self.name} is empty: not a ZIP archive")
-            if status in RETRY_STATUSES:
-                raise Retryable(f"HTTP {status}", _retry_after(response))
-            if status == 200:
-                raise ProtocolError(f"{self.name}: the server ignored the Range header (200)")
-            if status != 206:
-                raise ProtocolError(f"{self.name}: unexpected HTTP {status} for a range request")
-            return self._check(response, want, first)
 
         return await with_retries(attempt, self.policy, f"reading {self.name}")
 
-    def _check(self, response: httpx.Response, want: tuple[int, int] | None, first: bool) -> bytes:
+    def _check_status(self, response: httpx.Response, first: bool, refreshed: bool) -> None:
+        """Raise for any answer but 206 (before a byte of the body is read)."""
+        status = response.status_code
+        if status == 403 and not refreshed:
+            raise _UrlRefusedError
+        if status == 403:
+            raise AuthError(f"{self.name}: storage refused the signed URL (403)")
+        if status == 412:
+            raise StaleError(f"{self.name} changed since it was opened (ETag mismatch)")
+        if status == 404 and first:
+            raise NotFoundError(f"{self.name} does not exist")
+        if status == 404:
+            raise StaleError(f"{self.name} no longer exists")
+        if status == 416 and first:
+            raise ArchiveError(f"{self.name} is empty: not a ZIP archive")
+        if status in RETRY_STATUSES:
+            raise Retryable(f"HTTP {status}", _retry_after(response))
+        if status == 200:
+            raise ProtocolError(f"{self.name}: the server ignored the Range header (200)")
+        if status != 206:
+            raise ProtocolError(f"{self.name}: unexpected HTTP {status} for a range request")
+
+    def _check_range(
+        self, response: httpx.Response, want: tuple[int, int] | None, first: bool
+    ) -> int:
+        """Validate a 206's headers; returns the body length they promise."""
         if response.headers.get("content-encoding", "identity") != "identity":
-            raise ProtocolError(f"{self.name}: compressed body for a range request")
+            raise ProtocolError(f"{self.name}: the server compressed a range response")
         match = CONTENT_RANGE.fullmatch(response.headers.get("content-range", "").strip())
         if match is None or match.group(3) == "*":
             raise ProtocolError(f"{self.name}: 206 without a usable Content-Range")
         start, last, total = int(match.group(1)), int(match.group(2)), int(match.group(3))
-        body = response.content
         if first:
             etag = response.headers.get("etag")
             self.etag = etag if etag and not etag.startswith("W/") else None
@@ -157,6 +168,27 @@ class RangeSource:
                 raise ProtocolError(
                     f"{self.name}: asked for {want[0]}-{want[1] - 1}, got {start}-{last}"
                 )
-        if len(body) != last - start + 1:
-            raise Retryable(f"short body: {len(body)} of {last - start + 1} bytes")
-        return body
+        return last - start + 1
+
+
+class _UrlRefusedError(Exception):
+    """A 403 on the first try: the signed URL may have expired."""
+
+
+async def _read_body(response: httpx.Response, expected: int, name: str) -> bytes:
+    """Exactly ``expected`` bytes of body, or ``Retryable`` for a short one.
+
+    Read in chunks and joined here rather than with ``response.aread()``: a ``Response`` sits in
+    reference cycles, so a body stored on it would live until the cyclic GC ran (hundreds of MB
+    while streaming, measured), and a longer-than-promised body is refused as it arrives.
+    """
+    chunks: list[bytes] = []
+    got = 0
+    async for chunk in response.aiter_bytes():
+        got += len(chunk)
+        if got > expected:
+            raise ProtocolError(f"{name}: body longer than its Content-Range ({expected} bytes)")
+        chunks.append(chunk)
+    if got != expected:
+        raise Retryable(f"short body: {got} of {expected} bytes")
+    return b"".join(chunks)

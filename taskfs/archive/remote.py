@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
@@ -61,7 +61,7 @@ BATCH_MAX = 8 << 20
 BATCH_PART = 1 << 20
 # Parse the central directory in a thread above this size.
 THREAD_PARSE = 256 << 10
-MAX_DEFLATE_INDEXES = 4
+MAX_DEFLATE_INDEXES = 2
 # Decoding ahead: members up to this size, and at most this much kept decoded.
 PREDECODE_MAX = 1 << 20
 DECODED_MAX = 8 << 20
@@ -207,6 +207,10 @@ class RemoteArchive:
         """Convenience: open a reader and read once (tests, one-shot tools)."""
         return await self.open_member(entry).read(offset, size)
 
+    def spawn(self, fn: Callable[[int], Awaitable[None]], arg: int) -> None:
+        """Run ``fn(arg)`` in the archive's nursery (work ahead of a reader)."""
+        self._nursery.start_soon(fn, arg)
+
     def deflate_index(self, entry: Entry) -> DeflateIndex:
         index = self._indexes.get(entry.index)
         if index is None:
@@ -237,7 +241,7 @@ class RemoteArchive:
                 entry.header_offset + LOCAL.size + entry.name_len + entry.extra_len + LOCAL_MARGIN,
             )
             head = await self.read_range(entry.header_offset, head_end)
-            start = entry.header_offset + parse_local_header(head)
+            start = entry.header_offset + parse_local_header(head, entry)
             if start + entry.compressed_size > self.data_end:
                 raise ArchiveError(f"{entry.name}: member data runs into the central directory")
             self._starts[entry.index] = start
@@ -247,7 +251,7 @@ class RemoteArchive:
         """The compressed data of a (small) member; one GET on a miss, none on a hit."""
         self._check_bounds(entry)
         extent = await self._member_extent(entry)
-        header = parse_local_header(extent)
+        header = parse_local_header(extent, entry)
         data = extent[header : header + entry.compressed_size]
         if len(data) < entry.compressed_size:
             # The local extra field was longer than the margin: fetch the rest.
@@ -293,8 +297,9 @@ class RemoteArchive:
         if error is None:
             if members:
                 await self._predecode(members, data, start)
-            for key, p_start, p_end in parts:
-                await self.cache.put_disk(key, data[p_start - start : p_end - start])
+            await self.cache.put_disk_many(
+                [(key, data[p_start - start : p_end - start]) for key, p_start, p_end in parts]
+            )
 
     async def _predecode(self, members: tuple[Entry, ...], data: bytes, start: int) -> None:
         """Decompress and verify fetched small members before anyone asks (another core)."""
@@ -307,7 +312,7 @@ class RemoteArchive:
                     continue
                 at = entry.header_offset - start
                 try:
-                    header = parse_local_header(view[at:])
+                    header = parse_local_header(view[at:], entry)
                     raw = data[at + header : at + header + entry.compressed_size]
                     if len(raw) == entry.compressed_size:
                         decoded.append((entry.header_offset, decompress_all(entry, raw)))

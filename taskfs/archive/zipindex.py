@@ -388,13 +388,24 @@ def _mode(system: int, external: int, name: str) -> int:
     return EXEC_MODE if system == UNIX and (external >> 16) & 0o111 else FILE_MODE
 
 
-def parse_local_header(data: bytes | memoryview) -> int:
-    """Length of the local header at the start of ``data`` (signature checked)."""
+def parse_local_header(data: bytes | memoryview, entry: Entry) -> int:
+    """Length of ``entry``'s local header at the start of ``data``.
+
+    The signature and the name must match the central directory (as ``zipfile`` checks): a
+    record pointing at another member's header (overlapping members) is an ``ArchiveError``.
+    """
     if len(data) < LOCAL.size:
-        raise ArchiveError("local header truncated")
+        raise ArchiveError(f"{entry.name}: local header truncated")
     signature, *_, name_len, extra_len = LOCAL.unpack_from(data, 0)
     if signature != LOCAL_SIG:
-        raise ArchiveError("bad local header signature")
+        raise ArchiveError(f"{entry.name}: bad local header signature")
+    raw = bytes(data[LOCAL.size : LOCAL.size + name_len])
+    expected = entry.name.encode(
+        "utf-8" if entry.flags & FLAG_UTF8 else "cp437",
+        "surrogateescape" if entry.flags & FLAG_UTF8 else "strict",
+    )
+    if raw != expected:
+        raise ArchiveError(f"{entry.name}: the local header names another member")
     return int(LOCAL.size + name_len + extra_len)
 
 
