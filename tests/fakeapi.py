@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -37,6 +38,9 @@ class FakeApi:
     hidden: set[str] = field(default_factory=set)
     calls: Counter[str] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Fault injection for API calls (storage has ``objects.fault``): an answer replaces the
+    # real one, e.g. a stall or a 503.
+    api_fault: Callable[[str, str], Answer | None] | None = None
 
     def add(
         self,
@@ -136,6 +140,8 @@ class FakeApi:
             return self.objects.answer(method, path, headers, query, body)
         with self.lock:
             self.calls[f"{method} {_route(path)}"] += 1
+        if self.api_fault is not None and (faulty := self.api_fault(method, path)) is not None:
+            return faulty
         if path == "/version-check":
             return _json({"is_valid": True, "client_version": "x", "server_version": "fake"})
         if headers.get("x-api-key") != KEY:

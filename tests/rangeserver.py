@@ -37,6 +37,11 @@ class Answer:
     cut_after: int | None = None
     # Fault injection: sleep this long before answering.
     delay: float = 0.0
+    # Fault injection: after this many body bytes, stall for ``stall`` seconds.
+    stall_after: int | None = None
+    stall: float = 0.0
+    # Fault injection: send the body in pieces of this size with this pause between them.
+    trickle: tuple[int, float] | None = None
 
 
 @dataclass
@@ -104,11 +109,13 @@ class Objects:
 def mock_transport(app: Answerer) -> httpx.MockTransport:
     """An httpx transport that answers with ``app`` (no sockets)."""
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    async def handler(request: httpx.Request) -> httpx.Response:
         headers = {k.lower(): v for k, v in request.headers.items()}
         answer = app.answer(
             request.method, request.url.path, headers, request.url.query.decode(), request.content
         )
+        if answer.delay or answer.stall:
+            await trio.sleep(answer.delay + answer.stall)
         if answer.cut_after is not None:
             raise httpx.ReadError("connection reset (injected)", request=request)
         return httpx.Response(answer.status, headers=answer.headers, content=answer.body)
@@ -186,16 +193,35 @@ class _App:
         if "content-length" not in answer.headers:
             raw.append((b"content-length", str(len(answer.body)).encode()))
         await send({"type": "http.response.start", "status": answer.status, "headers": raw})
+        payload = answer.body
         if answer.cut_after is not None:
             await send(
                 {
                     "type": "http.response.body",
-                    "body": answer.body[: answer.cut_after],
+                    "body": payload[: answer.cut_after],
                     "more_body": True,
                 }
             )
             raise ConnectionResetError("injected: connection dropped mid-body")
-        await send({"type": "http.response.body", "body": answer.body})
+        if answer.stall_after is not None:
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": payload[: answer.stall_after],
+                    "more_body": True,
+                }
+            )
+            await trio.sleep(answer.stall)
+            payload = payload[answer.stall_after :]
+        if answer.trickle is not None:
+            piece, pause = answer.trickle
+            while len(payload) > piece:
+                await send(
+                    {"type": "http.response.body", "body": payload[:piece], "more_body": True}
+                )
+                payload = payload[piece:]
+                await trio.sleep(pause)
+        await send({"type": "http.response.body", "body": payload})
 
 
 @dataclass
@@ -213,14 +239,14 @@ def serve_in_thread(objects: Objects | None = None) -> Iterator[Server]:
 
 
 @contextmanager
-def serve_answerer(app: Answerer) -> Iterator[str]:
+def serve_answerer(app: Answerer, port: int = 0) -> Iterator[str]:
     """Serve any ``answer()``-er over real HTTP on 127.0.0.1 in a background thread."""
     ready = threading.Event()
     state: dict[str, Any] = {}
 
     async def main() -> None:
         config = Config()
-        config.bind = ["127.0.0.1:0"]
+        config.bind = [f"127.0.0.1:{port}"]
         config.accesslog = None
         config.errorlog = None
         config.keep_alive_timeout = 30

@@ -121,21 +121,23 @@ class Service:
             time.sleep(0.1)
 
 
-def start_service(data_dir: Path, slots: int = 2) -> Service:
+def start_service(data_dir: Path, slots: int = 2, debug: bool = False) -> Service:
     data_dir.mkdir(parents=True, exist_ok=True)
-    with open(data_dir / "test-service.log", "wb") as log:
+    args = [
+        "serve",
+        "--port",
+        "0",
+        "--data-dir",
+        str(data_dir),
+        "--slots",
+        str(slots),
+        "--kill-grace",
+        "1",
+        *(["--debug"] if debug else []),
+    ]
+    with open(data_dir / "test-service.log", "ab") as log:
         proc = subprocess.Popen(
-            taskfs_cmd(
-                "serve",
-                "--port",
-                "0",
-                "--data-dir",
-                str(data_dir),
-                "--slots",
-                str(slots),
-                "--kill-grace",
-                "1",
-            ),
+            taskfs_cmd(*args),
             stdout=log,
             stderr=log,
         )

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -18,6 +20,8 @@ from typing import TypeVar
 import pytest
 
 from taskfs.fs.mount import mount_entry
+from tests.fakeapi import KEY, FakeApi
+from tests.rangeserver import serve_answerer
 from tests.support import Service, start_service, stop, taskfs_cmd
 
 T = TypeVar("T")
@@ -44,8 +48,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 class Mount:
     path: Path
     proc: subprocess.Popen[bytes]
-    service: Service
+    owner: Service | None  # the local service mounted, if it is one
     log: Path
+
+    @property
+    def service(self) -> Service:
+        assert self.owner is not None, "this mount is of another service"
+        return self.owner
 
     def __truediv__(self, other: str) -> Path:
         return self.path / other
@@ -53,17 +62,26 @@ class Mount:
     def run(self, command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """A shell command, run the way a user would."""
         return subprocess.run(
-            ["sh", "-c", command], capture_output=True, text=True, timeout=timeout, check=False
+            ["sh", "-c", command],
+            capture_output=True,
+            text=True,
+            errors="surrogateescape",  # names may be any bytes
+            timeout=timeout,
+            check=False,
         )
 
 
 def start_mount(
-    service: Service, path: Path, cache_dir: Path, *extra: str, env: dict[str, str] | None = None
+    service: Service | None,
+    path: Path,
+    cache_dir: Path,
+    *extra: str,
+    env: dict[str, str] | None = None,
 ) -> Mount:
     path.mkdir(parents=True, exist_ok=True)
     log = cache_dir.parent / f"{path.name}.log"
     args = ["mount", str(path), "--foreground", "--cache-dir", str(cache_dir), *extra]
-    if "--api-url" not in extra:
+    if service is not None:
         args += ["--data-dir", str(service.data_dir)]
     with open(log, "wb") as out:
         proc = subprocess.Popen(taskfs_cmd(*args), stdout=out, stderr=out, env=env)
@@ -112,3 +130,37 @@ def wait_until(check: Callable[[], T], timeout: float = 20, step: float = 0.1) -
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(step)
+
+
+DEADLINE = 2.0  # --deadline of the mounts of another service
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def cloud_mount(tmp_path: Path, fake: FakeApi, *extra: str) -> Iterator[tuple[Mount, str, int]]:
+    port = free_port()
+    with serve_answerer(fake, port=port) as url:
+        fake.base_url = url
+        key = tmp_path / "key"
+        key.write_text(KEY + "\n")
+        mount = start_mount(
+            None,
+            tmp_path / "mnt",
+            tmp_path / "cache",
+            "--api-url",
+            url,
+            "--api-key-file",
+            str(key),
+            "--deadline",
+            str(DEADLINE),
+            *extra,
+        )
+        try:
+            yield mount, url, port
+        finally:
+            stop_mount(mount)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import subprocess
 import zipfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -13,7 +12,7 @@ import pytest
 
 from taskfs.api.models import TaskStatusCode as S
 from tests.fakeapi import KEY, FakeApi
-from tests.fuse.conftest import Mount, Service, start_mount, stop_mount, wait_until
+from tests.fuse.conftest import Mount, start_mount, stop_mount, wait_until
 from tests.rangeserver import serve_answerer
 
 FILES = {
@@ -52,10 +51,8 @@ def cloud(tmp_path: Path) -> Iterator[tuple[Mount, FakeApi]]:
         key = tmp_path / "key"
         key.write_text(KEY + "\n")
         key.chmod(0o600)
-        service = Service(url, KEY, tmp_path / "unused", subprocess.Popen(["true"]))
-        service.proc.wait()
         mount = start_mount(
-            service,
+            None,
             tmp_path / "mnt",
             tmp_path / "cache",
             "--api-url",

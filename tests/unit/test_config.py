@@ -47,7 +47,7 @@ def test_local_service_is_the_default(tmp_path: Path, monkeypatch: pytest.Monkey
     (tmp_path / "api_key").write_text("local-key\n")
     settings = resolve_client(data_dir=tmp_path)
     assert settings.api_url == "http://127.0.0.1:9"
-    assert settings.api_key == "local-key" and settings.local
+    assert settings.api_key == "local-key" and settings.local_data_dir == tmp_path
 
 
 def test_remote_key_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

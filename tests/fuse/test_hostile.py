@@ -1,0 +1,57 @@
+"""Hostile archives through a real mount: never a crash, never a name outside outputs/."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from taskfs.api.models import TaskStatusCode as S
+from tests.fakeapi import FakeApi
+from tests.fuse.conftest import cloud_mount
+from tests.hostile import corpus, many_entries
+
+ERRORS = {"EIO": "Input/output error", "ENOTSUP": "Operation not supported"}
+
+
+def test_hostile_archives_through_a_mount(tmp_path: Path) -> None:
+    fake = FakeApi()
+    cases = corpus()
+    for i, case in enumerate(cases):
+        fake.add(f"case{i:02d}", S.SUCCESS, archive=case.data)
+    fake.add("many", S.SUCCESS, archive=many_entries())
+    with cloud_mount(tmp_path, fake) as (mount, _, _):
+        for i, case in enumerate(cases):
+            outputs = mount.path / f"case{i:02d}" / "outputs"
+            listing = mount.run(f"ls -R {outputs}")
+            if not case.opens:
+                assert listing.returncode != 0, case.name
+                assert "Input/output error" in listing.stderr, (case.name, listing.stderr)
+                continue
+            assert listing.returncode == 0, (case.name, listing.stderr)
+            found = subprocess.run(
+                ["find", str(outputs), "-mindepth", "1"], capture_output=True, check=False
+            )
+            paths = {
+                os.fsdecode(p)[len(str(outputs)) + 1 :] for p in found.stdout.split(b"\n") if p
+            }
+            for path in case.shown:
+                assert path in paths, (case.name, path, sorted(paths))
+            for path in paths:
+                assert ".." not in path.split("/") and (outputs / path).resolve().is_relative_to(
+                    outputs.resolve()
+                ), (case.name, path)
+            for path, kind in case.unreadable.items():
+                failed = mount.run(f"cat '{outputs / path}' > /dev/null")
+                assert failed.returncode != 0 and ERRORS[kind] in failed.stderr, (
+                    case.name,
+                    path,
+                    failed.stderr,
+                )
+            for path, body in case.contents.items():
+                assert (outputs / path).read_bytes() == body, (case.name, path)
+        many = mount.run(f"find {mount.path}/many/outputs -type f | wc -l")
+        assert many.stdout.strip() == "70000"
+        # The mount is still up and answering.
+        assert mount.run(f"cat {mount.path}/case00/status").stdout == "success\n"
+    assert "Traceback" not in mount.log.read_text()

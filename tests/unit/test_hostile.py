@@ -1,0 +1,89 @@
+"""Hostile archives through RemoteArchive: errors or safe trees, never crashes or wrong bytes."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from taskfs.archive.cache import MemoryCache, Tiered
+from taskfs.archive.rangeio import RangeSource
+from taskfs.archive.remote import RemoteArchive
+from taskfs.archive.zipindex import DirNode, Entry, walk
+from taskfs.errors import ArchiveError, TaskfsError, UnsupportedError
+from tests.hostile import Case, corpus, many_entries
+from tests.rangeserver import Objects
+
+Opener = Callable[[bytes], Awaitable[RemoteArchive]]
+
+
+@pytest.fixture
+async def opener(nursery: trio.Nursery) -> AsyncIterator[Opener]:
+    objects = Objects()
+    async with httpx.AsyncClient(transport=objects.transport()) as http:
+        count = 0
+
+        async def open_archive(data: bytes) -> RemoteArchive:
+            nonlocal count
+            count += 1
+            path = objects.put(f"a{count}.zip", data)
+
+            async def url(refresh: bool) -> str:
+                return f"http://store{path}"
+
+            cache = Tiered(MemoryCache(8 << 20), None)
+            return await RemoteArchive.open(
+                RangeSource(http, url), cache, f"a{count}", nursery=nursery
+            )
+
+        yield open_archive
+
+
+async def read_member(archive: RemoteArchive, entry: Entry) -> bytes:
+    reader = archive.open_member(entry)
+    out = b""
+    while chunk := await reader.read(len(out), 1 << 16):
+        out += chunk
+    return out
+
+
+@pytest.mark.parametrize("case", corpus(), ids=lambda c: c.name)
+async def test_hostile_archive(opener: Opener, case: Case) -> None:
+    if not case.opens:
+        with pytest.raises(ArchiveError):
+            await opener(case.data)
+        return
+    archive = await opener(case.data)
+    files = {"/".join(path): entry for path, entry in walk(archive.tree, archive.entries)}
+    assert case.shown <= set(files), sorted(files)
+    for path in files:
+        parts = path.split("/")
+        assert all(p not in ("", ".", "..") and "\x00" not in p for p in parts), path
+        assert not path.startswith("/")
+    for path, kind in case.unreadable.items():
+        error = UnsupportedError if kind == "ENOTSUP" else ArchiveError
+        with pytest.raises(error):
+            await read_member(archive, files[path])
+    for path, body in case.contents.items():
+        assert await read_member(archive, files[path]) == body
+
+
+async def test_seventy_thousand_entries(opener: Opener, tmp_path: Path) -> None:
+    archive = await opener(many_entries())
+    assert len(archive.entries) == 70_000
+    top = archive.tree.children
+    assert len(top) == 100 and all(isinstance(node, DirNode) for node in top.values())
+
+
+async def test_errors_are_typed(opener: Opener) -> None:
+    """Whatever goes wrong inside, callers see TaskfsError subclasses only."""
+    for case in corpus():
+        with contextlib.suppress(TaskfsError):
+            archive = await opener(case.data)
+            for _, entry in walk(archive.tree, archive.entries):
+                with contextlib.suppress(TaskfsError):
+                    await read_member(archive, entry)
