@@ -9,7 +9,9 @@ Two mounts run side by side:
   with ``taskfs unmount`` and mounted again every 30 seconds;
 * a task service that is not ours (the test suite's fake, over real HTTP) whose storage fails
   10% of the requests (503, resets, truncated bodies) and which goes dark for a few seconds
-  every 40 seconds, while readers copy and randomly read its outputs and compare every byte.
+  every 40 seconds, while readers copy and randomly read its outputs and compare every byte
+  (without a disk cache, and with the kernel's page cache dropped every 10 seconds when run
+  as root, so that reads keep going back to storage).
 
 Reported: operations done by kind, errors by kind (the errno the tools saw), wrong bytes (must
 be zero), and the resident memory of each mount process over time.
@@ -70,8 +72,8 @@ class Tally:
         with self.lock:
             self.ops[kind] += 1
 
-    def error(self, kind: str, stderr: str) -> None:
-        word = next((e for text, e in ERRNO_WORDS.items() if text in stderr), "other")
+    def error(self, kind: str, stderr: str, word: str | None = None) -> None:
+        word = word or next((e for text, e in ERRNO_WORDS.items() if text in stderr), "other")
         with self.lock:
             self.ops[kind] += 1
             self.errors[f"{kind}: {word}"] += 1
@@ -105,7 +107,7 @@ def cloud_archive(rng: random.Random) -> tuple[bytes, dict[str, bytes]]:
         f"series{i % 4}/frame_{i:03d}.vtk": (f"{i} 0.5 1.5\n" * rng.randint(50, 4000)).encode()
         for i in range(150)
     }
-    files["raw/stored.bin"] = rng.randbytes(6 << 20)
+    files["raw/stored.bin"] = rng.randbytes(40 << 20)  # more than the memory cache holds
     files["raw/deflated.txt"] = b"".join(b"%d %d\n" % (i, i * i) for i in range(300_000))
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
@@ -173,6 +175,8 @@ def main() -> int:
                 str(key),
                 "--deadline",
                 "3",
+                "--cache-size",
+                "0",  # no disk cache: every copy goes back to the flaky storage
             )
             victim = start_mount(current[0], work / "victim", work / "cache-victim")
             lm, cm = local.path, cloud.path
@@ -186,7 +190,7 @@ def main() -> int:
                 try:
                     task_id = current[0].submit(command)
                 except Exception as exc:  # the service may be restarting right now
-                    tally.error("submit", f"{type(exc).__name__}: {exc}")
+                    tally.error("submit", str(exc), type(exc).__name__)
                     return
                 with tasks_lock:
                     tasks.append(task_id)
@@ -259,7 +263,13 @@ def main() -> int:
                     if not bad:
                         tally.ok("cp -r cloud")
                 shutil.rmtree(target, ignore_errors=True)
-                sh(f"cat {cm}/cloudlive/status")
+                live = sh(f"cat {cm}/cloudlive/status")
+                if live.returncode != 0:
+                    tally.error("cat status cloud", live.stderr)
+                elif live.stdout != "computation-started\n":
+                    tally.wrong(f"cloud status {live.stdout!r}")
+                else:
+                    tally.ok("cat status cloud")
 
             def random_reads() -> None:
                 name = rng.choice(["raw/stored.bin", "raw/deflated.txt", "series1/frame_001.vtk"])
@@ -318,6 +328,16 @@ def main() -> int:
                 else:
                     tally.ok("recover killed mount")
 
+            def drop_page_cache() -> None:
+                """Make the kernel ask the mounts again (root only), so copies and random reads
+                keep going back to the flaky storage instead of the page cache."""
+                time.sleep(10)
+                try:
+                    Path("/proc/sys/vm/drop_caches").write_text("1\n")
+                    tally.ok("drop page cache")
+                except OSError:
+                    pass
+
             def sample_memory() -> None:
                 for name, mount in (("local mount", local), ("cloud mount", cloud)):
                     assert mount is not None
@@ -336,6 +356,7 @@ def main() -> int:
                 *[(random_reads, 0.1)] * 4,
                 (blackouts, 0.0),
                 (restart_service, 0.0),
+                (drop_page_cache, 0.0),
                 (kill_and_recover_mount, 0.0),
                 (sample_memory, 0.0),
             ]
@@ -360,13 +381,21 @@ def main() -> int:
         "operations": dict(sorted(tally.ops.items())),
         "errors": dict(sorted(tally.errors.items())),
         "wrong_bytes": tally.wrong_bytes,
-        "memory_mb": memory,
+        "memory_mb": {
+            name: {
+                "start": samples[0][1] if samples else None,
+                "max": max((rss for _, rss in samples), default=None),
+                "end": samples[-1][1] if samples else None,
+                "every_5_s": " ".join(f"{rss:.0f}" for _, rss in samples),
+            }
+            for name, samples in memory.items()
+        },
         "mount_exit_codes": {
             "local": local.proc.returncode if local else None,
             "cloud": cloud.proc.returncode if cloud else None,
         },
     }
-    print(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=1))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     shutil.rmtree(work, ignore_errors=True)

@@ -141,25 +141,29 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def mount_other(tmp_path: Path, url: str, *extra: str, name: str = "mnt") -> Mount:
+    """Mount the service at ``url`` (the fake's key, in a 0600 file) at ``tmp_path/name``."""
+    key = tmp_path / f"{name}.key"
+    key.write_text(KEY + "\n")
+    key.chmod(0o600)
+    return start_mount(
+        None,
+        tmp_path / name,
+        tmp_path / f"{name}-cache",
+        "--api-url",
+        url,
+        "--api-key-file",
+        str(key),
+        *extra,
+    )
+
+
 @contextmanager
 def cloud_mount(tmp_path: Path, fake: FakeApi, *extra: str) -> Iterator[tuple[Mount, str, int]]:
     port = free_port()
     with serve_answerer(fake, port=port) as url:
         fake.base_url = url
-        key = tmp_path / "key"
-        key.write_text(KEY + "\n")
-        mount = start_mount(
-            None,
-            tmp_path / "mnt",
-            tmp_path / "cache",
-            "--api-url",
-            url,
-            "--api-key-file",
-            str(key),
-            "--deadline",
-            str(DEADLINE),
-            *extra,
-        )
+        mount = mount_other(tmp_path, url, "--deadline", str(DEADLINE), *extra)
         try:
             yield mount, url, port
         finally:

@@ -21,13 +21,14 @@ import pytest
 
 from taskfs.api.client import ApiClient
 from taskfs.api.models import TaskStatusCode as S
-from tests.fakeapi import KEY, FakeApi
+from tests.fakeapi import FakeApi
 from tests.fuse.conftest import (
     DEADLINE,
     Mount,
     Service,
     cloud_mount,
     free_port,
+    mount_other,
     start_mount,
     stop_mount,
     wait_until,
@@ -106,22 +107,10 @@ def test_dead_and_stalled_service(tmp_path: Path) -> None:
     fake2.add("live", S.COMPUTATION_STARTED)
     fake2.add("closed", S.SUCCESS, archive=archive(files))
     port = free_port()
-    key = tmp_path / "key2"
-    key.write_text(KEY + "\n")
     server = serve_answerer(fake2, port=port)
     url = server.__enter__()
     fake2.base_url = url
-    mount = start_mount(
-        None,
-        tmp_path / "mnt2",
-        tmp_path / "cache2",
-        "--api-url",
-        url,
-        "--api-key-file",
-        str(key),
-        "--deadline",
-        str(DEADLINE),
-    )
+    mount = mount_other(tmp_path, url, "--deadline", str(DEADLINE), name="mnt2")
     try:
         assert mount.run(f"cat {mount.path}/live/status").returncode == 0
         server.__exit__(None, None, None)

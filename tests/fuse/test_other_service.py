@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from taskfs.api.models import TaskStatusCode as S
-from tests.fakeapi import KEY, FakeApi
-from tests.fuse.conftest import Mount, start_mount, stop_mount, wait_until
+from tests.fakeapi import FakeApi
+from tests.fuse.conftest import Mount, mount_other, stop_mount, wait_until
 from tests.rangeserver import serve_answerer
 
 FILES = {
@@ -48,18 +48,7 @@ def cloud(tmp_path: Path) -> Iterator[tuple[Mount, FakeApi]]:
     fake.add("queued00000000000000000000", S.SUBMITTED, vm_type=None)
     with serve_answerer(fake) as url:
         fake.base_url = url
-        key = tmp_path / "key"
-        key.write_text(KEY + "\n")
-        key.chmod(0o600)
-        mount = start_mount(
-            None,
-            tmp_path / "mnt",
-            tmp_path / "cache",
-            "--api-url",
-            url,
-            "--api-key-file",
-            str(key),
-        )
+        mount = mount_other(tmp_path, url)
         try:
             yield mount, fake
         finally:
