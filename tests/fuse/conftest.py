@@ -141,11 +141,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def mount_other(tmp_path: Path, url: str, *extra: str, name: str = "mnt") -> Mount:
-    """Mount the service at ``url`` (the fake's key, in a 0600 file) at ``tmp_path/name``."""
-    key = tmp_path / f"{name}.key"
-    key.write_text(KEY + "\n")
-    key.chmod(0o600)
+def mount_other(tmp_path: Path, url: str, *extra: str, name: str = "mnt", key: str = KEY) -> Mount:
+    """Mount the service at ``url`` (``key`` in a 0600 file) at ``tmp_path/name``."""
+    key_file = tmp_path / f"{name}.key"
+    key_file.write_text(key + "\n")
+    key_file.chmod(0o600)
     return start_mount(
         None,
         tmp_path / name,
@@ -153,7 +153,7 @@ def mount_other(tmp_path: Path, url: str, *extra: str, name: str = "mnt") -> Mou
         "--api-url",
         url,
         "--api-key-file",
-        str(key),
+        str(key_file),
         *extra,
     )
 
