@@ -27,6 +27,7 @@ class Member:
     crc: int | None = None  # None: the right one
     size: int | None = None  # declared uncompressed size; None: the right one
     offset: int | None = None  # declared local header offset; None: where it is written
+    raw: bytes | None = None  # the compressed bytes as written; None: ``data`` compressed
 
 
 def raw_zip(
@@ -42,7 +43,9 @@ def raw_zip(
     central = bytearray()
     for member in members:
         compressed = member.data
-        if member.method == 8:
+        if member.raw is not None:
+            compressed = member.raw
+        elif member.method == 8:
             packer = zlib.compressobj(6, zlib.DEFLATED, -15)
             compressed = packer.compress(member.data) + packer.flush()
         crc = zlib.crc32(member.data) if member.crc is None else member.crc
@@ -165,6 +168,20 @@ def corpus() -> list[Case]:
             {"bad.txt", "ok.txt"},
             unreadable={"bad.txt": "EIO"},
             contents={"ok.txt": good},
+        ),
+        Case(
+            "corrupt-deflate-stream",
+            raw_zip(
+                [
+                    Member(a + b"before.txt", good),
+                    Member(a + b"garbage.txt", b"x" * 100, method=8, raw=b"\xff" * 64),
+                    Member(a + b"ok.txt", good),
+                ]
+            ),
+            True,
+            {"before.txt", "garbage.txt", "ok.txt"},
+            unreadable={"garbage.txt": "EIO"},
+            contents={"before.txt": good, "ok.txt": good},
         ),
         Case(
             "unsupported-method",

@@ -66,6 +66,8 @@ READAHEAD_START = 1 << 20
 READAHEAD_MAX = 16 << 20
 
 SUPPORTED = frozenset({STORED, DEFLATED, BZIP2, LZMA})
+# What the decompressors raise for corrupt input (bz2 raises OSError, lzma LZMAError).
+DECODE_ERRORS = (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError)
 METHOD_NAMES = {1: "shrink", 6: "implode", 9: "deflate64", 93: "zstandard", 95: "xz", 98: "ppmd"}
 
 
@@ -200,9 +202,12 @@ def decompress_all(entry: Entry, data: bytes) -> bytes:
         out = data[: entry.size] if len(data) >= entry.size else data
     else:
         decoder = _decoder(entry)
-        out = decoder.decompress(data, entry.size + 1)
-        if len(out) < entry.size + 1 and not decoder.eof and not decoder.needs_input:
-            out += decoder.decompress(b"", entry.size + 1 - len(out))
+        try:
+            out = decoder.decompress(data, entry.size + 1)
+            if len(out) < entry.size + 1 and not decoder.eof and not decoder.needs_input:
+                out += decoder.decompress(b"", entry.size + 1 - len(out))
+        except DECODE_ERRORS as exc:
+            raise ArchiveError(f"{entry.name}: corrupt compressed data: {exc}") from exc
     if len(out) != entry.size:
         raise ArchiveError(
             f"{entry.name}: data holds {len(out)} bytes, the directory says {entry.size}"
@@ -434,21 +439,8 @@ class DeflateMember:
         if size == 0:
             return b""
         async with self._lock:
-            if self._window.covers(offset, size):
-                return self._window.take(offset, size)
-            # A reader near the cursor streams (kernel read-ahead may reorder its reads); one
-            # that needs a checkpoint reads at random and inflates only what it asked for.
-            streaming = True
-            if self._state is None or offset < self._window.start:
-                self._restart(offset)
-                streaming = False
-            elif offset > self._out_pos + FAR_AHEAD:
-                point = self.index.best(offset)
-                if point is not None and point.out_pos > self._out_pos:
-                    self._restart(offset)
-                    streaming = False
-            while self._out_pos < offset + size:
-                await self._step(None if streaming else offset + size)
+            if not self._window.covers(offset, size):
+                await self._inflate_to(offset, size)
             data = self._window.take(offset, size)
             sequential = offset == self._last_end
             self._last_end = offset + size
@@ -457,6 +449,24 @@ class DeflateMember:
             self._ahead_running = True
             self.archive.spawn(self._inflate_ahead, ahead)
         return data
+
+    async def _inflate_to(self, offset: int, size: int) -> None:
+        """Make the window cover ``[offset, offset + size)`` (the lock is held).
+
+        A reader near the cursor streams (kernel read-ahead may reorder its reads); one that
+        needs a checkpoint reads at random and inflates only what it asked for.
+        """
+        streaming = True
+        if self._state is None or offset < self._window.start:
+            self._restart(offset)
+            streaming = False
+        elif offset > self._out_pos + FAR_AHEAD:
+            point = self.index.best(offset)
+            if point is not None and point.out_pos > self._out_pos:
+                self._restart(offset)
+                streaming = False
+        while self._out_pos < offset + size:
+            await self._step(None if streaming else offset + size)
 
     async def _inflate_ahead(self, until: int) -> None:
         """Inflate the next bytes of a sequential reader while the kernel sends its next read,
@@ -569,7 +579,7 @@ class StreamMember:
             self._in_pos = end
         try:
             out = await trio.to_thread.run_sync(decoder.decompress, data, STEP_OUT)
-        except (OSError, EOFError, lzma.LZMAError, ValueError) as exc:
+        except DECODE_ERRORS as exc:
             raise ArchiveError(f"{entry.name}: corrupt compressed data: {exc}") from exc
         if self._out_pos + len(out) > entry.size:
             raise ArchiveError(f"{entry.name}: data is larger than the directory says")

@@ -224,6 +224,25 @@ async def test_deflate_random_access(
     assert objects.gets() == 0  # everything came from the cache
 
 
+async def test_sequential_deflate_reader_stays_inflated_ahead(
+    opener: tuple[Objects, Opener],
+) -> None:
+    """Inflating ahead resumes after reads that the window already covered."""
+    _, open_archive = opener
+    body = text(12 << 20, seed=3)
+    archive = await open_archive(build([("sim.vtk", body, zipfile.ZIP_DEFLATED)]))
+    reader = archive.open_member(member(archive, "sim.vtk"))
+    assert isinstance(reader, member_mod.DeflateMember)
+    chunk = 128 << 10
+    for offset in range(0, 8 << 20, chunk):
+        assert await reader.read(offset, chunk) == body[offset : offset + chunk]
+        with trio.fail_after(5):
+            while reader._ahead_running:  # let the background inflate finish
+                await trio.sleep(0.001)
+        if offset >= chunk:  # from the second sequential read on
+            assert reader._out_pos >= offset + chunk + member_mod.INFLATE_AHEAD
+
+
 async def test_bzip2_and_lzma_members(
     opener: tuple[Objects, Opener], monkeypatch: pytest.MonkeyPatch
 ) -> None:
