@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -24,11 +23,18 @@ import trio
 from tqdm import tqdm
 
 from taskfs.api.client import ApiClient
-from taskfs.api.models import KILLABLE, Task, TaskStatusCode, computation_time, machine_type
+from taskfs.api.models import (
+    KILLABLE,
+    Task,
+    TaskStatus,
+    TaskStatusCode,
+    computation_time,
+    machine_type,
+)
 from taskfs.config import ClientSettings, resolve_client
 from taskfs.errors import NotFoundError, TaskEndedError, UsageError
 from taskfs.outputs import download, format_bytes, output_info
-from taskfs.task import OUTPUT_ROOT_ENV, run_api
+from taskfs.task import outputs_dir, run_api
 
 YES = ("y", "ye", "yes")
 MANY = 5
@@ -207,6 +213,7 @@ def cmd_kill(args: argparse.Namespace) -> int:
 
     async def kill_all(api: ApiClient) -> int:
         failures = 0
+        killed: list[str] = []
         for task_id in ids:
             try:
                 await api.kill_running(task_id)
@@ -215,26 +222,22 @@ def cmd_kill(args: argparse.Namespace) -> int:
                 failures += 1
                 continue
             print(f"Successfully sent kill request for task {task_id}.")
+            killed.append(task_id)
         if args.wait is not None:
-            for task_id in ids:
+            for task_id in killed:
                 with trio.move_on_after(args.wait):
-                    status = await _until_ended(api, task_id)
+                    status = (await api.wait_ended(task_id, poll=0.5)).status
                     if status == TaskStatusCode.KILLED:
                         print(f"Task {task_id} killed.")
+                    else:
+                        print(f"Task {task_id} ended {status}, not killed.", file=sys.stderr)
+                        failures += 1
                     continue
                 print(f"Task {task_id} is not killed after {args.wait:g} s.", file=sys.stderr)
                 failures += 1
         return failures
 
     return 0 if run_api(settings, kill_all) == 0 else 1
-
-
-async def _until_ended(api: ApiClient, task_id: str, poll: float = 0.5) -> TaskStatusCode:
-    while True:
-        status = await api.get_status(task_id)
-        if status.is_terminated:
-            return status.status
-        await trio.sleep(poll)
 
 
 # -- outputs / download --------------------------------------------------------------------------
@@ -249,24 +252,17 @@ def cmd_outputs(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    root = Path(args.dir) if args.dir else Path(os.environ.get(OUTPUT_ROOT_ENV, "inductiva_output"))
-    dest = root / args.id / "outputs"
+    dest = outputs_dir(args.id, Path(args.dir) if args.dir else None)
     interactive = sys.stderr.isatty()
 
     async def fetch(api: ApiClient) -> tuple[int, int]:
         task = await api.get_task(args.id)
         if not task.is_terminated:
             raise UsageError(f"task {args.id} has not ended ({task.status}): no outputs yet")
-        info = await output_info(api, task)
-        total = sum(f.size for f in info.files if not args.files or f.name in args.files)
-        bar = tqdm(
-            total=total,
-            unit="B",
-            unit_scale=True,
-            disable=not interactive,
-            desc=args.id[:12],
-            file=sys.stderr,
-        )
+        bar = tqdm(unit="B", unit_scale=True, disable=not interactive, desc=args.id[:12])
+
+        def on_start(total: int) -> None:
+            bar.reset(total=total)
 
         def on_chunk(name: str, size: int) -> None:
             bar.update(size)
@@ -276,7 +272,9 @@ def cmd_download(args: argparse.Namespace) -> int:
                 print(f"downloaded {name} ({format_bytes(size)})", flush=True)
 
         try:
-            paths = await download(api, task, dest, args.files, on_chunk, on_file=on_file)
+            paths = await download(
+                api, task, dest, args.files, on_chunk, on_file=on_file, on_start=on_start
+            )
         finally:
             bar.close()
         return len(paths), sum(p.stat().st_size for p in paths)
@@ -292,20 +290,15 @@ def cmd_download(args: argparse.Namespace) -> int:
 def cmd_wait(args: argparse.Namespace) -> int:
     settings = settings_of(args)
 
+    def show(status: TaskStatus) -> None:
+        now = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+        ahead = ""
+        if status.position_in_queue is not None:
+            ahead = f" ({status.position_in_queue.tasks_ahead} ahead in the queue)"
+        print(f"{now}  {status.status}{ahead}", flush=True)
+
     async def watch(api: ApiClient) -> TaskStatusCode:
-        last: TaskStatusCode | None = None
-        while True:
-            status = await api.get_status(args.id)
-            if status.status != last:
-                now = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-                ahead = ""
-                if status.position_in_queue is not None:
-                    ahead = f" ({status.position_in_queue.tasks_ahead} ahead in the queue)"
-                print(f"{now}  {status.status}{ahead}", flush=True)
-                last = status.status
-            if status.is_terminated:
-                return status.status
-            await trio.sleep(args.poll)
+        return (await api.wait_ended(args.id, args.poll, show)).status
 
     try:
         final = run_api(settings, watch)

@@ -159,13 +159,15 @@ async def download(
     *,
     parallel: int = 4,
     on_file: ProgressFn | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> list[Path]:
     """Write the outputs (all, or ``filenames`` relative to ``artifacts/``) under ``dest``.
 
     Members are read with range requests and checked (CRC); each file is written to a
     temporary name and renamed, so no half-written file is left behind. Names that are not in
-    the archive are refused before anything is written. ``progress(name, nbytes)`` follows
-    every chunk, ``on_file(name, size)`` every finished file.
+    the archive are refused before anything is written. ``on_start(total_bytes)`` comes once
+    the selection is known, ``progress(name, nbytes)`` after every chunk, ``on_file(name,
+    size)`` after every finished file.
     """
     with single_errors():
         async with Outputs(api, make_cache(None, 0)) as outputs, trio.open_nursery() as nursery:
@@ -183,6 +185,8 @@ async def download(
                 selected = {name: files[name] for name in dict.fromkeys(wanted)}
             else:
                 selected = files
+            if on_start is not None:
+                on_start(sum(entry.size for entry in selected.values()))
             limiter = trio.CapacityLimiter(parallel)
             written: list[Path] = []
 

@@ -36,6 +36,14 @@ T = TypeVar("T")
 OUTPUT_ROOT_ENV = "INDUCTIVA_OUTPUT_DIR"
 
 
+def outputs_dir(task_id: str, root: Path | None = None) -> Path:
+    """Where a task's outputs are downloaded, as the official client does:
+    ``<root>/<task_id>/outputs``, root ``$INDUCTIVA_OUTPUT_DIR`` else ``inductiva_output``."""
+    if root is None:
+        root = Path(os.environ.get(OUTPUT_ROOT_ENV, "inductiva_output"))
+    return root / task_id / "outputs"
+
+
 def run_api(settings: ClientSettings, fn: Callable[[ApiClient], Awaitable[T]]) -> T:
     """Run ``await fn(api)`` to completion from synchronous code."""
 
@@ -131,11 +139,7 @@ class Task:
             if wait_timeout is None:
                 return True
             with trio.move_on_after(wait_timeout):
-                while True:
-                    status = await api.get_status(self.id)
-                    if status.is_terminated:
-                        return status.status == TaskStatusCode.KILLED
-                    await trio.sleep(poll)
+                return (await api.wait_ended(self.id, poll)).status == TaskStatusCode.KILLED
             return False
 
         return self._call(kill)
@@ -148,15 +152,8 @@ class Task:
         """Block until the task has ended; returns its final status."""
 
         async def wait(api: ApiClient) -> TaskStatusCode:
-            last: TaskStatusCode | None = None
-            while True:
-                status = await api.get_status(self.id)
-                if status.status != last and on_change is not None:
-                    on_change(status.status)
-                last = status.status
-                if status.is_terminated:
-                    return status.status
-                await trio.sleep(poll)
+            changed = None if on_change is None else (lambda s: on_change(s.status))
+            return (await api.wait_ended(self.id, poll, changed)).status
 
         return self._call(wait)
 
@@ -179,10 +176,7 @@ class Task:
         """Download all outputs, or ``filenames`` (relative to ``artifacts/``), with range
         requests. Default directory: ``$INDUCTIVA_OUTPUT_DIR`` (else ``inductiva_output``)
         ``/<task_id>/outputs``, as the official client does. Returns the directory."""
-        if output_dir is not None:
-            dest = Path(output_dir)
-        else:
-            dest = Path(os.environ.get(OUTPUT_ROOT_ENV, "inductiva_output")) / self.id / "outputs"
+        dest = Path(output_dir) if output_dir is not None else outputs_dir(self.id)
 
         async def fetch(api: ApiClient) -> Path:
             task = await api.get_task(self.id)

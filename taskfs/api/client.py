@@ -216,6 +216,23 @@ class ApiClient:
             raise TaskEndedError(f"task {task_id} has already ended ({answer.status})")
         return answer.status
 
+    async def wait_ended(
+        self,
+        task_id: str,
+        poll: float = 1.0,
+        on_change: Callable[[TaskStatus], None] | None = None,
+    ) -> TaskStatus:
+        """Poll until the task has ended; ``on_change`` sees each new status as it comes."""
+        last: TaskStatusCode | None = None
+        while True:
+            status = await self.get_status(task_id)
+            if status.status != last and on_change is not None:
+                on_change(status)
+            last = status.status
+            if status.is_terminated:
+                return status
+            await trio.sleep(poll)
+
     async def submit(self, request: Mapping[str, Any]) -> SubmitResponse:
         return await self._json(
             "POST", "/tasks/submit", SubmitResponse, json=dict(request), idempotent=False

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import stat
@@ -451,8 +452,10 @@ class Vfs:
         commands = control.parse(data.decode("utf-8", "replace"))
         for command in commands:
             await control.run(self.api, handle.key.task_id, command)
-        if commands:
-            self._states.pop(handle.key.task_id, None)  # show the new status at once
+        state = self._states.get(handle.key.task_id)
+        if commands and state is not None:
+            # Show the new status at once: refetched on the next look, still listed meanwhile.
+            self._states[handle.key.task_id] = replace(state, fetched=-math.inf)
         return len(data)
 
     def release(self, fh: int) -> None:

@@ -140,6 +140,14 @@ def test_kill_many_ended_and_wait(service: Service) -> None:
     waited = cli(service, "tasks", "kill", another, "-y", "--wait", "20")
     assert waited.returncode == 0, waited.stderr
     assert f"Task {another} killed." in waited.stdout
+    # --wait waits only for the tasks the kill reached: an unknown id is one failure, and
+    # the others are still waited for.
+    third = running(service)
+    mixed = cli(service, "tasks", "kill", "nosuchtask0000000000000000", third, "-y", "--wait", "20")
+    assert mixed.returncode == 1
+    assert "nosuchtask0000000000000000" in mixed.stderr and "not killed" in mixed.stderr
+    assert f"Task {third} killed." in mixed.stdout
+    assert mixed.stderr.count("not killed") == 1, mixed.stderr
     assert cli(service, "tasks", "kill").returncode == 2
     assert cli(service, "tasks", "kill", "--all", another).returncode == 2
 

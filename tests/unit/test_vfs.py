@@ -331,8 +331,11 @@ async def test_lookup_counts_and_forget(env: Env) -> None:
 async def test_control_kill_and_errors(env: Env) -> None:
     env.fake.add("run", S.COMPUTATION_STARTED)
     env.fake.add("done", S.SUCCESS)
+    assert "run" in [name for name, _ in await env.kernel.listdir(ROOT_INODE)]
     assert await env.kernel.write("run/control", b"kill\n") == 5
     assert env.fake.tasks["run"]["status"] == "pending-kill"
+    # Still listed (the cached listing is 2 s old at most), only its state is refetched.
+    assert "run" in [name for name, _ in await env.kernel.listdir(ROOT_INODE)]
     assert await env.kernel.read("run/status") == b"pending-kill\n"  # shown at once
     assert await env.kernel.write("run/control", b"  kill  ") == 8  # already pending: fine
     with pytest.raises(TaskEndedError):
