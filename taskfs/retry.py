@@ -1,7 +1,8 @@
 """Deadlines and retries for network operations, shared by the API client and range reader.
 
-Owns: the retry loop (jittered exponential backoff, ``Retry-After`` honoured) and the rule that
-one operation, all its attempts and all its waits included, ends by its deadline.
+Owns: the retry loop (jittered exponential backoff, ``Retry-After`` honoured), which HTTP
+statuses are worth another try and how ``Retry-After`` is read, and the rule that one
+operation, all its attempts and all its waits included, ends by its deadline.
 
 Must stay true:
 * an operation never outlives its deadline: each attempt runs under ``trio.fail_at`` of the
@@ -14,8 +15,10 @@ No I/O library is imported here; the callers classify their own exceptions.
 
 from __future__ import annotations
 
+import email.utils
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -26,6 +29,23 @@ from taskfs.errors import ServiceError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# HTTP statuses that may succeed if tried again (throttled, or the server failing for now).
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """``Retry-After`` as seconds from now (delta-seconds or an HTTP date), if present."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 class Retryable(Exception):  # noqa: N818 - it is a signal, not an error shown to users

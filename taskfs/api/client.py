@@ -15,9 +15,7 @@ Must stay true:
 
 from __future__ import annotations
 
-import email.utils
 import logging
-import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -47,28 +45,19 @@ from taskfs.errors import (
     TaskfsError,
     UsageError,
 )
-from taskfs.retry import Retryable, RetryPolicy, with_retries
+from taskfs.retry import (
+    RETRY_STATUSES,
+    Retryable,
+    RetryPolicy,
+    retry_after_seconds,
+    with_retries,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 USER_AGENT = f"taskfs/{__version__}"
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 PAGE_SIZE = 500
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """``Retry-After`` as seconds from now (delta-seconds or an HTTP date), if present."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def transport_message(exc: httpx.TransportError, base: str) -> str:

@@ -173,11 +173,6 @@ class DiskCache:
             self._evict()
         return True
 
-    def discard(self, key: CacheKey) -> None:
-        name = key.digest().hex()
-        self._forget(name)
-        _unlink(self._path(name))
-
     def _forget(self, name: str) -> None:
         with self._lock:
             self.total -= self._index.pop(name, 0)
@@ -258,9 +253,6 @@ class Tiered:
 
     async def put(self, key: CacheKey, data: bytes) -> None:
         self.memory.put(key, data)
-        await self.put_disk(key, data)
-
-    async def put_disk(self, key: CacheKey, data: bytes) -> None:
         await self.put_disk_many([(key, data)])
 
     async def put_disk_many(self, items: list[tuple[CacheKey, bytes]]) -> None:
@@ -290,9 +282,6 @@ class SingleFlight(Generic[K, V]):
 
     def __init__(self) -> None:
         self._flights: dict[K, _Flight[V]] = {}
-
-    def busy(self, key: K) -> bool:
-        return key in self._flights
 
     async def run(self, key: K, fetch: Callable[[], Awaitable[V]]) -> V:
         while True:

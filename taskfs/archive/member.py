@@ -106,6 +106,10 @@ class Checkpoint:
     state: zlib._Decompress
 
 
+def _out_pos(point: Checkpoint) -> int:
+    return point.out_pos
+
+
 @dataclass
 class DeflateIndex:
     """Checkpoints of one deflate member, sorted by output position."""
@@ -118,15 +122,13 @@ class DeflateIndex:
         return cls(max(CHECKPOINT_SPACING, -(-size // MAX_CHECKPOINTS)))
 
     def best(self, offset: int) -> Checkpoint | None:
-        keys = [p.out_pos for p in self.points]
-        i = bisect.bisect_right(keys, offset)
+        i = bisect.bisect_right(self.points, offset, key=_out_pos)
         return self.points[i - 1] if i else None
 
     def add(self, out_pos: int, in_pos: int, state: zlib._Decompress) -> None:
         """Keep ``state`` (a copy no one else uses) as the checkpoint at ``out_pos``."""
-        keys = [p.out_pos for p in self.points]
-        i = bisect.bisect_left(keys, out_pos)
-        if i < len(keys) and keys[i] == out_pos:
+        i = bisect.bisect_left(self.points, out_pos, key=_out_pos)
+        if i < len(self.points) and self.points[i].out_pos == out_pos:
             return
         self.points.insert(i, Checkpoint(out_pos, in_pos, state))
 

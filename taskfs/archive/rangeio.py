@@ -23,12 +23,17 @@ from collections.abc import Awaitable, Callable
 import httpx
 
 from taskfs.errors import ArchiveError, AuthError, NotFoundError, ProtocolError, StaleError
-from taskfs.retry import Retryable, RetryPolicy, with_retries
+from taskfs.retry import (
+    RETRY_STATUSES,
+    Retryable,
+    RetryPolicy,
+    retry_after_seconds,
+    with_retries,
+)
 
 log = logging.getLogger(__name__)
 
 CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 UrlProvider = Callable[[bool], Awaitable[str]]
 """Returns the object's signed URL; ``True`` asks for a fresh one (the old one expired)."""
@@ -50,11 +55,6 @@ def data_client(
         headers={"Accept-Encoding": "identity"},
         follow_redirects=True,
     )
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after", "")
-    return float(value) if value.strip().isdigit() else None
 
 
 class RangeSource:
@@ -138,7 +138,9 @@ class RangeSource:
         if status == 416 and first:
             raise ArchiveError(f"{self.name} is empty: not a ZIP archive")
         if status in RETRY_STATUSES:
-            raise Retryable(f"HTTP {status}", _retry_after(response))
+            raise Retryable(
+                f"HTTP {status}", retry_after_seconds(response.headers.get("retry-after"))
+            )
         if status == 200:
             raise ProtocolError(f"{self.name}: the server ignored the Range header (200)")
         if status != 206:

@@ -203,10 +203,6 @@ class RemoteArchive:
     def open_member(self, entry: Entry) -> MemberReader:
         return open_member(self, entry)
 
-    async def read(self, entry: Entry, offset: int, size: int) -> bytes:
-        """Convenience: open a reader and read once (tests, one-shot tools)."""
-        return await self.open_member(entry).read(offset, size)
-
     def spawn(self, fn: Callable[[int], Awaitable[None]], arg: int) -> None:
         """Run ``fn(arg)`` in the archive's nursery (work ahead of a reader)."""
         self._nursery.start_soon(fn, arg)
@@ -226,20 +222,22 @@ class RemoteArchive:
         if entry.header_offset + LOCAL.size + entry.compressed_size > self.data_end:
             raise ArchiveError(f"{entry.name}: member data lies outside the archive's data area")
 
+    def _head_end(self, entry: Entry) -> int:
+        """Where the member's local header ends at most (the central directory's name and
+        extra lengths, with a margin for a longer local extra field)."""
+        return entry.header_offset + LOCAL.size + entry.name_len + entry.extra_len + LOCAL_MARGIN
+
     def _extent(self, entry: Entry) -> tuple[int, int]:
         """The archive bytes that hold the member's local header and data (with a margin)."""
-        start = entry.header_offset
-        end = start + LOCAL.size + entry.name_len + entry.extra_len + LOCAL_MARGIN
-        return start, min(self.data_end, end + entry.compressed_size)
+        return entry.header_offset, min(
+            self.data_end, self._head_end(entry) + entry.compressed_size
+        )
 
     async def data_start(self, entry: Entry) -> int:
         start = self._starts.get(entry.index)
         if start is None:
             self._check_bounds(entry)
-            head_end = min(
-                self.data_end,
-                entry.header_offset + LOCAL.size + entry.name_len + entry.extra_len + LOCAL_MARGIN,
-            )
+            head_end = min(self.data_end, self._head_end(entry))
             head = await self.read_range(entry.header_offset, head_end)
             start = entry.header_offset + parse_local_header(head, entry)
             if start + entry.compressed_size > self.data_end:

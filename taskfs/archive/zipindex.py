@@ -149,22 +149,6 @@ class Index(Sequence[Entry]):
             extra_len=self.extra_lens[i],
         )
 
-    def append(self, entry: Entry) -> None:
-        self.names.append(entry.name)
-        self.offsets.append(entry.header_offset)
-        self.csizes.append(entry.compressed_size)
-        self.sizes.append(entry.size)
-        self.crcs.append(entry.crc)
-        self.methods.append(entry.method)
-        self.flags.append(entry.flags)
-        self.name_lens.append(entry.name_len)
-        self.extra_lens.append(entry.extra_len)
-        self.mtimes.append(entry.mtime)
-        self.modes.append(entry.mode)
-
-    def is_dir(self, i: int) -> bool:
-        return self.names[i].endswith("/")
-
 
 @dataclass(frozen=True, slots=True)
 class Directory:

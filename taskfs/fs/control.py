@@ -52,5 +52,5 @@ async def kill(api: ApiClient, task_id: str) -> TaskStatusCode:
 async def run(api: ApiClient, task_id: str, command: str) -> None:
     if command == "kill":
         await kill(api, task_id)
-    else:  # pragma: no cover - split_commands admits only COMMANDS
+    else:  # pragma: no cover - parse() admits only COMMANDS
         raise InvalidCommandError(command)

@@ -53,7 +53,7 @@ def handler(
         except pyfuse3.FUSEError:
             raise
         except TaskfsError as exc:
-            code = exc.errno
+            code = errno_of(exc)
             level = (
                 logging.DEBUG
                 if code in _QUIET
