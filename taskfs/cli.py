@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
@@ -140,10 +141,29 @@ def start_service_background(
     if url is not None:
         return url
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    log_path = data_dir / "service.log"
+    started, _ = _spawn_detached(
+        ["serve", "--data-dir", str(data_dir), *extra],
+        data_dir / "service.log",
+        lambda: running_service_url(data_dir),
+        timeout,
+        "the local service did not start",
+    )
+    return started
+
+
+T = TypeVar("T")
+
+
+def _spawn_detached(
+    args: Sequence[str], log_path: Path, ready: Callable[[], T | None], timeout: float, what: str
+) -> tuple[T, int]:
+    """Run ``taskfs <args>`` in its own session, logging to ``log_path``, until ``ready()``
+    answers; returns that answer and the pid. If the process exits first, or ``timeout``
+    passes (it is then terminated), ``TaskfsError`` says ``what`` with the log's last lines.
+    """
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "taskfs", "serve", "--data-dir", str(data_dir), *extra],
+            [sys.executable, "-m", "taskfs", *args],
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=log_file,
@@ -151,17 +171,15 @@ def start_service_background(
         )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        url = running_service_url(data_dir)
-        if url is not None:
-            return url
+        answer = ready()
+        if answer is not None:
+            return answer, proc.pid
         if proc.poll() is not None:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
-            raise TaskfsError(
-                "the local service did not start: "
-                + (" | ".join(tail) or f"exit {proc.returncode}")
-            )
+            raise TaskfsError(f"{what}: " + (" | ".join(tail) or f"exit {proc.returncode}"))
         time.sleep(0.05)
-    raise TaskfsError(f"the local service did not start within {timeout:g} s (see {log_path})")
+    proc.terminate()
+    raise TaskfsError(f"{what} within {timeout:g} s (see {log_path})")
 
 
 def running_service_url(data_dir: Path) -> str | None:
@@ -232,7 +250,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from taskfs.fs.mount import MountSettings, check_mountpoint, mount_entry, run_mount
+    from taskfs.fs.mount import (
+        FSTYPE,
+        MountSettings,
+        check_mountpoint,
+        mount_entry,
+        run_mount,
+    )
 
     mountpoint = Path(args.mountpoint).absolute()
     allow_other = False
@@ -260,27 +284,20 @@ def cmd_mount(args: argparse.Namespace) -> int:
         return 0
     log_path = args.cache_dir / f"mount-{_slug(mountpoint)}.log"
     args.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    argv = [sys.executable, "-m", "taskfs", "mount", *args.raw_argv, "--foreground"]
-    with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=log_file,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+
+    def mounted() -> bool | None:
         found = mount_entry(mountpoint)
-        if found is not None and found[0] == "fuse.taskfs":
-            print(f"mounted {client.api_url} at {mountpoint} (pid {proc.pid}, log {log_path})")
-            return 0
-        if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:]
-            raise TaskfsError(f"mount failed: {' '.join(tail) or f'exit {proc.returncode}'}")
-        time.sleep(0.05)
-    proc.terminate()
-    raise TaskfsError(f"mount did not come up within 30 s (see {log_path})")
+        return True if found is not None and found[0] == FSTYPE else None
+
+    _, pid = _spawn_detached(
+        ["mount", *args.raw_argv, "--foreground"],
+        log_path,
+        mounted,
+        30,
+        "the mount did not come up",
+    )
+    print(f"mounted {client.api_url} at {mountpoint} (pid {pid}, log {log_path})")
+    return 0
 
 
 def _slug(path: Path) -> str:
