@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import io
 import struct
-import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass, field
+
+from tests.support import artifacts_zip
 
 LOCAL = struct.Struct("<4sHHHHHIIIHH")
 CENTRAL = struct.Struct("<4sBBHHHHHIIIHHHHHII")
@@ -93,16 +94,6 @@ def raw_zip(
     n = len(members) if count is None else count
     end = EOCD.pack(b"PK\x05\x06", 0, 0, n, n, len(central), cd_start + cd_offset_delta, 0)
     return bytes(body + central + end)
-
-
-def zipfile_archive(files: list[tuple[str, bytes]], method: int = zipfile.ZIP_DEFLATED) -> bytes:
-    buf = io.BytesIO()
-    with warnings.catch_warnings(), zipfile.ZipFile(buf, "w", method) as zf:
-        warnings.simplefilter("ignore")
-        zf.writestr(zipfile.ZipInfo("artifacts/"), b"")
-        for name, data in files:
-            zf.writestr(name, data)
-    return buf.getvalue()
 
 
 @dataclass
@@ -225,7 +216,7 @@ def corpus() -> list[Case]:
         ),
         Case(
             "empty-member",
-            zipfile_archive([("artifacts/empty.txt", b"")]),
+            artifacts_zip({"empty.txt": b""}),
             True,
             {"empty.txt"},
             contents={"empty.txt": b""},

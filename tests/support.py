@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
 import zipfile
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -21,6 +22,10 @@ from taskfs.api.client import ApiClient
 from taskfs.api.models import TaskStatus, TaskStatusCode
 from taskfs.api.submit import submit_task
 from taskfs.config import ClientSettings
+
+if TYPE_CHECKING:
+    from taskfs.archive.remote import RemoteArchive
+    from taskfs.archive.zipindex import Entry
 
 
 class Gate:
@@ -66,15 +71,38 @@ async def wait_status(
             await trio.sleep(0.05)
 
 
-def make_zip(members: Iterable[tuple[str, bytes]], method: int = zipfile.ZIP_DEFLATED) -> bytes:
+async def read_all(archive: RemoteArchive, entry: Entry, chunk: int = 128 << 10) -> bytes:
+    """A member read from start to end through one reader, ``chunk`` bytes at a time."""
+    reader = archive.open_member(entry)
+    out = bytearray()
+    while data := await reader.read(len(out), chunk):
+        out += data
+    return bytes(out)
+
+
+def artifacts_zip(
+    files: Mapping[str, bytes],
+    method: int = zipfile.ZIP_DEFLATED,
+    outside: Mapping[str, bytes] | None = None,
+) -> bytes:
+    """An outputs archive as the service writes one: ``artifacts/`` and ``artifacts/<name>``
+    for each of ``files``, then ``outside`` names at the top (not part of the outputs)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", method) as zf:
-        for name, data in members:
+        zf.writestr(zipfile.ZipInfo("artifacts/"), b"")
+        for name, data in files.items():
+            zf.writestr(f"artifacts/{name}", data)
+        for name, data in (outside or {}).items():
             zf.writestr(name, data)
     return buf.getvalue()
 
 
 # -- the local service as a process (sync tests: CLI, Task class, FUSE) --------------------
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without ``INDUCTIVA_*`` (a developer's real API settings)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("INDUCTIVA_")}
 
 
 def taskfs_cmd(*args: str) -> list[str]:

@@ -44,8 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 from taskfs.api.models import TaskStatusCode as S  # noqa: E402
 from taskfs.fs.mount import mount_entry  # noqa: E402
-from tests.fakeapi import KEY, FakeApi  # noqa: E402
-from tests.fuse.conftest import free_port, start_mount, stop_mount  # noqa: E402
+from tests.fakeapi import FakeApi  # noqa: E402
+from tests.fuse.conftest import mount_other, start_mount, stop_mount  # noqa: E402
 from tests.rangeserver import Answer, Seen, serve_answerer  # noqa: E402
 from tests.support import Service, start_service, stop, taskfs_cmd  # noqa: E402
 
@@ -157,27 +157,13 @@ def main() -> int:
     fake.api_fault = lambda method, path: (
         Answer(200, {}, b"", delay=3600) if dark.is_set() else None
     )
-    port = free_port()
     local = cloud = victim = None
-    with serve_answerer(fake, port=port) as url:
+    with serve_answerer(fake) as url:
         fake.base_url = url
-        key = work / "cloud-key"
-        key.write_text(KEY + "\n")
         try:
             local = start_mount(current[0], work / "local", work / "cache-local")
-            cloud = start_mount(
-                None,
-                work / "cloud",
-                work / "cache-cloud",
-                "--api-url",
-                url,
-                "--api-key-file",
-                str(key),
-                "--deadline",
-                "3",
-                "--cache-size",
-                "0",  # no disk cache: every copy goes back to the flaky storage
-            )
+            # No disk cache: every copy goes back to the flaky storage.
+            cloud = mount_other(work, url, "--deadline", "3", "--cache-size", "0", name="cloud")
             victim = start_mount(current[0], work / "victim", work / "cache-victim")
             lm, cm = local.path, cloud.path
             tasks: list[str] = []

@@ -159,12 +159,12 @@ def mount_other(tmp_path: Path, url: str, *extra: str, name: str = "mnt", key: s
 
 
 @contextmanager
-def cloud_mount(tmp_path: Path, fake: FakeApi, *extra: str) -> Iterator[tuple[Mount, str, int]]:
-    port = free_port()
-    with serve_answerer(fake, port=port) as url:
+def cloud_mount(tmp_path: Path, fake: FakeApi, *extra: str, key: str = KEY) -> Iterator[Mount]:
+    """``fake`` served over real HTTP and mounted (``--deadline DEADLINE``) until the end."""
+    with serve_answerer(fake) as url:
         fake.base_url = url
-        mount = mount_other(tmp_path, url, "--deadline", str(DEADLINE), *extra)
+        mount = mount_other(tmp_path, url, "--deadline", str(DEADLINE), *extra, key=key)
         try:
-            yield mount, url, port
+            yield mount
         finally:
             stop_mount(mount)

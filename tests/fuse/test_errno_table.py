@@ -15,8 +15,7 @@ from pathlib import Path
 
 from taskfs.api.models import TaskStatusCode as S
 from tests.fakeapi import FakeApi
-from tests.fuse.conftest import Mount, mount_other, stop_mount, wait_until
-from tests.rangeserver import serve_answerer
+from tests.fuse.conftest import Mount, cloud_mount, wait_until
 
 # Reads ``wait`` with libc's read() under a signal handler that returns (no SA_RESTART, as
 # Python installs handlers), so the errno the mount answered is what read() reports.
@@ -49,16 +48,11 @@ def test_file_and_directory_mixups(mounted: Mount) -> None:
 def test_rejected_key_is_eacces(tmp_path: Path) -> None:
     fake = FakeApi()
     fake.add("known", S.SUCCESS)
-    with serve_answerer(fake) as url:
-        fake.base_url = url
-        mount = mount_other(tmp_path, url, key="not-the-key")
-        try:
-            for command in (f"ls {mount.path}", f"cat {mount.path}/known/status"):
-                result = mount.run(command)
-                assert result.returncode != 0, command
-                assert "Permission denied" in result.stderr, (command, result.stderr)
-        finally:
-            stop_mount(mount)
+    with cloud_mount(tmp_path, fake, key="not-the-key") as mount:
+        for command in (f"ls {mount.path}", f"cat {mount.path}/known/status"):
+            result = mount.run(command)
+            assert result.returncode != 0, command
+            assert "Permission denied" in result.stderr, (command, result.stderr)
     assert "not-the-key" not in mount.log.read_text()
 
 

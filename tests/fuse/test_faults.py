@@ -34,16 +34,7 @@ from tests.fuse.conftest import (
     wait_until,
 )
 from tests.rangeserver import Answer, Seen, serve_answerer
-from tests.support import start_service, stop
-
-
-def archive(files: dict[str, bytes], method: int = zipfile.ZIP_DEFLATED) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", method) as zf:
-        zf.writestr(zipfile.ZipInfo("artifacts/"), b"")
-        for name, data in files.items():
-            zf.writestr(f"artifacts/{name}", data)
-    return buf.getvalue()
+from tests.support import artifacts_zip, start_service, stop
 
 
 def timed(mount: Mount, command: str) -> tuple[subprocess.CompletedProcess[str], float]:
@@ -56,9 +47,9 @@ def test_dead_and_stalled_service(tmp_path: Path) -> None:
     fake = FakeApi()
     fake.add("live", S.COMPUTATION_STARTED, computation_start=datetime.now(UTC))
     files = {"a.txt": b"alpha\n", "b.txt": b"beta\n" * 1000, "big.bin": bytes(3 << 20)}
-    fake.add("opened", S.SUCCESS, archive=archive(files, zipfile.ZIP_STORED))
-    fake.add("closed", S.SUCCESS, archive=archive(files))
-    with cloud_mount(tmp_path, fake) as (mount, url, port):
+    fake.add("opened", S.SUCCESS, archive=artifacts_zip(files, zipfile.ZIP_STORED))
+    fake.add("closed", S.SUCCESS, archive=artifacts_zip(files))
+    with cloud_mount(tmp_path, fake) as mount:
         m = mount.path
         assert mount.run(f"cat {m}/opened/outputs/a.txt").stdout == "alpha\n"  # archive open
 
@@ -105,7 +96,7 @@ def test_dead_and_stalled_service(tmp_path: Path) -> None:
     # Dead: the server is gone (connection refused), then back on the same port.
     fake2 = FakeApi()
     fake2.add("live", S.COMPUTATION_STARTED)
-    fake2.add("closed", S.SUCCESS, archive=archive(files))
+    fake2.add("closed", S.SUCCESS, archive=artifacts_zip(files))
     port = free_port()
     server = serve_answerer(fake2, port=port)
     url = server.__enter__()
@@ -135,7 +126,7 @@ def test_copy_with_ten_percent_failures(tmp_path: Path) -> None:
     files["big/stored.bin"] = rng.randbytes(32 << 20)
     files["big/deflated.txt"] = b"".join(b"%d 0.5 1.5\n" % i for i in range(400_000))
     fake = FakeApi()
-    data = archive(files)
+    data = artifacts_zip(files)
     fake.add("task", S.SUCCESS, archive=data)
     faults = {"503": 0, "reset": 0, "truncated": 0}
     kinds = list(faults)
@@ -161,7 +152,7 @@ def test_copy_with_ten_percent_failures(tmp_path: Path) -> None:
         return Answer(206, {**answer.headers, "content-length": str(len(short))}, short)
 
     fake.objects.fault = flaky
-    with cloud_mount(tmp_path, fake) as (mount, _, _):
+    with cloud_mount(tmp_path, fake) as mount:
         copy = tmp_path / "copy"
         result = mount.run(f"cp -r {mount.path}/task/outputs {copy}", timeout=120)
         assert result.returncode == 0, result.stderr
@@ -176,7 +167,7 @@ def test_misbehaving_storage(tmp_path: Path) -> None:
     leaves nothing wrong behind: the same member reads right once storage behaves."""
     rng = random.Random(11)
     body = rng.randbytes(2 << 20)
-    data = archive({"m.bin": body}, zipfile.ZIP_STORED)
+    data = artifacts_zip({"m.bin": body}, zipfile.ZIP_STORED)
     fake = FakeApi()
     for i in range(6):  # one task (one archive) per case: no read-ahead crosses between them
         fake.add(f"t{i}", S.SUCCESS, archive=data)
@@ -208,7 +199,7 @@ def test_misbehaving_storage(tmp_path: Path) -> None:
             a.status, a.headers, a.body, trickle=(1024, 0.5)
         ),
     }
-    with cloud_mount(tmp_path, fake) as (mount, _, _):
+    with cloud_mount(tmp_path, fake) as mount:
         for i, (case, change) in enumerate([*cases.items(), ("trickle within", None)]):
             member = mount.path / f"t{i}" / "outputs" / "m.bin"
             assert mount.run(f"ls {member.parent}").stdout == "m.bin\n"  # archive open
@@ -233,8 +224,8 @@ def test_parallel_readers(tmp_path: Path) -> None:
     files = {f"m{i}.bin": rng.randbytes(rng.randint(1, 3) << 20) for i in range(6)}
     files.update({f"small/s{i}.txt": f"small {i}\n".encode() * 200 for i in range(20)})
     fake = FakeApi()
-    fake.add("task", S.SUCCESS, archive=archive(files, zipfile.ZIP_STORED))
-    with cloud_mount(tmp_path, fake) as (mount, _, _):
+    fake.add("task", S.SUCCESS, archive=artifacts_zip(files, zipfile.ZIP_STORED))
+    with cloud_mount(tmp_path, fake) as mount:
         names = list(files)
 
         def reader(i: int) -> bool:
@@ -334,13 +325,14 @@ def test_service_restart_under_a_mount(local: tuple[Service, Mount]) -> None:
 def test_stale_archive_is_estale(tmp_path: Path) -> None:
     fake = FakeApi()
     big = random.Random(3).randbytes(64 << 20)
-    fake.add("task", S.SUCCESS, archive=archive({"big.bin": big}, zipfile.ZIP_STORED))
-    with cloud_mount(tmp_path, fake) as (mount, _, _):
+    fake.add("task", S.SUCCESS, archive=artifacts_zip({"big.bin": big}, zipfile.ZIP_STORED))
+    with cloud_mount(tmp_path, fake) as mount:
         path = mount.path / "task" / "outputs" / "big.bin"
         with open(path, "rb") as handle:
             assert handle.read(1 << 16) == big[: 1 << 16]
             fake.objects.put(
-                "fake-bucket/task/output.zip", archive({"big.bin": big[::-1]}, zipfile.ZIP_STORED)
+                "fake-bucket/task/output.zip",
+                artifacts_zip({"big.bin": big[::-1]}, zipfile.ZIP_STORED),
             )
             handle.seek(60 << 20)  # far past anything read ahead
             with pytest.raises(OSError) as info:
@@ -350,8 +342,8 @@ def test_stale_archive_is_estale(tmp_path: Path) -> None:
 
 def test_timestamps(tmp_path: Path) -> None:
     fake = FakeApi()
-    fake.add("task", S.SUCCESS, archive=archive({"x.txt": b"x"}))
-    with cloud_mount(tmp_path, fake) as (mount, _, _):
+    fake.add("task", S.SUCCESS, archive=artifacts_zip({"x.txt": b"x"}))
+    with cloud_mount(tmp_path, fake) as mount:
         task_dir = (mount.path / "task").stat()
         expected = datetime(2026, 11, 20, 9, 10, tzinfo=UTC)
         assert datetime.fromtimestamp(task_dir.st_mtime, UTC) == expected

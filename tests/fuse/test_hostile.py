@@ -20,7 +20,7 @@ def test_hostile_archives_through_a_mount(tmp_path: Path) -> None:
     for i, case in enumerate(cases):
         fake.add(f"case{i:02d}", S.SUCCESS, archive=case.data)
     fake.add("many", S.SUCCESS, archive=many_entries())
-    with cloud_mount(tmp_path, fake) as (mount, _, _):
+    with cloud_mount(tmp_path, fake) as mount:
         for i, case in enumerate(cases):
             outputs = mount.path / f"case{i:02d}" / "outputs"
             listing = mount.run(f"ls -R {outputs}")

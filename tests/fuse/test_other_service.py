@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import zipfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,8 +10,8 @@ import pytest
 
 from taskfs.api.models import TaskStatusCode as S
 from tests.fakeapi import FakeApi
-from tests.fuse.conftest import Mount, mount_other, stop_mount, wait_until
-from tests.rangeserver import serve_answerer
+from tests.fuse.conftest import Mount, cloud_mount, wait_until
+from tests.support import artifacts_zip
 
 FILES = {
     "stdout.txt": b"SPlisHSPlasH v2.13\nsimulation finished\n",
@@ -24,21 +22,14 @@ FILES = {
 }
 
 
-def cloud_archive() -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr(zipfile.ZipInfo("artifacts/"), b"")
-        for name, data in FILES.items():
-            zf.writestr(f"artifacts/{name}", data)
-        zf.writestr("output.json", b"{}")  # outside artifacts/: not shown
-    return buf.getvalue()
-
-
 @pytest.fixture
 def cloud(tmp_path: Path) -> Iterator[tuple[Mount, FakeApi]]:
     fake = FakeApi()
     fake.add(
-        "i4ir3kvv62odsfrhko4y8w2an", S.SUCCESS, archive=cloud_archive(), computation_seconds=192.4
+        "i4ir3kvv62odsfrhko4y8w2an",
+        S.SUCCESS,
+        archive=artifacts_zip(FILES, outside={"output.json": b"{}"}),
+        computation_seconds=192.4,
     )
     fake.add(
         "running0000000000000000000",
@@ -46,13 +37,8 @@ def cloud(tmp_path: Path) -> Iterator[tuple[Mount, FakeApi]]:
         computation_start=datetime.now(UTC) - timedelta(hours=27, seconds=3),
     )
     fake.add("queued00000000000000000000", S.SUBMITTED, vm_type=None)
-    with serve_answerer(fake) as url:
-        fake.base_url = url
-        mount = mount_other(tmp_path, url)
-        try:
-            yield mount, fake
-        finally:
-            stop_mount(mount)
+    with cloud_mount(tmp_path, fake) as mount:
+        yield mount, fake
     assert mount.proc.returncode == 0
 
 

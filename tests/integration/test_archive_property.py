@@ -31,6 +31,7 @@ from taskfs.archive.rangeio import RangeSource
 from taskfs.archive.remote import RemoteArchive
 from taskfs.archive.zipindex import Entry, clean_path, walk
 from tests.rangeserver import Server, serve_in_thread
+from tests.support import read_all
 
 METHODS = [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA]
 names = st.lists(
@@ -99,11 +100,7 @@ async def check(
         for parts, entry in files.items():
             body = expected[parts]
             assert entry.size == len(body)
-            reader = archive.open_member(entry)
-            out = bytearray()
-            while chunk := await reader.read(len(out), 50_000):
-                out += chunk
-            assert bytes(out) == body, parts
+            assert await read_all(archive, entry, 50_000) == body, parts
             fresh = archive.open_member(entry)
             for fraction, size in extra_reads:
                 offset = int(fraction * len(body))

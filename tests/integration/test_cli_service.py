@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from taskfs.cli import running_service_url
+from tests.support import clean_env
 
 
 def taskfs(*args: str, data: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INDUCTIVA_")}
+    env = clean_env()
     env["TASKFS_DATA_DIR"] = str(data)
     return subprocess.run(
         [sys.executable, "-m", "taskfs", *args],

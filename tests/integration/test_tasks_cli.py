@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from taskfs.api.models import TaskStatusCode as S
-from tests.support import Service, start_service, stop, taskfs_cmd
+from tests.support import Service, clean_env, start_service, stop, taskfs_cmd
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
 def cli(
     service: Service, *args: str, stdin: int | None = subprocess.DEVNULL, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INDUCTIVA_")}
+    env = clean_env()
     return subprocess.run(
         taskfs_cmd(*args, "--data-dir", str(service.data_dir)),
         capture_output=True,
@@ -45,7 +45,7 @@ def cli(
 def with_terminal(service: Service, *args: str, answer: str) -> subprocess.CompletedProcess[str]:
     """Run with a pseudo-terminal on stdin and type ``answer`` at the prompt."""
     master, slave = pty.openpty()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INDUCTIVA_")}
+    env = clean_env()
     proc = subprocess.Popen(
         taskfs_cmd(*args, "--data-dir", str(service.data_dir)),
         stdin=slave,
@@ -238,7 +238,7 @@ def test_wait_prints_changes_and_exit_status(service: Service) -> None:
 
 def test_ctrl_c_during_wait_kills_the_task(service: Service) -> None:
     task_id = running(service)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INDUCTIVA_")}
+    env = clean_env()
     proc = subprocess.Popen(
         taskfs_cmd(
             "tasks",

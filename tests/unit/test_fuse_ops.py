@@ -7,7 +7,7 @@ import logging
 import os
 import stat
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,8 @@ from taskfs.fs.vfs import Vfs, VfsSettings
 from taskfs.outputs import Outputs, make_cache
 from tests.fakeapi import KEY, FakeApi
 from tests.rangeserver import mock_transport
-from tests.unit.test_vfs import FILES, archive
+from tests.support import artifacts_zip
+from tests.unit.test_vfs import FILES
 
 
 @dataclass
@@ -42,7 +43,7 @@ class Ctx:
 @pytest.fixture
 async def ops(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[tuple[Operations, FakeApi]]:
     fake = FakeApi()
-    fake.add("done", S.SUCCESS, archive=archive(FILES))
+    fake.add("done", S.SUCCESS, archive=artifacts_zip(FILES))
     fake.add("run", S.COMPUTATION_STARTED)
     settings = ClientSettings(api_url=fake.base_url, api_key=KEY, deadline=5)
     async with (
@@ -173,13 +174,11 @@ async def test_readdir_stops_when_the_buffer_is_full(
 
 
 def test_fuse_options() -> None:
-    from taskfs.config import ClientSettings as CS
-
-    base = MountSettings(Path("/mnt"), CS("http://x", "k"), Path("/tmp/c"))
+    base = MountSettings(Path("/mnt"), ClientSettings("http://x", "k"), Path("/tmp/c"))
     options = fuse_options(base)
     assert {"default_permissions", "fsname=taskfs", "subtype=taskfs"} <= options
     assert "allow_other" not in options
-    shared = MountSettings(Path("/mnt"), CS("http://x", "k"), Path("/tmp/c"), allow_other=True)
+    shared = replace(base, allow_other=True)
     assert "allow_other" in fuse_options(shared)
     assert base.max_tasks > base.vfs.max_waiters
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 
 import httpx
 import pytest
@@ -13,10 +12,11 @@ import trio
 from taskfs.archive.cache import MemoryCache, Tiered
 from taskfs.archive.rangeio import RangeSource
 from taskfs.archive.remote import RemoteArchive
-from taskfs.archive.zipindex import DirNode, Entry, walk
+from taskfs.archive.zipindex import DirNode, walk
 from taskfs.errors import ArchiveError, TaskfsError, UnsupportedError
 from tests.hostile import Case, corpus, many_entries
 from tests.rangeserver import Objects
+from tests.support import read_all
 
 Opener = Callable[[bytes], Awaitable[RemoteArchive]]
 
@@ -43,14 +43,6 @@ async def opener(nursery: trio.Nursery) -> AsyncIterator[Opener]:
         yield open_archive
 
 
-async def read_member(archive: RemoteArchive, entry: Entry) -> bytes:
-    reader = archive.open_member(entry)
-    out = b""
-    while chunk := await reader.read(len(out), 1 << 16):
-        out += chunk
-    return out
-
-
 @pytest.mark.parametrize("case", corpus(), ids=lambda c: c.name)
 async def test_hostile_archive(opener: Opener, case: Case) -> None:
     if not case.opens:
@@ -67,12 +59,12 @@ async def test_hostile_archive(opener: Opener, case: Case) -> None:
     for path, kind in case.unreadable.items():
         error = UnsupportedError if kind == "ENOTSUP" else ArchiveError
         with pytest.raises(error):
-            await read_member(archive, files[path])
+            await read_all(archive, files[path], 1 << 16)
     for path, body in case.contents.items():
-        assert await read_member(archive, files[path]) == body
+        assert await read_all(archive, files[path], 1 << 16) == body
 
 
-async def test_seventy_thousand_entries(opener: Opener, tmp_path: Path) -> None:
+async def test_seventy_thousand_entries(opener: Opener) -> None:
     archive = await opener(many_entries())
     assert len(archive.entries) == 70_000
     top = archive.tree.children
@@ -86,4 +78,4 @@ async def test_errors_are_typed(opener: Opener) -> None:
             archive = await opener(case.data)
             for _, entry in walk(archive.tree, archive.entries):
                 with contextlib.suppress(TaskfsError):
-                    await read_member(archive, entry)
+                    await read_all(archive, entry, 1 << 16)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from taskfs.errors import NotFoundError
 from taskfs.outputs import OutputFile, OutputInfo, download, format_bytes, output_info
 from tests.fakeapi import KEY, FakeApi
 from tests.rangeserver import mock_transport
+from tests.support import artifacts_zip
 
 
 @pytest.mark.parametrize(
@@ -57,14 +57,12 @@ def test_listing_text_matches_the_official_client() -> None:
 
 
 def known_archive() -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
-        zf.writestr(zipfile.ZipInfo("artifacts/"), b"")
-        zf.writestr("artifacts/stdout.txt", b"o" * 3120)
-        zf.writestr("artifacts/stderr.txt", b"e" * 242)
-        zf.writestr("artifacts/vtk/ParticleData_Fluid_40.vtk", b"v" * 5760)
-        zf.writestr("outside.json", b"{}")
-    return buf.getvalue()
+    files = {
+        "stdout.txt": b"o" * 3120,
+        "stderr.txt": b"e" * 242,
+        "vtk/ParticleData_Fluid_40.vtk": b"v" * 5760,
+    }
+    return artifacts_zip(files, zipfile.ZIP_STORED, outside={"outside.json": b"{}"})
 
 
 async def test_listing_reads_only_the_directory(

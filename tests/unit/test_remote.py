@@ -21,6 +21,7 @@ from taskfs.archive.remote import BLOCK, RemoteArchive
 from taskfs.archive.zipindex import Entry, walk
 from taskfs.errors import ArchiveError, ChecksumError, StaleError, UnsupportedError
 from tests.rangeserver import Objects
+from tests.support import read_all
 
 Opener = Callable[..., Awaitable[RemoteArchive]]
 
@@ -82,16 +83,6 @@ def member(archive: RemoteArchive, name: str) -> Entry:
     node = archive.lookup(name)
     assert isinstance(node, Entry)
     return node
-
-
-async def read_all(archive: RemoteArchive, entry: Entry, chunk: int = 128 << 10) -> bytes:
-    reader = archive.open_member(entry)
-    out = bytearray()
-    while True:
-        data = await reader.read(len(out), chunk)
-        if not data:
-            return bytes(out)
-        out += data
 
 
 async def test_open_costs_one_get_for_a_small_directory(opener: tuple[Objects, Opener]) -> None:

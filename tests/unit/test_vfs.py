@@ -5,12 +5,10 @@ Every test ends with every inode forgotten and the inode table empty (the fixtur
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import stat
 import subprocess
-import zipfile
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -39,16 +37,7 @@ from taskfs.fs.vfs import Attr, Vfs, VfsSettings
 from taskfs.outputs import Outputs, make_cache
 from tests.fakeapi import KEY, FakeApi
 from tests.rangeserver import mock_transport
-
-
-def archive(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        zf.mkdir("artifacts")
-        for name, data in files.items():
-            zf.writestr(f"artifacts/{name}", data)
-    return buf.getvalue()
-
+from tests.support import artifacts_zip
 
 FILES = {
     "stdout.txt": b"step 1\nstep 2\n",
@@ -152,7 +141,7 @@ async def env(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Env]:
 
 
 async def test_root_lists_tasks_and_finds_unlisted_ones(env: Env) -> None:
-    env.fake.add("aaa", S.SUCCESS, archive=archive(FILES))
+    env.fake.add("aaa", S.SUCCESS, archive=artifacts_zip(FILES))
     env.fake.add("bbb", S.COMPUTATION_STARTED)
     env.fake.add("hidden1", S.SUCCESS, hidden=True)
     entries = await env.kernel.listdir(ROOT_INODE)
@@ -174,7 +163,7 @@ async def test_impossible_ids_cost_no_request(env: Env, name: str) -> None:
 
 
 async def test_virtual_files_of_an_ended_task(env: Env) -> None:
-    env.fake.add("done", S.SUCCESS, archive=archive(FILES), computation_seconds=192.7)
+    env.fake.add("done", S.SUCCESS, archive=artifacts_zip(FILES), computation_seconds=192.7)
     names = [n for n, _ in await env.kernel.listdir((await env.kernel.resolve("done")).inode)]
     assert names == [
         "status",
@@ -241,7 +230,7 @@ async def test_freshness_of_live_and_ended_tasks(
 
 
 async def test_outputs_tree_and_reads(env: Env) -> None:
-    env.fake.add("done", S.SUCCESS, archive=archive(FILES))
+    env.fake.add("done", S.SUCCESS, archive=artifacts_zip(FILES))
     outputs = await env.kernel.resolve("done/outputs")
     top = dict(await env.kernel.listdir(outputs.inode))
     assert set(top) == {"stdout.txt", "stderr.txt", "vtk", "log"}
@@ -356,7 +345,7 @@ async def test_control_kill_and_errors(env: Env) -> None:
 
 
 async def test_everything_but_control_is_read_only(env: Env) -> None:
-    env.fake.add("done", S.SUCCESS, archive=archive(FILES))
+    env.fake.add("done", S.SUCCESS, archive=artifacts_zip(FILES))
     for path in ("done/status", "done/wait", "done/info.json", "done/outputs/stdout.txt"):
         attr = await env.kernel.resolve(path)
         with pytest.raises(ReadOnlyError):
