@@ -274,8 +274,8 @@ class RemoteArchive:
         flights: dict[CacheKey, _Flight],
         members: tuple[Entry, ...] = (),
     ) -> None:
-        """Fetch ``[start, end)``, put each part in memory, wake waiters, then decode small
-        ``members`` ahead of their readers (in a worker thread) and write to disk.
+        """Fetch ``[start, end)``, put each part in memory and hand it to its waiters, then
+        decode small ``members`` ahead of their readers (in a worker thread) and write to disk.
 
         Runs in the archive's nursery: it never raises; waiters get the error.
         """
@@ -284,7 +284,10 @@ class RemoteArchive:
         try:
             data = await self._fetch(start, end)
             for key, p_start, p_end in parts:
-                self.cache.memory.put(key, data[p_start - start : p_end - start])
+                part = data[p_start - start : p_end - start]
+                self.cache.memory.put(key, part)
+                if key in flights:
+                    flights[key].data = part
         except Exception as exc:  # handed to every waiter below
             error = exc
         finally:
@@ -367,6 +370,9 @@ class RemoteArchive:
             await flight.event.wait()
             if flight.error is not None:
                 raise flight.error
+            if flight.data is not None:
+                self._maybe_prefetch_batch(rank)
+                return flight.data
 
     def _note_rank(self, rank: int) -> None:
         if 0 < rank - self._last_rank <= 2:
@@ -471,12 +477,18 @@ class RemoteArchive:
                     elif self._key("b", n) not in self._pending:
                         missing.append(n)
             self._start_blocks(missing, MAX_REQUEST // BLOCK)
-            for n in range(first, last + 1):
-                flight = self._pending.get(self._key("b", n))
-                if n not in found and flight is not None:
-                    await flight.event.wait()
-                    if flight.error is not None:
-                        raise flight.error
+            # Hold on to every flight now: a landed fetch leaves ``_pending`` for all its blocks.
+            flights = {
+                n: flight
+                for n in range(first, last + 1)
+                if n not in found and (flight := self._pending.get(self._key("b", n)))
+            }
+            for n, flight in flights.items():
+                await flight.event.wait()
+                if flight.error is not None:
+                    raise flight.error
+                if flight.data is not None:
+                    found[n] = flight.data
         return [found[n] for n in range(first, last + 1)]
 
     def _prefetch(self, first: int, last: int) -> None:
@@ -493,13 +505,15 @@ class RemoteArchive:
 
 
 class _Flight:
-    """One fetch in progress: waiters wait on ``event``, then see ``error`` or the cache."""
+    """One fetch in progress: waiters wait on ``event``, then take ``data`` or see ``error``
+    (taking the bytes from the flight, not the cache, which may have evicted them since)."""
 
-    __slots__ = ("error", "event")
+    __slots__ = ("data", "error", "event")
 
     def __init__(self) -> None:
         self.event = trio.Event()
         self.error: Exception | None = None
+        self.data: bytes | None = None
 
 
 def _runs(numbers: list[int], longest: int) -> list[tuple[int, int]]:

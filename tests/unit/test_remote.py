@@ -166,6 +166,21 @@ async def test_cache_stays_within_its_limit(opener: tuple[Objects, Opener]) -> N
     assert archive.cache.memory.total <= 2 << 20
 
 
+async def test_fetched_bytes_reach_their_reader_even_if_the_cache_drops_them(
+    opener: tuple[Objects, Opener],
+) -> None:
+    objects, open_archive = opener
+    body = os.urandom(6 * BLOCK)
+    archive = await open_archive(
+        build([("big.bin", body, zipfile.ZIP_STORED)]), disk_limit=0, memory_limit=BLOCK + 1
+    )
+    entry = member(archive, "big.bin")
+    start = await archive.data_start(entry)
+    objects.reset()
+    assert await archive.read_range(start, start + len(body)) == body
+    assert objects.gets() == 1  # one request; nothing fetched again after the cache let go
+
+
 async def test_concurrent_readers_fetch_each_block_once(opener: tuple[Objects, Opener]) -> None:
     objects, open_archive = opener
     body = os.urandom(6 << 20)
