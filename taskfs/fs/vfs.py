@@ -121,7 +121,7 @@ class OpenInfo:
 class _TaskState:
     task: Task
     fetched: float
-    raw: bytes | None = None  # the full GET /tasks/{id} answer, for info.json
+    info: bytes | None = None  # info.json: the full GET /tasks/{id} answer, indented
 
 
 @dataclass
@@ -183,7 +183,7 @@ class Vfs:
         now = trio.current_time()
         if (
             state is not None
-            and (not full or state.raw is not None)
+            and (not full or state.info is not None)
             and (state.task.is_terminated or now - state.fetched < self.settings.live_timeout)
         ):
             return state
@@ -200,7 +200,8 @@ class Vfs:
             self._states.pop(task_id, None)
             raise
         self._missing.pop(task_id, None)
-        state = _TaskState(task, trio.current_time(), raw)
+        info = json.dumps(json.loads(raw), indent=2).encode() + b"\n"
+        state = _TaskState(task, trio.current_time(), info)
         self._states[task_id] = state
         return state
 
@@ -244,15 +245,13 @@ class Vfs:
             return self._attr(
                 DIR_MODE, 0, self._mount_time_ns, self.settings.live_timeout, 2 + count
             )
-        state = await self._state(key.task_id)
+        state = await self._state(key.task_id, full=key.kind == "file" and key.name == "info.json")
         task = state.task
         changed = _last_change_ns(task)
         timeout = self._timeout(task)
         if key.kind == "task":
             return self._attr(DIR_MODE, 0, changed, timeout, nlink=3)
         if key.kind == "file":
-            if key.name == "info.json" and state.raw is None:
-                state = await self._state(key.task_id, full=True)
             content = self._content(key.name, state)
             mode = CONTROL_MODE if key.name == "control" else FILE_MODE
             return self._attr(mode, len(content), changed, timeout)
@@ -277,8 +276,8 @@ class Vfs:
         if name == "wait":
             return f"{task.status}\n".encode() if task.is_terminated else b""
         if name == "info.json":
-            assert state.raw is not None
-            return json.dumps(json.loads(state.raw), indent=2).encode() + b"\n"
+            assert state.info is not None
+            return state.info
         raise NotFoundError(name)
 
     # -- outputs -------------------------------------------------------------------------------
@@ -415,7 +414,7 @@ class Vfs:
             if writing and key.name != "control":
                 raise ReadOnlyError(f"{key.name} is read-only")
             state = await self._state(key.task_id, full=key.name == "info.json")
-            content = b"" if key.name == "wait" else self._content(key.name, state)
+            content = self._content(key.name, state)  # ``wait`` of a live task: b"", blocks
             handle = _FileHandle(key, content=content, inode=inode, pid=pid)
             return OpenInfo(self._new_handle(handle), direct_io=True, keep_cache=False)
         if key.kind == "outputs":
