@@ -11,7 +11,6 @@ shows tracebacks and debug logs; without it no traceback reaches a user for a kn
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shlex
@@ -33,12 +32,12 @@ from taskfs.config import (
     ServiceSettings,
     default_cache_dir,
     default_data_dir,
+    local_service_pid,
     local_service_url,
     parse_duration,
     parse_size,
 )
 from taskfs.errors import TaskfsError, UsageError, unwrap
-from taskfs.proc import pid_alive
 
 log = logging.getLogger("taskfs.cli")
 
@@ -183,22 +182,16 @@ def _spawn_detached(
 
 
 def running_service_url(data_dir: Path) -> str | None:
-    """The URL of the service running for ``data_dir``, if its process is alive."""
-    url = local_service_url(data_dir)
-    if url is None:
-        return None
-    try:
-        pid = int(json.loads((data_dir / "server.json").read_text())["pid"])
-    except (OSError, ValueError, KeyError):
-        return None
-    return url if pid_alive(pid) else None
+    """The URL of the service running for ``data_dir`` (the holder of its lock), if any."""
+    return local_service_url(data_dir)
 
 
 def stop_service(data_dir: Path, timeout: float = 15.0) -> bool:
-    """SIGTERM the service running for ``data_dir`` and wait for it to exit."""
-    try:
-        pid = int(json.loads((data_dir / "server.json").read_text())["pid"])
-    except (OSError, ValueError, KeyError):
+    """SIGTERM the service running for ``data_dir`` and wait until it has let go of the data
+    dir. The pid comes from the data dir's lock, so a stale ``server.json`` whose pid now
+    belongs to another process is never signalled."""
+    pid = local_service_pid(data_dir)
+    if pid is None:
         print(f"no taskfs service is running for {data_dir}", file=sys.stderr)
         return True
     try:
@@ -207,7 +200,7 @@ def stop_service(data_dir: Path, timeout: float = 15.0) -> bool:
         return True
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not pid_alive(pid):
+        if local_service_pid(data_dir) is None:
             return True
         time.sleep(0.02)
     print(f"the service (pid {pid}) did not stop within {timeout:g} s", file=sys.stderr)
@@ -240,6 +233,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 project=args.project,
                 ttl_seconds=ttl,
                 simulator=args.simulator,
+                on_issue=lambda issue: print(
+                    f"taskfs: warning: input {issue.line()}", file=sys.stderr
+                ),
             )
 
     print(trio.run(main))

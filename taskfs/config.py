@@ -11,6 +11,7 @@ is read from files or the environment only (never from process arguments) and ne
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -26,6 +27,7 @@ ENV_DATA_DIR = "TASKFS_DATA_DIR"
 KEY_FILE_NAME = "api_key"
 SECRET_FILE_NAME = "url_secret"  # noqa: S105 - a file name, not a secret
 SERVER_FILE_NAME = "server.json"
+SERVICE_LOCK_NAME = "service.lock"
 KEY_CHARSET = re.compile(r"[A-Za-z0-9._-]+")
 
 
@@ -114,14 +116,45 @@ def read_key_file(path: Path) -> str:
     return key
 
 
+def local_service_pid(data_dir: Path) -> int | None:
+    """The pid of the service running for ``data_dir``, or ``None`` when none runs.
+
+    A running service holds an exclusive ``flock`` on ``service.lock`` and has written its pid
+    there; the lock dies with the process, so a service is running exactly when the lock is
+    held. Nothing here trusts a pid from a file whose writer may be gone (a pid may be reused).
+    """
+    try:
+        fd = os.open(data_dir / SERVICE_LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # held: a service runs; its pid is in the file
+            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            return int(text) if text.isdigit() else None
+        except OSError:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def local_service_url(data_dir: Path) -> str | None:
-    """The URL the local service announced in ``server.json``, or ``None``."""
+    """The URL of the service running for ``data_dir`` (from ``server.json``), or ``None``.
+
+    ``None`` too when ``server.json`` was left by a service that is gone: its pid must be the
+    one that holds the data dir's lock now.
+    """
     try:
         info = json.loads((data_dir / SERVER_FILE_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    url = info.get("url") if isinstance(info, dict) else None
-    return url if isinstance(url, str) else None
+    if not isinstance(info, dict) or not isinstance(info.get("url"), str):
+        return None
+    pid = local_service_pid(data_dir)
+    return info["url"] if pid is not None and pid == info.get("pid") else None
 
 
 def resolve_client(

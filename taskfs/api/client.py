@@ -196,6 +196,9 @@ class ApiClient:
 
         The API answers a kill of an ended task with its unchanged status, so a task that is
         ``killed`` already is told apart from one killed now by asking for its status first.
+        A task whose commands have ended (``computation-ended``: its outputs are being packed)
+        has nothing left to kill; the embedded service answers with that status and the task
+        keeps its real end state, so that too is ``TaskEndedError``.
         """
         before = await self.get_status(task_id)
         if before.is_terminated:
@@ -203,6 +206,9 @@ class ApiClient:
         answer = await self.kill(task_id)
         if answer.is_terminated and answer.status != TaskStatusCode.KILLED:
             raise TaskEndedError(f"task {task_id} has already ended ({answer.status})")
+        if answer.status == TaskStatusCode.COMPUTATION_ENDED:
+            # The service kept the task: its commands have ended, its outputs are being saved.
+            raise TaskEndedError(f"task {task_id} has finished computing ({answer.status})")
         return answer.status
 
     async def wait_ended(

@@ -143,6 +143,7 @@ class _Waiter:
     done: trio.Event = field(default_factory=trio.Event)
     status: str = ""
     readers: int = 0
+    gone: NotFoundError | None = None  # the task disappeared: its readers get ENOENT
 
 
 class Vfs:
@@ -492,6 +493,8 @@ class Vfs:
         finally:
             waiter.readers -= 1
             self._wait_slots.release()
+        if waiter.gone is not None:
+            raise NotFoundError(str(waiter.gone))
         return f"{waiter.status}\n".encode()
 
     async def _poll(self, task_id: str, waiter: _Waiter) -> None:
@@ -505,6 +508,11 @@ class Vfs:
             while waiter.readers > 0:
                 try:
                     state = await self._state(task_id)
+                except NotFoundError as exc:
+                    log.info("wait: task %s disappeared", task_id)
+                    waiter.gone = exc
+                    waiter.done.set()
+                    return
                 except TaskfsError as exc:
                     log.info("wait: polling task %s failed: %s", task_id, exc)
                 else:

@@ -17,7 +17,6 @@ Must stay true:
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hmac
 import json
@@ -25,6 +24,7 @@ import logging
 import os
 import secrets
 import stat
+import time
 import zipfile
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
@@ -52,7 +52,13 @@ from taskfs.api.models import (
     format_time,
     now_utc,
 )
-from taskfs.config import ServiceSettings
+from taskfs.config import (
+    KEY_CHARSET,
+    SERVICE_LOCK_NAME,
+    ServiceSettings,
+    local_service_pid,
+    local_service_url,
+)
 from taskfs.errors import UsageError
 from taskfs.server.runner import Runner, StatusHook
 from taskfs.server.storage import Storage, check_storage_path
@@ -630,48 +636,89 @@ def create_app(
 # -- lifecycle -----------------------------------------------------------------------------------
 
 
-def ensure_secret_file(path: Path) -> str:
-    """Read the secret in ``path``, creating it (0600) on first use; fix a too-wide mode."""
+def ensure_secret_file(path: Path, valid: Callable[[str], bool] = bool) -> str:
+    """The secret in ``path``; a new one when it is missing or not ``valid`` (empty, short,
+    left half-written by a crash), logged. Files are created 0600 and fully written before
+    they appear (a temp file, fsynced, then linked or renamed into place)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        if path.stat().st_mode & 0o077:
-            log.warning("%s was readable by others; restricting it to 0600", path)
-            path.chmod(0o600)
-        return path.read_text(encoding="utf-8").strip()
-    value = secrets.token_urlsafe(32)
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        out.write(value + "\n")
-    return value
+    while True:
+        try:
+            value = path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            value = None
+        except UnicodeDecodeError:
+            value = ""
+        if value is not None and valid(value):
+            if path.stat().st_mode & 0o077:
+                log.warning("%s was readable by others; restricting it to 0600", path)
+                path.chmod(0o600)
+            return value
+        new = secrets.token_urlsafe(32)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                out.write(new + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+            if value is None:
+                try:
+                    os.link(tmp, path)  # only if still absent: a racing creator wins
+                except FileExistsError:
+                    continue
+            else:
+                log.warning("%s held no usable secret; replaced it with a new one", path)
+                os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return new
+
+
+def valid_url_secret(value: str) -> bool:
+    return len(value) >= 32
+
+
+def valid_api_key(value: str) -> bool:
+    return KEY_CHARSET.fullmatch(value) is not None
 
 
 class DataDirLock:
-    """An exclusive ``flock`` on the data dir: one service per data dir."""
+    """An exclusive ``flock`` on the data dir: one service per data dir. The holder writes its
+    pid into the lock file, which is how others find it (``config.local_service_pid``)."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.path = data_dir / "service.lock"
+        self.path = data_dir / SERVICE_LOCK_NAME
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                running = ""
-                with suppress(OSError, ValueError):
-                    info = json.loads((self.path.parent / "server.json").read_text())
-                    running = f" at {info['url']} (pid {info['pid']})"
-                raise UsageError(
-                    f"a taskfs service is already running for {self.path.parent}{running}"
-                ) from None
-            raise
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # A probe (local_service_pid) holds a shared lock for an instant: try a few times.
+        for attempt in range(20):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == 19 or local_service_pid(self.path.parent) is not None:
+                    os.close(fd)
+                    running = ""
+                    url = local_service_url(self.path.parent)
+                    if url is not None:
+                        running = f" at {url} (pid {local_service_pid(self.path.parent)})"
+                    raise UsageError(
+                        f"a taskfs service is already running for {self.path.parent}{running}"
+                    ) from None
+                time.sleep(0.025)
+            except OSError:
+                os.close(fd)
+                raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
 
     def release(self) -> None:
         if self._fd is not None:
+            with suppress(OSError):
+                os.ftruncate(self._fd, 0)
             os.close(self._fd)
             self._fd = None
 
@@ -705,8 +752,8 @@ async def serve(
     lock.acquire()
     store: Store | None = None
     try:
-        api_key = ensure_secret_file(settings.key_file)
-        secret = ensure_secret_file(settings.secret_file).encode()
+        api_key = ensure_secret_file(settings.key_file, valid_api_key)
+        secret = ensure_secret_file(settings.secret_file, valid_url_secret).encode()
         store = Store(settings.db_path)
         storage = Storage(settings.storage_dir, secret)
         runner = Runner(settings, store, storage, runner_hook)

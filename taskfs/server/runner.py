@@ -10,16 +10,24 @@ A task's life (TASK_API.md section 2)::
 
 Must stay true:
 * every status change goes through ``Store.transition`` with the statuses it expects, so a kill
-  racing with the end of a task resolves to exactly one outcome;
+  racing with the end of a task resolves to exactly one outcome; a kill that arrives once the
+  commands have ended (``computation-ended``, outputs being packed) changes nothing, and the
+  task keeps its real end state;
 * the output archive is written before the final status: ``is_terminated`` implies the
-  archive exists, for failed, killed and recovered tasks too;
-* each command runs as ``sh -c`` in its own session (process group) in the task's working
-  directory, stdin from ``/dev/null``, stdout/stderr appended to ``stdout.txt``/``stderr.txt``;
-  ending a command (kill, TTL, shutdown) is SIGTERM to the group, SIGKILL after the grace
-  period; leftovers in the group are killed when the command ends;
+  archive exists, for failed, killed and recovered tasks too; the working directory is deleted
+  only after the archive is in place;
+* nothing one task does stops the runner: an exception while running or ending a task ends
+  that task as ``executer-failed`` with the reason in ``error_detail`` (``_end_safely``), and
+  recovery after a restart ends every leftover task the same way, one failure or not;
+* each command runs as ``sh -c`` under its own supervisor (``reaper.py``, a child subreaper in
+  a new session) in the task's working directory, stdin from ``/dev/null``, stdout/stderr
+  appended to ``stdout.txt``/``stderr.txt``. No process a command starts outlives it, even one
+  that calls ``setsid`` or daemonizes: when the command ends, or is ended (kill, TTL,
+  shutdown: SIGTERM, SIGKILL after the grace period), or the service dies, the supervisor
+  kills every descendant before it exits;
 * a service stopped or crashed under running tasks leaves them to ``recover()``: on the next
-  start their leftover process groups are killed, their partial outputs packed, and they end
-  as ``executer-terminated`` (``killed`` if a kill was pending); queued tasks stay queued.
+  start whatever is left of them is killed, their partial outputs packed, and they end as
+  ``executer-terminated`` (``killed`` if a kill was pending); queued tasks stay queued.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import platform
 import shutil
 import signal
 import subprocess
+import sys
 import uuid
 import zipfile
 from collections.abc import Awaitable, Callable
@@ -45,6 +54,7 @@ import trio
 
 from taskfs.api.models import KILLABLE, TaskStatusCode, format_time, now_utc
 from taskfs.config import ServiceSettings
+from taskfs.packing import REPORT_NAME
 from taskfs.server.storage import OutputStats, Storage
 from taskfs.server.store import Store
 
@@ -55,6 +65,10 @@ RUNNING = frozenset({S.STARTED, S.COMPUTATION_STARTED, S.COMPUTATION_ENDED})
 StatusHook = Callable[[str, TaskStatusCode], Awaitable[None]]
 # Environment variables never passed to task commands.
 _SECRET_ENV = ("INDUCTIVA_API_KEY",)
+# Packing issues logged one by one per task (all of them are in the archive's report).
+_LOGGED_ISSUES = 100
+# The supervisor every command runs under (a script: standard library only, quick to start).
+REAPER = Path(__file__).with_name("reaper.py")
 
 
 @dataclass
@@ -114,12 +128,16 @@ class Runner:
                 return status
             running = self._running.get(task_id)
             if running is not None:
+                if status == S.COMPUTATION_ENDED:
+                    # The commands have ended and the outputs are being packed: there is
+                    # nothing left to kill, and the task keeps its real end state.
+                    return status
                 result = await self.store.call(
                     self.store.transition,
                     task_id,
                     S.PENDING_KILL,
                     "Kill requested by the user",
-                    expect=RUNNING,
+                    expect={S.STARTED, S.COMPUTATION_STARTED},
                 )
                 if result.done:
                     running.kill_requested = True
@@ -145,14 +163,12 @@ class Runner:
         leftovers = await self.store.call(self.store.in_status, RUNNING | {S.PENDING_KILL})
         for task in leftovers:
             task_id = task["task_id"]
-            _kill_leftover_group(task.get("pid"), task.get("pid_start"))
-            await self.store.call(self.store.fail_running_operations, task_id)
             if task["status"] == S.PENDING_KILL:
                 final, why = S.KILLED, "Killed; the service restarted before the kill completed"
             else:
                 final, why = S.EXECUTER_TERMINATED, "The service stopped while the task was running"
             log.info("recovering task %s as %s", task_id, final)
-            await self._finish(task_id, final, why, {S(task["status"])})
+            await self._end_safely(task_id, final, why, {S(task["status"])}, leftover=task)
 
     # -- scheduling ----------------------------------------------------------------------------
 
@@ -185,17 +201,54 @@ class Runner:
         task_id = running.task_id
         try:
             await self._run_task_steps(running)
-        except Exception:
+        except Exception as exc:
             log.exception("task %s failed inside the runner", task_id)
-            await self._finish(
+            await self._end_safely(
                 task_id,
                 S.EXECUTER_FAILED,
-                "Internal error of the local runner",
+                f"Internal error of the local runner: {exc!r}",
                 set(RUNNING | {S.PENDING_KILL}),
             )
         finally:
             del self._running[task_id]
             self.wake()
+
+    async def _end_safely(
+        self,
+        task_id: str,
+        status: TaskStatusCode,
+        description: str,
+        expect: set[TaskStatusCode],
+        leftover: dict[str, Any] | None = None,
+    ) -> None:
+        """End a task whatever goes wrong on the way; never raises (but Cancelled).
+
+        ``leftover``: the stored record of a task a previous run left running, whose
+        processes are killed first.
+        """
+        try:
+            if leftover is not None:
+                await trio.to_thread.run_sync(
+                    _kill_leftover, leftover.get("pid"), leftover.get("pid_start")
+                )
+                await self.store.call(self.store.fail_running_operations, task_id)
+            await self._finish(task_id, status, description, expect)
+            return
+        except Exception as exc:
+            log.exception("ending task %s as %s failed", task_id, status)
+            detail = f"the local runner could not end the task: {exc!r}"
+        try:
+            with trio.CancelScope(shield=True):
+                await self.store.call(
+                    self.store.transition,
+                    task_id,
+                    S.EXECUTER_FAILED,
+                    "Internal error of the local runner",
+                    expect=set(expect | RUNNING | {S.PENDING_KILL}),
+                    fields={"end_time": format_time(now_utc()), "error_detail": detail},
+                )
+        except Exception:
+            log.exception("task %s could not be marked %s", task_id, S.EXECUTER_FAILED)
 
     async def _run_task_steps(self, running: _Running) -> None:
         task_id = running.task_id
@@ -230,9 +283,7 @@ class Runner:
             S.FAILED: "A command failed",
             S.TTL_EXCEEDED: f"Time to live of {ttl} s exceeded",
         }[outcome]
-        done = await self._finish(task_id, outcome, reason, {S.COMPUTATION_ENDED})
-        if not done:
-            await self._finish(task_id, S.KILLED, "Killed by the user", {S.PENDING_KILL})
+        await self._finish(task_id, outcome, reason, {S.COMPUTATION_ENDED})
 
     async def _after(self, task_id: str, status: TaskStatusCode) -> None:
         if self._hook is not None:
@@ -247,7 +298,7 @@ class Runner:
         op = await self.store.call(self.store.start_operation, task_id, "uncompress_input", {})
         try:
             await trio.to_thread.run_sync(_unpack_input, self.storage.resolve(input_path), work_dir)
-        except (OSError, zipfile.BadZipFile, ValueError) as exc:
+        except Exception as exc:  # whatever is wrong with the user's archive: the task fails
             await self.store.call(self.store.end_operation, op, False, {"error": str(exc)})
             await self.store.call(
                 self.store.update_fields, task_id, {"error_detail": f"bad input: {exc}"}
@@ -289,6 +340,8 @@ class Runner:
 
     async def _run_command(self, task_id: str, cmd: str, work_dir: Path) -> int:
         env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
+        grace = self.settings.kill_grace_seconds
+        argv = [sys.executable, "-I", "-S", str(REAPER), f"{grace:g}", "--", "/bin/sh", "-c", cmd]
         proc: trio.Process | None = None
         with (
             open(work_dir / "stdout.txt", "ab") as out,  # noqa: ASYNC230 - open is instant
@@ -299,7 +352,7 @@ class Runner:
                     proc = await nursery.start(
                         partial(
                             trio.run_process,
-                            ["/bin/sh", "-c", cmd],
+                            argv,
                             cwd=work_dir,
                             stdin=subprocess.DEVNULL,
                             stdout=out,
@@ -307,9 +360,7 @@ class Runner:
                             env=env,
                             start_new_session=True,
                             check=False,
-                            deliver_cancel=partial(
-                                _terminate_group, grace=self.settings.kill_grace_seconds
-                            ),
+                            deliver_cancel=partial(_terminate, grace=grace),
                         )
                     )
                     assert proc is not None
@@ -320,7 +371,7 @@ class Runner:
                     )
             finally:
                 if proc is not None:
-                    _killpg(proc.pid, signal.SIGKILL)  # leftovers of the command's group
+                    _killpg(proc.pid, signal.SIGKILL)  # in case the supervisor itself died
         assert proc is not None and proc.returncode is not None
         return proc.returncode
 
@@ -349,36 +400,62 @@ class Runner:
             return False
         work_dir = self.settings.work_dir / task_id
         op = await self.store.call(self.store.start_operation, task_id, "compress_output", {})
-        stats = await self._pack(task_id, work_dir, f"{task['storage_path']}/output.zip")
-        await self.store.call(self.store.end_operation, op, stats is not None)
-        stats = stats or OutputStats(0, 0, 0)
+        stats, failure = await self._pack(task_id, work_dir, f"{task['storage_path']}/output.zip")
+        attributes: dict[str, Any] = {}
+        if stats.issues:
+            attributes["report"] = [issue.line() for issue in stats.issues[:_LOGGED_ISSUES]]
+        if failure is not None:
+            attributes["error"] = failure
+        await self.store.call(self.store.end_operation, op, failure is None, attributes)
         end = now_utc()
-        fields = {
+        fields: dict[str, Any] = {
             "end_time": format_time(end),
             "pid": None,
             "pid_start": None,
             "metrics": _metrics(task, end, stats),
         }
+        if failure is not None:
+            status, description = S.EXECUTER_FAILED, "Packing the outputs failed"
+            fields["error_detail"] = failure
         if task.get("computation_start_time") and not task.get("computation_end_time"):
             fields["computation_end_time"] = format_time(end)
         result = await self.store.call(
             self.store.transition, task_id, status, description, expect=expect, fields=fields
         )
-        if result.done:
+        if result.done and failure is None:
             await trio.to_thread.run_sync(partial(shutil.rmtree, work_dir, ignore_errors=True))
         return result.done
 
-    async def _pack(self, task_id: str, work_dir: Path, output: str) -> OutputStats | None:
-        """Pack the outputs; if that fails (disk full, ...), at least an empty archive."""
+    async def _pack(
+        self, task_id: str, work_dir: Path, output: str
+    ) -> tuple[OutputStats, str | None]:
+        """Pack the outputs: their stats, and ``None`` or why packing failed.
+
+        Packing itself never fails for what a task leaves behind (see ``taskfs.packing``);
+        if it fails anyway (disk full, a bug), the working directory is kept, an empty
+        archive is written in its place if possible, and the reason is returned.
+        """
         try:
-            return await trio.to_thread.run_sync(self.storage.pack_outputs, work_dir, output)
-        except OSError as exc:
-            log.error("packing outputs of %s failed: %s", task_id, exc)
+            stats = await trio.to_thread.run_sync(self.storage.pack_outputs, work_dir, output)
+        except Exception as exc:
+            log.exception("packing outputs of %s failed; keeping %s", task_id, work_dir)
+            failure = f"packing the outputs failed ({exc}); the working directory is kept"
+        else:
+            for issue in stats.issues[:_LOGGED_ISSUES]:
+                log.info("packing %s: %s", task_id, issue.line())
+            if stats.issues:
+                log.warning(
+                    "packing %s: %d entries not archived as found (see %s in its outputs)",
+                    task_id,
+                    len(stats.issues),
+                    REPORT_NAME,
+                )
+            return stats, None
         try:
-            await trio.to_thread.run_sync(self.storage.pack_outputs, Path("/nonexistent"), output)
-        except OSError as exc:
-            log.error("writing an empty output archive for %s failed: %s", task_id, exc)
-        return None
+            await trio.to_thread.run_sync(self.storage.pack_outputs, None, output)
+        except Exception:
+            log.exception("writing an empty output archive for %s failed", task_id)
+        return OutputStats(0, 0, 0), failure
 
 
 def _metrics(task: dict[str, Any], end: datetime, stats: OutputStats) -> dict[str, float]:
@@ -446,13 +523,15 @@ def _killpg(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
-async def _terminate_group(proc: trio.Process, grace: float) -> None:
-    """``deliver_cancel`` for commands: SIGTERM to the group, SIGKILL after ``grace``."""
-    _killpg(proc.pid, signal.SIGTERM)
-    with trio.move_on_after(grace):
+async def _terminate(proc: trio.Process, grace: float) -> None:
+    """``deliver_cancel`` for commands: SIGTERM to the supervisor, which passes it to every
+    process of the command and kills what is left after ``grace``; SIGKILL to its group if
+    it has not ended a few seconds after that."""
+    proc.send_signal(signal.SIGTERM)
+    with trio.move_on_after(grace + 5):
         await proc.wait()
         return
-    log.info("process group %d ignored SIGTERM for %.1f s; killing it", proc.pid, grace)
+    log.warning("the supervisor of process group %d did not end; killing the group", proc.pid)
     _killpg(proc.pid, signal.SIGKILL)
 
 
@@ -464,21 +543,30 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
-def _kill_leftover_group(pid: int | None, started: str | None) -> None:
-    """Kill the process group a crashed service left behind, if it is still that group.
+def _kill_leftover(pid: int | None, started: str | None) -> None:
+    """Kill what a command a crashed service left behind, if its supervisor is still that one.
 
-    The group's id is its leader's pid. While the leader lives, its start time tells it from a
-    new process that reused the pid; once it is gone, the pid cannot be handed out again while
-    members of the group remain, so signalling the group cannot hit a stranger.
+    A supervisor kills its command's processes by itself when the service dies; this is the
+    net under that. The group's id is the supervisor's pid. While the supervisor lives, its
+    start time tells it from a new process that reused the pid (SIGUSR1 asks it to kill every
+    descendant at once); once it is gone, the pid cannot be handed out again while members of
+    its group remain, so signalling the group cannot hit a stranger.
     """
     if not pid:
         return
     try:
-        same = str(psutil.Process(pid).create_time()) == started
+        process = psutil.Process(pid)
+        same = str(process.create_time()) == started
     except psutil.NoSuchProcess:
-        same = True
+        same, process = True, None
     except psutil.Error:
-        same = False
-    if same:
-        log.info("killing leftover process group %d", pid)
-        _killpg(pid, signal.SIGKILL)
+        same, process = False, None
+    if not same:
+        return
+    log.info("killing the leftover processes of group %d", pid)
+    if process is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGUSR1)
+        with contextlib.suppress(psutil.Error):
+            process.wait(timeout=5)
+    _killpg(pid, signal.SIGKILL)

@@ -8,7 +8,8 @@ Must stay true:
 * no storage path ever resolves outside the root: ``..``, absolute paths, backslashes, NUL,
   empty segments and symlinks out of the root are refused (``ValueError``);
 * a signed URL is valid only for its operation, its path and until its expiry; signatures are
-  compared in constant time;
+  compared as bytes in constant time (any text a client sends is a "bad signature", never an
+  error);
 * an archive appears complete or not at all: it is written to a temporary file in the same
   directory, fsynced and renamed over the final name;
 * everything here is synchronous and blocking; the app calls it through ``trio.to_thread``.
@@ -20,17 +21,17 @@ import hashlib
 import hmac
 import os
 import re
-import stat
 import struct
 import tempfile
 import time
 import zipfile
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from taskfs.packing import REPORT_NAME, Issue, pack_tree
 
 _SEGMENT = re.compile(r"[A-Za-z0-9._~@+=,-]+")
 LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
@@ -39,7 +40,12 @@ OUTPUT_PREFIX = "artifacts/"
 
 
 def check_storage_path(path: str) -> str:
-    """Validate a storage path and return it normalised; ``ValueError`` if it could escape."""
+    """Validate a storage path and return it normalised; ``ValueError`` if it could escape.
+
+    One leading ``/`` is no slash (the official client asks for ``/<task_id>/input.zip``
+    when its storage prefix is empty, and the cloud service accepts that).
+    """
+    path = path.removeprefix("/")
     if not path or len(path) > 1024:
         raise ValueError(f"invalid storage path: {path!r}")
     for segment in path.split("/"):
@@ -50,11 +56,12 @@ def check_storage_path(path: str) -> str:
 
 @dataclass(frozen=True)
 class OutputStats:
-    """What packing found: bytes and files under the working directory, archive size."""
+    """What packing found: bytes and files archived, archive size, what it could not keep."""
 
     size_bytes: int
     total_files: int
     zipped_size_bytes: int
+    issues: tuple[Issue, ...] = ()
 
 
 class Storage:
@@ -90,12 +97,12 @@ class Storage:
 
     def verify(self, operation: str, path: str, expires: str, signature: str) -> str | None:
         """``None`` when the signature is valid and unexpired, else the reason it is not."""
-        if not expires.isdigit():
+        if not (expires.isascii() and expires.isdigit()) or len(expires) > 20:
             return "malformed expiry"
         if int(expires) < time.time():
             return "signed URL expired"
-        expected = self.signature(operation, path, int(expires))
-        if not hmac.compare_digest(expected, signature):
+        expected = self.signature(operation, path, int(expires)).encode()
+        if not hmac.compare_digest(expected, signature.encode("utf-8", "surrogateescape")):
             return "bad signature"
         return None
 
@@ -127,40 +134,26 @@ class Storage:
 
     # -- outputs -------------------------------------------------------------------------------
 
-    def pack_outputs(self, work_dir: Path, path: str) -> OutputStats:
-        """Pack ``work_dir`` into the archive at ``path``: ``artifacts/`` plus every file.
-
-        Deflate, except files that do not compress (their first MiB shrinks by less than 3%),
-        which are stored as zip tools do; zip64 when needed; symlinks stored as the files they
-        point to when those lie inside ``work_dir`` and skipped otherwise. Written to a temp
-        file and renamed.
+    def pack_outputs(self, work_dir: Path | None, path: str) -> OutputStats:
+        """Pack ``work_dir`` into the archive at ``path``: ``artifacts/`` plus every file, by
+        the rules of ``taskfs.packing`` (what cannot be kept as it was is listed in the member
+        ``artifacts/taskfs-packing.txt``). Written to a temp file, fsynced and renamed.
         """
         target = self.resolve(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".output-", suffix=".zip")
-        size = files = 0
         try:
-            with os.fdopen(fd, "wb") as raw:
-                with zipfile.ZipFile(raw, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
-                    zf.mkdir(OUTPUT_PREFIX.rstrip("/"))
-                    for file, rel in _walk_files(work_dir):
-                        info = zipfile.ZipInfo.from_file(file, OUTPUT_PREFIX + rel)
-                        with open(file, "rb") as src:
-                            sample = src.read(SAMPLE)
-                            info.compress_type = _method_for(sample)
-                            with zf.open(info, "w") as dst:
-                                dst.write(sample)
-                                while chunk := src.read(1 << 20):
-                                    dst.write(chunk)
-                        size += info.file_size
-                        files += 1
+            with os.fdopen(fd, "w+b") as raw:
+                result = pack_tree(work_dir, raw, OUTPUT_PREFIX, report_name=REPORT_NAME)
                 raw.flush()
                 os.fsync(raw.fileno())
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        return OutputStats(size, files, target.stat().st_size)
+        return OutputStats(
+            result.size_bytes, result.files, target.stat().st_size, tuple(result.issues)
+        )
 
     def zip_contents(self, path: str, relative: str, recursive: bool) -> dict[str, Any]:
         """``ZipArchiveInfo`` for members under ``relative``; names relative to it."""
@@ -207,17 +200,6 @@ class Storage:
         }
 
 
-SAMPLE = 1 << 20
-
-
-def _method_for(sample: bytes) -> int:
-    """Deflate, unless the sample does not compress (random or already compressed data)."""
-    if len(sample) < 4096:
-        return zipfile.ZIP_DEFLATED
-    compressed = len(zlib.compress(sample, 1))
-    return zipfile.ZIP_STORED if compressed > 0.97 * len(sample) else zipfile.ZIP_DEFLATED
-
-
 def _dir_prefix(relative: str) -> str:
     relative = relative.strip("/")
     return relative + "/" if relative else ""
@@ -227,23 +209,3 @@ def _zip_time(date_time: tuple[int, int, int, int, int, int]) -> str:
     """A member's DOS timestamp (local time, as zip tools write it) with its UTC offset."""
     local = datetime(*date_time).astimezone()
     return local.astimezone(UTC).isoformat(timespec="microseconds")
-
-
-def _walk_files(root: Path) -> Iterator[tuple[Path, str]]:
-    """Regular files under ``root`` (following symlinks that stay inside), sorted, relative."""
-    if not root.is_dir():
-        return
-    real_root = root.resolve()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames.sort()
-        for name in sorted(filenames):
-            file = Path(dirpath) / name
-            try:
-                real = file.resolve(strict=True)
-                if real_root not in real.parents:
-                    continue
-                if not stat.S_ISREG(real.stat().st_mode):
-                    continue
-            except (OSError, RuntimeError):
-                continue
-            yield file, file.relative_to(root).as_posix()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -69,3 +71,21 @@ def test_tree_over_another_service(cloud: tuple[Mount, FakeApi], tmp_path: Path)
     wait_until(lambda: (running / "status").read_text() == "pending-kill\n")
     failed = mount.run(f"bash -c 'echo kill > {done}/control'")
     assert "No such process" in failed.stderr
+
+
+def test_wait_on_a_task_that_disappears_is_enoent(cloud: tuple[Mount, FakeApi]) -> None:
+    """Shells blocked on ``cat wait`` of a task the service then forgets (404) are answered
+    "No such file or directory" instead of blocking forever."""
+    mount, fake = cloud
+    wait = mount / "running0000000000000000000" / "wait"
+    readers = [
+        subprocess.Popen(["cat", str(wait)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(3)
+    ]
+    time.sleep(1.5)
+    assert all(r.poll() is None for r in readers)  # blocked while the task runs
+    del fake.tasks["running0000000000000000000"]
+    for reader in readers:
+        out, err = reader.communicate(timeout=30)
+        assert reader.returncode == 1 and out == b""
+        assert b"No such file or directory" in err

@@ -81,12 +81,7 @@ def build(specs: list[tuple[str, bytes, int, bool]]) -> bytes:
 async def check(
     server: Server, path: str, data: bytes, extra_reads: list[tuple[float, int]], cache_dir: Path
 ) -> None:
-    reference = zipfile.ZipFile(io.BytesIO(data))
-    expected: dict[tuple[str, ...], bytes] = {}
-    for info in reference.infolist():
-        parts = clean_path(info.filename.removeprefix("artifacts/"))
-        if info.filename.startswith("artifacts/") and parts and not info.is_dir():
-            expected[parts] = reference.read(info)  # later duplicates win, as in the tree
+    expected = expected_files(data)
 
     async def url(refresh: bool) -> str:
         return server.url + path
@@ -95,8 +90,7 @@ async def check(
         cache = Tiered(MemoryCache(1 << 20), DiskCache(cache_dir, 4 << 20))
         archive = await RemoteArchive.open(RangeSource(http, url), cache, path, nursery=nursery)
         files = dict(walk(archive.tree, archive.entries))
-        # Directories that shadow a file of the same name hide it; everything else is there.
-        assert set(files) <= set(expected)
+        assert set(files) == set(expected)
         for parts, entry in files.items():
             body = expected[parts]
             assert entry.size == len(body)
@@ -106,6 +100,36 @@ async def check(
                 offset = int(fraction * len(body))
                 assert await fresh.read(offset, size) == body[offset : offset + size]
         nursery.cancel_scope.cancel()
+
+
+def expected_files(data: bytes) -> dict[tuple[str, ...], bytes]:
+    """What the tree must show, from ``zipfile``: every file under ``artifacts/``, later
+    duplicates winning, minus files shadowed by a directory of the same name."""
+    reference = zipfile.ZipFile(io.BytesIO(data))
+    found: dict[tuple[str, ...], bytes] = {}
+    for info in reference.infolist():
+        parts = clean_path(info.filename.removeprefix("artifacts/"))
+        if info.filename.startswith("artifacts/") and parts and not info.is_dir():
+            found[parts] = reference.read(info)
+    dirs = {parts[:i] for parts in found for i in range(1, len(parts))}
+    return {parts: body for parts, body in found.items() if parts not in dirs}
+
+
+def test_the_check_fails_when_a_member_is_missing(server: Server, tmp_path: Path) -> None:
+    """The property check itself can fail: a tree that loses one member is caught."""
+    specs = [(f"f{i}", b"x" * i, zipfile.ZIP_DEFLATED, False) for i in range(1, 4)]
+    data = build(specs)
+    path = server.objects.put("dropped.zip", data)
+
+    real_walk = walk
+
+    def losing(tree: Any, entries: Any) -> Iterator[tuple[tuple[str, ...], Entry]]:
+        yield from list(real_walk(tree, entries))[:-1]
+
+    with mock.patch(f"{__name__}.walk", losing), pytest.raises(ExceptionGroup) as caught:
+        trio.run(check, server, path, data, [], tmp_path)
+    assert caught.group_contains(AssertionError, match="f3")
+    trio.run(check, server, path, data, [], tmp_path)  # and passes without the loss
 
 
 @settings(

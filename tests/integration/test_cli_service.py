@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import subprocess
 import sys
+import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,6 +81,67 @@ def test_submit_runs_and_prints_the_id(background: Path, tmp_path: Path) -> None
     assert len(task_id) == 25 and task_id.isalnum()
     multi = taskfs("submit", "-c", "echo a", "-c", "echo b", data=background)
     assert multi.returncode == 0, multi.stderr
+    # Both ran: their commands' output is in their archives.
+    assert outputs(background, task_id).read("artifacts/stdout.txt") == b"42\n"
+    assert outputs(background, multi.stdout.strip()).read("artifacts/stdout.txt") == b"a\nb\n"
+
+
+def outputs(data: Path, task_id: str) -> zipfile.ZipFile:
+    """The task's output archive once it succeeded (``taskfs tasks wait`` exits 0)."""
+    waited = taskfs("tasks", "wait", task_id, data=data, timeout=60)
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    return zipfile.ZipFile(data / "storage" / task_id / "output.zip")
+
+
+def test_submit_packs_input_by_the_same_rules_as_outputs(background: Path, tmp_path: Path) -> None:
+    """Links out of the input are never uploaded, special files are skipped, old mtimes and
+    names that are not UTF-8 do not stop a submission, empty directories are kept; each
+    departure is one warning line."""
+    sim = tmp_path / "sim"
+    (sim / "empty").mkdir(parents=True)
+    (sim / "in.txt").write_text("42\n")
+    os.utime(sim / "in.txt", (0, 0))
+    (tmp_path / "private").write_text("never uploaded\n")
+    (sim / "leak").symlink_to(tmp_path / "private")
+    (sim / "ok-link").symlink_to("in.txt")
+    os.mkfifo(sim / "fifo")
+    with open(os.fsencode(sim) + b"/caf\xe9", "wb") as f:
+        f.write(b"x")
+    result = taskfs("submit", "--input", str(sim), "--", "ls -A; cat ok-link", data=background)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    warned = set()
+    for line in result.stderr.splitlines():
+        assert line.startswith("taskfs: warning: input "), line
+        action, _, rest = line.removeprefix("taskfs: warning: input ").partition(": ")
+        warned.add((action, json.JSONDecoder().raw_decode(rest)[0]))
+    assert warned == {
+        ("clamped", "in.txt"),
+        ("clamped", "ok-link"),  # a link inside the tree is packed as its target
+        ("renamed", "caf%E9"),
+        ("skipped", "fifo"),
+        ("skipped", "leak"),
+    }
+    task_id = result.stdout.strip()
+    stdout = outputs(background, task_id).read("artifacts/stdout.txt").decode()
+    assert stdout.split() == [
+        "caf%E9",
+        "empty",
+        "in.txt",
+        "ok-link",
+        "stderr.txt",
+        "stdout.txt",
+        "42",
+    ]
+    with zipfile.ZipFile(background / "storage" / task_id / "input.zip") as sent:
+        assert sorted(sent.namelist()) == [
+            "sim_dir/",
+            "sim_dir/caf%E9",
+            "sim_dir/empty/",
+            "sim_dir/in.txt",
+            "sim_dir/ok-link",
+        ]
+        assert b"never uploaded" not in b"".join(sent.read(n) for n in sent.namelist())
 
 
 @pytest.mark.parametrize(
@@ -102,13 +168,36 @@ def test_no_service_is_a_clear_error(tmp_path: Path) -> None:
     assert "no local service" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_unreachable_service_fails_within_the_deadline(tmp_path: Path) -> None:
-    env_url = "http://127.0.0.1:9"  # discard port: connection refused
+@pytest.mark.parametrize("how", ["refused", "stalled"])
+def test_unreachable_service_fails_within_the_deadline(tmp_path: Path, how: str) -> None:
+    """``--deadline 2`` bounds the whole command, retries included, whether the service
+    refuses connections or accepts them and never answers. (The bound checked is the
+    deadline's promise, with a wide margin for a loaded machine, not a speed.)"""
     key = tmp_path / "key"
     key.write_text("k\n")
-    result = taskfs(
-        "submit", "--api-url", env_url, "--api-key-file", str(key), "--", "true", data=tmp_path
-    )
+    with socket.socket() as listener:
+        if how == "stalled":  # accepts connections (the backlog) but never answers
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(8)
+            url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        else:
+            url = "http://127.0.0.1:9"  # discard port: connection refused
+        started = time.monotonic()
+        result = taskfs(
+            "submit",
+            "--api-url",
+            url,
+            "--api-key-file",
+            str(key),
+            "--deadline",
+            "2",
+            "--",
+            "true",
+            data=tmp_path,
+        )
+        elapsed = time.monotonic() - started
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and "error" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
     assert "k\n" not in result.stderr
+    assert elapsed < 2 + 10, f"the command took {elapsed:.1f} s with --deadline 2"

@@ -12,13 +12,16 @@ Set ``TASKFS_SKIP_OFFICIAL_CLIENT=1`` to skip it on a machine without PyPI acces
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 
@@ -27,6 +30,15 @@ from taskfs.api.models import TaskStatusCode as S
 from taskfs.api.submit import submit_task
 from tests.integration.conftest import Service
 from tests.support import wait_status
+
+
+async def outputs_of(api: ApiClient, task_id: str) -> zipfile.ZipFile:
+    task = await api.get_task(task_id)
+    assert task.storage_output_path is not None
+    url = await api.download_url(task.storage_output_path, task.storage_region)
+    async with httpx.AsyncClient() as plain:
+        return zipfile.ZipFile(io.BytesIO((await plain.get(url)).content))
+
 
 pytestmark = pytest.mark.slow
 
@@ -101,6 +113,36 @@ SCRIPT = textwrap.dedent(
     out["get"] = [t.id for t in inductiva.tasks.get(last_n=2)]
     out["get_all"] = sorted(t.id for t in inductiva.tasks.get_all())
     print("RESULT " + json.dumps(out))
+    """
+)
+
+
+# The client's own submission path (run_simulation -> methods.submit_task -> upload_input):
+# it packs the input with shutil.make_archive under sim_dir/, asks for the upload URL of
+# "/<task_id>/input.zip" (empty storage prefix), PUTs it and calls input_uploaded.
+SUBMIT_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, types
+    import inductiva
+    from inductiva.tasks.run_simulation import run_simulation
+
+    class LocalMachines:  # the machine group the client would get from /compute
+        id = "local"
+        spot = False
+        allow_auto_start = False
+        started = True
+        def __str__(self):
+            return "local machines"
+
+    task = run_simulation(
+        "custom",
+        sys.argv[1],
+        machine_group=LocalMachines(),
+        commands=[{"cmd": "cat params.txt data/numbers.txt > result.txt", "prompts": []}],
+        container_image="docker://taskfs/local-shell",
+        verbose=False,
+    )
+    print("RESULT " + json.dumps({"id": task.id, "status": task.wait().value}))
     """
 )
 
@@ -201,3 +243,35 @@ async def test_official_client_against_local_service(
     assert {str(p.relative_to(cli_out)) for p in cli_out.rglob("*") if p.is_file()} == expected
     for run in (result, listed, info, killed, got):
         assert "Traceback" not in run.stderr
+
+
+async def test_official_client_submits_with_its_own_upload_code(
+    inductiva_python: Path, service: Service, api: ApiClient, tmp_path: Path
+) -> None:
+    sim = tmp_path / "sim"
+    (sim / "data").mkdir(parents=True)
+    (sim / "params.txt").write_text("steps=3\n")
+    (sim / "data" / "numbers.txt").write_text("1\n2\n3\n")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {
+        "PATH": f"{inductiva_python.parent}:/usr/bin:/bin",
+        "HOME": str(home),
+        "INDUCTIVA_API_URL": service.url,
+        "INDUCTIVA_API_KEY": service.key,
+        "INDUCTIVA_DISABLE_ANSI": "true",
+    }
+    script = tmp_path / "submit.py"
+    script.write_text(SUBMIT_SCRIPT)
+    with trio.fail_after(120):
+        result = await _run([str(inductiva_python), str(script), str(sim)], env, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    line = next(x for x in result.stdout.splitlines() if "RESULT " in x)
+    out = json.loads(line[line.index("RESULT ") + len("RESULT ") :])
+    assert out["status"] == "success"
+    task = await api.get_task(out["id"])
+    assert task.status == S.SUCCESS
+    assert task.storage_input_path is not None
+    archive = await outputs_of(api, out["id"])
+    assert archive.read("artifacts/result.txt") == b"steps=3\n1\n2\n3\n"

@@ -6,8 +6,10 @@ import io
 import itertools
 import os
 import re
+import sqlite3
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -16,6 +18,9 @@ import trio
 from taskfs.api.client import ApiClient
 from taskfs.api.models import TaskStatusCode as S
 from taskfs.api.submit import submit_task
+from taskfs.errors import TaskEndedError
+from taskfs.server.storage import Storage
+from taskfs.server.store import Store
 from tests.integration.conftest import Service
 from tests.support import wait_status
 
@@ -182,21 +187,38 @@ async def test_kill_submitted(tmp_path: Path, nursery: trio.Nursery) -> None:
         await wait_status(api, blocker)
 
 
-@pytest.mark.parametrize("state", [S.STARTED, S.COMPUTATION_ENDED])
-async def test_kill_in_transient_states(api: ApiClient, service: Service, state: S) -> None:
-    service.gate.hold(state)
+async def test_kill_when_started(api: ApiClient, service: Service) -> None:
+    service.gate.hold(S.STARTED)
     task_id = await submit_task(api, ["echo ran"])
-    await service.gate.reached(task_id, state)
-    assert (await api.get_status(task_id)).status == state
+    await service.gate.reached(task_id, S.STARTED)
+    assert (await api.get_status(task_id)).status == S.STARTED
     answer = await api.kill(task_id)
     assert answer.status == S.PENDING_KILL and not answer.is_terminated
-    service.gate.release(state)
+    service.gate.release(S.STARTED)
     final = await wait_status(api, task_id)
     assert final.status == S.KILLED
-    names = (await output_zip(api, task_id)).namelist()
-    assert names[0] == "artifacts/"
-    if state == S.COMPUTATION_ENDED:  # the command ran before the kill
-        assert "artifacts/stdout.txt" in names
+    assert (await output_zip(api, task_id)).namelist()[0] == "artifacts/"
+
+
+@pytest.mark.parametrize("outcome", [S.SUCCESS, S.FAILED])
+async def test_kill_while_packing_keeps_the_real_end(
+    api: ApiClient, service: Service, outcome: S
+) -> None:
+    """The commands have ended and the outputs are being packed: nothing is left to kill."""
+    service.gate.hold(S.COMPUTATION_ENDED)
+    command = "echo ran" if outcome == S.SUCCESS else "echo ran; exit 4"
+    task_id = await submit_task(api, [command])
+    await service.gate.reached(task_id, S.COMPUTATION_ENDED)
+    answer = await api.kill(task_id)
+    assert answer.status == S.COMPUTATION_ENDED and not answer.is_terminated
+    with pytest.raises(TaskEndedError, match="finished computing"):
+        await api.kill_running(task_id)
+    service.gate.release(S.COMPUTATION_ENDED)
+    final = await wait_status(api, task_id)
+    assert final.status == outcome
+    history = [h.status for h in (await api.get_task(task_id)).status_history]
+    assert S.PENDING_KILL not in history and history[-1] == outcome
+    assert (await output_zip(api, task_id)).read("artifacts/stdout.txt") == b"ran\n"
 
 
 async def test_kill_running_terminates_process_group(api: ApiClient, service: Service) -> None:
@@ -218,6 +240,31 @@ async def test_kill_running_terminates_process_group(api: ApiClient, service: Se
     assert [h.status for h in task.status_history][-2:] == [S.PENDING_KILL, S.KILLED]
     ops = [op for h in task.status_history for op in h.operations if op.name == "exec_command"]
     assert ops[-1].status == "FAILED" and ops[-1].end_timestamp is not None
+
+
+# Processes that leave the command's process group: setsid, and a double fork into a new
+# session (a daemon). Each prints its pid to stdout.
+ESCAPE = "setsid sleep 300 & echo $!; (setsid sh -c 'sleep 301 & echo $!' &); sleep 0.3"
+
+
+@pytest.mark.parametrize("how", ["ends", "fails", "killed", "ttl"])
+async def test_no_process_outlives_its_task(api: ApiClient, how: str) -> None:
+    last = {"ends": "true", "fails": "exit 3", "killed": "sleep 60", "ttl": "sleep 60"}[how]
+    ttl = 2.0 if how == "ttl" else None
+    task_id = await submit_task(api, [ESCAPE, last], ttl_seconds=ttl)
+    if how == "killed":
+        await wait_status(api, task_id, lambda s: s.status == S.COMPUTATION_STARTED)
+        await trio.sleep(1)
+        await api.kill(task_id)
+    final = await wait_status(api, task_id)
+    expected = {"ends": S.SUCCESS, "fails": S.FAILED, "killed": S.KILLED, "ttl": S.TTL_EXCEEDED}
+    assert final.status == expected[how]
+    pids = [
+        int(line) for line in (await output_zip(api, task_id)).read("artifacts/stdout.txt").split()
+    ]
+    assert len(pids) == 2
+    # The end is reported only once every process the task started is gone.
+    assert [pid for pid in pids if _alive(pid)] == []
 
 
 async def test_kill_escalates_to_sigkill_after_grace(api: ApiClient) -> None:
@@ -280,3 +327,145 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.expected_warnings
+async def test_a_failure_while_finishing_ends_only_that_task(
+    api: ApiClient,
+    service: Service,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Packing that fails anyway (a bug, a full disk) ends that task as executer-failed with
+    the reason, keeps its working directory, and the service goes on with the others."""
+    real_pack = Storage.pack_outputs
+
+    def pack(self: Storage, work_dir: Path | None, path: str) -> Any:
+        if work_dir is not None and (work_dir / "poison").exists():
+            raise RuntimeError("injected packing failure")
+        return real_pack(self, work_dir, path)
+
+    monkeypatch.setattr(Storage, "pack_outputs", pack)
+    doomed = await submit_task(api, ["echo kept > poison"])
+    healthy = await submit_task(api, ["sleep 0.5; echo fine"])
+    assert (await wait_status(api, doomed)).status == S.EXECUTER_FAILED
+    assert (await wait_status(api, healthy)).status == S.SUCCESS
+    task = await api.get_task(doomed)
+    assert task.error_detail is not None and "injected packing failure" in task.error_detail
+    assert (service.settings.work_dir / doomed / "poison").read_text() == "kept\n"
+    assert (await output_zip(api, doomed)).namelist() == ["artifacts/"]
+    later = await submit_task(api, ["echo later"])
+    assert (await wait_status(api, later)).status == S.SUCCESS
+    assert any(f"packing outputs of {doomed} failed" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.expected_warnings
+async def test_recovery_is_never_stopped_by_one_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a restart, leftover tasks whose finishing fails in every way (even the empty
+    archive cannot be written) still end, one after the other; the service comes up and
+    answers, and their working directories are kept."""
+    from tests.integration.conftest import start_service
+
+    data = tmp_path / "data"
+    async with trio.open_nursery() as nursery:
+        svc = await start_service(nursery, data, slots=2)
+        async with ApiClient.open(svc.client_settings) as api:
+            first = await submit_task(api, ["echo partial; sleep 60"])
+            other = await submit_task(api, ["echo partial; sleep 60"])
+            for task_id in (first, other):
+                await wait_status(api, task_id, lambda s: s.status == S.COMPUTATION_STARTED)
+            await trio.sleep(0.3)
+        nursery.cancel_scope.cancel()
+
+    def broken(self: Storage, work_dir: Path | None, path: str) -> Any:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Storage, "pack_outputs", broken)
+    async with trio.open_nursery() as nursery:
+        svc = await start_service(nursery, data, slots=2)
+        async with ApiClient.open(svc.client_settings) as api:
+            for task_id in (first, other):
+                final = await wait_status(api, task_id)
+                assert final.status == S.EXECUTER_FAILED
+                task = await api.get_task(task_id)
+                assert task.error_detail is not None
+                assert "No space left on device" in task.error_detail
+            for task_id in (first, other):
+                assert (data / "work" / task_id / "stdout.txt").read_text() == "partial\n"
+            monkeypatch.undo()
+            fresh = await submit_task(api, ["echo ok"])
+            assert (await wait_status(api, fresh)).status == S.SUCCESS
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.expected_warnings
+async def test_a_store_failure_for_one_task_leaves_the_runner_running(
+    api: ApiClient, service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Even when ending the task normally fails (here: recording its operations), the task is
+    marked executer-failed with the reason and other tasks run on."""
+    real = Store.start_operation
+    doomed: set[str] = set()
+
+    def start_operation(self: Store, task_id: str, *args: Any) -> Any:
+        if task_id in doomed:
+            raise sqlite3.OperationalError("injected: disk I/O error")
+        return real(self, task_id, *args)
+
+    monkeypatch.setattr(Store, "start_operation", start_operation)
+    service.gate.hold(S.STARTED)
+    victim = await submit_task(api, ["echo never"])
+    doomed.add(victim)
+    await service.gate.reached(victim, S.STARTED)
+    service.gate.release(S.STARTED)
+    assert (await wait_status(api, victim)).status == S.EXECUTER_FAILED
+    task = await api.get_task(victim)
+    assert task.error_detail is not None and "injected: disk I/O error" in task.error_detail
+    fine = await submit_task(api, ["echo fine"])
+    assert (await wait_status(api, fine)).status == S.SUCCESS
+
+
+def _unreadable_input(kind: str) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("sim_dir/params.txt", b"steps=3\n")
+    data = bytearray(buf.getvalue())
+    if kind == "unknown-method":  # method 99 in the local and the central header
+        for magic, at in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):
+            start = data.index(magic)
+            data[start + at : start + at + 2] = (99).to_bytes(2, "little")
+    elif kind == "encrypted":  # the "encrypted" flag bit in both headers
+        for magic, at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+            start = data.index(magic)
+            data[start + at] |= 1
+    else:  # "not-a-zip"
+        data = bytearray(b"this is not a zip archive")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("kind", ["unknown-method", "encrypted", "not-a-zip"])
+async def test_an_input_archive_that_cannot_be_unpacked_fails_the_task(
+    api: ApiClient, tmp_path: Path, kind: str
+) -> None:
+    """Whatever is wrong with an uploaded input, the task fails with the reason (not the
+    runner), and the service goes on."""
+    created = await api.submit(
+        {
+            "simulator": "x",
+            "resource_pool": None,
+            "container_image": None,
+            "extra_params": {"commands": [{"cmd": "echo never", "prompts": []}]},
+        }
+    )
+    archive = tmp_path / "input.zip"
+    archive.write_bytes(_unreadable_input(kind))
+    [url] = await api.signed_urls("upload", [f"/{created.id}/input.zip"])
+    await api.upload_file(url, archive)
+    await api.input_uploaded(created.id)
+    assert (await wait_status(api, created.id)).status == S.FAILED
+    task = await api.get_task(created.id)
+    assert task.error_detail is not None and task.error_detail.startswith("bad input: ")
+    ok = await submit_task(api, ["echo ok"])
+    assert (await wait_status(api, ok)).status == S.SUCCESS

@@ -110,7 +110,8 @@ async def test_bad_submit_bodies_are_422(http: httpx.AsyncClient, body: bytes) -
     "path",
     [
         "../secret",
-        "/etc/passwd",
+        "//etc/passwd",
+        "/../secret",
         "a/../../b",
         "a//b",
         "a/./b",
@@ -134,6 +135,24 @@ async def test_storage_paths_outside_the_root_are_refused(
         ),
         422,
     )
+
+
+async def test_a_leading_slash_is_no_slash(http: httpx.AsyncClient) -> None:
+    """TASK_API.md: the official client asks for ``/<task_id>/input.zip``; ``/etc/passwd``
+    is the storage object ``etc/passwd`` (inside the root), never the machine's file."""
+    for path in ("/etc/passwd", "/abc/input.zip"):
+        response = await http.get(
+            "/storage/signed-urls", params={"operation": "download", "paths": path}
+        )
+        assert response.status_code == 200
+        [url] = response.json()
+        assert f"/storage/objects/{path.lstrip('/')}?" in url
+        async with httpx.AsyncClient() as plain:
+            assert (await plain.get(url)).status_code == 404  # no such object in storage
+    zip_contents = await http.get(
+        "/storage/zip-contents", params={"path": "/abc/output.zip", "zip_relative_path": "a/"}
+    )
+    assert zip_contents.status_code == 404
 
 
 async def test_object_route_refuses_traversal(service: Service) -> None:

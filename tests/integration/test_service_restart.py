@@ -18,16 +18,20 @@ import zipfile
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from taskfs.api.client import ApiClient
 from taskfs.api.models import TaskStatusCode as S
 from taskfs.api.submit import submit_task
 from taskfs.config import ClientSettings
+from taskfs.server.storage import Storage
 from tests.integration.conftest import start_service
 from tests.support import wait_status
 
 LONG = "echo partial; echo $$ > sh.pid; sleep 60"
+# A process that leaves the command's process group, and prints its pid.
+ESCAPEE = "setsid sleep 300 & echo $! > escapee.pid; sleep 60"
 
 
 async def _outputs(api: ApiClient, task_id: str) -> zipfile.ZipFile:
@@ -98,6 +102,13 @@ async def _wait_url(data: Path, proc: subprocess.Popen[bytes]) -> str:
             await trio.sleep(0.05)
 
 
+async def _pid_from(file: Path) -> int:
+    with trio.fail_after(10):
+        while not file.exists() or not file.read_text().strip():
+            await trio.sleep(0.05)
+    return int(file.read_text())
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -114,17 +125,16 @@ async def test_restart_after_sigkill(tmp_path: Path) -> None:
         key = (data / "api_key").read_text().strip()
         settings = ClientSettings(api_url=url, api_key=key)
         async with ApiClient.open(settings) as api:
-            running = await submit_task(api, [LONG])
+            running = await submit_task(api, [f"{ESCAPEE} & {LONG}"])
             await wait_status(api, running, lambda s: s.status == S.COMPUTATION_STARTED)
             queued = await submit_task(api, ["echo after restart"])
-            pid_file = data / "work" / running / "sh.pid"
-            with trio.fail_after(10):
-                while not pid_file.exists() or not pid_file.read_text().strip():
-                    await trio.sleep(0.05)
-            orphan = int(pid_file.read_text())
+            pids = [await _pid_from(data / "work" / running / n) for n in ("sh.pid", "escapee.pid")]
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert _alive(orphan), "the task's process group should outlive a crashed service"
+        # The task's processes, the one that left its group included, end with the service.
+        with trio.fail_after(10):
+            while [pid for pid in pids if _alive(pid)]:
+                await trio.sleep(0.05)
 
         # Nothing in the store is lost or corrupted.
         with sqlite3.connect(data / "tasks.sqlite3") as db:
@@ -136,7 +146,6 @@ async def test_restart_after_sigkill(tmp_path: Path) -> None:
         async with ApiClient.open(ClientSettings(api_url=url, api_key=key)) as api:
             final = await wait_status(api, running)
             assert final.status == S.EXECUTER_TERMINATED
-            assert not _alive(orphan), "restart recovery must kill the leftover process group"
             assert (await _outputs(api, running)).read("artifacts/stdout.txt") == b"partial\n"
             assert (await wait_status(api, queued)).status == S.SUCCESS
             out = (await _outputs(api, queued)).read("artifacts/stdout.txt")
@@ -167,3 +176,99 @@ async def test_sigterm_stops_cleanly_and_second_instance_is_refused(tmp_path: Pa
         proc.wait(timeout=20)
     assert proc.returncode == 0
     assert os.stat(data / "api_key").st_mode & 0o777 == 0o600
+
+
+def _taskfs(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "taskfs", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={k: v for k, v in os.environ.items() if not k.startswith("INDUCTIVA_")},
+    )
+
+
+async def test_serve_stop_ends_every_process_of_running_tasks(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    proc = _serve(data)
+    try:
+        url = await _wait_url(data, proc)
+        key = (data / "api_key").read_text().strip()
+        async with ApiClient.open(ClientSettings(api_url=url, api_key=key)) as api:
+            running = await submit_task(api, [ESCAPEE])
+            escapee = await _pid_from(data / "work" / running / "escapee.pid")
+        stopped = _taskfs("serve", "--stop", "--data-dir", str(data))
+        assert stopped.returncode == 0, stopped.stderr
+        assert proc.wait(timeout=20) == 0
+        assert not _alive(escapee)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+async def test_a_stale_server_file_is_never_trusted(tmp_path: Path) -> None:
+    """server.json of a service that died names a pid that another process may have now:
+    ``serve --stop`` must not signal it, and clients must not use the dead URL."""
+    data = tmp_path / "data"
+    proc = _serve(data)
+    url = await _wait_url(data, proc)
+    server_json = (data / "server.json").read_text()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stranger = subprocess.Popen(["sleep", "60"])
+    try:
+        info = json.loads(server_json)
+        (data / "server.json").write_text(json.dumps({**info, "pid": stranger.pid}))
+        stopped = _taskfs("serve", "--stop", "--data-dir", str(data))
+        assert stopped.returncode == 0 and "no taskfs service is running" in stopped.stderr
+        assert stranger.poll() is None, "serve --stop signalled a process that is not ours"
+        submitted = _taskfs("submit", "--data-dir", str(data), "--", "true")
+        assert submitted.returncode == 2 and "no local service" in submitted.stderr
+        assert url not in submitted.stderr
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+@pytest.mark.parametrize("content", ["", "\n", "short", "\x00\x00\x00", "é" * 40])
+async def test_unusable_url_secret_is_replaced(tmp_path: Path, content: str) -> None:
+    """A secret left empty or half-written (a crash between creating and writing it) would make
+    every signed URL forgeable: it is replaced, and the replacement logged."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    (data / "url_secret").write_bytes(content.encode()[:32])
+    (data / "api_key").write_text("")  # an empty key would lock every client out: replaced too
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "taskfs", "serve", "--port", "0", "--data-dir", str(data)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        url = await _wait_url(data, proc)
+        secret = (data / "url_secret").read_text().strip()
+        key = (data / "api_key").read_text().strip()
+        assert len(secret) >= 32 and secret != content.strip()
+        assert len(key) >= 32
+        for name in ("url_secret", "api_key"):
+            assert os.stat(data / name).st_mode & 0o777 == 0o600
+        weak = Storage(tmp_path / "unused", content.encode()[:32].strip())
+        expires, forged = weak.sign("download", "x/output.zip", 60)
+        async with httpx.AsyncClient(base_url=url) as plain:
+            answer = await plain.get(
+                "/storage/objects/x/output.zip",
+                params={"op": "download", "expires": expires, "sig": forged},
+            )
+            assert answer.status_code == 403 and answer.json()["detail"] == "bad signature"
+            odd = await plain.get(
+                "/storage/objects/x/output.zip",
+                params={"op": "download", "expires": expires, "sig": "ünïcode"},
+            )
+            assert odd.status_code == 403
+            listed = await plain.get("/tasks", headers={"X-API-Key": key})
+            assert listed.status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    assert b"url_secret held no usable secret; replaced it" in err
+    assert b"api_key held no usable secret; replaced it" in err
+    assert secret.encode() not in err and key.encode() not in err

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-from taskfs.config import ClientSettings, parse_duration, parse_size, resolve_client
+from taskfs.config import (
+    ClientSettings,
+    local_service_pid,
+    parse_duration,
+    parse_size,
+    resolve_client,
+)
 from taskfs.errors import AuthError, UsageError
+from taskfs.server.app import DataDirLock
 
 
 @pytest.mark.parametrize(
@@ -43,11 +51,26 @@ def test_local_service_is_the_default(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("INDUCTIVA_API_KEY", "cloud-key")
     with pytest.raises(UsageError, match="no local service"):
         resolve_client(data_dir=tmp_path)
-    (tmp_path / "server.json").write_text(json.dumps({"url": "http://127.0.0.1:9", "pid": 1}))
     (tmp_path / "api_key").write_text("local-key\n")
-    settings = resolve_client(data_dir=tmp_path)
-    assert settings.api_url == "http://127.0.0.1:9"
-    assert settings.api_key == "local-key" and settings.local_data_dir == tmp_path
+    server = {"url": "http://127.0.0.1:9", "pid": os.getpid()}
+    (tmp_path / "server.json").write_text(json.dumps(server))
+    # A server.json nobody holds the data dir's lock for is a dead service's: not used.
+    with pytest.raises(UsageError, match="no local service"):
+        resolve_client(data_dir=tmp_path)
+    lock = DataDirLock(tmp_path)
+    lock.acquire()
+    try:
+        assert local_service_pid(tmp_path) == os.getpid()
+        settings = resolve_client(data_dir=tmp_path)
+        assert settings.api_url == "http://127.0.0.1:9"
+        assert settings.api_key == "local-key" and settings.local_data_dir == tmp_path
+        # The lock is held, but by another pid than server.json names: a stale file.
+        (tmp_path / "server.json").write_text(json.dumps({**server, "pid": 1}))
+        with pytest.raises(UsageError, match="no local service"):
+            resolve_client(data_dir=tmp_path)
+    finally:
+        lock.release()
+    assert local_service_pid(tmp_path) is None
 
 
 def test_remote_key_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -80,6 +80,21 @@ def test_config_is_a_leaf() -> None:
     assert found <= {"taskfs.errors"}
 
 
+def test_packing_is_a_leaf_shared_by_submit_and_the_service() -> None:
+    """One packing module for inputs and outputs: it imports nothing of taskfs, and both
+    sides use it."""
+    found = modules()
+    assert not {m for m in found["packing.py"] if m.startswith("taskfs")}
+    assert "taskfs.packing" in found["api/submit.py"]
+    assert "taskfs.packing" in found["server/storage.py"]
+
+
+def test_the_task_supervisor_needs_only_the_standard_library() -> None:
+    """``server/reaper.py`` runs as ``python -I -S``: no site-packages, no taskfs."""
+    stdlib = {"__future__", "contextlib", "ctypes", "os", "select", "signal", "sys", "time"}
+    assert modules()["server/reaper.py"] <= stdlib
+
+
 def test_readme_errno_table_matches_the_code() -> None:
     readme = (ROOT / "README.md").read_text()
     table = readme.split("### Errors (the semantics table)", 1)[1].split("\n\n", 2)[1]

@@ -20,7 +20,7 @@ def storage(tmp_path: Path) -> Storage:
 
 @pytest.mark.parametrize(
     "path",
-    ["", "/abs", "a/../b", "..", ".", "a//b", "a/", "/", "a\\b", "a\x00b", "a b", "x" * 1025],
+    ["", "//abs", "a/../b", "..", ".", "a//b", "a/", "/", "a\\b", "a\x00b", "a b", "x" * 1025],
 )
 def test_bad_paths_are_refused(path: str) -> None:
     with pytest.raises(ValueError, match="storage path"):
@@ -29,6 +29,9 @@ def test_bad_paths_are_refused(path: str) -> None:
 
 def test_good_paths(storage: Storage) -> None:
     assert check_storage_path("proj/abc123/output.zip") == "proj/abc123/output.zip"
+    # The official client's form with an empty storage prefix: a leading slash is no slash.
+    assert check_storage_path("/abc123/input.zip") == "abc123/input.zip"
+    assert storage.resolve("/a/b.zip") == storage.resolve("a/b.zip")
     assert storage.resolve("a/b.zip") == storage.root.resolve() / "a" / "b.zip"
 
 
@@ -46,6 +49,11 @@ def test_signatures(storage: Storage) -> None:
     assert storage.verify("download", "a/c.zip", str(expires), sig) == "bad signature"
     assert storage.verify("download", "a/b.zip", str(expires + 1), sig) == "bad signature"
     assert storage.verify("download", "a/b.zip", "soon", sig) == "malformed expiry"
+    # Whatever text a client sends is a bad signature or expiry, never an exception.
+    assert storage.verify("download", "a/b.zip", str(expires), "sïg\udcff") == "bad signature"
+    assert storage.verify("download", "a/b.zip", str(expires), "") == "bad signature"
+    assert storage.verify("download", "a/b.zip", "²", sig) == "malformed expiry"
+    assert storage.verify("download", "a/b.zip", "9" * 400, sig) == "malformed expiry"
     past = int(time.time()) - 1
     old = storage.signature("download", "a/b.zip", past)
     assert storage.verify("download", "a/b.zip", str(past), old) == "signed URL expired"
@@ -71,11 +79,17 @@ def test_pack_outputs(storage: Storage, tmp_path: Path) -> None:
             "artifacts/inside-link",
             "artifacts/stdout.txt",
             "artifacts/vtk/p_1.vtk",
+            "artifacts/taskfs-packing.txt",
         ]
         assert zf.read("artifacts/vtk/p_1.vtk") == b"1 2 3\n" * 1000
+        assert zf.read("artifacts/inside-link") == b"out\n"
+        report = zf.read("artifacts/taskfs-packing.txt").decode()
+        assert 'skipped: "outside-link": a symbolic link pointing out of' in report
+        assert "do not pack" not in report
         assert zf.getinfo("artifacts/vtk/p_1.vtk").compress_type == zipfile.ZIP_DEFLATED
     assert stats.total_files == 4
     assert stats.size_bytes == 4 + 6000 + 0 + 4
+    assert [i.path for i in stats.issues] == ["outside-link"]
     assert stats.zipped_size_bytes == archive.stat().st_size
     assert not [p for p in archive.parent.iterdir() if p.name.startswith(".")]
 

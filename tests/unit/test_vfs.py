@@ -384,6 +384,31 @@ async def test_wait_uses_one_poller_per_task(
     assert results == [b"killed\n"] * 4
 
 
+async def test_wait_readers_of_a_task_that_disappears_get_enoent(
+    env: Env, autojump_clock: trio.testing.MockClock
+) -> None:
+    env.fake.add("doomed", S.COMPUTATION_STARTED)
+    attr = await env.kernel.resolve("doomed/wait")
+    errors: list[Exception] = []
+
+    async def waiter() -> None:
+        info = await env.vfs.open(attr.inode, os.O_RDONLY, pid=os.getpid())
+        try:
+            await env.vfs.read(info.fh, 0, 100)
+        except NotFoundError as exc:
+            errors.append(exc)
+        finally:
+            env.vfs.release(info.fh)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(waiter)
+            await trio.sleep(5)
+            del env.fake.tasks["doomed"]  # the service forgot it: 404 from now on
+    assert len(errors) == 3
+
+
 async def test_wait_limits_and_abandoned_readers(
     env: Env, autojump_clock: trio.testing.MockClock
 ) -> None:

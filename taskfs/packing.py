@@ -1,0 +1,398 @@
+"""Packing a directory tree into a ZIP archive: one set of rules for a task's input
+(``taskfs submit``, ``Task.submit``) and its outputs (the embedded service).
+
+Owns: walking a tree without following links out of it, deciding what is archived, skipped or
+changed, and writing the members as a stream. Whatever a tree holds, packing finishes and
+says what it could not keep; it never raises for the tree's content.
+
+What packing does with each thing it meets (``Issue`` records every departure):
+
+* regular files: archived byte for byte, streamed in 1 MiB chunks, up to the length they had
+  when opened (a file that grows while it is packed is archived as it was; one that shrinks,
+  as read, and reported); deflate, except files whose first MiB does not compress (stored);
+  zip64 when needed;
+* modification times outside what a ZIP can hold (1980-01-01 to 2107-12-31, local time, as zip
+  tools write them) are clamped to the nearest end and reported;
+* names that are not UTF-8 are archived with each undecodable byte written as ``%XX`` and
+  reported (a name that then collides with another is skipped and reported);
+* symbolic links are never followed out of the tree: a link to a file inside the tree is
+  archived as that file's content (as ``shutil.make_archive``, which the cloud's task runner
+  uses, does), a link to a directory inside the tree as an empty directory (likewise); links
+  that point out of the tree, dangle or loop are skipped and reported;
+* FIFOs, sockets and device nodes are skipped and reported; they are never opened (a FIFO
+  would block);
+* a file or directory that cannot be read is skipped and reported with the reason; a file
+  whose read fails part way is taken out of the archive again, never left truncated;
+* directories that end up with nothing archived under them (empty ones included) are kept as
+  directory entries.
+
+Must stay true: nothing here follows a link out of ``root`` or opens anything but regular
+files and directories; walking is iterative with one open descriptor per directory level, so
+depth and breadth cost no recursion; memory is bounded by one chunk plus the archive's
+central directory.
+"""
+
+from __future__ import annotations
+
+import codecs
+import errno
+import json
+import os
+import stat
+import time
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import BinaryIO
+
+CHUNK = 1 << 20
+# The first chunk decides deflate or stored: stored when it shrinks by less than 3%.
+SAMPLE = CHUNK
+DOS_MIN = (1980, 1, 1, 0, 0, 0)
+DOS_MAX = (2107, 12, 31, 23, 59, 58)
+REPORT_NAME = "taskfs-packing.txt"
+_OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+_KINDS = {
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One departure from "archived as it is": ``action`` is ``skipped``, ``clamped``,
+    ``renamed`` or ``changed``; ``path`` is relative to the packed root."""
+
+    action: str
+    path: str
+    reason: str
+
+    def line(self) -> str:
+        return f"{self.action}: {json.dumps(self.path, ensure_ascii=False)}: {self.reason}"
+
+
+@dataclass
+class PackResult:
+    """What packing archived, and every departure from the tree as it was."""
+
+    files: int = 0
+    size_bytes: int = 0
+    issues: list[Issue] = field(default_factory=list)
+
+    def report(self) -> str:
+        """The text of the report member: one line per issue."""
+        header = (
+            "taskfs packing report: what the archive does not hold exactly as it was found.\n"
+            "Each line: action, the path (JSON-quoted, relative to the packed directory), why.\n"
+        )
+        return header + "".join(issue.line() + "\n" for issue in self.issues)
+
+
+def pack_tree(
+    root: Path | None,
+    out: BinaryIO,
+    prefix: str,
+    *,
+    report_name: str | None = None,
+) -> PackResult:
+    """Write a ZIP to ``out`` (seekable) holding the directory ``prefix`` and every file under
+    ``root`` as ``prefix + relative path``; ``root`` missing or ``None``: just the directory.
+
+    With ``report_name``, the report of any issues is added as the member
+    ``prefix + report_name`` (another free name if the tree has one so called).
+    """
+    result = PackResult()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+        zf.mkdir(prefix.rstrip("/"))
+        if root is not None:
+            _Packer(zf, out, prefix, result).pack(root)
+        if report_name is not None and result.issues:
+            name = _free_name(zf, prefix, report_name)
+            info = zipfile.ZipInfo(prefix + name, date_time=time.localtime()[:6])
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = (stat.S_IFREG | 0o444) << 16
+            zf.writestr(info, result.report().encode())
+    return result
+
+
+def _free_name(zf: zipfile.ZipFile, prefix: str, name: str) -> str:
+    stem, dot, ext = name.rpartition(".")
+    candidate, n = name, 1
+    while prefix + candidate in zf.NameToInfo or prefix + candidate + "/" in zf.NameToInfo:
+        n += 1
+        candidate = f"{stem}-{n}{dot}{ext}"
+    return candidate
+
+
+@dataclass
+class _Dir:
+    fd: int
+    raw: str  # path from the root as the OS spells it: "" for the root, else "a/b/"
+    arc: str  # the same as it is archived (names that are not UTF-8 escaped)
+    entries: Iterator[os.DirEntry[str]]
+    st: os.stat_result
+    archived: int = 0
+
+
+class _Packer:
+    def __init__(self, zf: zipfile.ZipFile, out: BinaryIO, prefix: str, result: PackResult):
+        self.zf = zf
+        self.out = out
+        self.prefix = prefix
+        self.result = result
+        self.real_root = ""
+
+    def issue(self, action: str, arc: str, reason: str) -> None:
+        self.result.issues.append(Issue(action, arc, reason))
+
+    def pack(self, root: Path) -> None:
+        try:
+            root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            self.issue("skipped", ".", f"the directory cannot be read: {_why(exc)}")
+            return
+        self.real_root = os.path.realpath(root)
+        stack: list[_Dir] = []
+        self._enter(stack, root_fd, "", "")
+        while stack:
+            top = stack[-1]
+            entry = next(top.entries, None)
+            if entry is None:
+                stack.pop()
+                os.close(top.fd)
+                if top.arc and top.archived == 0:
+                    top.archived = self._add_dir(top.arc, top.st)
+                if stack:
+                    stack[-1].archived += top.archived
+                continue
+            raw = top.raw + entry.name
+            arc = top.arc + self._escape(top.arc, entry.name)
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError as exc:
+                self.issue("skipped", arc, f"it vanished or cannot be examined: {_why(exc)}")
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                try:
+                    fd = os.open(entry.name, _OPEN_DIR, dir_fd=top.fd)
+                except OSError as exc:
+                    self.issue("skipped", arc + "/", f"the directory cannot be read: {_why(exc)}")
+                    continue
+                self._enter(stack, fd, raw + "/", arc + "/")
+            elif stat.S_ISREG(st.st_mode):
+                top.archived += self._add_file(arc, partial(_open, entry.name, top.fd))
+            elif stat.S_ISLNK(st.st_mode):
+                top.archived += self._add_link(raw, arc)
+            else:
+                self.issue("skipped", arc, f"{_kind(st.st_mode)} is not a regular file")
+
+    def _enter(self, stack: list[_Dir], fd: int, raw: str, arc: str) -> None:
+        try:
+            st = os.fstat(fd)
+            with os.scandir(fd) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            os.close(fd)
+            self.issue("skipped", arc or ".", f"the directory cannot be listed: {_why(exc)}")
+            return
+        stack.append(_Dir(fd, raw, arc, iter(entries), st))
+
+    def _escape(self, parent: str, name: str) -> str:
+        escaped = escape_name(name)
+        if escaped != name:
+            self.issue("renamed", parent + escaped, "the name is not UTF-8: %XX stands for a byte")
+        return escaped
+
+    def _member(self, arc: str) -> str | None:
+        """The member name for ``arc``; ``None`` (reported) if another member has it."""
+        name = self.prefix + arc
+        if name in self.zf.NameToInfo:
+            self.issue("skipped", arc, "another member has this name")
+            return None
+        return name
+
+    def _add_dir(self, arc: str, st: os.stat_result) -> int:
+        name = self._member(arc)
+        if name is None:
+            return 0
+        self.zf.mkdir(self._info(arc, name, st))
+        return 1
+
+    def _info(self, arc: str, name: str, st: os.stat_result) -> zipfile.ZipInfo:
+        """A member's header fields from ``st``: time (clamped, reported), mode, size."""
+        date_time, clamped = dos_time(st.st_mtime)
+        if clamped:
+            shown = "{:04d}-{:02d}-{:02d} {:02d}:{:02d}:{:02d}".format(*date_time)
+            self.issue("clamped", arc, f"mtime {_show_time(st.st_mtime)} stored as {shown}")
+        info = zipfile.ZipInfo(name, date_time=date_time)
+        info.external_attr = (st.st_mode & 0xFFFF) << 16
+        if stat.S_ISDIR(st.st_mode):
+            info.external_attr |= 0x10  # MS-DOS directory flag, as zipfile sets it
+            info.CRC = info.compress_size = 0
+        else:
+            info.file_size = st.st_size
+        return info
+
+    def _add_link(self, raw: str, arc: str) -> int:
+        try:
+            target = os.path.realpath(os.path.join(self.real_root, raw), strict=True)
+        except OSError as exc:
+            what = "loops" if exc.errno == errno.ELOOP else "dangles"
+            self.issue("skipped", arc, f"a symbolic link that {what}: {_why(exc)}")
+            return 0
+        if target == self.real_root or os.path.commonpath([self.real_root, target]) != (
+            self.real_root
+        ):
+            self.issue("skipped", arc, "a symbolic link pointing out of the directory")
+            return 0
+        try:
+            st = os.stat(target, follow_symlinks=False)
+        except OSError as exc:
+            self.issue("skipped", arc, f"a symbolic link whose target vanished: {_why(exc)}")
+            return 0
+        if stat.S_ISDIR(st.st_mode):
+            self.issue("changed", arc, "a symbolic link to a directory: stored as an empty one")
+            return self._add_dir(arc + "/", st)
+        if not stat.S_ISREG(st.st_mode):
+            self.issue("skipped", arc, f"a symbolic link to {_kind(st.st_mode)}")
+            return 0
+        return self._add_file(arc, partial(_open, target, None))
+
+    def _add_file(self, arc: str, opener: Callable[[], int]) -> int:
+        """Archive one regular file; 1 if it was archived, else 0 (and the issue noted)."""
+        name = self._member(arc)
+        if name is None:
+            return 0
+        try:
+            fd = opener()
+        except OSError as exc:
+            self.issue("skipped", arc, f"it cannot be opened: {_why(exc)}")
+            return 0
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):  # swapped for something else since listed
+                self.issue("skipped", arc, "it stopped being a regular file while packing")
+                return 0
+            return self._write(arc, name, fd, st)
+        finally:
+            os.close(fd)
+
+    def _write(self, arc: str, name: str, fd: int, st: os.stat_result) -> int:
+        info = self._info(arc, name, st)
+        start = self.zf.start_dir
+        done = 0
+        try:
+            sample = read(fd, min(SAMPLE, st.st_size))
+            info.compress_type = method_for(sample)
+            with self.zf.open(info, "w") as dst:
+                chunk = sample
+                while chunk:
+                    dst.write(chunk)
+                    done += len(chunk)
+                    chunk = read(fd, min(CHUNK, st.st_size - done))
+        except OSError as exc:
+            self._drop_since(start, name)
+            self.issue("skipped", arc, f"reading it failed after {done} bytes: {_why(exc)}")
+            return 0
+        if done < st.st_size:
+            self.issue("changed", arc, f"it shrank while packing: {done} of {st.st_size} bytes")
+        self.result.files += 1
+        self.result.size_bytes += done
+        return 1
+
+    def _drop_since(self, start: int, name: str) -> None:
+        """Take the member started at ``start`` out again (its read failed part way)."""
+        zf = self.zf
+        if zf.filelist and zf.filelist[-1].filename == name:
+            zf.filelist.pop()
+            zf.NameToInfo.pop(name, None)
+        self.out.seek(start)
+        self.out.truncate()
+        zf.start_dir = start
+
+
+def _open(name: str, dir_fd: int | None) -> int:
+    return os.open(name, _OPEN_FILE, dir_fd=dir_fd)
+
+
+def read(fd: int, size: int) -> bytes:
+    """Up to ``size`` bytes (fewer only at end of file); a seam for fault-injecting tests."""
+    parts: list[bytes] = []
+    while size > 0:
+        try:
+            part = os.read(fd, size)
+        except BlockingIOError:  # O_NONBLOCK on a regular file never blocks; be safe anyway
+            continue
+        if not part:
+            break
+        parts.append(part)
+        size -= len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def method_for(sample: bytes) -> int:
+    """Deflate, unless the sample does not compress (random or already compressed data)."""
+    if len(sample) < 4096:
+        return zipfile.ZIP_DEFLATED
+    compressed = len(zlib.compress(sample, 1))
+    return zipfile.ZIP_STORED if compressed > 0.97 * len(sample) else zipfile.ZIP_DEFLATED
+
+
+def dos_time(mtime: float) -> tuple[tuple[int, int, int, int, int, int], bool]:
+    """``mtime`` as a ZIP (DOS, local time) date_time, clamped to what ZIP can hold."""
+    try:
+        local = time.localtime(mtime)
+    except (OverflowError, OSError, ValueError):
+        return (DOS_MIN if mtime < 0 else DOS_MAX), True
+    value = (local.tm_year, local.tm_mon, local.tm_mday, local.tm_hour, local.tm_min, local.tm_sec)
+    if value < DOS_MIN:
+        return DOS_MIN, True
+    if value > DOS_MAX:
+        return DOS_MAX, True
+    return value, False
+
+
+def _show_time(mtime: float) -> str:
+    try:
+        return datetime.fromtimestamp(mtime, UTC).isoformat()
+    except (OverflowError, OSError, ValueError):
+        return f"{mtime:.0f} s from the epoch"
+
+
+def escape_name(name: str) -> str:
+    """``name`` (as ``os`` decodes it) with each byte that is not UTF-8 written as ``%XX``."""
+    if name.isascii():
+        return name
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = name.encode("utf-8", "surrogateescape")
+        return raw.decode("utf-8", "taskfs-percent")
+    return name
+
+
+def _percent(exc: UnicodeError) -> tuple[str, int]:
+    assert isinstance(exc, UnicodeDecodeError)
+    bad = exc.object[exc.start : exc.end]
+    return "".join(f"%{b:02X}" for b in bad), exc.end
+
+
+codecs.register_error("taskfs-percent", _percent)
+
+
+def _kind(mode: int) -> str:
+    return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc)
