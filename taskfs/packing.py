@@ -27,9 +27,9 @@ What packing does with each thing it meets (``Issue`` records every departure):
   directory entries.
 
 Must stay true: nothing here follows a link out of ``root`` or opens anything but regular
-files and directories; walking is iterative with one open descriptor per directory level, so
-depth and breadth cost no recursion; memory is bounded by one chunk plus the archive's
-central directory.
+files and directories; walking is iterative and holds one directory descriptor at a time, so
+depth costs no recursion, no descriptors and no path length; memory is one chunk plus the
+archive's central directory plus the names of the directories being walked.
 """
 
 from __future__ import annotations
@@ -134,10 +134,9 @@ def _free_name(zf: zipfile.ZipFile, prefix: str, name: str) -> str:
 
 @dataclass
 class _Dir:
-    fd: int
     raw: str  # path from the root as the OS spells it: "" for the root, else "a/b/"
     arc: str  # the same as it is archived (names that are not UTF-8 escaped)
-    entries: Iterator[os.DirEntry[str]]
+    names: Iterator[str]
     st: os.stat_result
     archived: int = 0
 
@@ -154,8 +153,11 @@ class _Packer:
         self.result.issues.append(Issue(action, arc, reason))
 
     def pack(self, root: Path) -> None:
+        """Walk ``root`` depth first holding one directory descriptor at a time: going down
+        opens the child relative to its parent, going back up opens ``..`` of the child and
+        checks it is the directory it left (so depth costs neither descriptors nor paths)."""
         try:
-            root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:
             return
         except OSError as exc:
@@ -163,49 +165,81 @@ class _Packer:
             return
         self.real_root = os.path.realpath(root)
         stack: list[_Dir] = []
-        self._enter(stack, root_fd, "", "")
+        if not self._enter(stack, fd, "", ""):
+            os.close(fd)
+            return
         while stack:
             top = stack[-1]
-            entry = next(top.entries, None)
-            if entry is None:
+            name = next(top.names, None)
+            if name is None:
                 stack.pop()
-                os.close(top.fd)
                 if top.arc and top.archived == 0:
                     top.archived = self._add_dir(top.arc, top.st)
                 if stack:
                     stack[-1].archived += top.archived
+                    fd = self._up(fd, stack)
+                    if fd < 0:
+                        return
                 continue
-            raw = top.raw + entry.name
-            arc = top.arc + self._escape(top.arc, entry.name)
+            raw = top.raw + name
+            arc = top.arc + self._escape(top.arc, name)
             try:
-                st = entry.stat(follow_symlinks=False)
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
             except OSError as exc:
                 self.issue("skipped", arc, f"it vanished or cannot be examined: {_why(exc)}")
                 continue
             if stat.S_ISDIR(st.st_mode):
                 try:
-                    fd = os.open(entry.name, _OPEN_DIR, dir_fd=top.fd)
+                    child = os.open(name, _OPEN_DIR, dir_fd=fd)
                 except OSError as exc:
                     self.issue("skipped", arc + "/", f"the directory cannot be read: {_why(exc)}")
                     continue
-                self._enter(stack, fd, raw + "/", arc + "/")
+                if self._enter(stack, child, raw + "/", arc + "/"):
+                    os.close(fd)
+                    fd = child
+                else:
+                    os.close(child)
             elif stat.S_ISREG(st.st_mode):
-                top.archived += self._add_file(arc, partial(_open, entry.name, top.fd))
+                top.archived += self._add_file(arc, partial(_open, name, fd))
             elif stat.S_ISLNK(st.st_mode):
                 top.archived += self._add_link(raw, arc)
             else:
                 self.issue("skipped", arc, f"{_kind(st.st_mode)} is not a regular file")
+        os.close(fd)
 
-    def _enter(self, stack: list[_Dir], fd: int, raw: str, arc: str) -> None:
+    def _enter(self, stack: list[_Dir], fd: int, raw: str, arc: str) -> bool:
         try:
             st = os.fstat(fd)
-            with os.scandir(fd) as it:
-                entries = sorted(it, key=lambda e: e.name)
+            names = sorted(os.listdir(fd))  # names only: a stat per entry is not kept
         except OSError as exc:
-            os.close(fd)
             self.issue("skipped", arc or ".", f"the directory cannot be listed: {_why(exc)}")
-            return
-        stack.append(_Dir(fd, raw, arc, iter(entries), st))
+            return False
+        stack.append(_Dir(raw, arc, iter(names), st))
+        return True
+
+    def _up(self, fd: int, stack: list[_Dir]) -> int:
+        """The descriptor of ``stack[-1]``, opened as ``..`` of ``fd`` (which is closed);
+        -1 (and the walk ends, reported) if the tree was moved around meanwhile."""
+        parent = stack[-1]
+        try:
+            up = os.open("..", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+        except OSError:
+            up = -1
+        finally:
+            os.close(fd)
+        if up >= 0:
+            st = os.fstat(up)
+            if (st.st_dev, st.st_ino) == (parent.st.st_dev, parent.st.st_ino):
+                return up
+            os.close(up)
+        for level in stack:
+            self.issue(
+                "skipped",
+                level.arc or ".",
+                "the tree moved while it was packed; the rest of this directory was not packed",
+            )
+        stack.clear()
+        return -1
 
     def _escape(self, parent: str, name: str) -> str:
         escaped = escape_name(name)

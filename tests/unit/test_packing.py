@@ -12,6 +12,7 @@ import io
 import json
 import os
 import pwd
+import resource
 import shutil
 import socket
 import stat
@@ -187,7 +188,13 @@ def test_deeper_than_path_max(tree: Path) -> None:
     os.write(leaf, b"bottom")
     os.close(leaf)
     os.close(fd)
-    archive, result = pack(tree)
+    # One directory descriptor at a time: a low descriptor limit does not matter.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+    try:
+        archive, result = pack(tree)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     path = "/".join([name] * depth) + "/leaf"
     assert len(path) > 4096
     assert files_of(archive) == {path: b"bottom"}
@@ -230,6 +237,26 @@ def test_vanished_before_open(tree: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert files_of(archive).keys() == {"a", "z", "taskfs-packing.txt"}
     assert issues(result) == {("skipped", "gone")}
     assert "No such file or directory" in result.issues[0].reason
+
+
+def test_a_tree_moved_while_packed_is_reported(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Going back up through ``..`` lands in another directory if the tree was moved under
+    the walk: packing stops there and says so, never archiving files under wrong names."""
+    (tree / "a" / "b").mkdir(parents=True)
+    (tree / "a" / "b" / "x").write_bytes(b"x")
+    (tree / "a" / "z").write_bytes(b"z")
+    (tree / "y").write_bytes(b"y")
+    real_open = packing._open
+
+    def move_first(name: str, dir_fd: int | None) -> int:
+        if name == "x":
+            os.rename(tree / "a" / "b", tree / "moved")
+        return real_open(name, dir_fd)
+
+    monkeypatch.setattr(packing, "_open", move_first)
+    archive, result = pack(tree)
+    assert set(files_of(archive)) == {"a/b/x", "taskfs-packing.txt"}
+    assert issues(result) == {("skipped", "a/"), ("skipped", ".")}
 
 
 def test_read_failing_part_way_leaves_no_truncated_member(
