@@ -73,6 +73,7 @@ def _service_settings(args: argparse.Namespace) -> ServiceSettings:
         slots=args.slots or defaults.slots,
         vm_type=args.vm_type or defaults.vm_type,
         kill_grace_seconds=args.kill_grace,
+        adopt_orphans=True,  # this process is the service: it may adopt its tasks' orphans
     )
 
 

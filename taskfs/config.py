@@ -61,6 +61,10 @@ class ServiceSettings:
     # Lifetime of signed download/upload URLs.
     signed_url_ttl_seconds: int = 3600
     storage_region: str = "local"
+    # Make the service process a child subreaper and kill what it adopts: the processes of a
+    # command whose supervisor was killed. A process-wide choice: ``taskfs serve`` makes it,
+    # a service embedded in another program (tests) does not.
+    adopt_orphans: bool = False
 
     @property
     def key_file(self) -> Path:

@@ -14,7 +14,9 @@ What packing does with each thing it meets (``Issue`` records every departure):
 * modification times outside what a ZIP can hold (1980-01-01 to 2107-12-31, local time, as zip
   tools write them) are clamped to the nearest end and reported;
 * names that are not UTF-8 are archived with each undecodable byte written as ``%XX`` and
-  reported (a name that then collides with another is skipped and reported);
+  reported; a path is a file or a directory in the archive, once: an entry whose name (after
+  escaping) is already taken, or whose path is longer than a ZIP name can be (65,535 bytes),
+  is skipped and reported;
 * symbolic links are never followed out of the tree: a link to a file inside the tree is
   archived as that file's content (as ``shutil.make_archive``, which the cloud's task runner
   uses, does), a link to a directory inside the tree as an empty directory (likewise); links
@@ -55,6 +57,8 @@ SAMPLE = CHUNK
 DOS_MIN = (1980, 1, 1, 0, 0, 0)
 DOS_MAX = (2107, 12, 31, 23, 59, 58)
 REPORT_NAME = "taskfs-packing.txt"
+# The longest member name a ZIP can hold (a 16-bit length), in UTF-8 bytes.
+MAX_NAME = 0xFFFF
 _OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -96,40 +100,41 @@ class PackResult:
         return header + "".join(issue.line() + "\n" for issue in self.issues)
 
 
+class PackingCancelled(Exception):  # noqa: N818 - it is not an error
+    """``cancelled()`` said stop: the archive written so far is incomplete; discard it."""
+
+
 def pack_tree(
     root: Path | None,
     out: BinaryIO,
     prefix: str,
     *,
     report_name: str | None = None,
+    follow_root: bool = True,
+    cancelled: Callable[[], bool] = lambda: False,
 ) -> PackResult:
     """Write a ZIP to ``out`` (seekable) holding the directory ``prefix`` and every file under
     ``root`` as ``prefix + relative path``; ``root`` missing or ``None``: just the directory.
 
     With ``report_name``, the report of any issues is added as the member
     ``prefix + report_name`` (another free name if the tree has one so called).
+    ``follow_root=False`` refuses a ``root`` that is itself a symbolic link (a task's working
+    directory swapped for a link); a user's input directory may be one. ``cancelled`` is
+    asked between files and chunks; when it answers true, ``PackingCancelled`` is raised.
     """
     result = PackResult()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
         zf.mkdir(prefix.rstrip("/"))
+        packer = _Packer(zf, out, prefix, result, cancelled)
         if root is not None:
-            _Packer(zf, out, prefix, result).pack(root)
+            packer.pack(root, follow_root)
         if report_name is not None and result.issues:
-            name = _free_name(zf, prefix, report_name)
+            name = packer.free_name(report_name)
             info = zipfile.ZipInfo(prefix + name, date_time=time.localtime()[:6])
             info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = (stat.S_IFREG | 0o444) << 16
             zf.writestr(info, result.report().encode())
     return result
-
-
-def _free_name(zf: zipfile.ZipFile, prefix: str, name: str) -> str:
-    stem, dot, ext = name.rpartition(".")
-    candidate, n = name, 1
-    while prefix + candidate in zf.NameToInfo or prefix + candidate + "/" in zf.NameToInfo:
-        n += 1
-        candidate = f"{stem}-{n}{dot}{ext}"
-    return candidate
 
 
 @dataclass
@@ -142,26 +147,54 @@ class _Dir:
 
 
 class _Packer:
-    def __init__(self, zf: zipfile.ZipFile, out: BinaryIO, prefix: str, result: PackResult):
+    def __init__(
+        self,
+        zf: zipfile.ZipFile,
+        out: BinaryIO,
+        prefix: str,
+        result: PackResult,
+        cancelled: Callable[[], bool],
+    ) -> None:
         self.zf = zf
         self.out = out
         self.prefix = prefix
         self.result = result
+        self.cancelled = cancelled
         self.real_root = ""
+        # Archived paths (relative, no trailing slash): a name is a file or a directory, once.
+        self.files: set[str] = set()
+        self.dirs: set[str] = set()
 
     def issue(self, action: str, arc: str, reason: str) -> None:
         self.result.issues.append(Issue(action, arc, reason))
 
-    def pack(self, root: Path) -> None:
+    def check_cancelled(self) -> None:
+        if self.cancelled():
+            raise PackingCancelled
+
+    def free_name(self, name: str) -> str:
+        """``name``, or ``stem-2.ext``, ... if a file or directory of the tree has it."""
+        stem, dot, ext = name.rpartition(".")
+        candidate, n = name, 1
+        while candidate in self.files or candidate in self.dirs:
+            n += 1
+            candidate = f"{stem}-{n}{dot}{ext}"
+        return candidate
+
+    def pack(self, root: Path, follow_root: bool) -> None:
         """Walk ``root`` depth first holding one directory descriptor at a time: going down
         opens the child relative to its parent, going back up opens ``..`` of the child and
         checks it is the directory it left (so depth costs neither descriptors nor paths)."""
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
         try:
-            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = os.open(root, flags if follow_root else flags | os.O_NOFOLLOW)
         except FileNotFoundError:
             return
         except OSError as exc:
-            self.issue("skipped", ".", f"the directory cannot be read: {_why(exc)}")
+            if not follow_root and os.path.islink(root):
+                self.issue("skipped", ".", "the directory was replaced by a symbolic link")
+            else:
+                self.issue("skipped", ".", f"the directory cannot be read: {_why(exc)}")
             return
         self.real_root = os.path.realpath(root)
         stack: list[_Dir] = []
@@ -169,40 +202,45 @@ class _Packer:
             os.close(fd)
             return
         while stack:
+            self.check_cancelled()
             top = stack[-1]
             name = next(top.names, None)
             if name is None:
                 stack.pop()
                 if top.arc and top.archived == 0:
-                    top.archived = self._add_dir(top.arc, top.st)
+                    top.archived = self._add_dir_entry(top.arc, top.st)
                 if stack:
                     stack[-1].archived += top.archived
                     fd = self._up(fd, stack)
                     if fd < 0:
                         return
                 continue
-            raw = top.raw + name
-            arc = top.arc + self._escape(top.arc, name)
+            escaped = escape_name(name)
+            renamed = escaped != name
+            raw, arc = top.raw + name, top.arc + escaped
             try:
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
             except OSError as exc:
                 self.issue("skipped", arc, f"it vanished or cannot be examined: {_why(exc)}")
                 continue
             if stat.S_ISDIR(st.st_mode):
+                if not self._claim(arc, renamed, directory=True):
+                    continue
                 try:
                     child = os.open(name, _OPEN_DIR, dir_fd=fd)
                 except OSError as exc:
                     self.issue("skipped", arc + "/", f"the directory cannot be read: {_why(exc)}")
                     continue
                 if self._enter(stack, child, raw + "/", arc + "/"):
+                    self._renamed(arc, renamed)
                     os.close(fd)
                     fd = child
                 else:
                     os.close(child)
             elif stat.S_ISREG(st.st_mode):
-                top.archived += self._add_file(arc, partial(_open, name, fd))
+                top.archived += self._add_file(arc, renamed, partial(_open, name, fd))
             elif stat.S_ISLNK(st.st_mode):
-                top.archived += self._add_link(raw, arc)
+                top.archived += self._add_link(raw, arc, renamed)
             else:
                 self.issue("skipped", arc, f"{_kind(st.st_mode)} is not a regular file")
         os.close(fd)
@@ -233,33 +271,33 @@ class _Packer:
                 return up
             os.close(up)
         for level in stack:
-            self.issue(
-                "skipped",
-                level.arc or ".",
-                "the tree moved while it was packed; the rest of this directory was not packed",
-            )
+            why = "the tree moved while it was packed: the rest of this directory is missing"
+            self.issue("skipped", level.arc or ".", why)
         stack.clear()
         return -1
 
-    def _escape(self, parent: str, name: str) -> str:
-        escaped = escape_name(name)
-        if escaped != name:
-            self.issue("renamed", parent + escaped, "the name is not UTF-8: %XX stands for a byte")
-        return escaped
+    def _claim(self, arc: str, renamed: bool, *, directory: bool) -> bool:
+        """Reserve ``arc`` for a file or a directory; False (reported) if it cannot be one."""
+        shown = arc + "/" if directory else arc
+        if len((self.prefix + shown).encode()) > MAX_NAME:
+            self.issue("skipped", shown, "its path is longer than a ZIP member name can be")
+            return False
+        if arc in self.files or (not directory and arc in self.dirs) or arc in self.dirs:
+            why = "another member has this name"
+            if renamed:
+                why = "its name is not UTF-8, and written with %XX it is another member's name"
+            self.issue("skipped", shown, why)
+            return False
+        (self.dirs if directory else self.files).add(arc)
+        return True
 
-    def _member(self, arc: str) -> str | None:
-        """The member name for ``arc``; ``None`` (reported) if another member has it."""
-        name = self.prefix + arc
-        if name in self.zf.NameToInfo:
-            self.issue("skipped", arc, "another member has this name")
-            return None
-        return name
+    def _renamed(self, arc: str, renamed: bool) -> None:
+        if renamed:
+            self.issue("renamed", arc, "the name is not UTF-8: %XX stands for a byte")
 
-    def _add_dir(self, arc: str, st: os.stat_result) -> int:
-        name = self._member(arc)
-        if name is None:
-            return 0
-        self.zf.mkdir(self._info(arc, name, st))
+    def _add_dir_entry(self, arc: str, st: os.stat_result) -> int:
+        """A directory entry for ``arc`` (claimed already)."""
+        self.zf.mkdir(self._info(arc, self.prefix + arc, st))
         return 1
 
     def _info(self, arc: str, name: str, st: os.stat_result) -> zipfile.ZipInfo:
@@ -277,16 +315,17 @@ class _Packer:
             info.file_size = st.st_size
         return info
 
-    def _add_link(self, raw: str, arc: str) -> int:
+    def _add_link(self, raw: str, arc: str, renamed: bool) -> int:
         try:
             target = os.path.realpath(os.path.join(self.real_root, raw), strict=True)
         except OSError as exc:
             what = "loops" if exc.errno == errno.ELOOP else "dangles"
             self.issue("skipped", arc, f"a symbolic link that {what}: {_why(exc)}")
             return 0
-        if target == self.real_root or os.path.commonpath([self.real_root, target]) != (
-            self.real_root
-        ):
+        if target == self.real_root:
+            self.issue("skipped", arc, "a symbolic link to the packed directory itself")
+            return 0
+        if os.path.commonpath([self.real_root, target]) != self.real_root:
             self.issue("skipped", arc, "a symbolic link pointing out of the directory")
             return 0
         try:
@@ -295,17 +334,19 @@ class _Packer:
             self.issue("skipped", arc, f"a symbolic link whose target vanished: {_why(exc)}")
             return 0
         if stat.S_ISDIR(st.st_mode):
+            if not self._claim(arc, renamed, directory=True):
+                return 0
+            self._renamed(arc, renamed)
             self.issue("changed", arc, "a symbolic link to a directory: stored as an empty one")
-            return self._add_dir(arc + "/", st)
+            return self._add_dir_entry(arc + "/", st)
         if not stat.S_ISREG(st.st_mode):
             self.issue("skipped", arc, f"a symbolic link to {_kind(st.st_mode)}")
             return 0
-        return self._add_file(arc, partial(_open, target, None))
+        return self._add_file(arc, renamed, partial(_open, target, None))
 
-    def _add_file(self, arc: str, opener: Callable[[], int]) -> int:
+    def _add_file(self, arc: str, renamed: bool, opener: Callable[[], int]) -> int:
         """Archive one regular file; 1 if it was archived, else 0 (and the issue noted)."""
-        name = self._member(arc)
-        if name is None:
+        if not self._claim(arc, renamed, directory=False):
             return 0
         try:
             fd = opener()
@@ -317,9 +358,12 @@ class _Packer:
             if not stat.S_ISREG(st.st_mode):  # swapped for something else since listed
                 self.issue("skipped", arc, "it stopped being a regular file while packing")
                 return 0
-            return self._write(arc, name, fd, st)
+            done = self._write(arc, self.prefix + arc, fd, st)
         finally:
             os.close(fd)
+        if done:
+            self._renamed(arc, renamed)
+        return done
 
     def _write(self, arc: str, name: str, fd: int, st: os.stat_result) -> int:
         info = self._info(arc, name, st)
@@ -333,6 +377,7 @@ class _Packer:
                 while chunk:
                     dst.write(chunk)
                     done += len(chunk)
+                    self.check_cancelled()
                     chunk = read(fd, min(CHUNK, st.st_size - done))
         except OSError as exc:
             self._drop_since(start, name)

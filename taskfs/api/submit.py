@@ -14,6 +14,7 @@ default logs it at WARNING), never silently dropped.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,6 +36,18 @@ def pack_input(source: Path | None, archive: Path) -> list[Issue]:
     returns what could not be packed as it was (see ``taskfs.packing``)."""
     with open(archive, "w+b") as out:
         return pack_tree(source, out, INPUT_PREFIX).issues
+
+
+def _check_input_dir(input_dir: Path) -> None:
+    """``UsageError`` unless ``input_dir`` is a directory this process can list."""
+    try:
+        os.listdir(input_dir)
+    except FileNotFoundError:
+        raise UsageError(f"input directory {input_dir} does not exist") from None
+    except NotADirectoryError:
+        raise UsageError(f"input {input_dir} is not a directory") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read input directory {input_dir}: {exc.strerror}") from None
 
 
 def _log_issue(issue: Issue) -> None:
@@ -60,8 +73,8 @@ async def submit_task(
     """
     if not commands:
         raise UsageError("nothing to run: give a command")
-    if input_dir is not None and not await trio.Path(input_dir).is_dir():
-        raise UsageError(f"input directory {input_dir} does not exist")
+    if input_dir is not None:
+        await trio.to_thread.run_sync(_check_input_dir, input_dir)
     request: dict[str, Any] = {
         "simulator": simulator,
         "resource_pool": resource_pool,

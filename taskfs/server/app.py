@@ -17,6 +17,7 @@ Must stay true:
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hmac
 import json
@@ -60,6 +61,7 @@ from taskfs.config import (
     local_service_url,
 )
 from taskfs.errors import UsageError
+from taskfs.server.reaper import become_subreaper
 from taskfs.server.runner import Runner, StatusHook
 from taskfs.server.storage import Storage, check_storage_path
 from taskfs.server.store import Store
@@ -548,7 +550,15 @@ class Service:
     async def _put_object(self, request: Request, path: str, file: Path) -> Response:
         if await self.store.call(self.store.is_output_path, path):
             raise error(403, f"{path} is a task output and cannot be overwritten")
-        file.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return await self._store_upload(request, file)
+        except OSError as exc:  # a directory there, a file where a directory should be, ...
+            raise error(409, f"cannot store an object at {path}: {exc.strerror}") from None
+
+    async def _store_upload(self, request: Request, file: Path) -> Response:
+        if await trio.Path(file).is_dir():
+            raise IsADirectoryError(errno.EISDIR, "Is a directory")
+        await trio.Path(file.parent).mkdir(parents=True, exist_ok=True)
         tmp = file.parent / f".upload-{secrets.token_hex(8)}"
         try:
             async with await trio.open_file(tmp, "wb") as out:
@@ -679,7 +689,9 @@ def valid_url_secret(value: str) -> bool:
 
 
 def valid_api_key(value: str) -> bool:
-    return KEY_CHARSET.fullmatch(value) is not None
+    """A key as the service makes them: 32 characters at least (43 are written), so that a
+    file cut short by a crash is not trusted."""
+    return len(value) >= 32 and KEY_CHARSET.fullmatch(value) is not None
 
 
 class DataDirLock:
@@ -750,6 +762,8 @@ async def serve(
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     lock = DataDirLock(settings.data_dir)
     lock.acquire()
+    if settings.adopt_orphans and not become_subreaper():
+        log.warning("cannot become a child subreaper: a killed supervisor's processes may live on")
     store: Store | None = None
     try:
         api_key = ensure_secret_file(settings.key_file, valid_api_key)

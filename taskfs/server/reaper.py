@@ -2,7 +2,8 @@
 
 Run as a script (``python -I -S reaper.py GRACE -- CMD...``, standard library only, so it
 starts in a few milliseconds): it becomes a child subreaper (``PR_SET_CHILD_SUBREAPER``), runs
-``CMD`` in its own process group and waits. Processes that leave the group with ``setsid`` or
+``CMD`` in a process group of its own (so ``kill 0`` in a command does not reach the
+supervisor) and waits. Processes that leave the group with ``setsid`` or
 daemonize by double-forking are reparented to this supervisor instead of init, so it can always
 find them: they are its descendants.
 
@@ -32,6 +33,16 @@ import time
 PR_SET_CHILD_SUBREAPER = 36
 _GIVE_UP = 10.0
 _WATCH = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+
+
+def become_subreaper() -> bool:
+    """Make this process a child subreaper: orphaned descendants are reparented to it rather
+    than to init. False where that is not possible (not Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
 
 
 def descendants(root: int) -> list[int]:
@@ -93,12 +104,13 @@ class Children:
 
 
 def start(command: list[str]) -> int:
-    """Fork and exec ``command`` in this process group; its pid."""
+    """Fork and exec ``command`` in a process group of its own; its pid."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         for sig in _WATCH:
             signal.signal(sig, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
+        os.setpgid(0, 0)  # its own group: ``kill 0`` in a command never reaches us
         try:
             os.execvp(command[0], command)  # noqa: S606 - argv from the runner, no shell
         except OSError as exc:
@@ -110,8 +122,7 @@ def start(command: list[str]) -> int:
 def main(argv: list[str]) -> int:
     grace = float(argv[1])
     command = argv[argv.index("--") + 1 :]
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: the group holds the rest
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    become_subreaper()
     parent = os.getppid()
     try:
         parent_gone = os.pidfd_open(parent)

@@ -38,6 +38,7 @@ import os
 import platform
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import uuid
@@ -54,7 +55,8 @@ import trio
 
 from taskfs.api.models import KILLABLE, TaskStatusCode, format_time, now_utc
 from taskfs.config import ServiceSettings
-from taskfs.packing import REPORT_NAME
+from taskfs.packing import REPORT_NAME, PackingCancelled
+from taskfs.server.reaper import descendants
 from taskfs.server.storage import OutputStats, Storage
 from taskfs.server.store import Store
 
@@ -69,6 +71,12 @@ _SECRET_ENV = ("INDUCTIVA_API_KEY",)
 _LOGGED_ISSUES = 100
 # The supervisor every command runs under (a script: standard library only, quick to start).
 REAPER = Path(__file__).with_name("reaper.py")
+# How often a service that adopts orphans looks for them (also after every command).
+_SWEEP_INTERVAL = 2.0
+_OUTCOMES = frozenset({S.SUCCESS.value, S.FAILED.value, S.TTL_EXCEEDED.value})
+_OUTPUT_FLAGS = (
+    os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+)
 
 
 @dataclass
@@ -78,6 +86,16 @@ class _Running:
     task_id: str
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     kill_requested: bool = False
+    supervisor: int | None = None  # pid of the running command's supervisor
+
+
+class _Stopping(Exception):  # noqa: N818 - not an error: the service is stopping
+    """Packing was abandoned because the service stops; recovery ends the task later."""
+
+
+class _CommandError(Exception):
+    """A command could not be started (its output files are unusable, its working directory
+    gone): the task fails with this message."""
 
 
 class Runner:
@@ -96,22 +114,36 @@ class Runner:
         self.store = store
         self.storage = storage
         self._running: dict[str, _Running] = {}
+        self._recovering: set[str] = set()
         self._wakeup = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._machine = _machine_facts(settings)
+        # Set when the service stops: packing in progress is abandoned (read from threads).
+        self._stopping = False
+        # Commands being started right now (their supervisor's pid is not known yet).
+        self._spawning = 0
 
     # -- public --------------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Recover from the last run, then schedule queued tasks until cancelled."""
-        await self.recover()
+        """Schedule queued tasks until cancelled; tasks a previous run left running are ended
+        in the background meanwhile (``recover``), so the service answers at once."""
+        leftovers = await self.store.call(self.store.in_status, RUNNING | {S.PENDING_KILL})
+        self._recovering = {task["task_id"] for task in leftovers}
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            for task in leftovers:
+                nursery.start_soon(self._recover_one, task)
+            if self.settings.adopt_orphans:
+                nursery.start_soon(self._sweep_periodically)
             task_status.started()
-            while True:
-                wakeup = self._wakeup = trio.Event()
-                await self._fill_slots()
-                await wakeup.wait()
+            try:
+                while True:
+                    wakeup = self._wakeup = trio.Event()
+                    await self._fill_slots()
+                    await wakeup.wait()
+            finally:
+                self._stopping = True  # before the nursery waits for packing in progress
 
     def wake(self) -> None:
         """Tell the scheduler that the queue may have changed."""
@@ -119,7 +151,7 @@ class Runner:
 
     async def kill(self, task_id: str) -> TaskStatusCode | None:
         """Kill a task; returns its status afterwards (unchanged when it is not killable)."""
-        while True:
+        for _ in range(100):  # each round is a conditional transition that lost a race
             task = await self.store.call(self.store.get_task, task_id)
             if task is None:
                 return None
@@ -144,6 +176,9 @@ class Runner:
                     running.scope.cancel()
                     return S.PENDING_KILL
                 continue  # it moved on (ended, or a concurrent kill): look again
+            if status in RUNNING:
+                # Not ours: a task a previous run left running, being ended right now.
+                return status
             # Not holding a slot: pending-input or submitted. Claim it for the kill.
             result = await self.store.call(
                 self.store.transition,
@@ -157,18 +192,30 @@ class Runner:
             await self._finish(task_id, S.KILLED, "Killed before it started", {S.PENDING_KILL})
             self.wake()
             return S.KILLED
+        raise RuntimeError(f"kill of task {task_id} kept racing with its state changes")
 
     async def recover(self) -> None:
-        """End tasks that a previous run of the service left running (see module docstring)."""
+        """End every task a previous run of the service left running (``run`` does this in
+        the background; see the module docstring)."""
         leftovers = await self.store.call(self.store.in_status, RUNNING | {S.PENDING_KILL})
         for task in leftovers:
-            task_id = task["task_id"]
-            if task["status"] == S.PENDING_KILL:
-                final, why = S.KILLED, "Killed; the service restarted before the kill completed"
-            else:
-                final, why = S.EXECUTER_TERMINATED, "The service stopped while the task was running"
-            log.info("recovering task %s as %s", task_id, final)
-            await self._end_safely(task_id, final, why, {S(task["status"])}, leftover=task)
+            await self._recover_one(task)
+
+    async def _recover_one(self, task: dict[str, Any]) -> None:
+        task_id = task["task_id"]
+        status = S(task["status"])
+        outcome = task.get("outcome")
+        if status == S.PENDING_KILL:
+            final, why = S.KILLED, "Killed; the service restarted before the kill completed"
+        elif status == S.COMPUTATION_ENDED and outcome in _OUTCOMES:
+            final, why = S(outcome), "The commands had ended; outputs packed after a restart"
+        else:
+            final, why = S.EXECUTER_TERMINATED, "The service stopped while the task was running"
+        log.info("recovering task %s as %s", task_id, final)
+        try:
+            await self._end_safely(task_id, final, why, {status}, leftover=task)
+        finally:
+            self._recovering.discard(task_id)
 
     # -- scheduling ----------------------------------------------------------------------------
 
@@ -206,8 +253,9 @@ class Runner:
             await self._end_safely(
                 task_id,
                 S.EXECUTER_FAILED,
-                f"Internal error of the local runner: {exc!r}",
+                "Internal error of the local runner",
                 set(RUNNING | {S.PENDING_KILL}),
+                detail=f"internal error of the local runner: {exc!r}",
             )
         finally:
             del self._running[task_id]
@@ -219,12 +267,14 @@ class Runner:
         status: TaskStatusCode,
         description: str,
         expect: set[TaskStatusCode],
+        *,
         leftover: dict[str, Any] | None = None,
+        detail: str | None = None,
     ) -> None:
         """End a task whatever goes wrong on the way; never raises (but Cancelled).
 
         ``leftover``: the stored record of a task a previous run left running, whose
-        processes are killed first.
+        processes are killed first. ``detail``: why it ends so (``error_detail``).
         """
         try:
             if leftover is not None:
@@ -232,8 +282,10 @@ class Runner:
                     _kill_leftover, leftover.get("pid"), leftover.get("pid_start")
                 )
                 await self.store.call(self.store.fail_running_operations, task_id)
-            await self._finish(task_id, status, description, expect)
+            await self._finish(task_id, status, description, expect, detail)
             return
+        except _Stopping:
+            return  # the service stops: recovery at the next start ends the task
         except Exception as exc:
             log.exception("ending task %s as %s failed", task_id, status)
             detail = f"the local runner could not end the task: {exc!r}"
@@ -260,36 +312,44 @@ class Runner:
         work_dir = self.settings.work_dir / task_id
         outcome = S.FAILED
         with running.scope:
-            outcome = await self._execute(task, work_dir)
-        if running.kill_requested:
-            await self._finish(task_id, S.KILLED, "Killed by the user", {S.PENDING_KILL})
-            return
-        if running.scope.cancelled_caught:
-            outcome = S.TTL_EXCEEDED
-        ended = await self.store.call(
-            self.store.transition,
-            task_id,
-            S.COMPUTATION_ENDED,
-            "Commands finished; packing outputs",
-            expect={S.STARTED, S.COMPUTATION_STARTED},
-            fields={"computation_end_time": format_time(now_utc())},
-        )
-        if not ended.done and ended.status == S.PENDING_KILL:
-            await self._finish(task_id, S.KILLED, "Killed by the user", {S.PENDING_KILL})
-            return
-        await self._after(task_id, S.COMPUTATION_ENDED)
-        reason = {
-            S.SUCCESS: "All commands succeeded",
-            S.FAILED: "A command failed",
-            S.TTL_EXCEEDED: f"Time to live of {ttl} s exceeded",
-        }[outcome]
-        await self._finish(task_id, outcome, reason, {S.COMPUTATION_ENDED})
+            outcome = await self._execute(task, work_dir, running)
+        try:
+            if running.kill_requested:
+                await self._finish(task_id, S.KILLED, "Killed by the user", {S.PENDING_KILL})
+                return
+            if running.scope.cancelled_caught:
+                outcome = S.TTL_EXCEEDED
+            ended = await self.store.call(
+                self.store.transition,
+                task_id,
+                S.COMPUTATION_ENDED,
+                "Commands finished; packing outputs",
+                expect={S.STARTED, S.COMPUTATION_STARTED},
+                fields={
+                    "computation_end_time": format_time(now_utc()),
+                    "outcome": outcome.value,
+                },
+            )
+            if not ended.done and ended.status == S.PENDING_KILL:
+                await self._finish(task_id, S.KILLED, "Killed by the user", {S.PENDING_KILL})
+                return
+            await self._after(task_id, S.COMPUTATION_ENDED)
+            reason = {
+                S.SUCCESS: "All commands succeeded",
+                S.FAILED: "A command failed",
+                S.TTL_EXCEEDED: f"Time to live of {ttl} s exceeded",
+            }[outcome]
+            await self._finish(task_id, outcome, reason, {S.COMPUTATION_ENDED})
+        except _Stopping:
+            pass  # the service stops while packing: recovery at the next start ends the task
 
     async def _after(self, task_id: str, status: TaskStatusCode) -> None:
         if self._hook is not None:
             await self._hook(task_id, status)
 
-    async def _execute(self, task: dict[str, Any], work_dir: Path) -> TaskStatusCode:
+    async def _execute(
+        self, task: dict[str, Any], work_dir: Path, running: _Running
+    ) -> TaskStatusCode:
         """Unpack the input and run the commands; SUCCESS or FAILED (cancellable)."""
         task_id = task["task_id"]
         await self._after(task_id, S.STARTED)
@@ -323,7 +383,11 @@ class Runner:
                 self.store.start_operation, task_id, "exec_command", {"command": cmd}
             )
             try:
-                code = await self._run_command(task_id, cmd, work_dir)
+                code = await self._run_command(running, cmd, work_dir)
+            except _CommandError as exc:
+                await self.store.call(self.store.end_operation, op, False, {"error": str(exc)})
+                await self.store.call(self.store.update_fields, task_id, {"error_detail": str(exc)})
+                return S.FAILED
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await self.store.call(self.store.end_operation, op, False)
@@ -338,17 +402,18 @@ class Runner:
                 return S.FAILED
         return S.SUCCESS
 
-    async def _run_command(self, task_id: str, cmd: str, work_dir: Path) -> int:
+    async def _run_command(self, running: _Running, cmd: str, work_dir: Path) -> int:
+        """Run one command under its supervisor; its exit status. ``_CommandError`` when it
+        cannot start (the working directory or its output files were tampered with)."""
         env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
         grace = self.settings.kill_grace_seconds
         argv = [sys.executable, "-I", "-S", str(REAPER), f"{grace:g}", "--", "/bin/sh", "-c", cmd]
+        out, err = await trio.to_thread.run_sync(_open_outputs, work_dir)
         proc: trio.Process | None = None
-        with (
-            open(work_dir / "stdout.txt", "ab") as out,  # noqa: ASYNC230 - open is instant
-            open(work_dir / "stderr.txt", "ab") as err,  # noqa: ASYNC230
-        ):
-            try:
-                async with trio.open_nursery() as nursery:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._spawning += 1
+                try:
                     proc = await nursery.start(
                         partial(
                             trio.run_process,
@@ -364,16 +429,55 @@ class Runner:
                         )
                     )
                     assert proc is not None
-                    await self.store.call(
-                        self.store.update_fields,
-                        task_id,
-                        {"pid": proc.pid, "pid_start": _process_start(proc.pid)},
-                    )
-            finally:
-                if proc is not None:
-                    _killpg(proc.pid, signal.SIGKILL)  # in case the supervisor itself died
+                    running.supervisor = proc.pid
+                finally:
+                    self._spawning -= 1
+                os.close(out)
+                os.close(err)
+                out = err = -1
+                nursery.start_soon(_keep_going, proc)
+                await self.store.call(
+                    self.store.update_fields,
+                    running.task_id,
+                    {"pid": proc.pid, "pid_start": _process_start(proc.pid)},
+                )
+        finally:
+            for fd in (out, err):
+                if fd >= 0:
+                    os.close(fd)
+            running.supervisor = None
+            if proc is not None:
+                _killpg(proc.pid, signal.SIGKILL)  # in case the supervisor itself was killed
+                if self.settings.adopt_orphans:
+                    self._sweep()
         assert proc is not None and proc.returncode is not None
         return proc.returncode
+
+    # -- orphans -------------------------------------------------------------------------------
+
+    async def _sweep_periodically(self) -> None:
+        while True:
+            await trio.sleep(_SWEEP_INTERVAL)
+            self._sweep()
+
+    def _sweep(self) -> None:
+        """Kill and reap the processes this service adopted (it is a child subreaper): what
+        is left of a command whose supervisor was killed. Nothing else is our child."""
+        if self._spawning:
+            return  # a supervisor whose pid we do not know yet may be among our children
+        supervisors = {r.supervisor for r in self._running.values() if r.supervisor}
+        for pid, zombie in _children(os.getpid()):
+            if pid in supervisors:
+                continue
+            if not zombie:
+                log.warning("killing process %d, left behind by a task's command", pid)
+                for descendant in [*descendants(pid), pid]:
+                    with contextlib.suppress(OSError):
+                        os.kill(descendant, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+
+    # -- the end -------------------------------------------------------------------------------
 
     async def _finish(
         self,
@@ -381,10 +485,12 @@ class Runner:
         status: TaskStatusCode,
         description: str,
         expect: set[TaskStatusCode],
+        detail: str | None = None,
     ) -> bool:
-        """Pack outputs, then move to the terminal ``status``. Shielded: an end always ends."""
+        """Pack outputs, then move to the terminal ``status``. Shielded: an end always ends,
+        unless the service stops while the outputs are packed (``_Stopping``)."""
         with trio.CancelScope(shield=True):
-            done = await self._finish_unshielded(task_id, status, description, expect)
+            done = await self._finish_unshielded(task_id, status, description, expect, detail)
         return done
 
     async def _finish_unshielded(
@@ -393,6 +499,7 @@ class Runner:
         status: TaskStatusCode,
         description: str,
         expect: set[TaskStatusCode],
+        detail: str | None,
     ) -> bool:
         task = await self.store.call(self.store.get_task, task_id)
         assert task is not None
@@ -414,6 +521,8 @@ class Runner:
             "pid_start": None,
             "metrics": _metrics(task, end, stats),
         }
+        if detail is not None:
+            fields["error_detail"] = detail
         if failure is not None:
             status, description = S.EXECUTER_FAILED, "Packing the outputs failed"
             fields["error_detail"] = failure
@@ -423,7 +532,7 @@ class Runner:
             self.store.transition, task_id, status, description, expect=expect, fields=fields
         )
         if result.done and failure is None:
-            await trio.to_thread.run_sync(partial(shutil.rmtree, work_dir, ignore_errors=True))
+            await trio.to_thread.run_sync(_remove_work_dir, work_dir)
         return result.done
 
     async def _pack(
@@ -433,10 +542,16 @@ class Runner:
 
         Packing itself never fails for what a task leaves behind (see ``taskfs.packing``);
         if it fails anyway (disk full, a bug), the working directory is kept, an empty
-        archive is written in its place if possible, and the reason is returned.
+        archive is written in its place if possible, and the reason is returned. When the
+        service stops meanwhile, packing is abandoned and ``_Stopping`` raised.
         """
         try:
-            stats = await trio.to_thread.run_sync(self.storage.pack_outputs, work_dir, output)
+            stats = await trio.to_thread.run_sync(
+                partial(self.storage.pack_outputs, work_dir, output, lambda: self._stopping)
+            )
+        except PackingCancelled:
+            log.info("the service stops: packing %s abandoned until the next start", task_id)
+            raise _Stopping from None
         except Exception as exc:
             log.exception("packing outputs of %s failed; keeping %s", task_id, work_dir)
             failure = f"packing the outputs failed ({exc}); the working directory is kept"
@@ -518,6 +633,93 @@ def _unpack_input(archive: Path, work_dir: Path) -> None:
                 target.chmod(mode | 0o600)
 
 
+def _open_outputs(work_dir: Path) -> tuple[int, int]:
+    """``stdout.txt`` and ``stderr.txt`` of ``work_dir`` opened for appending (blocking).
+
+    Never blocks and never writes through a link: a task may have left a FIFO, a directory or a
+    symbolic link under those names, or replaced its working directory itself.
+    """
+    try:
+        st = os.lstat(work_dir)
+    except OSError as exc:
+        raise _CommandError(f"the working directory is gone: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise _CommandError("the working directory was replaced by something else")
+    fds: list[int] = []
+    try:
+        for name in ("stdout.txt", "stderr.txt"):
+            try:
+                fd = os.open(work_dir / name, _OUTPUT_FLAGS, 0o644)
+            except OSError as exc:
+                raise _CommandError(f"cannot write the output to {name}: {exc.strerror}") from None
+            fds.append(fd)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise _CommandError(f"cannot write the output to {name}: not a regular file")
+            os.set_blocking(fd, True)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds[0], fds[1]
+
+
+def _remove_work_dir(work_dir: Path) -> None:
+    """Delete a task's working directory, whatever the task did to it (modes, a link)."""
+    if work_dir.is_symlink():
+        work_dir.unlink()
+        return
+
+    def allow(function: Any, path: str, _exc: Any) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(path), 0o700)
+            if os.path.isdir(path) and not os.path.islink(path):
+                os.chmod(path, 0o700)
+            function(path)
+
+    with contextlib.suppress(OSError):
+        os.chmod(work_dir, 0o700)
+    shutil.rmtree(work_dir, onerror=allow)
+
+
+def _children(parent: int) -> list[tuple[int, bool]]:
+    """``(pid, is_zombie)`` of the children of ``parent``, from ``/proc``."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == parent:
+            found.append((int(name), fields[0] == b"Z"))
+    return found
+
+
+async def _keep_going(proc: trio.Process) -> None:
+    """Resume a supervisor that something stopped (SIGSTOP from its own task), once a second,
+    until it exits: a stopped supervisor would hold the task forever."""
+    async with trio.open_nursery() as nursery:
+
+        async def ended() -> None:
+            await proc.wait()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(ended)
+        while True:
+            await trio.sleep(1)
+            try:
+                with open(f"/proc/{proc.pid}/stat", "rb") as f:  # noqa: ASYNC230 - procfs
+                    state = f.read().rsplit(b")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                return
+            if state in (b"T", b"t"):
+                log.info("supervisor %d was stopped; resuming it", proc.pid)
+                with contextlib.suppress(OSError):
+                    os.kill(proc.pid, signal.SIGCONT)
+
+
 def _killpg(pgid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
@@ -528,6 +730,8 @@ async def _terminate(proc: trio.Process, grace: float) -> None:
     process of the command and kills what is left after ``grace``; SIGKILL to its group if
     it has not ended a few seconds after that."""
     proc.send_signal(signal.SIGTERM)
+    with contextlib.suppress(OSError):
+        os.kill(proc.pid, signal.SIGCONT)  # a stopped supervisor must see the SIGTERM
     with trio.move_on_after(grace + 5):
         await proc.wait()
         return

@@ -25,7 +25,7 @@ import struct
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -134,17 +134,30 @@ class Storage:
 
     # -- outputs -------------------------------------------------------------------------------
 
-    def pack_outputs(self, work_dir: Path | None, path: str) -> OutputStats:
+    def pack_outputs(
+        self,
+        work_dir: Path | None,
+        path: str,
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> OutputStats:
         """Pack ``work_dir`` into the archive at ``path``: ``artifacts/`` plus every file, by
         the rules of ``taskfs.packing`` (what cannot be kept as it was is listed in the member
-        ``artifacts/taskfs-packing.txt``). Written to a temp file, fsynced and renamed.
+        ``artifacts/taskfs-packing.txt``). Written to a temp file, fsynced and renamed;
+        ``PackingCancelled`` (and no archive) when ``cancelled()`` says stop.
         """
         target = self.resolve(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".output-", suffix=".zip")
         try:
             with os.fdopen(fd, "w+b") as raw:
-                result = pack_tree(work_dir, raw, OUTPUT_PREFIX, report_name=REPORT_NAME)
+                result = pack_tree(
+                    work_dir,
+                    raw,
+                    OUTPUT_PREFIX,
+                    report_name=REPORT_NAME,
+                    follow_root=False,  # a task may swap its working directory for a link
+                    cancelled=cancelled,
+                )
                 raw.flush()
                 os.fsync(raw.fileno())
             os.replace(tmp, target)

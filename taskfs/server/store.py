@@ -34,7 +34,7 @@ from taskfs.api.models import TaskStatusCode, format_time, now_utc
 P = ParamSpec("P")
 R = TypeVar("R")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 
 _SCHEMA = """
@@ -60,7 +60,8 @@ CREATE TABLE tasks (
     metrics TEXT NOT NULL DEFAULT '{}',
     error_detail TEXT,
     pid INTEGER,
-    pid_start TEXT
+    pid_start TEXT,
+    outcome TEXT
 );
 CREATE INDEX tasks_status ON tasks (status, input_submit_time, seq);
 CREATE INDEX tasks_project ON tasks (project, seq);
@@ -87,6 +88,13 @@ CREATE TABLE operations (
 CREATE INDEX operations_task ON operations (task_id, id);
 """
 
+# From an older schema version to the current one.
+_UPGRADES = {
+    # 2: ``outcome``, the end the commands earned, recorded when they end (recovery after a
+    # restart during packing ends the task with it).
+    1: ["ALTER TABLE tasks ADD COLUMN outcome TEXT"],
+}
+
 # Columns a transition may set besides the status.
 _SETTABLE = frozenset(
     {
@@ -100,6 +108,7 @@ _SETTABLE = frozenset(
         "error_detail",
         "pid",
         "pid_start",
+        "outcome",
     }
 )
 _JSON_COLUMNS = frozenset({"executer", "metrics", "request"})
@@ -138,14 +147,15 @@ class Store:
         version = self._conn.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
             return
-        if version != 0:
+        if version not in _UPGRADES and version != 0:
             raise RuntimeError(
                 f"task database schema version {version} is not supported "
                 f"(this taskfs knows version {SCHEMA_VERSION})"
             )
         self._conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in _SCHEMA.split(";"):
+            statements = _SCHEMA.split(";") if version == 0 else _UPGRADES[version]
+            for statement in statements:
                 if statement.strip():
                     self._conn.execute(statement)
             self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")

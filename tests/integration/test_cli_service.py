@@ -150,6 +150,8 @@ def test_submit_packs_input_by_the_same_rules_as_outputs(background: Path, tmp_p
         (["submit"], "nothing to run"),
         (["submit", "--ttl", "soon", "--", "true"], "not a duration"),
         (["submit", "--input", "/nonexistent/dir", "--", "true"], "does not exist"),
+        (["submit", "--input", "/etc/hostname", "--", "true"], "is not a directory"),
+        (["submit", "--input", "x" * 300, "--", "true"], "File name too long"),
         (["submit", "--bogus"], "unrecognized arguments"),
         (["serve", "--port", "eighty"], "invalid int value"),
     ],

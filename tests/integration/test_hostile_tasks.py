@@ -13,6 +13,7 @@ import json
 import os
 import shlex
 import sys
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -246,3 +247,100 @@ def test_hostile_task(service: Service, case: Case) -> None:
     assert service.status(bystander).status == S.SUCCESS
     after = service.submit("echo fine")
     assert service.wait_for(after, lambda s: s.is_terminated).status == S.SUCCESS
+
+
+# -- what a task does to the service around it ---------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _gone(pids: list[int], timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not [pid for pid in pids if _alive(pid)]:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize(
+    ("name", "sabotage"),
+    [
+        ("fifo", "rm stdout.txt; mkfifo stdout.txt"),
+        ("directory", "rm stderr.txt; mkdir stderr.txt"),
+        ("link", "rm stdout.txt; ln -s /tmp/taskfs-never-written stdout.txt"),
+        ("workdir-link", 'd=$PWD; cd ..; rm -rf "$d"; ln -s / "$d"'),
+    ],
+)
+@pytest.mark.expected_warnings
+def test_a_task_that_breaks_its_own_output_files_fails_alone(
+    service: Service, name: str, sabotage: str
+) -> None:
+    """The next command cannot start: the task fails with the reason; nothing blocks, nothing
+    is written through a link, and the service and a task beside it go on."""
+    bystander = service.submit("sleep 2; echo still here")
+    task_id = service.submit(sabotage, "echo second")
+    final = service.wait_for(task_id, lambda s: s.is_terminated, timeout=30)
+    assert final.status == S.FAILED
+    task = service.call(lambda api: api.get_task(task_id))
+    assert task.error_detail is not None
+    assert (
+        "cannot write the output" in task.error_detail or "working directory" in task.error_detail
+    )
+    assert service.wait_for(bystander, lambda s: s.is_terminated).status == S.SUCCESS
+    assert not Path("/tmp/taskfs-never-written").exists()
+    with zipfile.ZipFile(service.data_dir / "storage" / task_id / "output.zip") as archive:
+        names = set(archive.namelist())
+    if name == "workdir-link":  # the link is neither followed nor left behind
+        assert names == {"artifacts/", "artifacts/taskfs-packing.txt"}
+    assert not (service.data_dir / "work" / task_id).exists()
+    assert not (service.data_dir / "work" / task_id).is_symlink()
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "kill -9 $PPID",  # the supervisor: killed by its own task
+        "kill -9 0",  # the command's process group (the supervisor is not in it)
+        "kill -STOP $PPID; sleep 2",  # the supervisor, stopped
+    ],
+)
+@pytest.mark.expected_warnings
+def test_a_task_cannot_free_its_processes_by_attacking_its_supervisor(
+    service: Service, attack: str
+) -> None:
+    task_id = service.submit(f"setsid sleep 300 & echo $! > escapee.pid; sleep 0.3; {attack}")
+    pid_file = service.data_dir / "work" / task_id / "escapee.pid"
+    deadline = time.monotonic() + 10
+    while not (pid_file.exists() and pid_file.read_text().strip()):
+        assert time.monotonic() < deadline, "the task did not start"
+        time.sleep(0.05)
+    escapee = int(pid_file.read_text())
+    final = service.wait_for(task_id, lambda s: s.is_terminated, timeout=30)
+    assert final.status in (S.SUCCESS, S.FAILED)
+    assert _gone([escapee]), f"process {escapee} outlived its task ({attack})"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_stop_and_restart_while_a_big_output_is_packed(service: Service) -> None:
+    """Stopping abandons packing at once; the next start answers at once and ends the task
+    with the end its commands earned."""
+    task_id = service.submit("truncate -s 4G big.bin; echo done")  # about 20 s to pack
+    service.wait_for(task_id, lambda s: s.status == S.COMPUTATION_ENDED, timeout=30)
+    time.sleep(0.5)
+    started = time.monotonic()
+    assert stop(service.proc) == 0
+    assert time.monotonic() - started < 10, "stopping waited for packing"
+    again = start_service(service.data_dir, slots=2)
+    service.proc, service.url = again.proc, again.url
+    assert service.status(task_id).status == S.COMPUTATION_ENDED  # answering while packing
+    quick = service.submit("echo meanwhile")
+    assert service.wait_for(quick, lambda s: s.is_terminated).status == S.SUCCESS
+    assert service.wait_for(task_id, lambda s: s.is_terminated, timeout=240).status == S.SUCCESS

@@ -340,10 +340,10 @@ async def test_a_failure_while_finishing_ends_only_that_task(
     the reason, keeps its working directory, and the service goes on with the others."""
     real_pack = Storage.pack_outputs
 
-    def pack(self: Storage, work_dir: Path | None, path: str) -> Any:
+    def pack(self: Storage, work_dir: Path | None, path: str, *args: Any) -> Any:
         if work_dir is not None and (work_dir / "poison").exists():
             raise RuntimeError("injected packing failure")
-        return real_pack(self, work_dir, path)
+        return real_pack(self, work_dir, path, *args)
 
     monkeypatch.setattr(Storage, "pack_outputs", pack)
     doomed = await submit_task(api, ["echo kept > poison"])
@@ -379,7 +379,7 @@ async def test_recovery_is_never_stopped_by_one_task(
             await trio.sleep(0.3)
         nursery.cancel_scope.cancel()
 
-    def broken(self: Storage, work_dir: Path | None, path: str) -> Any:
+    def broken(self: Storage, work_dir: Path | None, path: str, *args: Any) -> Any:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Storage, "pack_outputs", broken)

@@ -155,6 +155,25 @@ async def test_a_leading_slash_is_no_slash(http: httpx.AsyncClient) -> None:
     assert zip_contents.status_code == 404
 
 
+async def test_uploads_where_no_object_can_be_are_409(http: httpx.AsyncClient) -> None:
+    """A signed upload to a path that is a directory, or under an existing object, is a clear
+    client error, never a 500."""
+
+    async def put(path: str) -> httpx.Response:
+        answer = await http.get(
+            "/storage/signed-urls", params={"operation": "upload", "paths": path}
+        )
+        assert answer.status_code == 200, answer.text
+        async with httpx.AsyncClient() as plain:
+            return await plain.put(answer.json()[0], content=b"data")
+
+    assert (await put("/t1/input.zip")).status_code == 200
+    for path in ("/t1", "t1/input.zip/inner"):
+        response = await put(path)
+        assert_json_error(response, 409)
+        assert "cannot store an object" in response.json()["detail"]
+
+
 async def test_object_route_refuses_traversal(service: Service) -> None:
     storage = Storage(
         service.settings.storage_dir, service.settings.secret_file.read_bytes().strip()

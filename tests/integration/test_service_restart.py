@@ -237,7 +237,8 @@ async def test_unusable_url_secret_is_replaced(tmp_path: Path, content: str) -> 
     data = tmp_path / "data"
     data.mkdir(mode=0o700)
     (data / "url_secret").write_bytes(content.encode()[:32])
-    (data / "api_key").write_text("")  # an empty key would lock every client out: replaced too
+    # An empty key locks every client out, a truncated one is guessable: replaced too.
+    (data / "api_key").write_text(content.strip() if content.strip().isalnum() else "")
     proc = subprocess.Popen(
         [sys.executable, "-m", "taskfs", "serve", "--port", "0", "--data-dir", str(data)],
         stdout=subprocess.DEVNULL,

@@ -372,3 +372,88 @@ def test_escape_name() -> None:
 )
 def test_dos_time_clamps(mtime: float, expected: tuple[int, ...], clamped: bool) -> None:
     assert packing.dos_time(mtime) == (expected, clamped)
+
+
+def test_a_root_swapped_for_a_link_is_not_followed(tree: Path, tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "secret").write_bytes(b"secret")
+    tree.rmdir()
+    tree.symlink_to(tmp_path / "elsewhere")
+    out = io.BytesIO()
+    result = pack_tree(tree, out, "artifacts/", report_name="r.txt", follow_root=False)
+    archive = zipfile.ZipFile(out)
+    assert set(archive.namelist()) == {"artifacts/", "artifacts/r.txt"}
+    assert issues(result) == {("skipped", ".")}
+    # A user's input directory may be a link: submit follows it.
+    archive, result = pack(tree)
+    assert files_of(archive) == {"secret": b"secret"}
+
+
+def test_paths_longer_than_a_zip_name_are_skipped(tree: Path) -> None:
+    fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY)
+    name = "n" * 250
+    for _ in range(270):  # 270 levels of 251 bytes: a path over 65,535 bytes
+        os.mkdir(name, dir_fd=fd)
+        child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    leaf = os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+    os.close(leaf)
+    os.close(fd)
+    (tree / "ok").write_bytes(b"ok")
+    archive, result = pack(tree)
+    assert files_of(archive)["ok"] == b"ok"
+    [issue] = result.issues
+    assert issue.action == "skipped" and "longer than a ZIP member name" in issue.reason
+    assert all(len(n.encode()) <= 0xFFFF for n in archive.namelist())
+    _rmtree_deep(tree / name)
+
+
+def test_names_are_a_file_or_a_directory_once(tree: Path) -> None:
+    """Escaping can make two names one; the report may meet a directory of its name."""
+    (tree / "taskfs-packing.txt" / "sub").mkdir(parents=True)
+    (tree / "taskfs-packing.txt" / "sub" / "f").write_bytes(b"f")
+    (tree / "d%E9").write_bytes(b"literal file")
+    os.mkdir(raw(tree, b"d\xe9"))
+    with open(raw(tree, b"d\xe9/x"), "wb") as f:
+        f.write(b"x")
+    (tree / "e%E9").mkdir()
+    (tree / "e%E9" / "y").write_bytes(b"y")
+    with open(raw(tree, b"e\xe9"), "wb") as f:
+        f.write(b"lost")
+    (tree / "caf%E9").write_bytes(b"literal")
+    with open(raw(tree, b"caf\xe9"), "wb") as f:
+        f.write(b"escaped")
+    os.mkfifo(tree / "fifo")
+    archive, result = pack(tree)
+    files = files_of(archive)
+    report = files.pop("taskfs-packing-2.txt")
+    assert files == {
+        "taskfs-packing.txt/sub/f": b"f",
+        "d%E9": b"literal file",
+        "e%E9/y": b"y",
+        "caf%E9": b"literal",
+    }
+    assert issues(result) == {
+        ("skipped", "d%E9/"),
+        ("skipped", "e%E9"),
+        ("skipped", "caf%E9"),
+        ("skipped", "fifo"),
+    }
+    assert sum("not UTF-8, and written with %XX" in i.reason for i in result.issues) == 3
+    assert b"renamed" not in report
+    names = [n.rstrip("/") for n in archive.namelist()]
+    assert len(names) == len(set(names))
+
+
+def test_cancelled_packing_stops(tree: Path) -> None:
+    for i in range(10):
+        (tree / f"f{i}").write_bytes(b"x" * 10)
+    calls = {"n": 0}
+
+    def cancelled() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 5
+
+    with pytest.raises(packing.PackingCancelled):
+        pack_tree(tree, io.BytesIO(), "artifacts/", cancelled=cancelled)

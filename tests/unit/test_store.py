@@ -138,3 +138,29 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     with pytest.raises(RuntimeError, match="not supported"):
         Store(path)
+
+
+def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
+    """A data dir from the previous release keeps its tasks and gains ``outcome``."""
+    path = tmp_path / "db.sqlite3"
+    first = Store(path)
+    task_id = make(first)
+    first.close()
+    with sqlite3.connect(path) as db:  # make it look like version 1: no outcome column
+        db.execute("ALTER TABLE tasks DROP COLUMN outcome")
+        db.execute("PRAGMA user_version=1")
+    again = Store(path)
+    assert again.get_task(task_id) is not None
+    done = again.transition(
+        task_id,
+        S.KILLED,
+        "x",
+        expect={S.PENDING_INPUT},
+        fields={"outcome": "killed"},
+    )
+    assert done.done
+    row = again.get_task(task_id)
+    assert row is not None and row["outcome"] == "killed"
+    again.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
