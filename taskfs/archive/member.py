@@ -1,26 +1,34 @@
-"""Reading one archive member: stored, deflate (random access), bzip2 and lzma; CRC checks.
+"""Reading one archive member: stored, deflate, bzip2 and lzma; verified in any read order.
 
-Owns: turning ``read(offset, size)`` of a member into reads of the archive's bytes, the
-decompressors and their per-handle cursors, the shared deflate checkpoints that make random
-access cheap, and CRC-32 verification.
+Owns: turning ``read(offset, size)`` of a member into reads of the archive's bytes, one
+bounded cursor per handle over pluggable decoders, the shared deflate checkpoints that make
+random access cheap, the memory those take, and CRC-32 verification.
 
 How each kind is read:
 
 * small members (compressed and uncompressed size under the limits below) are fetched whole in
   one request, decompressed and CRC-checked before a single byte is returned;
-* stored members map reads straight onto archive ranges, with read-ahead for sequential
-  readers;
-* deflate members stream through ``zlib`` with a cursor per handle; every few MiB of output a
-  checkpoint (``decompressobj().copy()``) is kept per member, so a random read inflates from
-  the nearest checkpoint instead of from the start; recently produced output is kept so that
-  slightly out-of-order reads (kernel read-ahead) do not rewind;
-* bzip2 and lzma stream with a cursor per handle and restart from the start for a backward
-  seek; other methods and encrypted members raise ``UnsupportedError`` when opened.
+* stored members map reads onto archive ranges; each aligned ``PIECE`` of the member is
+  checked into its verifier the first time any read touches it;
+* deflate, bzip2 and lzma members stream through one ``_Cursor`` per handle: a decoder, the
+  compressed bytes not yet decoded, and a window of decoded output that never holds more than
+  the reader's share of ``ReadBudget`` behind the cursor (a read far ahead discards what it
+  skips). Deflate keeps checkpoints (``decompressobj().copy()``) spread over the member, so a
+  random read inflates from the nearest one; checkpoints of all members share one
+  ``CheckpointBudget`` and are thinned when it is full. bzip2 and lzma start over for a
+  backward seek.
+
+Verification: every decoded (or, for stored members, fetched) byte is fed to the member's
+``Verifier`` (shared by all its open handles) before it is returned; the verifier checks the
+CRC-32 the moment the bytes it has seen cover the member, whatever the order in which they
+came. So no handle ever returns the last missing bytes of a corrupt member: the read that
+completes it fails (``ChecksumError``, EIO), as does every read after. Bytes of a corrupt
+member that a reader received before the member was complete cannot be taken back; the
+filesystem drops the kernel's cached pages of a member that was not verified when its last
+handle closed, so they are read (and checked) again.
 
 Must stay true: no read returns bytes past the member's declared size; a member whose data
-does not decompress to exactly its declared size is an ``ArchiveError``; a handle that reads a
-member end to end checks its CRC-32 and raises ``ChecksumError`` on mismatch (small members
-before any byte is returned, streamed ones on the read that reaches the end).
+does not decompress to exactly its declared size is an ``ArchiveError``.
 """
 
 from __future__ import annotations
@@ -28,39 +36,45 @@ from __future__ import annotations
 import bisect
 import bz2
 import lzma
+import weakref
 import zlib
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import trio
 
+from taskfs.archive.verify import Verifier
 from taskfs.archive.zipindex import BZIP2, DEFLATED, LZMA, STORED, Entry
 from taskfs.errors import ArchiveError, ChecksumError, TaskfsError, UnsupportedError
 
 # Members at most this large (compressed and uncompressed) are fetched and checked whole.
 SMALL_COMPRESSED = 4 << 20
 SMALL_SIZE = 16 << 20
+# Stored members are verified in aligned pieces of this size.
+PIECE = 1 << 20
 # Output produced per decompression step, and input fed per step.
 STEP_OUT = 1 << 20
 MIN_STEP_OUT = 64 << 10
-# A streaming deflate reader has this much inflated ahead of its last read, in the background.
-INFLATE_AHEAD = 2 << 20
 STEP_IN = 1 << 20
-# Inflate in a worker thread when a step's input is at least this large.
+# A streaming reader has this much decoded ahead of its last read, in the background.
+INFLATE_AHEAD = 2 << 20
+# Decode in a worker thread when a step's input is at least this large.
 THREAD_INPUT = 64 << 10
 # Input handed to zlib per call. A state copy keeps a reference to its ``unconsumed_tail``: with
 # whole steps as input each of 512 checkpoints pinned ~0.4 MiB of compressed bytes (88 MiB
 # measured in the benchmark). Checkpoints are taken where zlib has consumed all it was given,
 # or, failing that, pin at most one piece.
 INFLATE_PIECE = 16 << 10
-# Output kept behind the cursor for reads that arrive slightly out of order.
-RETAIN = 4 << 20
-# A read further ahead than this repositions from a checkpoint instead of inflating on.
+# A read further ahead than this repositions from a checkpoint instead of decoding on.
 FAR_AHEAD = 8 << 20
 # Checkpoint spacing: at least this, and at most ``MAX_CHECKPOINTS`` per member.
 CHECKPOINT_SPACING = 1 << 20
 MAX_CHECKPOINTS = 256
+# What one checkpoint costs (zlib's state with its 32 KiB window), for the budget.
+CHECKPOINT_BYTES = 40 << 10
 # Sequential read-ahead window (bytes of archive data), doubling per sequential read.
 READAHEAD_START = 1 << 20
 READAHEAD_MAX = 16 << 20
@@ -71,8 +85,78 @@ DECODE_ERRORS = (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError)
 METHOD_NAMES = {1: "shrink", 6: "implode", 9: "deflate64", 93: "zstandard", 95: "xz", 98: "ppmd"}
 
 
+# -- budgets -----------------------------------------------------------------------------------
+
+
+class ReadBudget:
+    """Decoded output that the open cursors may keep, shared out among them.
+
+    Each cursor keeps at most ``share()`` bytes of output behind its last read (its window);
+    with many cursors open each keeps less, so their sum stays near ``total``.
+    """
+
+    def __init__(self, total: int = 48 << 20, least: int = 256 << 10, most: int = 4 << 20):
+        self.total = total
+        self.least = least
+        self.most = most
+        self.readers = 0
+
+    def share(self) -> int:
+        return max(self.least, min(self.most, self.total // max(1, self.readers)))
+
+
+class CheckpointBudget:
+    """Deflate checkpoints of every member of every archive, at most ``total_bytes`` of them.
+
+    When full, the least recently used member's checkpoints are thinned (every other one goes,
+    and its spacing doubles), so random access degrades gracefully instead of memory growing.
+    """
+
+    def __init__(self, total_bytes: int = 32 << 20) -> None:
+        self.limit = max(2, total_bytes // CHECKPOINT_BYTES)
+        self.count = 0
+        # Least recently used first; an index that is garbage collected leaves by itself.
+        self._indexes: OrderedDict[int, weakref.ref[DeflateIndex]] = OrderedDict()
+        self._counts: dict[int, int] = {}
+
+    def used(self, index: DeflateIndex) -> None:
+        key = id(index)
+        if key not in self._indexes:
+            self._indexes[key] = weakref.ref(index, partial(self._gone, key))
+            self._counts[key] = 0
+        self._indexes.move_to_end(key)
+
+    def _gone(self, key: int, _ref: object = None) -> None:
+        self._indexes.pop(key, None)
+        self.count -= self._counts.pop(key, 0)
+
+    def added(self, index: DeflateIndex) -> None:
+        self.used(index)
+        self._counts[id(index)] += 1
+        self.count += 1
+        while self.count > self.limit:
+            victim = next(
+                (
+                    v
+                    for ref in self._indexes.values()
+                    if (v := ref()) is not None and v is not index and v.points
+                ),
+                index,
+            )
+            dropped = victim.thin()
+            self._counts[id(victim)] -= dropped
+            self.count -= dropped
+            if dropped == 0:
+                return
+
+
+# -- what a reader needs from its archive ------------------------------------------------------
+
+
 class ArchiveBytes(Protocol):
     """What a member reader needs from its archive (``RemoteArchive`` provides it)."""
+
+    budget: ReadBudget
 
     async def read_range(self, start: int, end: int, ahead: int = 0) -> bytes:
         """Archive bytes ``[start, end)``; ``ahead`` bytes after ``end`` may be prefetched."""
@@ -94,88 +178,25 @@ class ArchiveBytes(Protocol):
         """A small member already decompressed and verified ahead of time, if any."""
         ...
 
+    def verifier(self, entry: Entry) -> Verifier:
+        """The member's verifier, shared by its open readers (each must ``release`` it)."""
+        ...
+
+    def release(self, entry: Entry) -> bool:
+        """A reader of ``entry`` closed; whether the member is known to be intact."""
+        ...
+
     def spawn(self, fn: Callable[[int], Awaitable[None]], arg: int) -> None:
         """Run ``fn(arg)`` in the background (work ahead of a reader; it must not raise)."""
         ...
 
 
-@dataclass
-class Checkpoint:
-    out_pos: int
-    in_pos: int
-    state: zlib._Decompress
-
-
-def _out_pos(point: Checkpoint) -> int:
-    return point.out_pos
-
-
-@dataclass
-class DeflateIndex:
-    """Checkpoints of one deflate member, sorted by output position."""
-
-    spacing: int
-    points: list[Checkpoint] = field(default_factory=list)
-
-    @classmethod
-    def for_size(cls, size: int) -> DeflateIndex:
-        return cls(max(CHECKPOINT_SPACING, -(-size // MAX_CHECKPOINTS)))
-
-    def best(self, offset: int) -> Checkpoint | None:
-        i = bisect.bisect_right(self.points, offset, key=_out_pos)
-        return self.points[i - 1] if i else None
-
-    def add(self, out_pos: int, in_pos: int, state: zlib._Decompress) -> None:
-        """Keep ``state`` (a copy no one else uses) as the checkpoint at ``out_pos``."""
-        i = bisect.bisect_left(self.points, out_pos, key=_out_pos)
-        if i < len(self.points) and self.points[i].out_pos == out_pos:
-            return
-        self.points.insert(i, Checkpoint(out_pos, in_pos, state))
-
-    def due(self, out_pos: int) -> bool:
-        """Whether a checkpoint at ``out_pos`` would fill a gap of at least ``spacing``."""
-        return out_pos >= self.next_due(out_pos)
-
-    def next_due(self, out_pos: int) -> int:
-        """The first output position, from ``out_pos`` on, where a checkpoint would be due."""
-        before = self.best(out_pos)
-        return (before.out_pos if before else 0) + self.spacing
-
-
-@dataclass
-class _Inflated:
-    chunks: list[bytes]
-    consumed: int  # input bytes zlib took
-    # (output produced, input consumed, state copy) at the first clean point past ``due_at``
-    point: tuple[int, int, zlib._Decompress] | None
-
-
-def _inflate(state: zlib._Decompress, data: bytes, limit: int, due_at: int) -> _Inflated:
-    """Inflate ``data`` until ``limit`` bytes come out, ``INFLATE_PIECE`` at a time; snapshot
-    the state at the first piece boundary at least ``due_at`` bytes of output in where zlib has
-    no input left over (so the snapshot holds nothing but zlib's own state), else at the end."""
-    view = memoryview(data)
-    chunks: list[bytes] = []
-    pos = produced = 0
-    point = None
-    while pos < len(data) and produced < limit:
-        piece = view[pos : pos + INFLATE_PIECE]
-        out = state.decompress(piece, limit - produced)
-        pos += len(piece) - len(state.unconsumed_tail)
-        if out:
-            chunks.append(out)
-            produced += len(out)
-        if state.eof:
-            break
-        if point is None and produced >= due_at and not state.unconsumed_tail:
-            point = (produced, pos, state.copy())
-    if point is None and produced >= due_at and not state.eof:
-        point = (produced, pos, state.copy())
-    return _Inflated(chunks, pos, point)
-
-
 class MemberReader(Protocol):
     async def read(self, offset: int, size: int) -> bytes: ...
+
+    def close(self) -> bool:
+        """The handle is done; True when every byte it could have returned was verified."""
+        ...
 
 
 def open_member(archive: ArchiveBytes, entry: Entry) -> MemberReader:
@@ -189,13 +210,14 @@ def open_member(archive: ArchiveBytes, entry: Entry) -> MemberReader:
         return WholeMember(archive, entry)
     if entry.method == STORED:
         return StoredMember(archive, entry)
-    if entry.method == DEFLATED:
-        return DeflateMember(archive, entry)
-    return StreamMember(archive, entry)
+    return CursorMember(archive, entry)
 
 
 def _clamp(entry: Entry, offset: int, size: int) -> int:
     return max(0, min(size, entry.size - offset))
+
+
+# -- small members -----------------------------------------------------------------------------
 
 
 def decompress_all(entry: Entry, data: bytes) -> bytes:
@@ -247,21 +269,12 @@ class WholeMember:
         data = await self._load()
         return data[offset : offset + size]
 
+    def close(self) -> bool:
+        self._data = None
+        return True  # nothing was returned before the whole member was checked
 
-class _Crc:
-    """CRC-32 of the output seen contiguously from offset 0."""
 
-    def __init__(self, entry: Entry) -> None:
-        self.entry = entry
-        self.pos = 0
-        self.value = 0
-
-    def feed(self, offset: int, data: bytes | memoryview) -> None:
-        if offset <= self.pos < offset + len(data):
-            self.value = zlib.crc32(data[self.pos - offset :], self.value)
-            self.pos = offset + len(data)
-        if self.pos == self.entry.size and self.value != self.entry.crc:
-            raise ChecksumError(f"{self.entry.name}: CRC-32 mismatch; the archive is corrupt")
+# -- large members -----------------------------------------------------------------------------
 
 
 class _ReadAhead:
@@ -281,23 +294,125 @@ class _ReadAhead:
 
 
 class StoredMember:
-    """A large stored member: reads are archive ranges."""
+    """A large stored member: reads are archive ranges, verified piece by piece."""
 
     def __init__(self, archive: ArchiveBytes, entry: Entry) -> None:
         self.archive = archive
         self.entry = entry
-        self._crc = _Crc(entry)
+        self.verifier = archive.verifier(entry)
         self._ahead = _ReadAhead()
+        self._closed = False
 
     async def read(self, offset: int, size: int) -> bytes:
         size = _clamp(self.entry, offset, size)
         if size == 0:
             return b""
+        self.verifier.check()
         start = await self.archive.data_start(self.entry)
         window = self._ahead.advise(offset, size)
-        data = await self.archive.read_range(start + offset, start + offset + size, window)
-        self._crc.feed(offset, data)
-        return data
+        end = offset + size
+        if self.verifier.covered(offset, end):
+            data = await self.archive.read_range(start + offset, start + end, window)
+            self.verifier.check()
+            return data
+        low = offset - offset % PIECE
+        high = min(self.entry.size, -(-end // PIECE) * PIECE)
+        span = await self.archive.read_range(start + low, start + high, window)
+        self.verifier.feed(low, span)
+        return span[offset - low : end - low]
+
+    def close(self) -> bool:
+        if self._closed:
+            return True
+        self._closed = True
+        return self.archive.release(self.entry)
+
+
+@dataclass
+class Checkpoint:
+    out_pos: int
+    in_pos: int
+    state: zlib._Decompress
+
+
+def _out_pos(point: Checkpoint) -> int:
+    return point.out_pos
+
+
+@dataclass
+class DeflateIndex:
+    """Checkpoints of one deflate member, sorted by output position."""
+
+    spacing: int
+    budget: CheckpointBudget = field(default_factory=CheckpointBudget)
+    points: list[Checkpoint] = field(default_factory=list)
+
+    @classmethod
+    def for_size(cls, size: int, budget: CheckpointBudget | None = None) -> DeflateIndex:
+        spacing = max(CHECKPOINT_SPACING, -(-size // MAX_CHECKPOINTS))
+        return cls(spacing, budget or CheckpointBudget())
+
+    def best(self, offset: int) -> Checkpoint | None:
+        self.budget.used(self)
+        i = bisect.bisect_right(self.points, offset, key=_out_pos)
+        return self.points[i - 1] if i else None
+
+    def add(self, out_pos: int, in_pos: int, state: zlib._Decompress) -> None:
+        """Keep ``state`` (a copy no one else uses) as the checkpoint at ``out_pos``."""
+        i = bisect.bisect_left(self.points, out_pos, key=_out_pos)
+        if i < len(self.points) and self.points[i].out_pos == out_pos:
+            return
+        self.points.insert(i, Checkpoint(out_pos, in_pos, state))
+        self.budget.added(self)
+
+    def thin(self) -> int:
+        """Drop every other checkpoint and double the spacing; how many were dropped."""
+        before = len(self.points)
+        self.points = self.points[1::2]
+        self.spacing *= 2
+        return before - len(self.points)
+
+    def due(self, out_pos: int) -> bool:
+        """Whether a checkpoint at ``out_pos`` would fill a gap of at least ``spacing``."""
+        return out_pos >= self.next_due(out_pos)
+
+    def next_due(self, out_pos: int) -> int:
+        """The first output position, from ``out_pos`` on, where a checkpoint would be due."""
+        i = bisect.bisect_right(self.points, out_pos, key=_out_pos)
+        before = self.points[i - 1].out_pos if i else 0
+        return before + self.spacing
+
+
+@dataclass
+class _Step:
+    chunks: list[bytes]
+    consumed: int  # input bytes the decoder took
+    # (output produced, input consumed, state copy) at a clean point past ``due_at`` (deflate)
+    point: tuple[int, int, zlib._Decompress] | None = None
+
+
+def _inflate(state: zlib._Decompress, data: bytes, limit: int, due_at: int) -> _Step:
+    """Inflate ``data`` until ``limit`` bytes come out, ``INFLATE_PIECE`` at a time; snapshot
+    the state at the first piece boundary at least ``due_at`` bytes of output in where zlib has
+    no input left over (so the snapshot holds nothing but zlib's own state), else at the end."""
+    view = memoryview(data)
+    chunks: list[bytes] = []
+    pos = produced = 0
+    point = None
+    while pos < len(data) and produced < limit:
+        piece = view[pos : pos + INFLATE_PIECE]
+        out = state.decompress(piece, limit - produced)
+        pos += len(piece) - len(state.unconsumed_tail)
+        if out:
+            chunks.append(out)
+            produced += len(out)
+        if state.eof:
+            break
+        if point is None and produced >= due_at and not state.unconsumed_tail:
+            point = (produced, pos, state.copy())
+    if point is None and produced >= due_at and not state.eof:
+        point = (produced, pos, state.copy())
+    return _Step(chunks, pos, point)
 
 
 class _Decoder(Protocol):
@@ -305,6 +420,62 @@ class _Decoder(Protocol):
     needs_input: bool
 
     def decompress(self, data: bytes, max_length: int = -1) -> bytes: ...
+
+
+class _Codec(Protocol):
+    """A decoder as the cursor drives it: ``run`` one step; deflate can also be copied."""
+
+    checkpoints: bool
+
+    @property
+    def eof(self) -> bool: ...
+
+    def wants_input(self) -> bool: ...
+
+    def run(self, data: bytes, limit: int, due_at: int) -> _Step: ...
+
+
+class _DeflateCodec:
+    checkpoints = True
+
+    def __init__(self, state: zlib._Decompress | None = None) -> None:
+        self.state = state if state is not None else zlib.decompressobj(-15)
+
+    @property
+    def eof(self) -> bool:
+        return self.state.eof
+
+    def wants_input(self) -> bool:
+        return True  # zlib's leftover input stays with the cursor, not in zlib
+
+    def run(self, data: bytes, limit: int, due_at: int) -> _Step:
+        try:
+            return _inflate(self.state, data, limit, due_at)
+        except zlib.error as exc:
+            raise ArchiveError(f"corrupt deflate data: {exc}") from exc
+
+
+class _StreamCodec:
+    """bzip2 or lzma: the decoder keeps its own leftover input; no checkpoints."""
+
+    checkpoints = False
+
+    def __init__(self, entry: Entry) -> None:
+        self.decoder = _decoder(entry)
+
+    @property
+    def eof(self) -> bool:
+        return self.decoder.eof
+
+    def wants_input(self) -> bool:
+        return self.decoder.needs_input
+
+    def run(self, data: bytes, limit: int, due_at: int) -> _Step:
+        try:
+            out = self.decoder.decompress(data, limit)
+        except DECODE_ERRORS as exc:
+            raise ArchiveError(f"corrupt compressed data: {exc}") from exc
+        return _Step([out] if out else [], len(data))
 
 
 class _LzmaZip:
@@ -381,7 +552,7 @@ def _decoder(entry: Entry) -> _Decoder:
 
 
 class _Window:
-    """Decompressed output ``[start, start + len(data))`` kept around the cursor."""
+    """Decoded output ``[start, start + len(data))`` kept around the cursor."""
 
     def __init__(self, start: int) -> None:
         self.start = start
@@ -394,45 +565,59 @@ class _Window:
     def covers(self, offset: int, size: int) -> bool:
         return self.start <= offset and offset + size <= self.end
 
-    def take(self, offset: int, size: int) -> bytes:
-        i = offset - self.start
-        out = bytes(self.data[i : i + size])
-        # Keep RETAIN bytes before the end of this read, drop older output.
-        drop = offset + size - RETAIN - self.start
-        if drop > len(self.data) // 2 and drop > 0:
+    def keep_from(self, offset: int) -> None:
+        """Drop output before ``offset``."""
+        drop = min(len(self.data), offset - self.start)
+        if drop > 0:
             del self.data[:drop]
             self.start += drop
-        return out
+
+    def take(self, offset: int, size: int) -> bytes:
+        i = offset - self.start
+        return bytes(self.data[i : i + size])
 
 
-class DeflateMember:
-    """A large deflate member: a cursor per handle, shared checkpoints for random access."""
+class CursorMember:
+    """A large compressed member: one bounded cursor per handle over the member's decoder."""
 
     def __init__(self, archive: ArchiveBytes, entry: Entry) -> None:
         self.archive = archive
         self.entry = entry
-        self.index = archive.deflate_index(entry)
+        self.verifier = archive.verifier(entry)
+        self.index = archive.deflate_index(entry) if entry.method == DEFLATED else None
+        self.budget = archive.budget
+        self.budget.readers += 1
         self._lock = trio.Lock()
-        self._state: zlib._Decompress | None = None
+        self._codec: _Codec | None = None
         self._in_pos = 0
         self._out_pos = 0
         self._tail = b""
         self._window = _Window(0)
-        self._crc: _Crc | None = None
         self._ahead = _ReadAhead()
         self._last_end = -1
         self._ahead_running = False
+        self._closed = False
+
+    def close(self) -> bool:
+        if self._closed:
+            return True
+        self._closed = True
+        self.budget.readers -= 1
+        self._codec = None
+        self._tail = b""
+        self._window = _Window(0)
+        return self.archive.release(self.entry)
 
     def _restart(self, offset: int) -> None:
-        point = self.index.best(offset)
+        point = self.index.best(offset) if self.index is not None else None
         if point is None:
-            self._state = zlib.decompressobj(-15)
+            self._codec = (
+                _DeflateCodec() if self.entry.method == DEFLATED else _StreamCodec(self.entry)
+            )
             self._in_pos = self._out_pos = 0
-            self._crc = _Crc(self.entry)
         else:
-            self._state = point.state.copy()
+            self._codec = _DeflateCodec(point.state.copy())
             self._in_pos, self._out_pos = point.in_pos, point.out_pos
-            self._crc = None  # not contiguous from 0: this cursor cannot check the CRC
         self._tail = b""
         self._window = _Window(self._out_pos)
 
@@ -440,155 +625,112 @@ class DeflateMember:
         size = _clamp(self.entry, offset, size)
         if size == 0:
             return b""
+        self.verifier.check()
         async with self._lock:
+            self.verifier.check()  # found corrupt while this read waited for the lock
             if not self._window.covers(offset, size):
-                await self._inflate_to(offset, size)
+                await self._decode_to(offset, size)
             data = self._window.take(offset, size)
+            self._window.keep_from(offset + size - self.budget.share())
             sequential = offset == self._last_end
             self._last_end = offset + size
+        self.verifier.check()  # a step in the background may have found the member corrupt
         ahead = min(self.entry.size, offset + size + INFLATE_AHEAD)
         if sequential and not self._ahead_running and self._out_pos < ahead:
             self._ahead_running = True
-            self.archive.spawn(self._inflate_ahead, ahead)
+            self.archive.spawn(self._decode_ahead, ahead)
         return data
 
-    async def _inflate_to(self, offset: int, size: int) -> None:
+    async def _decode_to(self, offset: int, size: int) -> None:
         """Make the window cover ``[offset, offset + size)`` (the lock is held).
 
         A reader near the cursor streams (kernel read-ahead may reorder its reads); one that
-        needs a checkpoint reads at random and inflates only what it asked for.
+        needs a checkpoint reads at random and decodes only what it asked for. Output before
+        ``offset`` less the reader's share is dropped as it comes: a tail read of a huge member
+        holds no more than that.
         """
         streaming = True
-        if self._state is None or offset < self._window.start:
+        if self._codec is None or offset < self._window.start:
             self._restart(offset)
             streaming = False
-        elif offset > self._out_pos + FAR_AHEAD:
+        elif offset > self._out_pos + FAR_AHEAD and self.index is not None:
             point = self.index.best(offset)
             if point is not None and point.out_pos > self._out_pos:
                 self._restart(offset)
                 streaming = False
+        keep = self.budget.share()
         while self._out_pos < offset + size:
+            self._window.keep_from(min(offset, self._out_pos) - keep)
             await self._step(None if streaming else offset + size)
 
-    async def _inflate_ahead(self, until: int) -> None:
-        """Inflate the next bytes of a sequential reader while the kernel sends its next read,
+    async def _decode_ahead(self, until: int) -> None:
+        """Decode the next bytes of a sequential reader while the kernel sends its next read,
         a step at a time so that any read that arrives goes first (a failure here is met, and
         reported, by a read)."""
         try:
             while True:
                 async with self._lock:
-                    if self._state is None or self._out_pos >= until:
+                    if self._codec is None or self._out_pos >= until:
                         return
+                    self._window.keep_from(self._last_end - self.budget.share())
                     await self._step(None)
         except TaskfsError:
-            self._state = None  # start over on the next read, which reports the error
+            self._codec = None  # start over on the next read, which reports the error
         finally:
             self._ahead_running = False
 
     async def _step(self, until: int | None) -> None:
-        """Inflate one step: ``STEP_OUT`` for a streaming reader; for a random read no more
+        """Decode one step: ``STEP_OUT`` for a streaming reader; for a random read no more
         than needed to reach ``until`` (it may have just restarted from a checkpoint)."""
-        assert self._state is not None
-        state = self._state
+        codec = self._codec
+        assert codec is not None
+        entry = self.entry
         limit = STEP_OUT
         if until is not None:
             limit = max(MIN_STEP_OUT, min(STEP_OUT, until - self._out_pos))
-        entry = self.entry
-        if not self._tail:
-            if self._in_pos >= entry.compressed_size:
-                raise ArchiveError(f"{entry.name}: compressed data ends early")
+        if not self._tail and codec.wants_input() and self._in_pos < entry.compressed_size:
             start = await self.archive.data_start(entry)
             end = min(entry.compressed_size, self._in_pos + STEP_IN)
             window = self._ahead.advise(self._in_pos, end - self._in_pos)
             self._tail = await self.archive.read_range(start + self._in_pos, start + end, window)
-        data = self._tail
-        due_at = self.index.next_due(self._out_pos) - self._out_pos
+        data, self._tail = self._tail, b""
+        due_at = MAX_DUE
+        if self.index is not None:
+            due_at = self.index.next_due(self._out_pos) - self._out_pos
         try:
-            if len(data) >= THREAD_INPUT and limit >= THREAD_INPUT:
-                step = await trio.to_thread.run_sync(_inflate, state, data, limit, due_at)
+            if (len(data) >= THREAD_INPUT and limit >= THREAD_INPUT) or not codec.checkpoints:
+                step = await trio.to_thread.run_sync(codec.run, data, limit, due_at)
             else:
-                step = _inflate(state, data, limit, due_at)
-        except zlib.error as exc:
-            raise ArchiveError(f"{entry.name}: corrupt deflate data: {exc}") from exc
+                step = codec.run(data, limit, due_at)
+        except ArchiveError as exc:
+            raise ArchiveError(f"{entry.name}: {exc}") from exc
         start_out, start_in = self._out_pos, self._in_pos
-        self._in_pos += step.consumed
-        self._tail = data[step.consumed :]
+        if codec.checkpoints:
+            self._in_pos += step.consumed
+            self._tail = data[step.consumed :]
+        else:
+            self._in_pos += len(data)
         for out in step.chunks:
             if self._out_pos + len(out) > entry.size:
                 raise ArchiveError(f"{entry.name}: data is larger than the directory says")
-            if self._crc is not None:
-                self._crc.feed(self._out_pos, out)
+            try:
+                self.verifier.feed(self._out_pos, out)
+            except ChecksumError:
+                self._codec = None  # this cursor is mid-step: never continue from here
+                raise
             self._window.data += out
             self._out_pos += len(out)
-        if state.eof and self._out_pos != entry.size:
+        if codec.eof and self._out_pos != entry.size:
             raise ArchiveError(
                 f"{entry.name}: data holds {self._out_pos} bytes, the directory says {entry.size}"
             )
-        if (
-            not step.chunks
-            and not state.eof
-            and not self._tail
-            and self._in_pos >= entry.compressed_size
-        ):
+        if not step.chunks and not codec.eof and not self._tail and not data:
+            # Given nothing (all input was fed), the decoder had nothing left to give.
             raise ArchiveError(f"{entry.name}: compressed data ends early")
-        if step.point is not None and not state.eof:
+        if step.point is not None and self.index is not None and not codec.eof:
             produced, consumed, copy = step.point
             if self.index.due(start_out + produced):
                 self.index.add(start_out + produced, start_in + consumed, copy)
 
 
-class StreamMember:
-    """A large bzip2 or lzma member: a cursor per handle; a backward seek starts over."""
-
-    def __init__(self, archive: ArchiveBytes, entry: Entry) -> None:
-        self.archive = archive
-        self.entry = entry
-        self._lock = trio.Lock()
-        self._decoder: _Decoder | None = None
-        self._in_pos = 0
-        self._out_pos = 0
-        self._window = _Window(0)
-        self._crc = _Crc(entry)
-        self._ahead = _ReadAhead()
-
-    async def read(self, offset: int, size: int) -> bytes:
-        size = _clamp(self.entry, offset, size)
-        if size == 0:
-            return b""
-        async with self._lock:
-            if self._window.covers(offset, size):
-                return self._window.take(offset, size)
-            if self._decoder is None or offset < self._window.start:
-                self._decoder = _decoder(self.entry)
-                self._in_pos = self._out_pos = 0
-                self._window = _Window(0)
-                self._crc = _Crc(self.entry)
-            while self._out_pos < offset + size:
-                await self._step()
-            return self._window.take(offset, size)
-
-    async def _step(self) -> None:
-        assert self._decoder is not None
-        decoder, entry = self._decoder, self.entry
-        data = b""
-        if decoder.needs_input:
-            if self._in_pos >= entry.compressed_size:
-                raise ArchiveError(f"{entry.name}: compressed data ends early")
-            start = await self.archive.data_start(entry)
-            end = min(entry.compressed_size, self._in_pos + STEP_IN)
-            window = self._ahead.advise(self._in_pos, end - self._in_pos)
-            data = await self.archive.read_range(start + self._in_pos, start + end, window)
-            self._in_pos = end
-        try:
-            out = await trio.to_thread.run_sync(decoder.decompress, data, STEP_OUT)
-        except DECODE_ERRORS as exc:
-            raise ArchiveError(f"{entry.name}: corrupt compressed data: {exc}") from exc
-        if self._out_pos + len(out) > entry.size:
-            raise ArchiveError(f"{entry.name}: data is larger than the directory says")
-        self._crc.feed(self._out_pos, out)
-        self._window.data += out
-        self._out_pos += len(out)
-        if decoder.eof and self._out_pos != entry.size:
-            raise ArchiveError(
-                f"{entry.name}: data holds {self._out_pos} bytes, the directory says {entry.size}"
-            )
+MAX_DUE = 1 << 62

@@ -31,8 +31,16 @@ from collections.abc import Awaitable, Callable, Sequence
 import trio
 
 from taskfs.archive.cache import CacheKey, Tiered
-from taskfs.archive.member import DeflateIndex, MemberReader, decompress_all, open_member
+from taskfs.archive.member import (
+    CheckpointBudget,
+    DeflateIndex,
+    MemberReader,
+    ReadBudget,
+    decompress_all,
+    open_member,
+)
 from taskfs.archive.rangeio import RangeSource
+from taskfs.archive.verify import Verifier
 from taskfs.archive.zipindex import (
     LOCAL,
     TAIL_SIZE,
@@ -61,7 +69,8 @@ BATCH_MAX = 8 << 20
 BATCH_PART = 1 << 20
 # Parse the central directory in a thread above this size.
 THREAD_PARSE = 256 << 10
-MAX_DEFLATE_INDEXES = 2
+# Deflate members of one archive whose checkpoints are kept (their number is budgeted).
+MAX_DEFLATE_INDEXES = 8
 # Decoding ahead: members up to this size, and at most this much kept decoded.
 PREDECODE_MAX = 1 << 20
 DECODED_MAX = 8 << 20
@@ -81,12 +90,15 @@ class RemoteArchive:
         tree: DirNode,
         nursery: trio.Nursery,
         limiter: trio.CapacityLimiter,
+        budget: ReadBudget | None = None,
+        checkpoints: CheckpointBudget | None = None,
     ) -> None:
         assert source.size is not None
         self.source = source
         self.cache = cache
         self.object_id = object_id
         self.etag = source.etag or f"size:{source.size}"
+        self.strong_etag = source.etag is not None
         self.size = source.size
         self.entries = entries
         self.data_end = data_end  # where the central directory starts
@@ -105,6 +117,14 @@ class RemoteArchive:
         self._decoded: OrderedDict[int, bytes] = OrderedDict()
         self._decoded_bytes = 0
         self._decode_slots = trio.CapacityLimiter(1)
+        # Memory of the readers' windows and of deflate checkpoints, shared with the mount.
+        self.budget = budget or ReadBudget()
+        self._checkpoints = checkpoints or CheckpointBudget()
+        # Verification of large members: one verifier per member with open readers, and the
+        # verdicts of members no longer open.
+        self._verifiers: dict[int, tuple[Verifier, int]] = {}
+        self._verified: set[int] = set()
+        self._corrupt: set[int] = set()
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -118,6 +138,8 @@ class RemoteArchive:
         nursery: trio.Nursery,
         limiter: trio.CapacityLimiter | None = None,
         prefix: str = "artifacts/",
+        budget: ReadBudget | None = None,
+        checkpoints: CheckpointBudget | None = None,
     ) -> RemoteArchive:
         """Open: one suffix GET, one more when the central directory is larger than the tail."""
         limiter = limiter or trio.CapacityLimiter(8)
@@ -154,6 +176,8 @@ class RemoteArchive:
             tree=tree,
             nursery=nursery,
             limiter=limiter,
+            budget=budget,
+            checkpoints=checkpoints,
         )
 
     # -- listing -------------------------------------------------------------------------------
@@ -207,10 +231,42 @@ class RemoteArchive:
         """Run ``fn(arg)`` in the archive's nursery (work ahead of a reader)."""
         self._nursery.start_soon(fn, arg)
 
+    def verifier(self, entry: Entry) -> Verifier:
+        """The verifier of a large member, shared by its open readers."""
+        verifier, readers = self._verifiers.get(entry.index, (None, 0))
+        if verifier is None:
+            verifier = Verifier(entry.name, entry.size, entry.crc)
+            if entry.index in self._verified:
+                verifier.good = True
+            elif entry.index in self._corrupt:
+                verifier.good = False
+        self._verifiers[entry.index] = (verifier, readers + 1)
+        return verifier
+
+    def release(self, entry: Entry) -> bool:
+        """A reader closed. True unless it was the last one and the member is unverified:
+        then nothing vouches for the bytes handed out (the caller drops cached copies)."""
+        found = self._verifiers.get(entry.index)
+        if found is None:
+            return True
+        verifier, readers = found
+        if verifier.good is True:
+            self._verified.add(entry.index)
+        elif verifier.good is False:
+            self._corrupt.add(entry.index)
+        if readers > 1:
+            self._verifiers[entry.index] = (verifier, readers - 1)
+            return True
+        del self._verifiers[entry.index]
+        return verifier.good is True
+
+    def is_verified(self, entry: Entry) -> bool:
+        return entry.index in self._verified
+
     def deflate_index(self, entry: Entry) -> DeflateIndex:
         index = self._indexes.get(entry.index)
         if index is None:
-            index = DeflateIndex.for_size(entry.size)
+            index = DeflateIndex.for_size(entry.size, self._checkpoints)
             self._indexes[entry.index] = index
             while len(self._indexes) > MAX_DEFLATE_INDEXES:
                 self._indexes.popitem(last=False)

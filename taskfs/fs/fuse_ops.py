@@ -106,10 +106,10 @@ class Operations(pyfuse3.Operations):
     def __init__(self, vfs: Vfs) -> None:
         super().__init__()
         self.vfs = vfs
-        vfs.on_corrupt = self._invalidate
+        vfs.drop_cached = self._invalidate
 
     def _invalidate(self, inode: Inode) -> None:
-        """Drop the kernel's cached pages of a corrupt member (not from inside its handler)."""
+        """Drop the kernel's cached pages of an inode (not from inside its handler)."""
 
         async def later() -> None:
             try:

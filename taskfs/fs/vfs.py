@@ -161,7 +161,9 @@ class Vfs:
         self.nursery = nursery
         self.settings = settings or VfsSettings()
         self.inodes = InodeTable()
-        self.on_corrupt: Callable[[Inode], None] = lambda inode: None
+        # Drop the kernel's cached pages of an inode: they may hold bytes nothing vouches for
+        # (a corrupt or unverified member, an archive replaced under it). Set by the adapter.
+        self.drop_cached: Callable[[Inode], None] = lambda inode: None
         self._states: dict[str, _TaskState] = {}
         self._state_flights: SingleFlight[str, _TaskState] = SingleFlight()
         self._listing: list[str] = []
@@ -427,7 +429,9 @@ class Vfs:
                 raise IsDirError(_describe(key))
             reader = archive.open_member(node)
             handle = _FileHandle(key, reader=reader, inode=inode)
-            return OpenInfo(self._new_handle(handle), direct_io=False, keep_cache=True)
+            # Without a strong ETag nothing tells a replaced archive from the one cached.
+            keep = archive.strong_etag
+            return OpenInfo(self._new_handle(handle), direct_io=False, keep_cache=keep)
         raise IsDirError(_describe(key))
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
@@ -436,10 +440,11 @@ class Vfs:
             try:
                 return await handle.reader.read(offset, size)
             except ChecksumError:
-                self.on_corrupt(handle.inode)
+                self.drop_cached(handle.inode)
                 raise
             except StaleError:
                 self._archives.pop(handle.key.task_id, None)
+                self.drop_cached(handle.inode)
                 raise
         if handle.key.name == "wait" and not handle.content:
             handle.content = await self._wait(handle.key.task_id, handle.pid)
@@ -459,7 +464,13 @@ class Vfs:
         return len(data)
 
     def release(self, fh: int) -> None:
-        self._handles.pop(fh, None)
+        handle = self._handles.pop(fh, None)
+        if not isinstance(handle, _FileHandle) or handle.reader is None:
+            return
+        if not handle.reader.close():
+            # The last reader of a large member closed before every byte of it was seen:
+            # what the kernel cached was not verified; it must come through us again.
+            self.drop_cached(handle.inode)
 
     async def setattr(self, inode: Inode, size: int | None, ownership: bool, times: bool) -> Attr:
         """Only ``control`` may be truncated (``echo kill > control``) or touched."""

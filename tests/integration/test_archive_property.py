@@ -88,7 +88,13 @@ async def check(
 
     async with httpx.AsyncClient() as http, trio.open_nursery() as nursery:
         cache = Tiered(MemoryCache(1 << 20), DiskCache(cache_dir, 4 << 20))
-        archive = await RemoteArchive.open(RangeSource(http, url), cache, path, nursery=nursery)
+        archive = await RemoteArchive.open(
+            RangeSource(http, url),
+            cache,
+            path,
+            nursery=nursery,
+            budget=member_mod.ReadBudget(20_000, 20_000, 20_000),  # small windows
+        )
         files = dict(walk(archive.tree, archive.entries))
         assert set(files) == set(expected)
         for parts, entry in files.items():
@@ -149,7 +155,7 @@ def test_random_archives_read_like_zipfile(
         "STEP_OUT": 16384,
         "STEP_IN": 4096,
         "CHECKPOINT_SPACING": 8192,
-        "RETAIN": 20_000,
+        "PIECE": 10_000,
     }
     with (
         mock.patch.multiple(member_mod, **small),

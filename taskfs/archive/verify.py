@@ -1,0 +1,134 @@
+"""Verifying a member's CRC-32 from pieces that arrive in any order.
+
+Owns: ``crc32_combine`` (zlib's algorithm: the CRC of ``a + b`` from the CRCs of ``a`` and
+``b`` and the length of ``b``; Python's ``zlib`` does not expose it) and ``Verifier``, which
+keeps the CRC of every stretch of a member's uncompressed bytes seen so far, merges adjacent
+stretches, and checks the member's CRC-32 the moment the stretches cover all of it.
+
+Must stay true: a verifier is complete exactly when every byte of the member has been fed;
+bytes fed again for a stretch already covered are not counted twice (the first bytes seen
+for an offset are the ones checked); once complete it never changes its verdict. Memory is
+one entry per disjoint stretch; readers feed stretches of at least tens of KiB.
+"""
+
+from __future__ import annotations
+
+import bisect
+import zlib
+
+from taskfs.errors import ChecksumError
+
+_POLY = 0xEDB88320  # CRC-32, reflected
+
+
+def _multmodp(a: int, b: int) -> int:
+    """``a * b`` modulo the CRC-32 polynomial (both reflected)."""
+    mask = 1 << 31
+    product = 0
+    while True:
+        if a & mask:
+            product ^= b
+            if a & (mask - 1) == 0:
+                return product
+        mask >>= 1
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+
+
+# _X2N[k] is x^(2^k) modulo the polynomial.
+_X2N = [1 << 30]
+for _ in range(31):
+    _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))
+
+
+def _x2nmodp(n: int, k: int) -> int:
+    """``x^(n * 2^k)`` modulo the polynomial."""
+    product = 1 << 31  # x^0
+    while n:
+        if n & 1:
+            product = _multmodp(_X2N[k & 31], product)
+        n >>= 1
+        k += 1
+    return product
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """The CRC-32 of ``a + b`` given ``crc32(a)``, ``crc32(b)`` and ``len(b)``."""
+    return _multmodp(_x2nmodp(len2, 3), crc1) ^ crc2
+
+
+class Verifier:
+    """The CRC-32 of one member, assembled from stretches of its bytes in any order."""
+
+    def __init__(self, name: str, size: int, crc: int) -> None:
+        self.name = name
+        self.size = size
+        self.expected = crc
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        self._crcs: list[int] = []
+        # None until every byte was seen; then whether the CRC matched.
+        self.good: bool | None = None if size else crc == 0
+
+    @property
+    def complete(self) -> bool:
+        return self.good is not None
+
+    def stretches(self) -> int:
+        return len(self._starts)
+
+    def covered(self, start: int, end: int) -> bool:
+        """Whether ``[start, end)`` has been seen entirely."""
+        i = bisect.bisect_right(self._starts, start) - 1
+        return i >= 0 and self._ends[i] >= end
+
+    def check(self) -> None:
+        """``ChecksumError`` if the member is known to be corrupt."""
+        if self.good is False:
+            raise ChecksumError(f"{self.name}: CRC-32 mismatch; the archive is corrupt")
+
+    def feed(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Note ``data`` as the member's bytes at ``offset``; ``ChecksumError`` if this
+        completes the member and its CRC-32 does not match (and on every call after)."""
+        if self.good is None:
+            end = min(self.size, offset + len(data))
+            view = memoryview(data)
+            for start, stop in self._missing(max(0, offset), end):
+                self._insert(start, stop, zlib.crc32(view[start - offset : stop - offset]))
+            if len(self._starts) == 1 and self._starts[0] == 0 and self._ends[0] == self.size:
+                self.good = self._crcs[0] == self.expected
+        self.check()
+
+    def _missing(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The parts of ``[start, end)`` not seen yet."""
+        gaps = []
+        i = max(0, bisect.bisect_right(self._starts, start) - 1)
+        pos = start
+        while pos < end and i < len(self._starts):
+            s, e = self._starts[i], self._ends[i]
+            if e <= pos:
+                i += 1
+                continue
+            if s >= end:
+                break
+            if s > pos:
+                gaps.append((pos, s))
+            pos = max(pos, e)
+            i += 1
+        if pos < end:
+            gaps.append((pos, end))
+        return gaps
+
+    def _insert(self, start: int, end: int, crc: int) -> None:
+        i = bisect.bisect_left(self._starts, start)
+        if i > 0 and self._ends[i - 1] == start:  # joins the stretch before
+            i -= 1
+            crc = crc32_combine(self._crcs[i], crc, end - start)
+            start = self._starts[i]
+            del self._starts[i], self._ends[i], self._crcs[i]
+        if i < len(self._starts) and self._starts[i] == end:  # joins the stretch after
+            crc = crc32_combine(crc, self._crcs[i], self._ends[i] - end)
+            end = self._ends[i]
+            del self._starts[i], self._ends[i], self._crcs[i]
+        self._starts.insert(i, start)
+        self._ends.insert(i, end)
+        self._crcs.insert(i, crc)

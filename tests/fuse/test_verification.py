@@ -1,0 +1,84 @@
+"""A corrupt member is EIO through a real mount whatever order its bytes are read in.
+
+Large members (stored: one flipped data byte; deflated: data fine but the directory's CRC-32
+wrong) are read with ``pread`` in 128 KiB chunks in sequential, reverse, neighbour-swapped
+(as the kernel's parallel read-ahead may deliver them) and random orders, and with ``tail``.
+Reading every byte must fail with EIO somewhere; a sound member next to them reads fine.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from taskfs.api.models import TaskStatusCode as S
+from tests.fakeapi import FakeApi
+from tests.fuse.conftest import Mount, cloud_mount
+from tests.support import artifacts_zip
+from tests.unit.test_remote import corrupt_crc, flip_data_byte, text
+
+SIZE = 24 << 20  # above the whole-member limits: read through the streaming readers
+CHUNK = 128 << 10
+
+
+def _orders(size: int) -> dict[str, list[int]]:
+    offsets = list(range(0, size, CHUNK))
+    swapped = offsets[:]
+    for i in range(0, len(swapped) - 1, 2):
+        swapped[i], swapped[i + 1] = swapped[i + 1], swapped[i]
+    shuffled = offsets[:]
+    random.Random(3).shuffle(shuffled)
+    return {
+        "reverse": offsets[::-1],
+        "swapped-neighbours": swapped,
+        "random": shuffled,
+        "sequential": offsets,
+    }
+
+
+def _read_all(path: Path, offsets: list[int]) -> int | None:
+    """pread every chunk in the given order; the errno of the first failure, if any."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # as little kernel read-ahead as it does
+        for offset in offsets:
+            try:
+                os.pread(fd, CHUNK, offset)
+            except OSError as exc:
+                return exc.errno
+    finally:
+        os.close(fd)
+    return None
+
+
+@pytest.mark.parametrize("order", list(_orders(SIZE)))
+def test_corrupt_members_are_eio_in_any_read_order(tmp_path: Path, order: str) -> None:
+    stored, deflated, sound = text(SIZE, 1), text(SIZE, 2), text(SIZE, 3)
+    data = artifacts_zip({"stored.bin": stored}, method=0)
+    data = flip_data_byte(data, "stored.bin", SIZE // 2 + 12345)
+    fake = FakeApi()
+    fake.add("stored0000", S.SUCCESS, archive=data)
+    fake.add(
+        "deflated00",
+        S.SUCCESS,
+        archive=corrupt_crc(artifacts_zip({"sim.vtk": deflated, "ok.vtk": sound}), "sim.vtk"),
+    )
+    with cloud_mount(tmp_path, fake) as mount:
+        offsets = _orders(SIZE)[order]
+        stored_path = mount.path / "stored0000" / "outputs" / "stored.bin"
+        deflated_path = mount.path / "deflated00" / "outputs" / "sim.vtk"
+        assert _read_all(stored_path, offsets) == errno.EIO
+        assert _read_all(deflated_path, offsets) == errno.EIO
+        # Once found corrupt, always: a later plain read fails too, from the start.
+        for path in (stored_path, deflated_path):
+            result = mount.run(f"tail -c 100 {path}")
+            assert result.returncode != 0 and "Input/output error" in result.stderr
+        assert _check(mount, "deflated00", "ok.vtk", sound)
+
+
+def _check(mount: Mount, task: str, name: str, body: bytes) -> bool:
+    return (mount.path / task / "outputs" / name).read_bytes() == body
