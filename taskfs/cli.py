@@ -11,6 +11,8 @@ shows tracebacks and debug logs; without it no traceback reaches a user for a kn
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import os
 import shlex
@@ -80,10 +82,10 @@ def _service_settings(args: argparse.Namespace) -> ServiceSettings:
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _service_settings(args)
     if args.print_key:
-        from taskfs.server.app import ensure_secret_file
+        from taskfs.server.app import ensure_secret_file, valid_api_key
 
         settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        print(ensure_secret_file(settings.key_file))
+        print(ensure_secret_file(settings.key_file, valid_api_key))
         return 0
     if args.stop:
         return 0 if stop_service(settings.data_dir) else 1
@@ -190,11 +192,15 @@ def running_service_url(data_dir: Path) -> str | None:
 def stop_service(data_dir: Path, timeout: float = 15.0) -> bool:
     """SIGTERM the service running for ``data_dir`` and wait until it has let go of the data
     dir. The pid comes from the data dir's lock, so a stale ``server.json`` whose pid now
-    belongs to another process is never signalled."""
+    belongs to another process is never signalled. Running tasks get their kill grace period
+    (as the service announced it) on top of ``timeout``."""
     pid = local_service_pid(data_dir)
     if pid is None:
         print(f"no taskfs service is running for {data_dir}", file=sys.stderr)
         return True
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        info = json.loads((data_dir / "server.json").read_text())
+        timeout += float(info.get("kill_grace_seconds", 0))
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:

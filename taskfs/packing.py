@@ -26,7 +26,8 @@ What packing does with each thing it meets (``Issue`` records every departure):
 * a file or directory that cannot be read is skipped and reported with the reason; a file
   whose read fails part way is taken out of the archive again, never left truncated;
 * directories that end up with nothing archived under them (empty ones included) are kept as
-  directory entries.
+  directory entries;
+* with ``one_filesystem`` (the service's outputs), nothing mounted below the root is entered.
 
 Must stay true: nothing here follows a link out of ``root`` or opens anything but regular
 files and directories; walking is iterative and holds one directory descriptor at a time, so
@@ -40,6 +41,7 @@ import codecs
 import errno
 import json
 import os
+import re
 import stat
 import time
 import zipfile
@@ -111,6 +113,7 @@ def pack_tree(
     *,
     report_name: str | None = None,
     follow_root: bool = True,
+    one_filesystem: bool = False,
     cancelled: Callable[[], bool] = lambda: False,
 ) -> PackResult:
     """Write a ZIP to ``out`` (seekable) holding the directory ``prefix`` and every file under
@@ -119,15 +122,17 @@ def pack_tree(
     With ``report_name``, the report of any issues is added as the member
     ``prefix + report_name`` (another free name if the tree has one so called).
     ``follow_root=False`` refuses a ``root`` that is itself a symbolic link (a task's working
-    directory swapped for a link); a user's input directory may be one. ``cancelled`` is
-    asked between files and chunks; when it answers true, ``PackingCancelled`` is raised.
+    directory swapped for a link); a user's input directory may be one. ``one_filesystem``
+    skips (and reports) whatever is mounted below ``root``, as ``tar --one-file-system``.
+    ``cancelled`` is asked between files and chunks; when it answers true,
+    ``PackingCancelled`` is raised.
     """
     result = PackResult()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
         zf.mkdir(prefix.rstrip("/"))
         packer = _Packer(zf, out, prefix, result, cancelled)
         if root is not None:
-            packer.pack(root, follow_root)
+            packer.pack(root, follow_root, one_filesystem)
         if report_name is not None and result.issues:
             name = packer.free_name(report_name)
             info = zipfile.ZipInfo(prefix + name, date_time=time.localtime()[:6])
@@ -181,7 +186,7 @@ class _Packer:
             candidate = f"{stem}-{n}{dot}{ext}"
         return candidate
 
-    def pack(self, root: Path, follow_root: bool) -> None:
+    def pack(self, root: Path, follow_root: bool, one_filesystem: bool) -> None:
         """Walk ``root`` depth first holding one directory descriptor at a time: going down
         opens the child relative to its parent, going back up opens ``..`` of the child and
         checks it is the directory it left (so depth costs neither descriptors nor paths)."""
@@ -197,6 +202,8 @@ class _Packer:
                 self.issue("skipped", ".", f"the directory cannot be read: {_why(exc)}")
             return
         self.real_root = os.path.realpath(root)
+        root_dev = os.fstat(fd).st_dev
+        mounts = mount_points_under(self.real_root) if one_filesystem else set()
         stack: list[_Dir] = []
         if not self._enter(stack, fd, "", ""):
             os.close(fd)
@@ -222,6 +229,9 @@ class _Packer:
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
             except OSError as exc:
                 self.issue("skipped", arc, f"it vanished or cannot be examined: {_why(exc)}")
+                continue
+            if one_filesystem and (st.st_dev != root_dev or f"{self.real_root}/{raw}" in mounts):
+                self.issue("skipped", arc, "another filesystem is mounted here")
                 continue
             if stat.S_ISDIR(st.st_mode):
                 if not self._claim(arc, renamed, directory=True):
@@ -319,7 +329,9 @@ class _Packer:
         try:
             target = os.path.realpath(os.path.join(self.real_root, raw), strict=True)
         except OSError as exc:
-            what = "loops" if exc.errno == errno.ELOOP else "dangles"
+            what = {errno.ELOOP: "loops", errno.ENOENT: "dangles"}.get(
+                exc.errno or 0, "cannot be resolved"
+            )
             self.issue("skipped", arc, f"a symbolic link that {what}: {_why(exc)}")
             return 0
         if target == self.real_root:
@@ -467,6 +479,26 @@ def _percent(exc: UnicodeError) -> tuple[str, int]:
 
 
 codecs.register_error("taskfs-percent", _percent)
+
+
+def mount_points_under(root: str) -> set[str]:
+    """Paths below ``root`` (as ``realpath`` spells it) where a filesystem is mounted, from
+    ``/proc/self/mountinfo`` (bind mounts of the same filesystem included: their ``st_dev``
+    does not tell them apart)."""
+    prefix = os.fsencode(root.rstrip("/")) + b"/"
+    found: set[str] = set()
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 4:
+            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
+            if point.startswith(prefix):
+                found.add(os.fsdecode(point))
+    return found
 
 
 def _kind(mode: int) -> str:

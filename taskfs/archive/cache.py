@@ -88,15 +88,16 @@ class DiskCache:
 
     def _load(self) -> None:
         found: list[tuple[float, str, int]] = []
-        for sub in os.scandir(self.root):
-            if not sub.is_dir():
-                continue
-            for item in os.scandir(sub.path):
-                if item.name.startswith("."):
-                    _unlink(item.path)  # a temp file of an interrupted write
-                    continue
-                st = item.stat()
-                found.append((st.st_mtime, item.name, st.st_size))
+        with os.scandir(self.root) as subs:
+            dirs = [sub.path for sub in subs if sub.is_dir()]
+        for path in dirs:
+            with os.scandir(path) as items:
+                for item in items:
+                    if item.name.startswith("."):
+                        _unlink(item.path)  # a temp file of an interrupted write
+                        continue
+                    st = item.stat()
+                    found.append((st.st_mtime, item.name, st.st_size))
         for _, name, size in sorted(found):
             self._index[name] = size
             self.total += size

@@ -25,6 +25,7 @@ import logging
 import os
 import secrets
 import stat
+import struct
 import time
 import zipfile
 from collections.abc import Awaitable, Callable
@@ -73,6 +74,10 @@ API_KEY_HEADER = "x-api-key"
 OBJECTS_PREFIX = "/storage/objects/"
 PUBLIC_PATHS = ("/version-check",)
 MAX_PER_PAGE = 500
+# A task request is a few KiB; a larger body is refused before it is read (413).
+MAX_REQUEST_BODY = 1 << 20
+# One command is passed to ``sh -c`` as one argument: the kernel takes at most 128 KiB.
+MAX_COMMAND = 100_000
 TASK_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
 _OPERATION_ALIASES = {
@@ -303,8 +308,10 @@ class Service:
 
     async def get_task(self, request: Request) -> Response:
         task_id = task_id_of(request)
-        row = await self._task_row(task_id)
-        history = await self.store.call(self.store.get_history, task_id)
+        found = await self.store.call(self.store.get_task_with_history, task_id)
+        if found is None:
+            raise error(404, f"task {task_id!r} not found")
+        row, history = found
         body = render_task(row)
         body["status_history"] = render_history(history)
         body["machine_operations"] = []
@@ -330,24 +337,31 @@ class Service:
         return JSON(render_status(task_id, status, ahead))
 
     async def submit(self, request: Request) -> Response:
-        body = await request.body()
+        body = await _limited_body(request, MAX_REQUEST_BODY)
         try:
             req = msgspec.json.decode(body, type=TaskRequest)
         except msgspec.ValidationError as exc:
             raise error(422, f"invalid task request: {exc}") from None
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise error(422, f"request body is not valid JSON: {exc}") from None
         extra = req.extra_params or {}
         try:
             commands = msgspec.convert(extra.get("commands", []), list[Command])
         except msgspec.ValidationError as exc:
             raise error(422, f"invalid extra_params.commands: {exc}") from None
+        for command in commands:
+            if "\0" in command.cmd:
+                raise error(422, "a command must not contain a NUL character")
+            if len(command.cmd.encode()) > MAX_COMMAND:
+                raise error(422, f"a command may be at most {MAX_COMMAND} bytes long")
         if req.time_to_live_seconds is not None and req.time_to_live_seconds <= 0:
             raise error(422, "time_to_live_seconds must be positive")
         prefix = (req.storage_path_prefix or "").strip("/")
         if prefix:
             try:
                 check_storage_path(prefix)
+                # The task's archives must have valid paths too (length, name length).
+                check_storage_path(f"{prefix}/{'x' * 25}/output.zip")
             except ValueError as exc:
                 raise error(422, str(exc)) from None
         project = req.project or "default"
@@ -415,8 +429,10 @@ class Service:
                 self.storage.resolve(clean)
             except ValueError as exc:
                 raise error(422, str(exc)) from None
-            if operation == "upload" and await self.store.call(self.store.is_output_path, clean):
-                raise error(403, f"{clean} is a task output and cannot be overwritten")
+            if operation == "upload":
+                refusal = await self.store.call(self.store.upload_refusal, clean)
+                if refusal is not None:
+                    raise error(403, refusal)
             expires, sig = self.storage.sign(operation, clean, self.settings.signed_url_ttl_seconds)
             query = urlencode({"op": operation, "expires": expires, "sig": sig})
             urls.append(f"{base}{OBJECTS_PREFIX}{quote(clean)}?{query}")
@@ -432,7 +448,7 @@ class Service:
             )
         except FileNotFoundError:
             raise error(404, f"no object at {path}") from None
-        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        except (zipfile.BadZipFile, OSError, ValueError, struct.error) as exc:
             raise error(422, f"{path} is not a readable ZIP archive: {exc}") from None
         return JSON(info)
 
@@ -448,7 +464,7 @@ class Service:
             raise error(404, f"no object at {path}") from None
         except KeyError:
             raise error(404, f"no member {filename!r} in {path}") from None
-        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        except (zipfile.BadZipFile, OSError, ValueError, struct.error) as exc:
             raise error(422, f"{path} is not a readable ZIP archive: {exc}") from None
         return JSON(info)
 
@@ -548,8 +564,9 @@ class Service:
         )
 
     async def _put_object(self, request: Request, path: str, file: Path) -> Response:
-        if await self.store.call(self.store.is_output_path, path):
-            raise error(403, f"{path} is a task output and cannot be overwritten")
+        refusal = await self.store.call(self.store.upload_refusal, check_storage_path(path))
+        if refusal is not None:
+            raise error(403, refusal)
         try:
             return await self._store_upload(request, file)
         except OSError as exc:  # a directory there, a file where a directory should be, ...
@@ -571,6 +588,21 @@ class Service:
             with trio.CancelScope(shield=True), suppress(FileNotFoundError):
                 await trio.to_thread.run_sync(os.unlink, tmp)
         return Response(status_code=200)
+
+
+async def _limited_body(request: Request, limit: int) -> bytes:
+    """The request body, or 413 as soon as it is known to be longer than ``limit``."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise error(413, f"request body larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise error(413, f"request body larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _etag_matches(header: str, etag: str) -> bool:
@@ -773,6 +805,7 @@ async def serve(
         runner = Runner(settings, store, storage, runner_hook)
         app = create_app(settings, store, storage, runner, api_key)
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(_sweep_storage, storage)
             await nursery.start(runner.run)
             try:
                 async with trio.open_nursery() as http:
@@ -785,7 +818,7 @@ async def serve(
                         )
                     )
                     url = binds[0]
-                    _write_server_file(settings.server_file, url)
+                    _write_server_file(settings.server_file, url, settings)
                     log.info(
                         "taskfs service %s on %s, data in %s", __version__, url, settings.data_dir
                     )
@@ -801,7 +834,19 @@ async def serve(
         lock.release()
 
 
-def _write_server_file(path: Path, url: str) -> None:
+async def _sweep_storage(storage: Storage) -> None:
+    removed = await trio.to_thread.run_sync(storage.sweep_temporaries)
+    if removed:
+        log.info("removed %d temporary files left by an interrupted run", removed)
+
+
+def _write_server_file(path: Path, url: str, settings: ServiceSettings) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"url": url, "pid": os.getpid(), "version": __version__}) + "\n")
+    info = {
+        "url": url,
+        "pid": os.getpid(),
+        "version": __version__,
+        "kill_grace_seconds": settings.kill_grace_seconds,  # how long a stop may take
+    }
+    tmp.write_text(json.dumps(info) + "\n")
     os.replace(tmp, path)

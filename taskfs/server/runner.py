@@ -43,7 +43,7 @@ import subprocess
 import sys
 import uuid
 import zipfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -55,8 +55,8 @@ import trio
 
 from taskfs.api.models import KILLABLE, TaskStatusCode, format_time, now_utc
 from taskfs.config import ServiceSettings
-from taskfs.packing import REPORT_NAME, PackingCancelled
-from taskfs.server.reaper import descendants
+from taskfs.packing import REPORT_NAME, PackingCancelled, mount_points_under
+from taskfs.server.reaper import children, freeze
 from taskfs.server.storage import OutputStats, Storage
 from taskfs.server.store import Store
 
@@ -65,8 +65,10 @@ S = TaskStatusCode
 
 RUNNING = frozenset({S.STARTED, S.COMPUTATION_STARTED, S.COMPUTATION_ENDED})
 StatusHook = Callable[[str, TaskStatusCode], Awaitable[None]]
-# Environment variables never passed to task commands.
+# Environment variables never passed to task commands (nor any TASKFS_* of the service).
 _SECRET_ENV = ("INDUCTIVA_API_KEY",)
+# Every process of a task carries this variable (unless it clears its environment).
+TASK_ENV = "TASKFS_TASK_ID"
 # Packing issues logged one by one per task (all of them are in the archive's report).
 _LOGGED_ISSUES = 100
 # The supervisor every command runs under (a script: standard library only, quick to start).
@@ -74,6 +76,7 @@ REAPER = Path(__file__).with_name("reaper.py")
 # How often a service that adopts orphans looks for them (also after every command).
 _SWEEP_INTERVAL = 2.0
 _OUTCOMES = frozenset({S.SUCCESS.value, S.FAILED.value, S.TTL_EXCEEDED.value})
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _OUTPUT_FLAGS = (
     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 )
@@ -279,7 +282,7 @@ class Runner:
         try:
             if leftover is not None:
                 await trio.to_thread.run_sync(
-                    _kill_leftover, leftover.get("pid"), leftover.get("pid_start")
+                    _kill_leftover, task_id, leftover.get("pid"), leftover.get("pid_start")
                 )
                 await self.store.call(self.store.fail_running_operations, task_id)
             await self._finish(task_id, status, description, expect, detail)
@@ -404,53 +407,54 @@ class Runner:
 
     async def _run_command(self, running: _Running, cmd: str, work_dir: Path) -> int:
         """Run one command under its supervisor; its exit status. ``_CommandError`` when it
-        cannot start (the working directory or its output files were tampered with)."""
-        env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
+        cannot start (the working directory or its output files were tampered with, or the
+        system refuses the command)."""
+        if "\0" in cmd:
+            raise _CommandError("cannot run a command that contains a NUL character")
+        env = {k: v for k, v in os.environ.items() if _passed_on(k)}
+        env[TASK_ENV] = running.task_id  # lets recovery find what a crash left running
         grace = self.settings.kill_grace_seconds
         argv = [sys.executable, "-I", "-S", str(REAPER), f"{grace:g}", "--", "/bin/sh", "-c", cmd]
         out, err = await trio.to_thread.run_sync(_open_outputs, work_dir)
-        proc: trio.Process | None = None
+        self._spawning += 1
+        try:
+            proc = await trio.lowlevel.open_process(
+                argv,
+                cwd=work_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env=env,
+                start_new_session=True,
+            )
+        except (OSError, ValueError) as exc:
+            raise _CommandError(f"cannot start the command: {exc}") from None
+        finally:
+            self._spawning -= 1
+            os.close(out)
+            os.close(err)
+        running.supervisor = proc.pid
         try:
             async with trio.open_nursery() as nursery:
-                self._spawning += 1
-                try:
-                    proc = await nursery.start(
-                        partial(
-                            trio.run_process,
-                            argv,
-                            cwd=work_dir,
-                            stdin=subprocess.DEVNULL,
-                            stdout=out,
-                            stderr=err,
-                            env=env,
-                            start_new_session=True,
-                            check=False,
-                            deliver_cancel=partial(_terminate, grace=grace),
-                        )
-                    )
-                    assert proc is not None
-                    running.supervisor = proc.pid
-                finally:
-                    self._spawning -= 1
-                os.close(out)
-                os.close(err)
-                out = err = -1
                 nursery.start_soon(_keep_going, proc)
                 await self.store.call(
                     self.store.update_fields,
                     running.task_id,
                     {"pid": proc.pid, "pid_start": _process_start(proc.pid)},
                 )
+                try:
+                    await _exited(proc)
+                except BaseException:  # cancelled: kill, TTL or shutdown
+                    with trio.CancelScope(shield=True):
+                        await _terminate(proc, grace)
+                    raise
+                nursery.cancel_scope.cancel()
         finally:
-            for fd in (out, err):
-                if fd >= 0:
-                    os.close(fd)
             running.supervisor = None
-            if proc is not None:
-                _killpg(proc.pid, signal.SIGKILL)  # in case the supervisor itself was killed
-                if self.settings.adopt_orphans:
-                    self._sweep()
-        assert proc is not None and proc.returncode is not None
+            _killpg(proc.pid, signal.SIGKILL)  # in case the supervisor itself was killed
+            if self.settings.adopt_orphans:
+                self._sweep()
+        assert proc.returncode is not None
         return proc.returncode
 
     # -- orphans -------------------------------------------------------------------------------
@@ -466,16 +470,19 @@ class Runner:
         if self._spawning:
             return  # a supervisor whose pid we do not know yet may be among our children
         supervisors = {r.supervisor for r in self._running.values() if r.supervisor}
-        for pid, zombie in _children(os.getpid()):
-            if pid in supervisors:
-                continue
-            if not zombie:
-                log.warning("killing process %d, left behind by a task's command", pid)
-                for descendant in [*descendants(pid), pid]:
+        for _ in range(100):
+            adopted = [pid for pid in children(os.getpid()) if pid not in supervisors]
+            if not adopted:
+                return
+            alive = [pid for pid in adopted if not _is_zombie(pid)]
+            if alive:
+                log.warning("killing processes left behind by a task's command: %s", alive)
+                for pid in freeze(alive):
                     with contextlib.suppress(OSError):
-                        os.kill(descendant, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
+                        os.kill(pid, signal.SIGKILL)
+            for pid in adopted:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
 
     # -- the end -------------------------------------------------------------------------------
 
@@ -653,8 +660,11 @@ def _open_outputs(work_dir: Path) -> tuple[int, int]:
             except OSError as exc:
                 raise _CommandError(f"cannot write the output to {name}: {exc.strerror}") from None
             fds.append(fd)
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
                 raise _CommandError(f"cannot write the output to {name}: not a regular file")
+            if st.st_nlink != 1:  # a hard link to a file elsewhere: never append there
+                raise _CommandError(f"cannot write the output to {name}: it has other links")
             os.set_blocking(fd, True)
     except BaseException:
         for fd in fds:
@@ -664,37 +674,125 @@ def _open_outputs(work_dir: Path) -> tuple[int, int]:
 
 
 def _remove_work_dir(work_dir: Path) -> None:
-    """Delete a task's working directory, whatever the task did to it (modes, a link)."""
+    """Delete a task's working directory, whatever the task did to it: modes taken away, the
+    directory swapped for a link, trees deeper than ``PATH_MAX``, and filesystems mounted in
+    it (never entered: what is mounted there is not the task's to lose; left, and logged)."""
     if work_dir.is_symlink():
         work_dir.unlink()
         return
-
-    def allow(function: Any, path: str, _exc: Any) -> None:
-        with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(path), 0o700)
-            if os.path.isdir(path) and not os.path.islink(path):
-                os.chmod(path, 0o700)
-            function(path)
-
     with contextlib.suppress(OSError):
         os.chmod(work_dir, 0o700)
-    shutil.rmtree(work_dir, onerror=allow)
+    try:
+        fd = os.open(work_dir, _DIR_FLAGS | os.O_NOFOLLOW)
+        names = iter(sorted(os.listdir(fd)))
+    except OSError:
+        return
+    root = os.fstat(fd)
+    real = os.path.realpath(work_dir)
+    mounts = mount_points_under(real)
+    # One directory descriptor at a time; per level entered: its name, stat, remaining names.
+    levels: list[tuple[str, os.stat_result, Iterator[str]]] = []
+    left: list[str] = []
+
+    def where(name: str) -> str:
+        return "/".join([*(level[0] for level in levels), name])
+
+    while True:
+        for name in names:
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except OSError:
+                continue
+            mounted = st.st_dev != root.st_dev or f"{real}/{where(name)}" in mounts
+            if mounted:
+                left.append(where(name))
+            elif not stat.S_ISDIR(st.st_mode):
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=fd)
+            else:
+                with contextlib.suppress(OSError):
+                    os.chmod(name, 0o700, dir_fd=fd, follow_symlinks=False)
+                try:
+                    child = os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+                    child_names = iter(sorted(os.listdir(child)))
+                except OSError:
+                    left.append(where(name))
+                    continue
+                levels.append((name, st, names))
+                os.close(fd)
+                fd, names = child, child_names
+                break
+        else:  # this directory is done: back up to its parent and remove it
+            if not levels:
+                break
+            done, _, names = levels.pop()
+            try:
+                up = os.open("..", _DIR_FLAGS, dir_fd=fd)
+            finally:
+                os.close(fd)
+            fd = up
+            expected = levels[-1][1] if levels else root
+            found = os.fstat(fd)
+            if (found.st_dev, found.st_ino) != (expected.st_dev, expected.st_ino):
+                left.append("(the tree moved while it was removed)")
+                break
+            with contextlib.suppress(OSError):
+                os.rmdir(done, dir_fd=fd)
+    os.close(fd)
+    if left:
+        log.warning("left in %s: %s (mounted there, or not removable)", work_dir, left[:10])
+        return
+    with contextlib.suppress(OSError):
+        os.rmdir(work_dir)
 
 
-def _children(parent: int) -> list[tuple[int, bool]]:
-    """``(pid, is_zombie)`` of the children of ``parent``, from ``/proc``."""
+def _passed_on(variable: str) -> bool:
+    """Whether a variable of the service's environment is passed on to task commands."""
+    return variable not in _SECRET_ENV and not variable.startswith("TASKFS_")
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _tagged(task_id: str) -> list[int]:
+    """Processes (of this user) whose environment carries the task's tag."""
+    tag = f"{TASK_ENV}={task_id}".encode()
     found = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if tag in f.read().split(b"\0"):
+                    found.append(int(name))
+        except OSError:
             continue
-        if int(fields[1]) == parent:
-            found.append((int(name), fields[0] == b"Z"))
     return found
+
+
+async def _exited(proc: trio.Process) -> None:
+    """Wait until ``proc`` has exited and been reaped, without blocking the loop.
+
+    Not ``Process.wait``: that ends in a blocking ``waitpid`` in the event loop, and a process
+    that has exited while a ptrace tracer holds it (a task attaching to its supervisor) cannot
+    be reaped until the tracer lets go: the whole service would hang meanwhile.
+    """
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except OSError:
+        fd = -1
+    if fd >= 0:
+        try:
+            await trio.lowlevel.wait_readable(fd)
+        finally:
+            os.close(fd)
+    while proc.poll() is None:  # noqa: ASYNC110 - waitpid(WNOHANG): no event says "reapable"
+        await trio.sleep(0.05)
 
 
 async def _keep_going(proc: trio.Process) -> None:
@@ -703,7 +801,7 @@ async def _keep_going(proc: trio.Process) -> None:
     async with trio.open_nursery() as nursery:
 
         async def ended() -> None:
-            await proc.wait()
+            await _exited(proc)
             nursery.cancel_scope.cancel()
 
         nursery.start_soon(ended)
@@ -729,14 +827,16 @@ async def _terminate(proc: trio.Process, grace: float) -> None:
     """``deliver_cancel`` for commands: SIGTERM to the supervisor, which passes it to every
     process of the command and kills what is left after ``grace``; SIGKILL to its group if
     it has not ended a few seconds after that."""
-    proc.send_signal(signal.SIGTERM)
     with contextlib.suppress(OSError):
+        os.kill(proc.pid, signal.SIGTERM)
         os.kill(proc.pid, signal.SIGCONT)  # a stopped supervisor must see the SIGTERM
     with trio.move_on_after(grace + 5):
-        await proc.wait()
+        await _exited(proc)
         return
     log.warning("the supervisor of process group %d did not end; killing the group", proc.pid)
     _killpg(proc.pid, signal.SIGKILL)
+    with trio.move_on_after(5):  # its orphans go to the service, which kills them
+        await _exited(proc)
 
 
 def _process_start(pid: int) -> str | None:
@@ -747,30 +847,25 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
-def _kill_leftover(pid: int | None, started: str | None) -> None:
-    """Kill what a command a crashed service left behind, if its supervisor is still that one.
+def _kill_leftover(task_id: str, pid: int | None, started: str | None) -> None:
+    """Kill what a task's command left when the service crashed (blocking).
 
     A supervisor kills its command's processes by itself when the service dies; this is the
-    net under that. The group's id is the supervisor's pid. While the supervisor lives, its
-    start time tells it from a new process that reused the pid (SIGUSR1 asks it to kill every
-    descendant at once); once it is gone, the pid cannot be handed out again while members of
-    its group remain, so signalling the group cannot hit a stranger.
+    net under that, for a supervisor that was stopped or killed at the time. The supervisor
+    (its pid and start time recorded, so a reused pid is never signalled) and every process
+    still carrying the task's ``TASKFS_TASK_ID`` are frozen, then killed.
     """
-    if not pid:
+    targets = _tagged(task_id)
+    if pid:
+        try:
+            same = str(psutil.Process(pid).create_time()) == started
+        except psutil.Error:
+            same = False
+        if same:
+            targets.append(pid)
+    if not targets:
         return
-    try:
-        process = psutil.Process(pid)
-        same = str(process.create_time()) == started
-    except psutil.NoSuchProcess:
-        same, process = True, None
-    except psutil.Error:
-        same, process = False, None
-    if not same:
-        return
-    log.info("killing the leftover processes of group %d", pid)
-    if process is not None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGUSR1)
-        with contextlib.suppress(psutil.Error):
-            process.wait(timeout=5)
-    _killpg(pid, signal.SIGKILL)
+    log.info("killing what task %s left running: %s", task_id, sorted(targets))
+    for victim in freeze(targets):
+        with contextlib.suppress(OSError):
+            os.kill(victim, signal.SIGKILL)

@@ -17,6 +17,7 @@ Must stay true:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
@@ -49,7 +50,7 @@ def check_storage_path(path: str) -> str:
     if not path or len(path) > 1024:
         raise ValueError(f"invalid storage path: {path!r}")
     for segment in path.split("/"):
-        if segment in (".", "..") or not _SEGMENT.fullmatch(segment):
+        if segment in (".", "..") or len(segment) > 255 or not _SEGMENT.fullmatch(segment):
             raise ValueError(f"invalid storage path: {path!r}")
     return path
 
@@ -127,6 +128,18 @@ class Storage:
             raise
         return size
 
+    def sweep_temporaries(self) -> int:
+        """Remove what writes interrupted by a crash left (``.upload-*``, ``.output-*``); only
+        while this service holds the data dir (no other writer). How many went."""
+        removed = 0
+        for dirpath, _, filenames in os.walk(self._real_root):
+            for name in filenames:
+                if name.startswith((".upload-", ".output-")):
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(dirpath, name))
+                        removed += 1
+        return removed
+
     @staticmethod
     def etag(st: os.stat_result) -> str:
         """A strong ETag: changes whenever the file is replaced (new inode) or rewritten."""
@@ -156,6 +169,7 @@ class Storage:
                     OUTPUT_PREFIX,
                     report_name=REPORT_NAME,
                     follow_root=False,  # a task may swap its working directory for a link
+                    one_filesystem=True,  # nor pack what a task (of a root service) mounted
                     cancelled=cancelled,
                 )
                 raw.flush()
@@ -218,7 +232,11 @@ def _dir_prefix(relative: str) -> str:
     return relative + "/" if relative else ""
 
 
-def _zip_time(date_time: tuple[int, int, int, int, int, int]) -> str:
-    """A member's DOS timestamp (local time, as zip tools write it) with its UTC offset."""
-    local = datetime(*date_time).astimezone()
+def _zip_time(date_time: tuple[int, int, int, int, int, int]) -> str | None:
+    """A member's DOS timestamp (local time, as zip tools write it) with its UTC offset;
+    ``None`` for a date that is not one (zeros, a 13th month)."""
+    try:
+        local = datetime(*date_time).astimezone()
+    except (ValueError, OverflowError):
+        return None
     return local.astimezone(UTC).isoformat(timespec="microseconds")

@@ -364,12 +364,15 @@ class Store:
     def get_history(self, task_id: str) -> list[dict[str, Any]]:
         """History entries, oldest first, each with its ``operations`` list."""
         with self._lock:
-            entries = self._conn.execute(
-                "SELECT * FROM status_history WHERE task_id = ? ORDER BY id", (task_id,)
-            ).fetchall()
-            ops = self._conn.execute(
-                "SELECT * FROM operations WHERE task_id = ? ORDER BY id", (task_id,)
-            ).fetchall()
+            return self._history(task_id)
+
+    def _history(self, task_id: str) -> list[dict[str, Any]]:
+        entries = self._conn.execute(
+            "SELECT * FROM status_history WHERE task_id = ? ORDER BY id", (task_id,)
+        ).fetchall()
+        ops = self._conn.execute(
+            "SELECT * FROM operations WHERE task_id = ? ORDER BY id", (task_id,)
+        ).fetchall()
         by_entry: dict[int, list[dict[str, Any]]] = {}
         for op in ops:
             item = dict(op)
@@ -440,16 +443,37 @@ class Store:
             ).fetchall()
         return [_row(r) for r in rows]
 
-    def is_output_path(self, storage_path: str) -> bool:
-        """Whether ``storage_path`` is some task's output archive (never writable by uploads)."""
-        if not storage_path.endswith("/output.zip"):
-            return False
-        task_dir = storage_path.removesuffix("/output.zip")
+    def upload_refusal(self, path: str) -> str | None:
+        """Why an upload to storage ``path`` is refused, or ``None``. A task's storage holds
+        its ``input.zip`` (uploaded by its submitter) and its ``output.zip`` (the service's):
+        nothing else may be written inside it, over it, or in place of its directory."""
         with self._lock:
             row = self._conn.execute(
-                "SELECT 1 FROM tasks WHERE storage_path = ?", (task_dir,)
+                "SELECT storage_path FROM tasks"
+                " WHERE storage_path = ?1"
+                " OR substr(?1, 1, length(storage_path) + 1) = storage_path || '/'"
+                " OR substr(storage_path, 1, length(?1) + 1) = ?1 || '/'"
+                " LIMIT 1",
+                (path,),
             ).fetchone()
-        return row is not None
+        if row is None:
+            return None
+        owner = row["storage_path"]
+        if path == f"{owner}/input.zip":
+            return None
+        if path == f"{owner}/output.zip":
+            return f"{path} is a task output and cannot be overwritten"
+        return f"{path} would overwrite or enter the storage of a task ({owner})"
+
+    def get_task_with_history(
+        self, task_id: str
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+        """The task and its history read together (one lock: no state change in between)."""
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            if row is None:
+                return None
+            return _row(row), self._history(task_id)
 
 
 def _row(row: sqlite3.Row) -> dict[str, Any]:

@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
+import signal
+import subprocess
 import sys
 import time
 import zipfile
@@ -344,3 +347,153 @@ def test_stop_and_restart_while_a_big_output_is_packed(service: Service) -> None
     quick = service.submit("echo meanwhile")
     assert service.wait_for(quick, lambda s: s.is_terminated).status == S.SUCCESS
     assert service.wait_for(task_id, lambda s: s.is_terminated, timeout=240).status == S.SUCCESS
+
+
+WALKER_C = r"""
+#include <signal.h>
+#include <unistd.h>
+int main(void) {
+    signal(SIGTERM, SIG_IGN);
+    signal(SIGHUP, SIG_IGN);
+    for (;;) { pid_t p = fork(); if (p > 0) _exit(0); if (p < 0) usleep(1000); }
+}
+"""
+WALKER_PY = "import os\nwhile True:\n    if os.fork() > 0:\n        os._exit(0)\n"
+
+# Attaches to its own supervisor with ptrace (which root may do even to a process that is not
+# dumpable) and holds it stopped.
+HOLD_PY = """
+import ctypes, os, signal, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+pid = os.getpid()
+while b"reaper.py" not in open(f"/proc/{pid}/cmdline", "rb").read():
+    pid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+libc = ctypes.CDLL(None, use_errno=True)
+print("attach", libc.ptrace(16, pid, 0, 0), flush=True)
+os.waitpid(pid, 0x40000000)
+time.sleep(3600)
+"""
+
+
+def _walker(tmp_path: Path) -> list[str]:
+    """A program that forks and exits in a tight loop (its pid changes all the time)."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is not None:
+        source = tmp_path / "walker.c"
+        source.write_text(WALKER_C)
+        subprocess.run([compiler, "-O2", "-o", str(tmp_path / "walker"), str(source)], check=True)
+        return [str(tmp_path / "walker")]
+    (tmp_path / "walker.py").write_text(WALKER_PY)
+    return [sys.executable, str(tmp_path / "walker.py")]
+
+
+def _by_name(name: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if name.encode() in f.read():
+                        found.append(int(pid))
+            except OSError:
+                continue
+    return found
+
+
+def _zombies_of(pid: int) -> int:
+    count = 0
+    for child in os.listdir("/proc"):
+        if child.isdigit():
+            try:
+                with open(f"/proc/{child}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            count += fields[0] == "Z" and int(fields[1]) == pid
+    return count
+
+
+@pytest.mark.expected_warnings
+def test_a_process_that_forks_in_a_loop_dies_with_its_task(
+    service: Service, tmp_path: Path
+) -> None:
+    walker = shlex.join(_walker(tmp_path))
+    task_id = service.submit(f"{walker} & sleep 1; echo done")
+    assert service.wait_for(task_id, lambda s: s.is_terminated, timeout=30).status == S.SUCCESS
+    name = Path(walker.split()[-1]).name
+    assert _gone_by(lambda: not _by_name(name)), "the fork walker outlived its task"
+    assert _zombies_of(service.proc.pid) < 5
+    assert service.status(task_id).status == S.SUCCESS  # and the service answers
+
+
+@pytest.mark.expected_warnings
+def test_a_task_holding_its_supervisor_with_ptrace_cannot_stall_the_service(
+    service: Service, tmp_path: Path
+) -> None:
+    (tmp_path / "hold.py").write_text(HOLD_PY)
+    task_id = service.submit(
+        f"setsid sleep 1300 & {shlex.quote(sys.executable)} {tmp_path / 'hold.py'}",
+        ttl_seconds=2,
+    )
+    service.wait_for(task_id, lambda s: s.status == S.COMPUTATION_STARTED)
+    time.sleep(3)
+    started = time.monotonic()
+    assert service.status(task_id) is not None  # answering while its supervisor is held
+    assert time.monotonic() - started < 5
+    final = service.wait_for(task_id, lambda s: s.is_terminated, timeout=30)
+    assert final.status == S.TTL_EXCEEDED
+    assert _gone_by(lambda: not _by_name("sleep 1300") and not _by_name("hold.py"))
+
+
+@pytest.mark.expected_warnings
+def test_a_stopped_supervisor_and_a_crashed_service_free_nothing(service: Service) -> None:
+    task_id = service.submit(
+        "sup=$PPID; sleep 1236 & echo $! > pid; while :; do kill -STOP $sup; sleep 0.01; done"
+    )
+    pid_file = service.data_dir / "work" / task_id / "pid"
+    assert _gone_by(lambda: pid_file.exists() and pid_file.read_text().strip() != "")
+    sleeper = int(pid_file.read_text())
+    stop(service.proc, signal.SIGKILL)
+    again = start_service(service.data_dir, slots=2)
+    service.proc, service.url = again.proc, again.url
+    final = service.wait_for(task_id, lambda s: s.is_terminated, timeout=30)
+    assert final.status == S.EXECUTER_TERMINATED
+    assert _gone_by(lambda: not _alive(sleeper)), "a process of the task outlived the crash"
+
+
+def test_a_filesystem_mounted_in_a_work_dir_is_neither_packed_nor_emptied(
+    service: Service, tmp_path: Path
+) -> None:
+    precious = tmp_path / "precious"
+    (precious / "sub").mkdir(parents=True)
+    (precious / "keep.txt").write_text("important")
+    task_id = service.submit(
+        f"mkdir data && (mount --bind {precious} data 2>/dev/null || echo not root); echo ok"
+    )
+    assert service.wait_for(task_id, lambda s: s.is_terminated).status == S.SUCCESS
+    with zipfile.ZipFile(service.data_dir / "storage" / task_id / "output.zip") as archive:
+        assert "artifacts/data/keep.txt" not in archive.namelist()
+    assert (precious / "keep.txt").read_text() == "important"
+    assert (precious / "sub").is_dir()
+    work = service.data_dir / "work" / task_id
+    if (work / "data").exists():  # the mount is left in place (and reported), not entered
+        subprocess.run(["umount", str(work / "data")], check=False)
+
+
+def test_a_hard_linked_output_file_is_never_appended_to(service: Service, tmp_path: Path) -> None:
+    outside = tmp_path / "outside.txt"
+    outside.write_text("untouched\n")
+    task_id = service.submit(f"rm stdout.txt; ln {outside} stdout.txt", "echo second")
+    assert service.wait_for(task_id, lambda s: s.is_terminated).status == S.FAILED
+    task = service.call(lambda api: api.get_task(task_id))
+    assert "other links" in (task.error_detail or "")
+    assert outside.read_text() == "untouched\n"
+
+
+def _gone_by(check: Callable[[], bool], timeout: float = 15) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return False

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import struct
 import time
+import zipfile
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -95,6 +98,19 @@ async def test_bad_list_parameters_are_422(http: httpx.AsyncClient, query: str) 
         b' "time_to_live_seconds": -5}',
         b'{"simulator": "x", "resource_pool": null, "container_image": null,'
         b' "storage_path_prefix": "../escape"}',
+        # A prefix whose archives could not be stored: too long, a name over 255 bytes.
+        b'{"simulator": "x", "resource_pool": null, "container_image": null,'
+        b' "storage_path_prefix": "' + b"p" * 1000 + b'"}',
+        b'{"simulator": "x", "resource_pool": null, "container_image": null,'
+        b' "storage_path_prefix": "' + b"p" * 300 + b'"}',
+        # Commands the system could not run.
+        b'{"simulator": "x", "resource_pool": null, "container_image": null,'
+        b' "extra_params": {"commands": [{"cmd": "echo a\\u0000b", "prompts": []}]}}',
+        b'{"simulator": "x", "resource_pool": null, "container_image": null,'
+        b' "extra_params": {"commands": [{"cmd": "' + b"x" * 200_000 + b'", "prompts": []}]}}',
+        # JSON nested deeper than a parser should recurse.
+        b'{"simulator": "x", "resource_pool": null, "container_image": null,'
+        b' "extra_params": ' + b'{"a": ' * 2000 + b"1" + b"}" * 2000 + b"}",
     ],
 )
 async def test_bad_submit_bodies_are_422(http: httpx.AsyncClient, body: bytes) -> None:
@@ -153,6 +169,60 @@ async def test_a_leading_slash_is_no_slash(http: httpx.AsyncClient) -> None:
         "/storage/zip-contents", params={"path": "/abc/output.zip", "zip_relative_path": "a/"}
     )
     assert zip_contents.status_code == 404
+
+
+# The server answers before the client has sent everything: httpx then leaves its body
+# iterator unfinished, which Python reports as an unraisable exception in the client.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_a_huge_request_body_is_413(http: httpx.AsyncClient) -> None:
+    body = b'{"simulator": "' + b"x" * (2 << 20) + b'", "resource_pool": null}'
+    response = await http.post(
+        "/tasks/submit", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert_json_error(response, 413)
+    assert (await http.get("/tasks")).json()["total_size"] == 0
+
+
+async def test_uploads_into_a_tasks_storage_are_refused(http: httpx.AsyncClient) -> None:
+    """Only a task's input.zip may be uploaded into its storage (and never its output, nor
+    anything that would turn its directory into a file)."""
+    created = await http.post(
+        "/tasks/submit", json={"simulator": "x", "resource_pool": None, "container_image": None}
+    )
+    task_id = created.json()["id"]
+    for path in (f"{task_id}/output.zip", f"{task_id}/output.zip/x", f"{task_id}/x", task_id):
+        query = {"operation": "upload", "paths": path}
+        assert_json_error(await http.get("/storage/signed-urls", params=query), 403)
+    query = {"operation": "upload", "paths": f"/{task_id}/input.zip"}
+    assert (await http.get("/storage/signed-urls", params=query)).status_code == 200
+
+
+async def test_zip_endpoints_on_damaged_uploads(http: httpx.AsyncClient) -> None:
+    """A member with a zero DOS date is listed (no creation time); a local header pointing past
+    the end is a 422, never a 500."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(zipfile.ZipInfo("artifacts/ok.txt", date_time=(1980, 1, 1, 0, 0, 0)), b"ok")
+    data = bytearray(buf.getvalue())
+    central = data.index(b"PK\x01\x02")
+    data[central + 12 : central + 16] = b"\0\0\0\0"  # time and date: zero
+    bad = bytearray(data)
+    struct.pack_into("<I", bad, central + 42, 10_000_000)  # local header offset past the end
+    for name, content in (("zero.zip", data), ("past.zip", bad)):
+        query = {"operation": "upload", "paths": f"user/{name}"}
+        [url] = (await http.get("/storage/signed-urls", params=query)).json()
+        async with httpx.AsyncClient() as plain:
+            assert (await plain.put(url, content=bytes(content))).status_code == 200
+    listed = await http.get(
+        "/storage/zip-contents", params={"path": "user/zero.zip", "zip_relative_path": "artifacts"}
+    )
+    assert listed.status_code == 200
+    assert listed.json()["contents"][0]["creation_time"] is None
+    ranged = await http.get(
+        "/storage/zip-file-range",
+        params={"path": "user/past.zip", "zip_relative_path": "artifacts", "filename": "ok.txt"},
+    )
+    assert_json_error(ranged, 422)
 
 
 async def test_uploads_where_no_object_can_be_are_409(http: httpx.AsyncClient) -> None:

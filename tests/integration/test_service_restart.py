@@ -273,3 +273,38 @@ async def test_unusable_url_secret_is_replaced(tmp_path: Path, content: str) -> 
     assert b"url_secret held no usable secret; replaced it" in err
     assert b"api_key held no usable secret; replaced it" in err
     assert secret.encode() not in err and key.encode() not in err
+
+
+async def test_a_start_sweeps_what_a_crash_left_half_written(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    stale = [
+        data / "storage" / "t1" / ".output-abc.zip",
+        data / "storage" / "p" / "t2" / ".upload-0123",
+    ]
+    for file in stale:
+        file.parent.mkdir(parents=True)
+        file.write_bytes(b"half")
+    (data / "storage" / "t1" / "output.zip").write_bytes(b"kept")
+    proc = _serve(data)
+    try:
+        await _wait_url(data, proc)
+        with trio.fail_after(10):
+            while any(f.exists() for f in stale):
+                await trio.sleep(0.05)
+        assert (data / "storage" / "t1" / "output.zip").read_bytes() == b"kept"
+        info = json.loads((data / "server.json").read_text())
+        assert info["kill_grace_seconds"] == 5.0  # serve --stop waits this long more
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+
+
+def test_print_key_never_prints_a_key_the_service_would_replace(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    for bad in ("short", "has spaces in it but is long enough to pass a length", ""):
+        (data / "api_key").write_text(bad + "\n")
+        printed = _taskfs("serve", "--print-key", "--data-dir", str(data))
+        key = printed.stdout.strip()
+        assert printed.returncode == 0 and key != bad and len(key) >= 32
+        assert (data / "api_key").read_text().strip() == key

@@ -16,6 +16,7 @@ import resource
 import shutil
 import socket
 import stat
+import subprocess
 import tempfile
 import zipfile
 from collections.abc import Iterator
@@ -457,3 +458,25 @@ def test_cancelled_packing_stops(tree: Path) -> None:
 
     with pytest.raises(packing.PackingCancelled):
         pack_tree(tree, io.BytesIO(), "artifacts/", cancelled=cancelled)
+
+
+def test_one_filesystem_never_enters_a_mount(tree: Path, tmp_path: Path) -> None:
+    """The service's outputs: what a task (of a root service) mounted is not packed."""
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "keep.txt").write_text("important")
+    (tree / "data").mkdir()
+    (tree / "own.txt").write_text("own")
+    mounted = os.geteuid() == 0
+    if mounted:  # only root can mount (and a task of a root service could)
+        subprocess.run(["mount", "--bind", str(precious), str(tree / "data")], check=True)
+    try:
+        out = io.BytesIO()
+        result = pack_tree(tree, out, "artifacts/", one_filesystem=True)
+        names = set(zipfile.ZipFile(out).namelist())
+        assert "artifacts/own.txt" in names
+        assert "artifacts/data/keep.txt" not in names
+        assert issues(result) == ({("skipped", "data")} if mounted else set())
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(tree / "data")], check=True)

@@ -115,9 +115,12 @@ def test_paging_filters_and_queue(store: Store) -> None:
 
 def test_output_paths_are_known(store: Store) -> None:
     task_id = make(store)
-    assert store.is_output_path(f"{task_id}/output.zip")
-    assert not store.is_output_path(f"{task_id}/input.zip")
-    assert not store.is_output_path("other/output.zip")
+    assert "task output" in (store.upload_refusal(f"{task_id}/output.zip") or "")
+    assert store.upload_refusal(f"{task_id}/input.zip") is None
+    assert store.upload_refusal("other/output.zip") is None
+    for inside in (task_id, f"{task_id}/output.zip/x", f"{task_id}/other", f"{task_id}/a/b"):
+        assert store.upload_refusal(inside) is not None, inside
+    assert store.upload_refusal(f"{task_id}x/input.zip") is None  # only a prefix in common
 
 
 def test_reopen_keeps_data_and_wal_mode(tmp_path: Path) -> None:
@@ -164,3 +167,33 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
     again.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+
+
+def test_a_task_and_its_history_are_read_as_one(tmp_path: Path) -> None:
+    """``GET /tasks/{id}``: its status and its history's last entry always agree, even while
+    the task changes state in another thread."""
+    import threading
+
+    store = Store(tmp_path / "db.sqlite3")
+    task_id = make(store)
+    order = [S.SUBMITTED, S.STARTED, S.COMPUTATION_STARTED, S.COMPUTATION_ENDED, S.SUCCESS]
+    done = threading.Event()
+
+    def advance() -> None:
+        previous = S.PENDING_INPUT
+        for status in order:
+            for _ in range(200):
+                store.update_fields(task_id, {"metrics": {}})
+            store.transition(task_id, status, "next", expect={previous})
+            previous = status
+        done.set()
+
+    thread = threading.Thread(target=advance)
+    thread.start()
+    while not done.is_set():
+        found = store.get_task_with_history(task_id)
+        assert found is not None
+        row, history = found
+        assert row["status"] == history[-1]["status"]
+    thread.join()
+    store.close()
