@@ -20,11 +20,12 @@ import trio
 from taskfs.api.client import ApiClient
 from taskfs.api.models import Task
 from taskfs.archive.cache import DiskCache, MemoryCache, Tiered
+from taskfs.archive.member import CheckpointBudget, ReadBudget
 from taskfs.archive.rangeio import RangeSource, Transport, data_client
 from taskfs.archive.remote import RemoteArchive
 from taskfs.archive.zipindex import Entry, clean_path, walk
 from taskfs.errors import ArchiveError, NotFoundError, single_errors
-from taskfs.retry import RetryPolicy
+from taskfs.retry import Breaker, RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,17 @@ class Outputs:
         connections: int = 8,
         deadline: float = 10.0,
         transport: Transport | None = None,
+        breaker: Breaker | None = None,
     ) -> None:
         self.api = api
         self.cache = cache
         self.http = data_client(max_connections=connections * 2, transport=transport)
         self.limiter = trio.CapacityLimiter(connections)
         self.policy = RetryPolicy(deadline=deadline)
+        self.breaker = breaker
+        # Memory of member readers, shared by every archive this opens.
+        self.read_budget = ReadBudget()
+        self.checkpoints = CheckpointBudget()
 
     async def __aenter__(self) -> Outputs:
         return self
@@ -72,10 +78,18 @@ class Outputs:
         async def url(refresh: bool) -> str:
             return await self.api.download_url(path, region)
 
-        source = RangeSource(self.http, url, self.policy, name=f"outputs of {task.task_id}")
+        source = RangeSource(
+            self.http, url, self.policy, name=f"outputs of {task.task_id}", breaker=self.breaker
+        )
         try:
             return await RemoteArchive.open(
-                source, self.cache, path, nursery=nursery, limiter=self.limiter
+                source,
+                self.cache,
+                path,
+                nursery=nursery,
+                limiter=self.limiter,
+                budget=self.read_budget,
+                checkpoints=self.checkpoints,
             )
         except NotFoundError:
             log.info("task %s has no outputs archive at %s", task.task_id, path)

@@ -47,6 +47,7 @@ from taskfs.errors import (
 )
 from taskfs.retry import (
     RETRY_STATUSES,
+    Breaker,
     Retryable,
     RetryPolicy,
     retry_after_seconds,
@@ -108,9 +109,13 @@ class ApiClient:
         http: httpx.AsyncClient,
         policy: RetryPolicy | None = None,
         rediscover: Callable[[], str | None] | None = None,
+        breaker: Breaker | None = None,
     ) -> None:
         self.http = http
         self.policy = policy or RetryPolicy()
+        # Set for a mount: after one call runs out of time, fail the next at once until the
+        # service answers again (a command-line client waits out each call instead).
+        self.breaker = breaker
         # Where the service is now, asked when it stops answering (the local service).
         self._rediscover = rediscover
 
@@ -120,12 +125,13 @@ class ApiClient:
         cls,
         settings: ClientSettings,
         transport: httpx.AsyncBaseTransport | None = None,
+        breaker: Breaker | None = None,
     ) -> AsyncIterator[ApiClient]:
         """A client for ``settings``; ``transport`` replaces the network (tests)."""
         data_dir = settings.local_data_dir
         rediscover = (lambda: local_service_url(data_dir)) if data_dir is not None else None
         async with http_client(settings, transport) as http:
-            yield cls(http, RetryPolicy(deadline=settings.deadline), rediscover)
+            yield cls(http, RetryPolicy(deadline=settings.deadline), rediscover, breaker)
 
     # -- the calls -----------------------------------------------------------------------------
 
@@ -362,7 +368,7 @@ class ApiClient:
             self._check(response, what or name)
             return response.content
 
-        return await with_retries(attempt, self.policy, name)
+        return await with_retries(attempt, self.policy, name, self.breaker)
 
     @staticmethod
     def _check(response: httpx.Response, what: str) -> None:

@@ -25,6 +25,7 @@ import httpx
 from taskfs.errors import ArchiveError, AuthError, NotFoundError, ProtocolError, StaleError
 from taskfs.retry import (
     RETRY_STATUSES,
+    Breaker,
     Retryable,
     RetryPolicy,
     retry_after_seconds,
@@ -66,8 +67,10 @@ class RangeSource:
         url: UrlProvider,
         policy: RetryPolicy | None = None,
         name: str = "archive",
+        breaker: Breaker | None = None,
     ) -> None:
         self._http = http
+        self.breaker = breaker
         self._url_provider = url
         self._url: str | None = None
         self.policy = policy or RetryPolicy()
@@ -120,7 +123,7 @@ class RangeSource:
             except (httpx.HTTPError, httpx.InvalidURL) as exc:
                 raise ProtocolError(f"{self.name}: {type(exc).__name__}: {exc}") from exc
 
-        return await with_retries(attempt, self.policy, f"reading {self.name}")
+        return await with_retries(attempt, self.policy, f"reading {self.name}", self.breaker)
 
     def _check_status(self, response: httpx.Response, first: bool, refreshed: bool) -> None:
         """Raise for any answer but 206 (before a byte of the body is read)."""

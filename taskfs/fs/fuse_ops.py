@@ -49,7 +49,8 @@ def handler(
 
     async def wrapper(self: Operations, /, *args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            return await fn(self, *args, **kwargs)
+            with self.vfs.operation():
+                return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except TaskfsError as exc:

@@ -20,7 +20,7 @@ import shutil
 import signal
 import stat
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyfuse3
@@ -32,6 +32,7 @@ from taskfs.errors import TaskfsError, UsageError
 from taskfs.fs.fuse_ops import Operations
 from taskfs.fs.vfs import Vfs, VfsSettings
 from taskfs.outputs import Outputs, make_cache
+from taskfs.retry import Breaker
 
 log = logging.getLogger(__name__)
 
@@ -161,14 +162,21 @@ async def run_mount(
     check_mountpoint(settings.mountpoint)
     tune_malloc()
     cache = make_cache(settings.cache_dir, settings.cache_size)
+    deadline = settings.client.deadline
     async with (
-        ApiClient.open(settings.client) as api,
+        ApiClient.open(
+            settings.client, breaker=Breaker(f"the API at {settings.client.api_url}")
+        ) as api,
         Outputs(
-            api, cache, connections=settings.connections, deadline=settings.client.deadline
+            api,
+            cache,
+            connections=settings.connections,
+            deadline=deadline,
+            breaker=Breaker("the outputs storage"),
         ) as outputs,
         trio.open_nursery() as nursery,
     ):
-        vfs = Vfs(api, outputs, nursery, settings.vfs)
+        vfs = Vfs(api, outputs, nursery, replace(settings.vfs, deadline=deadline))
         pyfuse3.init(Operations(vfs), str(settings.mountpoint), fuse_options(settings))
         try:
             nursery.start_soon(_tune_after_init, settings.mountpoint, settings.readahead_kb)

@@ -22,6 +22,7 @@ Must stay true:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -49,6 +50,7 @@ from taskfs.errors import (
     NotFoundError,
     ReaderGoneError,
     ReadOnlyError,
+    ServiceError,
     StaleError,
     TaskfsError,
 )
@@ -56,6 +58,7 @@ from taskfs.fs import control
 from taskfs.fs.inodes import ROOT_INODE, Inode, InodeTable, NodeKey
 from taskfs.outputs import Outputs
 from taskfs.proc import wants_out
+from taskfs.retry import operation_budget
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,10 @@ class VfsSettings:
     max_waiters: int = 512
     # Open output archives kept (their indexes stay in memory).
     max_archives: int = 32
+    # Time limit of one operation, all the remote calls it makes included (``--deadline``).
+    deadline: float = 10.0
+    # An archive that failed to open (corrupt, refused) is not tried again for this long.
+    archive_retry: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -172,11 +179,17 @@ class Vfs:
         self._missing: dict[str, float] = {}
         self._archives: OrderedDict[str, RemoteArchive | None] = OrderedDict()
         self._archive_flights: SingleFlight[str, RemoteArchive | None] = SingleFlight()
+        # Archives that failed to open, and when: not tried again within ``archive_retry``.
+        self._archive_failures: dict[str, tuple[float, TaskfsError]] = {}
         self._handles: dict[int, _FileHandle | _DirHandle] = {}
         self._next_fh = 1
         self._waiters: dict[str, _Waiter] = {}
         self._wait_slots = trio.CapacityLimiter(self.settings.max_waiters)
         self._mount_time_ns = _now_ns()
+
+    def operation(self) -> contextlib.AbstractContextManager[None]:
+        """The context of one request from the kernel: its remote calls share one deadline."""
+        return operation_budget(self.settings.deadline)
 
     # -- task state ----------------------------------------------------------------------------
 
@@ -259,6 +272,17 @@ class Vfs:
             mode = CONTROL_MODE if key.name == "control" else FILE_MODE
             return self._attr(mode, len(content), changed, timeout)
         # outputs
+        if not key.path:
+            # ``outputs`` itself needs no archive: ``ls`` of a task never opens one, and a broken
+            # or unreachable archive shows only inside. Its link count is unknown (1) until the
+            # archive is open.
+            archive = self._archives.get(key.task_id) if task.is_terminated else None
+            subdirs = (
+                sum(1 for c in archive.tree.children.values() if isinstance(c, DirNode))
+                if archive is not None
+                else -1
+            )
+            return self._attr(DIR_MODE, 0, changed, timeout, nlink=2 + subdirs)
         node = await self._output_node(key)
         if isinstance(node, DirNode):
             subdirs = sum(1 for c in node.children.values() if isinstance(c, DirNode))
@@ -293,9 +317,19 @@ class Vfs:
         if task_id in self._archives:
             self._archives.move_to_end(task_id)
             return self._archives[task_id]
+        failed = self._archive_failures.get(task_id)
+        if failed is not None and trio.current_time() - failed[0] < self.settings.archive_retry:
+            raise failed[1]
 
         async def open_it() -> RemoteArchive | None:
-            archive = await self.outputs.open(state.task, self.nursery)
+            try:
+                archive = await self.outputs.open(state.task, self.nursery)
+            except ServiceError:
+                raise  # an outage: the breaker remembers it, and it ends by itself
+            except TaskfsError as exc:  # a broken archive stays broken
+                self._archive_failures[task_id] = (trio.current_time(), exc)
+                raise
+            self._archive_failures.pop(task_id, None)
             self._archives[task_id] = archive
             while len(self._archives) > self.settings.max_archives:
                 self._archives.popitem(last=False)

@@ -65,6 +65,11 @@ def test_dead_and_stalled_service(tmp_path: Path) -> None:
                 assert took <= DEADLINE + 3, (command, took)
 
         def all_work() -> None:
+            # The mount answers at once while the service is down; a probe finds it back
+            # within a second or two.
+            wait_until(lambda: mount.run(f"cat {m}/live/status").returncode == 0, 3)
+            wait_until(lambda: mount.run(f"ls {m}/closed/outputs").returncode == 0, 3)
+            wait_until(lambda: mount.run(f"cat {m}/opened/outputs/b.txt").returncode == 0, 3)
             assert mount.run(f"cat {m}/live/status").stdout == "computation-started\n"
             assert sorted(mount.run(f"ls {m}/closed/outputs").stdout.split()) == [
                 "a.txt",
@@ -92,7 +97,7 @@ def test_dead_and_stalled_service(tmp_path: Path) -> None:
         assert took <= DEADLINE + 3
         fake.api_fault = None
         fake.objects.fault = None
-        assert mount.run(f"cat {m}/live/status").returncode == 0
+        wait_until(lambda: mount.run(f"cat {m}/live/status").returncode == 0, 3)
     # Dead: the server is gone (connection refused), then back on the same port.
     fake2 = FakeApi()
     fake2.add("live", S.COMPUTATION_STARTED)
@@ -162,6 +167,14 @@ def test_copy_with_ten_percent_failures(tmp_path: Path) -> None:
             assert (copy / name).read_bytes() == zf.read(f"artifacts/{name}"), name
 
 
+def _reads(path: Path, body: bytes) -> bool:
+    """Whether ``path`` reads as ``body`` now (an EIO is a no)."""
+    try:
+        return path.read_bytes() == body
+    except OSError:
+        return False
+
+
 def test_misbehaving_storage(tmp_path: Path) -> None:
     """Each way storage can answer badly fails one read with EIO, within the deadline, and
     leaves nothing wrong behind: the same member reads right once storage behaves."""
@@ -215,7 +228,9 @@ def test_misbehaving_storage(tmp_path: Path) -> None:
             assert result.returncode != 0 and "Input/output error" in result.stderr, case
             assert took <= DEADLINE + 3, (case, took)
             fake.objects.fault = None
-            assert member.read_bytes() == body, case
+            # An outage (stalls) is remembered: reads fail at once until a probe, within a
+            # second or two, finds storage back.
+            wait_until(partial(_reads, member, body), 3)
     assert "Traceback" not in mount.log.read_text()
 
 
