@@ -13,7 +13,8 @@ Layout of a run:
    where it installs.
 
 Timings are medians over ``--runs`` (spread shown); request counts come from the proxy.
-``--check`` asserts only request counts (P1, P2, P6, P8), never times.
+``--check`` asserts request counts (P1, P2, P6, P8) and the memory ceiling of M1-M3 (a peak
+RSS is not a timing), never times.
 """
 
 from __future__ import annotations
@@ -83,10 +84,18 @@ class Sizes:
     tasks: int
     runs: int
     random_reads: int
+    # Memory under the worst patterns (M1-M3): a deflated member read at its tail, archives of
+    # the deflated member read at random, handles streaming at once, and how far each streams.
+    tail_bytes: int = 2 << 30
+    spread_archives: int = 32
+    handles: int = 64
+    stream_bytes: int = 32 << 20
 
 
 FULL = Sizes(10_000, 1_000, 40_000, 1 << 30, 256 << 20, 2 << 30, 1_000, 3, 300)
-QUICK = Sizes(10_000, 300, 40_000, 96 << 20, 32 << 20, 0, 520, 1, 100)
+QUICK = Sizes(10_000, 300, 40_000, 96 << 20, 32 << 20, 0, 520, 1, 100, 128 << 20, 8, 16, 4 << 20)
+# The mount's peak RSS under M1-M3 (DESIGN.md P9; asserted by --check: memory is no timing).
+MEMORY_CEILING = 256e6
 
 
 # -- processes -------------------------------------------------------------------------------------
@@ -285,8 +294,9 @@ def generate(service: Service, sizes: Sizes, work: Path) -> dict[str, Dataset]:
     }
     if sizes.huge_bytes:
         jobs["huge"] = ([f"head -c {sizes.huge_bytes} /dev/urandom > huge.bin"], "huge.bin")
+    jobs["tail"] = ([f"{PY} text.py tail.vtk 1 {sizes.tail_bytes}"], "tail.vtk")
 
-    async def make(api: ApiClient) -> dict[str, Dataset]:
+    async def make(api: ApiClient) -> tuple[dict[str, Dataset], list[str]]:
         ids = {}
         for name, (commands, _) in jobs.items():
             ids[name] = await submit_task(api, commands, input_dir=scripts, project="bench")
@@ -305,9 +315,24 @@ def generate(service: Service, sizes: Sizes, work: Path) -> dict[str, Dataset]:
             if status.status != "success":
                 raise RuntimeError(f"dataset {name} failed: {status.status}")
         await until(lambda: api.list_page(1, 1, status="submitted"), lambda p: not p.total_size)
-        return {name: Dataset(ids[name], jobs[name][1]) for name in jobs}
+        fillers = [t.task_id async for t in api.iter_tasks(project="filler")]
+        return {name: Dataset(ids[name], jobs[name][1]) for name in jobs}, fillers
 
-    return dict(service.call(make))
+    datasets, fillers = service.call(make)
+    # M2/M3: more archives holding the deflated member. Packing it again for each would take
+    # minutes: the filler tasks' archives are replaced by hard links to it (distinct objects
+    # and URLs to taskfs; this is the benchmark's own data dir).
+    storage = service.data / "storage"
+    source = storage / datasets["deflate"].task_id / "output.zip"
+    spread = [datasets["deflate"]]
+    for task_id in fillers[: sizes.spread_archives - 1]:
+        target = storage / task_id / "output.zip"
+        target.unlink()
+        os.link(source, target)
+        spread.append(Dataset(task_id, "sim.vtk"))
+    for i, dataset in enumerate(spread):
+        datasets[f"spread{i:02d}"] = dataset
+    return dict(datasets)
 
 
 async def until(fetch: Callable[[], Awaitable[Any]], done: Callable[[Any], bool]) -> Any:
@@ -715,7 +740,85 @@ class Bench:
         p9.peak_rss = rss.peak
         p9.ok = p9.ok is not False and rss.peak <= 200e6
 
+    def memory(self, proxy: Proxy, datasets: dict[str, Dataset]) -> None:
+        """M1-M3: the mount's peak RSS under the worst patterns (a fresh mount)."""
+        key_file = self.work / "key"
+        mount = start_mount(self.work / "mnt", self.work / "cache", proxy.url, key_file)
+        try:
+            m = mount.path
+            tail = datasets["tail"]
+            m1 = self.result(
+                "M1",
+                f"tail -c 100 of a {tail.member_size >> 20} MiB deflated member",
+                f"peak RSS <= {MEMORY_CEILING / 1e6:.0f} MB",
+                unit="MB",
+            )
+            sh(f"ls {m}/{tail.task_id}/outputs > /dev/null")
+            with PeakRss(mount.proc.pid) as rss:
+                took = sh(f"tail -c 100 {m}/{tail.task_id}/outputs/{tail.member} > /dev/null")
+            m1.taskfs.append(rss.peak / 1e6)
+            m1.peak_rss = rss.peak
+            m1.notes.append(f"{took:.1f} s")
+            spread = [d for k, d in sorted(datasets.items()) if k.startswith("spread")]
+            paths = [m / d.task_id / "outputs" / d.member for d in spread]
+            size = spread[0].member_size
+            m2 = self.result(
+                "M2",
+                f"random 4 KiB reads across {len(paths)} archives of "
+                f"{size >> 20} MiB deflated members",
+                f"peak RSS <= {MEMORY_CEILING / 1e6:.0f} MB",
+                unit="MB",
+            )
+            rng = random.Random(1)
+            with PeakRss(mount.proc.pid) as rss:
+                for _ in range(8):
+                    for path in paths:
+                        fd = os.open(path, os.O_RDONLY)
+                        try:
+                            os.pread(fd, 4096, rng.randrange(size - 4096))
+                        finally:
+                            os.close(fd)
+            m2.taskfs.append(rss.peak / 1e6)
+            m2.peak_rss = rss.peak
+            m3 = self.result(
+                "M3",
+                f"{self.sizes.handles} handles streaming at once "
+                f"({self.sizes.stream_bytes >> 20} MiB each, deflated)",
+                f"peak RSS <= {MEMORY_CEILING / 1e6:.0f} MB",
+                unit="MB",
+            )
+            drop_page_cache()
+
+            def stream(path: Path, start: int) -> None:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    offset = start
+                    while offset < start + self.sizes.stream_bytes:
+                        if not os.pread(fd, 128 << 10, offset):
+                            break
+                        offset += 128 << 10
+                finally:
+                    os.close(fd)
+
+            jobs = [
+                (paths[i % len(paths)], (i // len(paths)) * self.sizes.stream_bytes)
+                for i in range(self.sizes.handles)
+            ]
+            with PeakRss(mount.proc.pid) as rss:
+                threads = [threading.Thread(target=stream, args=job) for job in jobs]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+            m3.taskfs.append(rss.peak / 1e6)
+            m3.peak_rss = rss.peak
+            for row in (m1, m2, m3):
+                row.ok = row.counts_ok = row.peak_rss <= MEMORY_CEILING
+        finally:
+            mount.stop()
+
     def once(self, service: Service, proxy: Proxy, datasets: dict[str, Dataset]) -> None:
+        self.memory(proxy, datasets)
         p9 = self.results["P9"]
         per_entry = entry_memory(service, datasets["many"])
         p9.notes.append(f"index + tree: {per_entry:.0f} bytes per entry")
@@ -818,7 +921,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="the reduced set (< 2 minutes)")
     parser.add_argument(
-        "--check", action="store_true", help="fail unless the request counts of P1, P2, P6, P8 hold"
+        "--check",
+        action="store_true",
+        help="fail unless the request counts of P1, P2, P6, P8 and the memory of M1-M3 hold",
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--runs", type=int, help="runs per workload (default: 3, quick 1)")
@@ -868,11 +973,12 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     if args.check:
-        failed = [k for k in ("P1", "P2", "P6", "P8") if not bench.results[k].counts_ok]
+        checked = ("P1", "P2", "P6", "P8", "M1", "M2", "M3")
+        failed = [k for k in checked if not bench.results[k].counts_ok]
         if failed:
-            print(f"request-count checks failed: {', '.join(failed)}", file=sys.stderr)
+            print(f"request-count and memory checks failed: {', '.join(failed)}", file=sys.stderr)
             return 1
-        print("request-count checks (P1, P2, P6, P8) passed")
+        print("request-count (P1, P2, P6, P8) and memory (M1-M3) checks passed")
     return 0
 
 

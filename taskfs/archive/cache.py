@@ -5,10 +5,11 @@ Owns: where fetched bytes are kept so that nothing is fetched twice.
 * ``DiskCache``: one file per extent under ``<dir>/blocks-v1/``, keyed by
   (object, ETag, kind, number). Each file carries a header with the key's digest, the length
   and a CRC-32 of the data; a file that fails any check is a miss and is deleted. A byte limit
-  is kept with LRU eviction; the index is rebuilt from the directory on start, so the cache
-  survives restarts. Writes go to a temporary file and are renamed into place; any ``OSError``
-  (full disk, read-only, quota) disables nothing and fails nothing: that extent is simply not
-  cached.
+  is kept with LRU eviction for every process sharing the directory together (see
+  ``DiskCache``); the index is rebuilt from the directory on start, so the cache survives
+  restarts. Writes go to a temporary file and are renamed into place; a temporary file is
+  removed only once the process that wrote it is gone; any ``OSError`` (full disk, read-only,
+  quota) disables nothing and fails nothing: that extent is simply not cached.
 * ``MemoryCache``: a byte-bounded LRU of recent extents shared by all open archives.
 * ``SingleFlight``: concurrent requests for one key run the fetch once; the others wait for it.
 
@@ -20,6 +21,7 @@ limit after a ``put`` returns, and never turns a cache failure into a failed rea
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
@@ -45,6 +47,8 @@ MAGIC = b"TFSB"
 VERSION = 1
 HEADER = struct.Struct("<4sH32sQI")  # magic, version, key digest, length, crc32
 TOUCH_INTERVAL = 60.0
+# Bytes of disk writes allowed to wait for the disk (beyond: not cached).
+DISK_BACKLOG = 32 << 20
 
 
 class CacheKey(NamedTuple):
@@ -67,7 +71,15 @@ def _digest(key: CacheKey) -> bytes:
 
 
 class DiskCache:
-    """Byte-limited, integrity-checked, restart-surviving extent cache (blocking methods)."""
+    """Byte-limited, integrity-checked, restart-surviving extent cache (blocking methods).
+
+    Several processes (mounts) may share one directory: the files are the truth, and the limit
+    is kept for all of them together. Each process keeps an index of what it knows; once it
+    has written a slice of the limit (``_slice``), it takes ``blocks-v1.lock`` next to it,
+    rescans every file (its own and the others'), and evicts the least recently used (by
+    mtime: reads touch it) until the total is under the limit. So the directory exceeds the
+    limit by at most one slice per process between two accountings.
+    """
 
     def __init__(self, directory: Path, limit_bytes: int) -> None:
         self.root = directory / FORMAT_DIR
@@ -77,31 +89,42 @@ class DiskCache:
         self._touched: dict[str, float] = {}
         self._dirs: set[str] = set()  # subdirectories known to exist
         self.total = 0
+        self._pending = 0  # bytes written since the last accounting
+        self._slice = max(1 << 20, min(64 << 20, limit_bytes // 16))
         self.enabled = limit_bytes > 0
         if self.enabled:
             try:
                 self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-                self._load()
+                self._account()
             except OSError as exc:
                 log.info("disk cache disabled: %s: %s", self.root, exc.strerror)
                 self.enabled = False
 
-    def _load(self) -> None:
-        found: list[tuple[float, str, int]] = []
-        with os.scandir(self.root) as subs:
-            dirs = [sub.path for sub in subs if sub.is_dir()]
-        for path in dirs:
-            with os.scandir(path) as items:
-                for item in items:
-                    if item.name.startswith("."):
-                        _unlink(item.path)  # a temp file of an interrupted write
-                        continue
-                    st = item.stat()
-                    found.append((st.st_mtime, item.name, st.st_size))
-        for _, name, size in sorted(found):
-            self._index[name] = size
-            self.total += size
-        self._evict()
+    def _account(self) -> None:
+        """Under the directory's lock: learn every file, evict down to the limit."""
+        with open(self.root.with_name(FORMAT_DIR + ".lock"), "a+b") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            found: list[tuple[float, str, int]] = []
+            with os.scandir(self.root) as subs:
+                dirs = [sub.path for sub in subs if sub.is_dir()]
+            for path in dirs:
+                with os.scandir(path) as items:
+                    for item in items:
+                        try:
+                            st = item.stat()
+                        except OSError:
+                            continue
+                        if item.name.startswith("."):
+                            if _abandoned(item.name, st.st_mtime):
+                                _unlink(item.path)  # an interrupted write of a dead process
+                            continue
+                        found.append((st.st_mtime, item.name, st.st_size))
+            found.sort()
+            with self._lock:
+                self._index = OrderedDict((name, size) for _, name, size in found)
+                self.total = sum(size for _, _, size in found)
+                self._pending = 0
+                self._evict()
 
     def _path(self, name: str) -> str:
         return os.path.join(self.root, name[:2], name)
@@ -119,11 +142,12 @@ class DiskCache:
         path = self._path(name)
         try:
             with open(path, "rb") as f:
-                raw = f.read()
+                head = f.read(HEADER.size)
+                body = f.read()  # read apart from the header: no copy of the data
         except OSError:
-            self._forget(name)
+            self._forget(name)  # evicted by another process sharing the directory
             return None
-        data = _unpack(raw, digest)
+        data = _unpack(head, body, digest)
         if data is None:
             log.info("disk cache: dropping a corrupt entry %s", name)
             self._forget(name)
@@ -133,14 +157,14 @@ class DiskCache:
         if now - self._touched.get(name, 0.0) > TOUCH_INTERVAL:
             self._touched[name] = now
             with contextlib.suppress(OSError):
-                os.utime(path)  # recency survives a restart
+                os.utime(path)  # recency survives a restart, and other processes see it
         return data
 
     def contains(self, key: CacheKey) -> bool:
         with self._lock:
             return self.enabled and key.digest().hex() in self._index
 
-    def put(self, key: CacheKey, data: bytes) -> bool:
+    def put(self, key: CacheKey, data: bytes | memoryview) -> bool:
         """Store ``data``; ``False`` if it could not be (the read goes on regardless)."""
         if not self.enabled or len(data) + HEADER.size > self.limit:
             return False
@@ -149,7 +173,7 @@ class DiskCache:
         path = self._path(name)
         header = HEADER.pack(MAGIC, VERSION, digest, len(data), zlib.crc32(data))
         directory = os.path.dirname(path)
-        # A per-process, per-thread temporary name (dot-prefixed: swept at start after a crash).
+        # A per-process, per-thread temporary name (dot-prefixed: swept once its process died).
         tmp = os.path.join(directory, f".{name}.{os.getpid()}.{threading.get_ident()}")
         try:
             if directory not in self._dirs:
@@ -171,7 +195,14 @@ class DiskCache:
         with self._lock:
             self.total += size - self._index.pop(name, 0)
             self._index[name] = size
+            self._pending += size
+            due = self._pending >= self._slice
             self._evict()
+        if due:
+            try:
+                self._account()
+            except OSError as exc:
+                log.debug("disk cache: accounting failed: %s", exc.strerror)
         return True
 
     def _forget(self, name: str) -> None:
@@ -186,11 +217,25 @@ class DiskCache:
             _unlink(self._path(name))
 
 
-def _unpack(raw: bytes, digest: bytes) -> bytes | None:
-    if len(raw) < HEADER.size:
+def _abandoned(name: str, mtime: float) -> bool:
+    """Whether a temporary file ``.<digest>.<pid>.<thread>`` was left by a process that is
+    gone (or is over an hour old: its pid may have been reused)."""
+    if time.time() - mtime > 3600:
+        return True
+    parts = name.split(".")
+    try:
+        os.kill(int(parts[2]), 0)
+    except (IndexError, ValueError, ProcessLookupError):
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _unpack(head: bytes, data: bytes, digest: bytes) -> bytes | None:
+    if len(head) < HEADER.size:
         return None
-    magic, version, stored, length, crc = HEADER.unpack_from(raw)
-    data = raw[HEADER.size :]
+    magic, version, stored, length, crc = HEADER.unpack_from(head)
     if magic != MAGIC or version != VERSION or stored != digest or length != len(data):
         return None
     if zlib.crc32(data) != crc:
@@ -234,6 +279,7 @@ class Tiered:
         self.memory = memory
         self.disk = disk
         self._limiter = trio.CapacityLimiter(4)
+        self._backlog = 0  # bytes handed to disk writes that have not finished
 
     async def get(self, key: CacheKey) -> bytes | None:
         data = self.memory.get(key)
@@ -256,17 +302,28 @@ class Tiered:
         self.memory.put(key, data)
         await self.put_disk_many([(key, data)])
 
-    async def put_disk_many(self, items: list[tuple[CacheKey, bytes]]) -> None:
-        """Write several extents in one worker-thread call (one handoff, not one each)."""
+    async def put_disk_many(self, items: list[tuple[CacheKey, bytes | memoryview]]) -> None:
+        """Write several extents in one worker-thread call (one handoff, not one each).
+
+        Writes waiting for the disk hold their bytes: past ``DISK_BACKLOG`` of them, an extent
+        is simply not cached (a slow disk must not turn into memory).
+        """
         disk = self.disk
         if disk is None or not disk.enabled or not items:
             return
+        size = sum(len(data) for _, data in items)
+        if self._backlog + size > DISK_BACKLOG:
+            return
+        self._backlog += size
 
         def work() -> None:
             for key, data in items:
                 disk.put(key, data)
 
-        await trio.to_thread.run_sync(work, limiter=self._limiter)
+        try:
+            await trio.to_thread.run_sync(work, limiter=self._limiter)
+        finally:
+            self._backlog -= size
 
 
 class _Flight(Generic[V]):

@@ -89,20 +89,32 @@ METHOD_NAMES = {1: "shrink", 6: "implode", 9: "deflate64", 93: "zstandard", 95: 
 
 
 class ReadBudget:
-    """Decoded output that the open cursors may keep, shared out among them.
+    """Memory of the open large-member readers, shared out among them.
 
-    Each cursor keeps at most ``share()`` bytes of output behind its last read (its window);
-    with many cursors open each keeps less, so their sum stays near ``total``.
+    Each cursor keeps at most ``share()`` bytes of output behind its last read (its window) and
+    decodes at most that far ahead, in steps of half of it; each reader prefetches at most
+    ``prefetch()`` bytes of archive. With many readers open each gets less, so their sums stay
+    near ``total`` and ``total_prefetch``.
     """
 
-    def __init__(self, total: int = 48 << 20, least: int = 256 << 10, most: int = 4 << 20):
+    def __init__(
+        self,
+        total: int = 48 << 20,
+        least: int = 256 << 10,
+        most: int = 4 << 20,
+        total_prefetch: int = 32 << 20,
+    ):
         self.total = total
         self.least = least
         self.most = most
+        self.total_prefetch = total_prefetch
         self.readers = 0
 
     def share(self) -> int:
         return max(self.least, min(self.most, self.total // max(1, self.readers)))
+
+    def prefetch(self) -> int:
+        return max(READAHEAD_START, min(READAHEAD_MAX, self.total_prefetch // max(1, self.readers)))
 
 
 class CheckpointBudget:
@@ -284,9 +296,9 @@ class _ReadAhead:
         self.next = -1
         self.window = 0
 
-    def advise(self, offset: int, size: int) -> int:
+    def advise(self, offset: int, size: int, most: int = READAHEAD_MAX) -> int:
         if offset == self.next:
-            self.window = min(READAHEAD_MAX, max(READAHEAD_START, self.window * 2))
+            self.window = min(most, max(READAHEAD_START, self.window * 2))
         else:
             self.window = 0
         self.next = offset + size
@@ -300,6 +312,8 @@ class StoredMember:
         self.archive = archive
         self.entry = entry
         self.verifier = archive.verifier(entry)
+        self.budget = archive.budget
+        self.budget.readers += 1
         self._ahead = _ReadAhead()
         self._closed = False
 
@@ -309,7 +323,7 @@ class StoredMember:
             return b""
         self.verifier.check()
         start = await self.archive.data_start(self.entry)
-        window = self._ahead.advise(offset, size)
+        window = self._ahead.advise(offset, size, self.budget.prefetch())
         end = offset + size
         if self.verifier.covered(offset, end):
             data = await self.archive.read_range(start + offset, start + end, window)
@@ -325,6 +339,7 @@ class StoredMember:
         if self._closed:
             return True
         self._closed = True
+        self.budget.readers -= 1
         return self.archive.release(self.entry)
 
 
@@ -635,7 +650,7 @@ class CursorMember:
             sequential = offset == self._last_end
             self._last_end = offset + size
         self.verifier.check()  # a step in the background may have found the member corrupt
-        ahead = min(self.entry.size, offset + size + INFLATE_AHEAD)
+        ahead = min(self.entry.size, offset + size + min(INFLATE_AHEAD, self.budget.share()))
         if sequential and not self._ahead_running and self._out_pos < ahead:
             self._ahead_running = True
             self.archive.spawn(self._decode_ahead, ahead)
@@ -685,13 +700,14 @@ class CursorMember:
         codec = self._codec
         assert codec is not None
         entry = self.entry
-        limit = STEP_OUT
+        step_size = max(MIN_STEP_OUT, min(STEP_OUT, self.budget.share() // 2))
+        limit = step_size
         if until is not None:
-            limit = max(MIN_STEP_OUT, min(STEP_OUT, until - self._out_pos))
+            limit = max(MIN_STEP_OUT, min(step_size, until - self._out_pos))
         if not self._tail and codec.wants_input() and self._in_pos < entry.compressed_size:
             start = await self.archive.data_start(entry)
-            end = min(entry.compressed_size, self._in_pos + STEP_IN)
-            window = self._ahead.advise(self._in_pos, end - self._in_pos)
+            end = min(entry.compressed_size, self._in_pos + min(STEP_IN, step_size))
+            window = self._ahead.advise(self._in_pos, end - self._in_pos, self.budget.prefetch())
             self._tail = await self.archive.read_range(start + self._in_pos, start + end, window)
         data, self._tail = self._tail, b""
         due_at = MAX_DUE
@@ -710,16 +726,18 @@ class CursorMember:
             self._tail = data[step.consumed :]
         else:
             self._in_pos += len(data)
-        for out in step.chunks:
-            if self._out_pos + len(out) > entry.size:
+        if step.chunks:
+            produced = sum(len(out) for out in step.chunks)
+            if self._out_pos + produced > entry.size:
                 raise ArchiveError(f"{entry.name}: data is larger than the directory says")
-            try:
-                self.verifier.feed(self._out_pos, out)
+            try:  # one stretch per step (not one per zlib piece: a CRC combine each)
+                self.verifier.feed_chunks(self._out_pos, step.chunks)
             except ChecksumError:
                 self._codec = None  # this cursor is mid-step: never continue from here
                 raise
-            self._window.data += out
-            self._out_pos += len(out)
+            for out in step.chunks:
+                self._window.data += out
+            self._out_pos += produced
         if codec.eof and self._out_pos != entry.size:
             raise ArchiveError(
                 f"{entry.name}: data holds {self._out_pos} bytes, the directory says {entry.size}"

@@ -354,8 +354,9 @@ class RemoteArchive:
         if error is None:
             if members:
                 await self._predecode(members, data, start)
+            view = memoryview(data)  # slices for the disk writes: no copies of the data
             await self.cache.put_disk_many(
-                [(key, data[p_start - start : p_end - start]) for key, p_start, p_end in parts]
+                [(key, view[p_start - start : p_end - start]) for key, p_start, p_end in parts]
             )
 
     async def _predecode(self, members: tuple[Entry, ...], data: bytes, start: int) -> None:

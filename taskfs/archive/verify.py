@@ -94,9 +94,29 @@ class Verifier:
             view = memoryview(data)
             for start, stop in self._missing(max(0, offset), end):
                 self._insert(start, stop, zlib.crc32(view[start - offset : stop - offset]))
-            if len(self._starts) == 1 and self._starts[0] == 0 and self._ends[0] == self.size:
-                self.good = self._crcs[0] == self.expected
+            self._check_complete()
         self.check()
+
+    def feed_chunks(self, offset: int, chunks: list[bytes]) -> None:
+        """``feed`` of the concatenation of ``chunks`` at ``offset``, without joining them
+        (the usual case, a stretch not seen yet, needs one CRC pass and one merge)."""
+        length = sum(len(chunk) for chunk in chunks)
+        end = min(self.size, offset + length)
+        if self.good is None and self._missing(offset, end) == [(offset, offset + length)]:
+            crc = 0
+            for chunk in chunks:
+                crc = zlib.crc32(chunk, crc)
+            self._insert(offset, offset + length, crc)
+            self._check_complete()
+        else:
+            for chunk in chunks:
+                self.feed(offset, chunk)
+                offset += len(chunk)
+        self.check()
+
+    def _check_complete(self) -> None:
+        if len(self._starts) == 1 and self._starts[0] == 0 and self._ends[0] == self.size:
+            self.good = self._crcs[0] == self.expected
 
     def _missing(self, start: int, end: int) -> list[tuple[int, int]]:
         """The parts of ``[start, end)`` not seen yet."""

@@ -183,3 +183,32 @@ async def test_single_flight_shares_errors_and_survives_cancel() -> None:
         await trio.sleep(0.05)
         leader.cancel()
     assert got == [b"second"]
+
+
+def test_the_limit_holds_for_every_process_sharing_the_directory(tmp_path: Path) -> None:
+    """Two mounts with the default cache dir: together they stay within the limit (give or
+    take one accounting slice each), and each sees what the other evicted as a miss."""
+    limit = 64 << 20
+    block = os.urandom(1 << 20)
+    first, second = DiskCache(tmp_path, limit), DiskCache(tmp_path, limit)
+    for n in range(60):
+        assert first.put(key(n), block)
+        assert second.put(key(1000 + n), block)
+    on_disk = sum(p.stat().st_size for p in files(first))
+    assert on_disk <= limit + 2 * first._slice
+    # Each process still answers from what is there, and misses what is gone.
+    hits = sum(first.get(key(n)) == block for n in range(60))
+    hits += sum(first.get(key(1000 + n)) is not None for n in range(60))
+    assert 0 < hits <= on_disk // (1 << 20) + 1
+
+
+def test_a_starting_cache_leaves_a_live_writers_temporary_files(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path, 1 << 20)
+    cache.put(key(1), b"data")
+    directory = files(cache)[0].parent
+    mine = directory / f".{'ab' * 32}.{os.getpid()}.1"  # a write in progress, here
+    mine.write_bytes(b"partial")
+    dead = directory / f".{'cd' * 32}.999999999.1"  # a writer that is gone
+    dead.write_bytes(b"partial")
+    DiskCache(tmp_path, 1 << 20)
+    assert mine.exists() and not dead.exists()

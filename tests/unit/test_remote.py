@@ -445,3 +445,27 @@ async def test_an_unverified_member_asks_for_its_cached_pages_to_go(
         again = archive.open_member(entry)  # verified before: any part is fine now
         await again.read(100, 10)
         assert again.close() is True
+
+
+async def test_what_a_partial_reader_of_a_corrupt_member_can_get(
+    opener: tuple[Objects, Opener], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's statement, exactly: bytes of a corrupt member can reach a reader only
+    while the member has not been read in full (its CRC covers all of it); the read that
+    completes it fails, and so does every read after."""
+    monkeypatch.setattr(member_mod, "SMALL_COMPRESSED", 64 << 10)
+    monkeypatch.setattr(member_mod, "SMALL_SIZE", 256 << 10)
+    _, open_archive = opener
+    body = text(3 << 20, seed=4)
+    bad_at = 100_000
+    archive = await open_archive(flip_data_byte(build([("m", body, 0)]), "m", bad_at))
+    reader = archive.open_member(member(archive, "m"))
+    head = await reader.read(0, 1 << 20)  # part of the member: nothing to check it against yet
+    assert head[bad_at] != body[bad_at] and head[:bad_at] == body[:bad_at]
+    with pytest.raises(ChecksumError):
+        offset = 1 << 20
+        while offset < len(body):
+            offset += len(await reader.read(offset, 1 << 20))
+    with pytest.raises(ChecksumError):
+        await reader.read(0, 10)
+    assert reader.close() is False  # corrupt: whatever the kernel cached of it must go

@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import random
 import zlib
+from collections.abc import Callable
+from functools import partial
 
 import pytest
 from hypothesis import given, settings
@@ -70,3 +72,31 @@ def test_any_order_verifies_exactly_at_full_coverage(data: bytes, seed: int, ove
 def test_empty_member() -> None:
     assert Verifier("m", 0, 0).good is True
     assert Verifier("m", 0, 5).good is False
+
+
+@settings(max_examples=100)
+@given(st.binary(min_size=2, max_size=3000), st.integers(0, 2**32), st.booleans())
+def test_feed_chunks_is_feed_of_the_joined_chunks(data: bytes, seed: int, corrupt: bool) -> None:
+    rng = random.Random(seed)
+    body = bytearray(data)
+    if corrupt:
+        body[rng.randrange(len(body))] ^= 1
+    joined = Verifier("m", len(data), zlib.crc32(data))
+    chunked = Verifier("m", len(data), zlib.crc32(data))
+    for start, end in _pieces(len(data), rng, overlap=True):
+        piece = bytes(body[start:end])
+        cuts = sorted(rng.sample(range(len(piece) + 1), min(3, len(piece) + 1)))
+        chunks = [piece[a:b] for a, b in itertools.pairwise([0, *cuts, len(piece)])]
+        outcomes = [_outcome(partial(joined.feed, start, piece))]
+        outcomes.append(_outcome(partial(chunked.feed_chunks, start, chunks)))
+        assert chunked.good == joined.good
+        assert outcomes[0] == outcomes[1]
+    assert joined.good == chunked.good == (not corrupt)
+
+
+def _outcome(feed: Callable[[], None]) -> str | None:
+    try:
+        feed()
+    except ChecksumError:
+        return "bad"
+    return None
