@@ -247,3 +247,5 @@ async def _write_member(
         with trio.CancelScope(shield=True):
             await trio.Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        reader.close()

@@ -91,18 +91,18 @@ METHOD_NAMES = {1: "shrink", 6: "implode", 9: "deflate64", 93: "zstandard", 95: 
 class ReadBudget:
     """Memory of the open large-member readers, shared out among them.
 
-    Each cursor keeps at most ``share()`` bytes of output behind its last read (its window) and
-    decodes at most that far ahead, in steps of half of it; each reader prefetches at most
+    Each cursor's window of decoded output holds at most ``share()`` bytes: half behind its
+    last read, half decoded ahead of it, in steps of a quarter; each reader prefetches at most
     ``prefetch()`` bytes of archive. With many readers open each gets less, so their sums stay
     near ``total`` and ``total_prefetch``.
     """
 
     def __init__(
         self,
-        total: int = 48 << 20,
+        total: int = 32 << 20,
         least: int = 256 << 10,
         most: int = 4 << 20,
-        total_prefetch: int = 32 << 20,
+        total_prefetch: int = 24 << 20,
     ):
         self.total = total
         self.least = least
@@ -114,7 +114,7 @@ class ReadBudget:
         return max(self.least, min(self.most, self.total // max(1, self.readers)))
 
     def prefetch(self) -> int:
-        return max(READAHEAD_START, min(READAHEAD_MAX, self.total_prefetch // max(1, self.readers)))
+        return max(self.least, min(READAHEAD_MAX, self.total_prefetch // max(1, self.readers)))
 
 
 class CheckpointBudget:
@@ -124,7 +124,7 @@ class CheckpointBudget:
     and its spacing doubles), so random access degrades gracefully instead of memory growing.
     """
 
-    def __init__(self, total_bytes: int = 32 << 20) -> None:
+    def __init__(self, total_bytes: int = 24 << 20) -> None:
         self.limit = max(2, total_bytes // CHECKPOINT_BYTES)
         self.count = 0
         # Least recently used first; an index that is garbage collected leaves by itself.
@@ -646,11 +646,11 @@ class CursorMember:
             if not self._window.covers(offset, size):
                 await self._decode_to(offset, size)
             data = self._window.take(offset, size)
-            self._window.keep_from(offset + size - self.budget.share())
+            self._window.keep_from(offset + size - self.budget.share() // 2)
             sequential = offset == self._last_end
             self._last_end = offset + size
         self.verifier.check()  # a step in the background may have found the member corrupt
-        ahead = min(self.entry.size, offset + size + min(INFLATE_AHEAD, self.budget.share()))
+        ahead = min(self.entry.size, offset + size + min(INFLATE_AHEAD, self.budget.share() // 2))
         if sequential and not self._ahead_running and self._out_pos < ahead:
             self._ahead_running = True
             self.archive.spawn(self._decode_ahead, ahead)
@@ -673,7 +673,7 @@ class CursorMember:
             if point is not None and point.out_pos > self._out_pos:
                 self._restart(offset)
                 streaming = False
-        keep = self.budget.share()
+        keep = self.budget.share() // 2
         while self._out_pos < offset + size:
             self._window.keep_from(min(offset, self._out_pos) - keep)
             await self._step(None if streaming else offset + size)
@@ -687,7 +687,7 @@ class CursorMember:
                 async with self._lock:
                     if self._codec is None or self._out_pos >= until:
                         return
-                    self._window.keep_from(self._last_end - self.budget.share())
+                    self._window.keep_from(self._last_end - self.budget.share() // 2)
                     await self._step(None)
         except TaskfsError:
             self._codec = None  # start over on the next read, which reports the error
@@ -700,7 +700,7 @@ class CursorMember:
         codec = self._codec
         assert codec is not None
         entry = self.entry
-        step_size = max(MIN_STEP_OUT, min(STEP_OUT, self.budget.share() // 2))
+        step_size = max(MIN_STEP_OUT, min(STEP_OUT, self.budget.share() // 4))
         limit = step_size
         if until is not None:
             limit = max(MIN_STEP_OUT, min(step_size, until - self._out_pos))

@@ -229,6 +229,18 @@ async def test_freshness_of_live_and_ended_tasks(
     assert calls["GET tasks/{id}"] == ended  # an ended task never changes
 
 
+@pytest.mark.parametrize("etag", ['W/"weak"', ""])
+async def test_without_a_strong_etag_no_page_cache_is_kept(env: Env, etag: str) -> None:
+    """Nothing would tell a replaced archive from the cached one: every open reads anew."""
+    env.fake.add("done", S.SUCCESS, archive=artifacts_zip(FILES))
+    env.fake.objects.etags["fake-bucket/done/output.zip"] = etag
+    attr = await env.kernel.resolve("done/outputs/stdout.txt")
+    info = await env.vfs.open(attr.inode, os.O_RDONLY)
+    assert not info.keep_cache
+    assert await env.vfs.read(info.fh, 0, 100) == FILES["stdout.txt"]
+    env.vfs.release(info.fh)
+
+
 async def test_outputs_tree_and_reads(env: Env) -> None:
     env.fake.add("done", S.SUCCESS, archive=artifacts_zip(FILES))
     outputs = await env.kernel.resolve("done/outputs")
