@@ -4,19 +4,24 @@ Owns: argument parsing, logging configuration (the only place handlers are insta
 ``TaskfsError`` into one clear line on stderr and an exit status, and starting/stopping the
 embedded service in the background.
 
-Exit statuses: 0 success, 1 an operation failed, 2 bad usage, 130 interrupted. ``--debug``
-shows tracebacks and debug logs; without it no traceback reaches a user for a known error.
+Exit statuses: 0 success, 1 an operation failed (a task that failed, for ``tasks wait``), 2 bad
+usage, 69 the service could not be reached, 130 interrupted. Errors are one line on stderr:
+failures of taskfs, of the service and of local files (an unwritable directory, a full disk)
+alike; output into a closed pipe ends a command quietly. ``--debug`` shows tracebacks and debug
+logs; without it no traceback reaches a user for a known error.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -39,9 +44,15 @@ from taskfs.config import (
     parse_duration,
     parse_size,
 )
-from taskfs.errors import TaskfsError, UsageError, unwrap
+from taskfs.errors import ServiceError, TaskfsError, UsageError, as_taskfs_error, unwrap
 
 log = logging.getLogger("taskfs.cli")
+
+# The exit status when the service could not be reached (sysexits' EX_UNAVAILABLE): a script
+# tells it from a failed task (1).
+EXIT_UNAVAILABLE = 69
+# What binding the service's address can fail with.
+_BIND_ERRORS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -94,7 +105,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(url)
         return 0
     setup_logging(args.debug, quiet_default=False)
-    return trio.run(_serve_main, settings, args.debug)
+    try:
+        return trio.run(_serve_main, settings, args.debug)
+    except BaseException as exc:
+        leaf = unwrap(exc)
+        binding = isinstance(leaf, socket.gaierror) or (
+            isinstance(leaf, OSError) and leaf.errno in _BIND_ERRORS and leaf.filename is None
+        )
+        if binding and isinstance(leaf, OSError):
+            where = f"{settings.host}:{settings.port}"
+            raise TaskfsError(f"cannot serve on {where}: {leaf.strerror or leaf}") from exc
+        raise
 
 
 def _serve_argv(args: argparse.Namespace) -> list[str]:
@@ -478,19 +499,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(raw)
         args.raw_argv = raw[raw.index("mount") + 1 :] if "mount" in raw else []
+        if args.command_name in ("tasks", "submit"):
+            # Like cat or ls: output into a closed pipe (| head) ends the process quietly.
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         if args.command_name == "tasks":
             setup_logging(args.debug)
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
     except BaseException as exc:  # sorted below; anything unknown is re-raised
-        leaf = unwrap(exc)
-        if debug or not isinstance(leaf, TaskfsError | KeyboardInterrupt):
+        if debug:
             raise
-        if isinstance(leaf, KeyboardInterrupt):
+        if isinstance(unwrap(exc), KeyboardInterrupt):
             print("taskfs: interrupted", file=sys.stderr)
             return 130
-        print(f"taskfs: error: {leaf}", file=sys.stderr)
-        return 2 if isinstance(leaf, UsageError) else 1
+        error = as_taskfs_error(exc)
+        if error is None:
+            raise
+        notes = "".join(f" {note}" for note in getattr(error, "__notes__", ()))
+        print(f"taskfs: error: {error}{notes}", file=sys.stderr)
+        return exit_status(error)
+
+
+def exit_status(error: TaskfsError) -> int:
+    """2 bad usage, 69 the service could not be reached (EX_UNAVAILABLE), 1 anything else."""
+    if isinstance(error, UsageError):
+        return 2
+    if isinstance(error, ServiceError):
+        return EXIT_UNAVAILABLE
+    return 1
 
 
 if __name__ == "__main__":

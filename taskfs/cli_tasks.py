@@ -29,10 +29,11 @@ from taskfs.api.models import (
     TaskStatus,
     TaskStatusCode,
     computation_time,
+    is_task_id,
     machine_type,
 )
 from taskfs.config import ClientSettings, resolve_client
-from taskfs.errors import NotFoundError, TaskEndedError, UsageError
+from taskfs.errors import NotFoundError, ServiceError, TaskEndedError, UsageError
 from taskfs.outputs import download, format_bytes, output_info
 from taskfs.task import outputs_dir, run_api
 
@@ -50,6 +51,15 @@ def settings_of(args: argparse.Namespace) -> ClientSettings:
             settings, deadline=args.deadline, read_timeout=min(settings.read_timeout, args.deadline)
         )
     return settings
+
+
+def task_id_arg(value: str) -> str:
+    """An argparse type: a task id, checked as the mount checks names (``UsageError``)."""
+    if not is_task_id(value):
+        raise argparse.ArgumentTypeError(
+            f"not a task id: {value!r} (letters, digits, '_' and '-', 1-64 of them)"
+        )
+    return value
 
 
 def _time(moment: datetime | None) -> str:
@@ -267,7 +277,11 @@ def cmd_download(args: argparse.Namespace) -> int:
         def on_chunk(name: str, size: int) -> None:
             bar.update(size)
 
+        total = 0
+
         def on_file(name: str, size: int) -> None:
+            nonlocal total
+            total += size
             if not interactive:
                 print(f"downloaded {name} ({format_bytes(size)})", flush=True)
 
@@ -277,7 +291,7 @@ def cmd_download(args: argparse.Namespace) -> int:
             )
         finally:
             bar.close()
-        return len(paths), sum(p.stat().st_size for p in paths)
+        return len(paths), total
 
     count, size = run_api(settings_of(args), fetch)
     print(f"Downloaded {count} file(s), {format_bytes(size)}, to {dest}")
@@ -297,8 +311,14 @@ def cmd_wait(args: argparse.Namespace) -> int:
             ahead = f" ({status.position_in_queue.tasks_ahead} ahead in the queue)"
         print(f"{now}  {status.status}{ahead}", flush=True)
 
+    def outage(error: ServiceError, retry_in: float) -> None:
+        print(f"taskfs: {error}; retrying in {retry_in:g} s", file=sys.stderr, flush=True)
+
     async def watch(api: ApiClient) -> TaskStatusCode:
-        return (await api.wait_ended(args.id, args.poll, show)).status
+        status = await api.wait_ended(
+            args.id, args.poll, show, max_outage=args.max_outage, on_outage=outage
+        )
+        return status.status
 
     try:
         final = run_api(settings, watch)
@@ -357,7 +377,7 @@ def add_parsers(
         "one task's record and status timeline",
         "The task's fields and the timeline of its statuses and operations.",
     )
-    p.add_argument("id")
+    p.add_argument("id", type=task_id_arg)
     p.add_argument("--json", action="store_true", help="the API's full record as JSON")
     p.set_defaults(func=cmd_info)
 
@@ -367,7 +387,7 @@ def add_parsers(
         "Kill tasks. Asks for confirmation at a terminal unless -y; with no terminal and "
         "no -y nothing is killed. The exit status is 0 only if every kill succeeded.",
     )
-    p.add_argument("ids", nargs="*", metavar="ID")
+    p.add_argument("ids", nargs="*", metavar="ID", type=task_id_arg)
     p.add_argument("--all", action="store_true", help="every queued or running task")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask")
     p.add_argument(
@@ -383,7 +403,7 @@ def add_parsers(
         "list the outputs archive (no download)",
         "The outputs archive's contents, read from its central directory with range requests.",
     )
-    p.add_argument("id")
+    p.add_argument("id", type=task_id_arg)
     p.set_defaults(func=cmd_outputs)
 
     p = leaf(
@@ -393,7 +413,7 @@ def add_parsers(
         "$INDUCTIVA_OUTPUT_DIR, else inductiva_output), with a progress bar on a terminal "
         "and one line per file otherwise.",
     )
-    p.add_argument("id")
+    p.add_argument("id", type=task_id_arg)
     p.add_argument("--files", nargs="+", metavar="F", help="only these files (relative names)")
     p.add_argument("--dir", help="where to put <id>/outputs")
     p.set_defaults(func=cmd_download)
@@ -401,13 +421,22 @@ def add_parsers(
     p = leaf(
         "wait",
         "wait for a task to end, printing each status change",
-        "Prints each status change until the task ends. Exit status 0 if it succeeded.",
+        "Prints each status change until the task ends. Exit status 0 if it succeeded, 1 if "
+        "it ended any other way, 69 if the service stayed unreachable for --max-outage.",
     )
-    p.add_argument("id")
+    p.add_argument("id", type=task_id_arg)
     p.add_argument(
         "--kill-on-interrupt",
         action="store_true",
         help="Ctrl-C kills the task (as Task.sync_context does)",
+    )
+    p.add_argument(
+        "--max-outage",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="ride out a service outage this long (retrying, saying so on stderr), then give "
+        "up with exit status 69 (default: %(default)g)",
     )
     p.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_wait)

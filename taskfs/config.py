@@ -39,6 +39,13 @@ def default_data_dir() -> Path:
     return Path(base) / "taskfs"
 
 
+def runtime_dir() -> Path:
+    """Where running taskfs processes leave small files about themselves (mount pids):
+    ``$XDG_RUNTIME_DIR/taskfs``, else ``/tmp/taskfs-<uid>``."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(base) / "taskfs" if base else Path(f"/tmp/taskfs-{os.getuid()}")  # noqa: S108
+
+
 def default_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/taskfs``, else ``~/.cache/taskfs``."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")

@@ -22,6 +22,7 @@ catches a foreign exception type. The filesystem maps exceptions to errno throug
         ├── ChecksumError           EIO      CRC-32 mismatch: never return the bytes
         └── UnsupportedError        ENOTSUP  a compression method taskfs cannot read
     UsageError                      (CLI)    bad command-line input; one line, exit status 2
+    LocalError                      (errno)  a local file operation failed (the OSError's errno)
 """
 
 from __future__ import annotations
@@ -105,6 +106,16 @@ class UsageError(TaskfsError):
     errno = _errno.EINVAL
 
 
+class LocalError(TaskfsError):
+    """A local file operation failed (an unwritable directory, a full disk, a name too long):
+    the ``OSError`` as a ``TaskfsError`` with its errno and one line of text."""
+
+    def __init__(self, exc: OSError) -> None:
+        where = f": {exc.filename}" if exc.filename is not None else ""
+        super().__init__(f"{exc.strerror or exc}{where}")
+        self.errno = exc.errno or _errno.EIO
+
+
 def unwrap(exc: BaseException) -> BaseException:
     """The single exception inside nested one-member exception groups (trio nurseries)."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
@@ -112,18 +123,48 @@ def unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
-class single_errors:  # noqa: N801 - used like contextlib's lower-case context managers
-    """Re-raise an exception group holding a single ``TaskfsError`` as that error.
+def leaves(exc: BaseException) -> list[BaseException]:
+    """Every exception inside ``exc``, exception groups flattened."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in leaves(inner)]
+    return [exc]
 
-    Library entry points that run nurseries use it, so callers catch ``TaskfsError`` rather
-    than ``ExceptionGroup``. Groups of several errors, and cancellations, pass unchanged.
+
+def as_taskfs_error(exc: BaseException) -> TaskfsError | None:
+    """The error to show for ``exc``: a ``TaskfsError`` (the first of a group, noting how many
+    more there were), a local ``OSError`` as ``LocalError``; ``None`` when ``exc`` (or some
+    leaf of it) is neither, a bug or an interruption, which must not be disguised."""
+    found = leaves(exc)
+    converted: list[TaskfsError] = []
+    for leaf in found:
+        if isinstance(leaf, TaskfsError):
+            converted.append(leaf)
+        elif isinstance(leaf, OSError) and not isinstance(leaf, BrokenPipeError):
+            converted.append(LocalError(leaf))
+        else:
+            return None
+    if not converted:
+        return None
+    first = converted[0]
+    if len(converted) > 1 and not isinstance(exc, TaskfsError):
+        first.add_note(f"({len(converted) - 1} more errors)")
+    return first
+
+
+class single_errors:  # noqa: N801 - used like contextlib's lower-case context managers
+    """Re-raise what escapes as one ``TaskfsError``: an exception group of them (trio
+    nurseries) as its first, a local ``OSError`` as ``LocalError``.
+
+    Library entry points use it, so callers catch ``TaskfsError`` rather than
+    ``ExceptionGroup`` or ``OSError``. Cancellations and bugs pass unchanged.
     """
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            leaf = unwrap(exc)
-            if isinstance(leaf, TaskfsError):
-                raise leaf
+        if exc is None or isinstance(exc, TaskfsError):
+            return
+        error = as_taskfs_error(exc)
+        if error is not None:
+            raise error from exc

@@ -10,9 +10,13 @@ Must stay true: the API key goes only to the API; storage requests carry the sig
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -203,18 +207,23 @@ async def download(
                 on_start(sum(entry.size for entry in selected.values()))
             limiter = trio.CapacityLimiter(parallel)
             written: list[Path] = []
+            await trio.Path(dest).mkdir(parents=True, exist_ok=True)
+            dest_fd = await trio.to_thread.run_sync(os.open, dest, _DIR_FLAGS)
+            try:
 
-            async def fetch(name: str, entry: Entry) -> None:
-                async with limiter:
-                    target = dest.joinpath(*name.split("/"))
-                    await _write_member(archive, entry, target, name, progress)
-                    written.append(target)
-                    if on_file is not None:
-                        on_file(name, entry.size)
+                async def fetch(name: str, entry: Entry) -> None:
+                    async with limiter:
+                        parts = name.split("/")
+                        await _write_member(archive, entry, dest_fd, parts, name, progress=progress)
+                        written.append(dest.joinpath(*parts))
+                        if on_file is not None:
+                            on_file(name, entry.size)
 
-            async with trio.open_nursery() as workers:
-                for name, entry in selected.items():
-                    workers.start_soon(fetch, name, entry)
+                async with trio.open_nursery() as workers:
+                    for name, entry in selected.items():
+                        workers.start_soon(fetch, name, entry)
+            finally:
+                os.close(dest_fd)
             nursery.cancel_scope.cancel()
     return sorted(written)
 
@@ -225,14 +234,44 @@ def _relative(name: str) -> str:
     return "/".join(parts) if parts else name
 
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def _open_dirs(dest_fd: int, parts: Sequence[str]) -> int:
+    """The directory ``parts`` below ``dest_fd``, made where missing and opened one component
+    at a time without following links (a link planted under the destination cannot send a
+    file elsewhere; paths longer than ``PATH_MAX`` work). A new descriptor."""
+    fd = os.dup(dest_fd)
+    try:
+        for part in parts:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, 0o755, dir_fd=fd)
+            child = os.open(part, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 async def _write_member(
-    archive: RemoteArchive, entry: Entry, target: Path, name: str, progress: ProgressFn | None
+    archive: RemoteArchive,
+    entry: Entry,
+    dest_fd: int,
+    parts: Sequence[str],
+    name: str,
+    *,
+    progress: ProgressFn | None,
 ) -> None:
-    await trio.Path(target.parent).mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.taskfs-part")
+    """Write one member below ``dest_fd`` under a short temporary name (any file name fits),
+    rename it into place and give it the archive's time, as ``unzip`` does."""
+    dir_fd = await trio.to_thread.run_sync(_open_dirs, dest_fd, parts[:-1])
+    tmp = f".taskfs-part-{secrets.token_hex(6)}"
     reader = archive.open_member(entry)
     try:
-        async with await trio.open_file(tmp, "wb") as out:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
+        async with trio.wrap_file(os.fdopen(fd, "wb")) as out:
             offset = 0
             while offset < entry.size:
                 data = await reader.read(offset, CHUNK)
@@ -242,10 +281,15 @@ async def _write_member(
                 offset += len(data)
                 if progress is not None:
                     progress(name, len(data))
-        await trio.Path(tmp).replace(target)
+        await trio.to_thread.run_sync(
+            partial(os.replace, tmp, parts[-1], src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        )
+        with contextlib.suppress(OSError):
+            os.utime(parts[-1], (entry.mtime, entry.mtime), dir_fd=dir_fd, follow_symlinks=False)
     except BaseException:
-        with trio.CancelScope(shield=True):
-            await trio.Path(tmp).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
         raise
     finally:
         reader.close()
+        os.close(dir_fd)

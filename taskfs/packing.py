@@ -11,8 +11,10 @@ What packing does with each thing it meets (``Issue`` records every departure):
   when opened (a file that grows while it is packed is archived as it was; one that shrinks,
   as read, and reported); deflate, except files whose first MiB does not compress (stored);
   zip64 when needed;
-* modification times outside what a ZIP can hold (1980-01-01 to 2107-12-31, local time, as zip
-  tools write them) are clamped to the nearest end and reported;
+* modification times are stored twice, as zip tools do: in the DOS date field (local time,
+  1980-01-01 to 2107-12-31: a time outside is clamped to the nearest end and reported) and
+  exactly (UTC, whole seconds) in an extended timestamp field (0x5455) wherever 32 bits hold
+  it, which readers such as ``unzip`` and taskfs prefer;
 * names that are not UTF-8 are archived with each undecodable byte written as ``%XX`` and
   reported; a path is a file or a directory in the archive, once: an entry whose name (after
   escaping) is already taken, or whose path is longer than a ZIP name can be (65,535 bytes),
@@ -40,9 +42,11 @@ from __future__ import annotations
 import codecs
 import errno
 import json
+import math
 import os
 import re
 import stat
+import struct
 import time
 import zipfile
 import zlib
@@ -313,10 +317,15 @@ class _Packer:
     def _info(self, arc: str, name: str, st: os.stat_result) -> zipfile.ZipInfo:
         """A member's header fields from ``st``: time (clamped, reported), mode, size."""
         date_time, clamped = dos_time(st.st_mtime)
+        exact = extended_timestamp(st.st_mtime)
         if clamped:
             shown = "{:04d}-{:02d}-{:02d} {:02d}:{:02d}:{:02d}".format(*date_time)
-            self.issue("clamped", arc, f"mtime {_show_time(st.st_mtime)} stored as {shown}")
+            kept = "; its extended timestamp keeps the exact time" if exact else ""
+            self.issue(
+                "clamped", arc, f"mtime {_show_time(st.st_mtime)}: its ZIP date is {shown}{kept}"
+            )
         info = zipfile.ZipInfo(name, date_time=date_time)
+        info.extra = exact
         info.external_attr = (st.st_mode & 0xFFFF) << 16
         if stat.S_ISDIR(st.st_mode):
             info.external_attr |= 0x10  # MS-DOS directory flag, as zipfile sets it
@@ -437,6 +446,18 @@ def method_for(sample: bytes) -> int:
         return zipfile.ZIP_DEFLATED
     compressed = len(zlib.compress(sample, 1))
     return zipfile.ZIP_STORED if compressed > 0.97 * len(sample) else zipfile.ZIP_DEFLATED
+
+
+def extended_timestamp(mtime: float) -> bytes:
+    """The extended timestamp extra field (0x5455, "UT") holding ``mtime`` exactly (whole
+    seconds, UTC, what zip and unzip write and read), or nothing where 32 bits cannot hold it."""
+    try:
+        seconds = math.floor(mtime)
+    except (OverflowError, ValueError):
+        return b""
+    if not -(2**31) <= seconds < 2**31:
+        return b""
+    return struct.pack("<HHBi", 0x5455, 5, 1, seconds)
 
 
 def dos_time(mtime: float) -> tuple[tuple[int, int, int, int, int, int], bool]:

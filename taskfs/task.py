@@ -12,6 +12,7 @@ places as the CLI's and is never part of ``repr``.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -25,14 +26,16 @@ from taskfs.api.models import (
     TaskStatusCode,
     TaskWithStatusHistory,
     computation_time,
+    is_task_id,
     machine_type,
 )
 from taskfs.api.submit import submit_task
 from taskfs.config import ClientSettings, resolve_client
-from taskfs.errors import TaskEndedError, single_errors
+from taskfs.errors import ServiceError, TaskEndedError, UsageError, single_errors
 from taskfs.outputs import OutputInfo, download, output_info
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 OUTPUT_ROOT_ENV = "INDUCTIVA_OUTPUT_DIR"
 
 
@@ -67,6 +70,8 @@ class Task:
         api_key_file: Path | None = None,
         settings: ClientSettings | None = None,
     ) -> None:
+        if not is_task_id(task_id):
+            raise UsageError(f"not a task id: {task_id!r}")
         self.id = task_id
         self.settings = settings or resolve_client(api_url, api_key_file)
 
@@ -148,12 +153,23 @@ class Task:
         self,
         poll: float = 1.0,
         on_change: Callable[[TaskStatusCode], None] | None = None,
+        max_outage: float | None = 600.0,
     ) -> TaskStatusCode:
-        """Block until the task has ended; returns its final status."""
+        """Block until the task has ended; returns its final status.
+
+        Rides out an outage of the service (logging each retry at WARNING) for up to
+        ``max_outage`` seconds (``None``: forever), then raises ``ServiceError``.
+        """
+
+        def outage(error: ServiceError, retry_in: float) -> None:
+            log.warning("%s; retrying in %g s", error, retry_in)
 
         async def wait(api: ApiClient) -> TaskStatusCode:
             changed = None if on_change is None else (lambda s: on_change(s.status))
-            return (await api.wait_ended(self.id, poll, changed)).status
+            status = await api.wait_ended(
+                self.id, poll, changed, max_outage=max_outage, on_outage=outage
+            )
+            return status.status
 
         return self._call(wait)
 

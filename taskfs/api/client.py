@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import httpx
 import msgspec
@@ -34,6 +35,7 @@ from taskfs.api.models import (
     TaskStatusCode,
     TaskWithStatusHistory,
     ZipArchiveInfo,
+    is_task_id,
 )
 from taskfs.config import ClientSettings, local_service_url
 from taskfs.errors import (
@@ -59,6 +61,15 @@ T = TypeVar("T")
 
 USER_AGENT = f"taskfs/{__version__}"
 PAGE_SIZE = 500
+
+
+def _task_path(task_id: str, action: str | None = None) -> str:
+    """``/tasks/<id>[/<action>]`` for a checked id (``UsageError`` otherwise), encoded as one
+    path segment: an id never reaches another endpoint or carries a query."""
+    if not is_task_id(task_id):
+        raise UsageError(f"not a task id: {task_id!r}")
+    path = f"/tasks/{quote(task_id, safe='')}"
+    return f"{path}/{action}" if action else path
 
 
 def transport_message(exc: httpx.TransportError, base: str) -> str:
@@ -178,23 +189,23 @@ class ApiClient:
 
     async def get_task(self, task_id: str) -> TaskWithStatusHistory:
         return await self._json(
-            "GET", f"/tasks/{task_id}", TaskWithStatusHistory, what=f"task {task_id}"
+            "GET", _task_path(task_id), TaskWithStatusHistory, what=f"task {task_id}"
         )
 
     async def get_task_raw(self, task_id: str) -> tuple[TaskWithStatusHistory, bytes]:
         """The task and the exact JSON the API sent (``info.json`` shows it as is)."""
-        raw = await self._call("GET", f"/tasks/{task_id}", what=f"task {task_id}")
+        raw = await self._call("GET", _task_path(task_id), what=f"task {task_id}")
         return self._decode(raw, TaskWithStatusHistory, f"GET /tasks/{task_id}"), raw
 
     async def get_status(self, task_id: str) -> TaskStatus:
         return await self._json(
-            "GET", f"/tasks/{task_id}/status", TaskStatus, what=f"task {task_id}"
+            "GET", _task_path(task_id, "status"), TaskStatus, what=f"task {task_id}"
         )
 
     async def kill(self, task_id: str) -> TaskStatus:
         # A kill is safe to repeat: a second one answers the current status.
         return await self._json(
-            "POST", f"/tasks/{task_id}/kill", TaskStatus, what=f"task {task_id}"
+            "POST", _task_path(task_id, "kill"), TaskStatus, what=f"task {task_id}"
         )
 
     async def kill_running(self, task_id: str) -> TaskStatusCode:
@@ -222,11 +233,38 @@ class ApiClient:
         task_id: str,
         poll: float = 1.0,
         on_change: Callable[[TaskStatus], None] | None = None,
+        *,
+        max_outage: float | None = None,
+        on_outage: Callable[[ServiceError, float], None] | None = None,
     ) -> TaskStatus:
-        """Poll until the task has ended; ``on_change`` sees each new status as it comes."""
+        """Poll until the task has ended; ``on_change`` sees each new status as it comes.
+
+        An outage of the service (``ServiceError``: unreachable, timing out, 5xx) is ridden
+        out: ``on_outage(error, seconds)`` hears of each retry, spaced 1, 2, 4 ... 30 s apart;
+        the outage's error is raised once it has lasted ``max_outage`` seconds (never, if
+        ``None``). Anything else (an unknown task, a rejected key) is raised at once.
+        """
         last: TaskStatusCode | None = None
+        outage_since: float | None = None
+        backoff = 1.0
         while True:
-            status = await self.get_status(task_id)
+            try:
+                status = await self.get_status(task_id)
+            except ServiceError as exc:
+                now = trio.current_time()
+                outage_since = now if outage_since is None else outage_since
+                if max_outage is not None and now - outage_since >= max_outage:
+                    raise ServiceError(
+                        f"{exc} (unreachable for {now - outage_since:.0f} s; gave up)"
+                    ) from exc
+                if max_outage is not None:
+                    backoff = min(backoff, max(0.1, outage_since + max_outage - now))
+                if on_outage is not None:
+                    on_outage(exc, backoff)
+                await trio.sleep(backoff)
+                backoff = min(30.0, backoff * 2)
+                continue
+            outage_since, backoff = None, 1.0
             if status.status != last and on_change is not None:
                 on_change(status)
             last = status.status
@@ -241,7 +279,10 @@ class ApiClient:
 
     async def input_uploaded(self, task_id: str) -> None:
         await self._json(
-            "POST", f"/tasks/{task_id}/input_uploaded", dict[str, Any], what=f"task {task_id}"
+            "POST",
+            _task_path(task_id, "input_uploaded"),
+            dict[str, Any],
+            what=f"task {task_id}",
         )
 
     async def signed_urls(

@@ -18,10 +18,20 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import msgspec
+
+# What a task id can be (the cloud's are 25 characters of [a-z0-9]): one path segment, no
+# ``..``, ``?``, ``#`` or ``/``. Checked once, the same way, by the mount, the CLI, the Task class
+# and the API client before an id goes into a URL or a path.
+TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def is_task_id(value: str) -> bool:
+    return TASK_ID.fullmatch(value) is not None
 
 
 class TaskStatusCode(enum.StrEnum):

@@ -19,9 +19,9 @@ Must stay true:
 
 from __future__ import annotations
 
+import calendar
 import stat
 import struct
-import time
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -347,7 +347,12 @@ def _apply_extra(
 
 
 def _dos_time(ddate: int, dtime: int) -> float:
-    """DOS date/time (local time, as zip tools write it) to epoch seconds; invalid -> 1980."""
+    """DOS date/time to epoch seconds, read as UTC; invalid -> 1980.
+
+    A DOS time has no time zone. Zip tools write the packer's local time, which a reader
+    cannot know: taking it as UTC makes the time the same for every reader, whatever its
+    time zone (taskfs's own archives, and the cloud's, carry the exact time in an extended
+    timestamp field, which wins where present)."""
     year = 1980 + (ddate >> 9)
     month = (ddate >> 5) & 0xF
     day = ddate & 0x1F
@@ -355,7 +360,7 @@ def _dos_time(ddate: int, dtime: int) -> float:
     if not (1 <= month <= 12 and 1 <= day <= 31 and hour < 24 and minute < 60 and second < 62):
         return DOS_EPOCH
     try:
-        return time.mktime((year, month, day, hour, minute, second, 0, 0, -1))
+        return float(calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0)))
     except (OverflowError, ValueError):
         return DOS_EPOCH
 

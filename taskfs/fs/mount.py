@@ -12,14 +12,17 @@ refused with a clear message before anything is mounted.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import hashlib
 import logging
 import os
 import shutil
 import signal
 import stat
 import subprocess
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -27,7 +30,7 @@ import pyfuse3
 import trio
 
 from taskfs.api.client import ApiClient
-from taskfs.config import ClientSettings
+from taskfs.config import ClientSettings, runtime_dir
 from taskfs.errors import TaskfsError, UsageError
 from taskfs.fs.fuse_ops import Operations
 from taskfs.fs.vfs import Vfs, VfsSettings
@@ -178,15 +181,20 @@ async def run_mount(
     ):
         vfs = Vfs(api, outputs, nursery, replace(settings.vfs, deadline=deadline))
         pyfuse3.init(Operations(vfs), str(settings.mountpoint), fuse_options(settings))
+        pid_file = _pid_file(settings.mountpoint)
         try:
+            _write_pid_file(pid_file, settings.mountpoint)
             nursery.start_soon(_tune_after_init, settings.mountpoint, settings.readahead_kb)
-            nursery.start_soon(_watch_signals)
+            nursery.start_soon(_watch_signals, vfs)
             log.info("mounted %s at %s", settings.client.api_url, settings.mountpoint)
             task_status.started()
             await pyfuse3.main(min_tasks=MIN_WORKERS, max_tasks=settings.max_tasks)
         finally:
+            vfs.shutdown()
             nursery.cancel_scope.cancel()
             pyfuse3.close(unmount=True)
+            with contextlib.suppress(OSError):
+                pid_file.unlink()
             log.info("unmounted %s", settings.mountpoint)
 
 
@@ -197,21 +205,68 @@ async def _tune_after_init(mountpoint: Path, kb: int) -> None:
     tune_readahead(mountpoint, kb)
 
 
-async def _watch_signals() -> None:
+async def _watch_signals(vfs: Vfs) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             log.info("received %s; unmounting", signal.Signals(signum).name)
+            vfs.shutdown()  # blocked ``wait`` readers hold handlers: answer them first (EINTR)
+            with trio.move_on_after(1):
+                await vfs.waiters_answered()
             pyfuse3.terminate()
             return
 
 
-def unmount(mountpoint: Path) -> None:
-    """Unmount a taskfs mount, also when its process died (lazily if it is busy)."""
+def _pid_file(mountpoint: Path) -> Path:
+    """Where the mount process of ``mountpoint`` leaves its pid (for ``taskfs unmount``)."""
+    digest = hashlib.sha256(os.fsencode(os.path.abspath(mountpoint))).hexdigest()[:16]
+    return runtime_dir() / f"mount-{digest}.pid"
+
+
+def _write_pid_file(path: Path, mountpoint: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = path.parent.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        log.warning("%s is not a private directory of this user: no pid file", path.parent)
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{os.getpid()}\n{os.path.abspath(mountpoint)}\n")
+    tmp.replace(path)
+
+
+def _mount_process(mountpoint: Path) -> int | None:
+    """The pid of the live process serving ``mountpoint``, if it left its pid file (and the
+    pid still belongs to a taskfs mount of that mountpoint, not to a process that reused it)."""
+    try:
+        pid_text, recorded = _pid_file(mountpoint).read_text().splitlines()[:2]
+        pid = int(pid_text)
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    if recorded != os.path.abspath(mountpoint) or b"mount" not in argv:
+        return None
+    return pid
+
+
+def unmount(mountpoint: Path, timeout: float = 10.0) -> None:
+    """Unmount a taskfs mount: ask its process (SIGTERM: it answers blocked ``wait`` readers
+    and unmounts itself), else unmount it directly, also when its process died (lazily if it
+    is busy)."""
     found = mount_entry(mountpoint)
     if found is None:
         raise UsageError(f"{mountpoint} is not mounted")
     if found[0] != FSTYPE:
         raise UsageError(f"{mountpoint} is a {found[0]} mount, not taskfs")
+    pid = _mount_process(mountpoint)
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if mount_entry(mountpoint) is None:
+                return
+            time.sleep(0.05)
+        log.info("the mount process %d did not unmount within %g s", pid, timeout)
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     if tool is None:
         raise TaskfsError("fusermount3 not found (install the fuse3 package)")

@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import re
 import stat
 from collections import OrderedDict
 from collections.abc import Callable
@@ -37,7 +36,13 @@ from datetime import datetime
 import trio
 
 from taskfs.api.client import ApiClient
-from taskfs.api.models import Task, TaskWithStatusHistory, computation_time, machine_type
+from taskfs.api.models import (
+    Task,
+    TaskWithStatusHistory,
+    computation_time,
+    is_task_id,
+    machine_type,
+)
 from taskfs.archive.cache import SingleFlight
 from taskfs.archive.member import MemberReader
 from taskfs.archive.remote import RemoteArchive
@@ -62,7 +67,6 @@ from taskfs.retry import operation_budget
 
 log = logging.getLogger(__name__)
 
-TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 VIRTUAL_FILES = ("status", "machine_type", "computation_time", "control", "wait", "info.json")
 OUTPUTS = "outputs"
 DIR_MODE = stat.S_IFDIR | 0o555
@@ -151,6 +155,7 @@ class _Waiter:
     status: str = ""
     readers: int = 0
     gone: NotFoundError | None = None  # the task disappeared: its readers get ENOENT
+    closing: bool = False  # the mount is going away: its readers get EINTR
 
 
 class Vfs:
@@ -184,6 +189,7 @@ class Vfs:
         self._handles: dict[int, _FileHandle | _DirHandle] = {}
         self._next_fh = 1
         self._waiters: dict[str, _Waiter] = {}
+        self._closing = False
         self._wait_slots = trio.CapacityLimiter(self.settings.max_waiters)
         self._mount_time_ns = _now_ns()
 
@@ -363,7 +369,7 @@ class Vfs:
 
     def _child_key(self, parent: NodeKey, name: str) -> NodeKey:
         if parent.kind == "root":
-            if not TASK_ID.fullmatch(name):
+            if not is_task_id(name):
                 raise NotFoundError(f"{name!r} cannot be a task id")
             return NodeKey("task", name)
         if parent.kind == "task":
@@ -517,8 +523,25 @@ class Vfs:
 
     # -- wait ----------------------------------------------------------------------------------
 
+    def shutdown(self) -> None:
+        """The mount is going away: answer every reader blocked on ``wait`` (EINTR), and any
+        that comes, so that unmounting never waits for a task to end. (Tools that retry an
+        interrupted read, GNU ``cat`` and Python among them, ask again, get EINTR again, and
+        end with ENOTCONN a moment later, when the mount is gone.)"""
+        self._closing = True
+        for waiter in self._waiters.values():
+            waiter.closing = True
+            waiter.done.set()
+
+    async def waiters_answered(self) -> None:
+        """Until no reader is blocked on ``wait`` (after ``shutdown``: a moment)."""
+        while any(waiter.readers for waiter in self._waiters.values()):  # noqa: ASYNC110
+            await trio.sleep(0.01)
+
     async def _wait(self, task_id: str, pid: int) -> bytes:
         """Block until the task has ended; one poller per task however many readers."""
+        if self._closing:
+            raise ReaderGoneError("the mount is being unmounted")
         try:
             self._wait_slots.acquire_nowait()
         except trio.WouldBlock:
@@ -540,6 +563,8 @@ class Vfs:
             self._wait_slots.release()
         if waiter.gone is not None:
             raise NotFoundError(str(waiter.gone))
+        if waiter.closing and not waiter.status:
+            raise ReaderGoneError(f"{task_id}/wait: the mount is being unmounted")
         return f"{waiter.status}\n".encode()
 
     async def _poll(self, task_id: str, waiter: _Waiter) -> None:

@@ -52,6 +52,7 @@ from taskfs.api.models import (
     TERMINAL,
     TaskStatusCode,
     format_time,
+    is_task_id,
     now_utc,
 )
 from taskfs.config import (
@@ -78,7 +79,6 @@ MAX_PER_PAGE = 500
 MAX_REQUEST_BODY = 1 << 20
 # One command is passed to ``sh -c`` as one argument: the kernel takes at most 128 KiB.
 MAX_COMMAND = 100_000
-TASK_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
 _OPERATION_ALIASES = {
     "exec_command": "Running command",
@@ -254,7 +254,7 @@ def storage_path_param(request: Request, name: str) -> str:
 
 def task_id_of(request: Request) -> str:
     task_id: str = request.path_params["task_id"]
-    if not 1 <= len(task_id) <= 64 or not TASK_ID_CHARS.issuperset(task_id):
+    if not is_task_id(task_id):
         raise error(404, f"task {task_id!r} not found")
     return task_id
 

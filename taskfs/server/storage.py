@@ -200,7 +200,7 @@ class Storage:
                         "size": info.file_size,
                         "compressed_size": info.compress_size,
                         "range_start": info.header_offset,
-                        "creation_time": _zip_time(info.date_time),
+                        "creation_time": _zip_time(info),
                         "compress_type": info.compress_type,
                     }
                 )
@@ -232,11 +232,19 @@ def _dir_prefix(relative: str) -> str:
     return relative + "/" if relative else ""
 
 
-def _zip_time(date_time: tuple[int, int, int, int, int, int]) -> str | None:
-    """A member's DOS timestamp (local time, as zip tools write it) with its UTC offset;
-    ``None`` for a date that is not one (zeros, a 13th month)."""
+def _zip_time(info: zipfile.ZipInfo) -> str | None:
+    """A member's time with its UTC offset: the extended timestamp (0x5455) where present,
+    else its DOS date read as UTC (as taskfs's reader does); ``None`` for a DOS date that is
+    not one (zeros, a 13th month)."""
+    extra, pos = info.extra, 0
+    while pos + 4 <= len(extra):
+        tag, length = struct.unpack_from("<HH", extra, pos)
+        if tag == 0x5455 and length >= 5 and pos + 9 <= len(extra) and extra[pos + 4] & 1:
+            seconds = struct.unpack_from("<i", extra, pos + 5)[0]
+            return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="microseconds")
+        pos += 4 + length
     try:
-        local = datetime(*date_time).astimezone()
+        moment = datetime(*info.date_time, tzinfo=UTC)
     except (ValueError, OverflowError):
         return None
-    return local.astimezone(UTC).isoformat(timespec="microseconds")
+    return moment.isoformat(timespec="microseconds")

@@ -141,7 +141,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def mount_other(tmp_path: Path, url: str, *extra: str, name: str = "mnt", key: str = KEY) -> Mount:
+def mount_other(
+    tmp_path: Path,
+    url: str,
+    *extra: str,
+    name: str = "mnt",
+    key: str = KEY,
+    env: dict[str, str] | None = None,
+) -> Mount:
     """Mount the service at ``url`` (``key`` in a 0600 file) at ``tmp_path/name``."""
     key_file = tmp_path / f"{name}.key"
     key_file.write_text(key + "\n")
@@ -155,6 +162,7 @@ def mount_other(tmp_path: Path, url: str, *extra: str, name: str = "mnt", key: s
         "--api-key-file",
         str(key_file),
         *extra,
+        env=env,
     )
 
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from taskfs import Task, TaskStatusCode
-from taskfs.errors import NotFoundError, TaskEndedError, TaskfsError
+from taskfs.errors import NotFoundError, TaskEndedError, TaskfsError, UsageError
 from taskfs.outputs import format_bytes
 from tests.support import Service, start_service, stop
 
@@ -116,3 +116,18 @@ def test_errors_are_taskfs_errors(service: Service) -> None:
         Task("doesnotexist", settings=service.settings).get_status()
     with pytest.raises(TaskfsError):
         Task("doesnotexist", settings=service.settings).get_output_files_info()
+
+
+def test_failures_are_one_taskfs_error_never_a_group(service: Service, tmp_path: Path) -> None:
+    """A local failure (an unwritable destination) and a bad id are ``TaskfsError`` too."""
+    task = Task(service.submit("echo out"), settings=service.settings)
+    task.wait(poll=0.2)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(TaskfsError) as caught:
+        task.download_outputs(output_dir=blocker / "sub")
+    assert not isinstance(caught.value, BaseExceptionGroup)
+    assert "Not a directory" in str(caught.value)
+    for bad in ("../version-check", "id?x", "id#frag", ""):
+        with pytest.raises(UsageError, match="not a task id"):
+            Task(bad, settings=service.settings)

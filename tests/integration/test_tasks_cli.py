@@ -12,11 +12,14 @@ import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from taskfs.api.models import TaskStatusCode as S
+from tests.fakeapi import KEY, FakeApi
+from tests.rangeserver import Answer, serve_answerer
 from tests.support import Service, clean_env, start_service, stop, taskfs_cmd
 
 
@@ -287,9 +290,216 @@ def test_errors_are_one_line(service: Service, tmp_path: Path) -> None:
         "--deadline",
         "1",
     )
-    assert down.returncode == 1 and "cannot connect" in down.stderr
+    assert down.returncode == 69 and "cannot connect" in down.stderr  # unreachable: 69
     assert down.stderr.count("\n") == 1
     usage = cli(service, "tasks", "list", "-n", "zero")
     assert usage.returncode == 2 and "invalid int value" in usage.stderr
     debug = cli(service, "tasks", "info", "nosuchtask", "--debug")
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+# -- the cases of issue "one-line errors, checked ids, honest exits" -------------------------
+
+
+def _one_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    return result.stderr
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["../version-check", "x/../../y", "{id}?x", "{id}#frag", "{id}#../../../escaped", "", "a" * 65],
+)
+def test_task_ids_are_checked_before_any_request(
+    service: Service, tmp_path: Path, bad: str
+) -> None:
+    task_id = service.submit("true")
+    service.wait_for(task_id, lambda s: s.is_terminated)
+    bad = bad.format(id=task_id)
+    for args in (
+        ("tasks", "info", bad),
+        ("tasks", "wait", bad),
+        ("tasks", "kill", bad, "-y"),
+        ("tasks", "outputs", bad),
+        ("tasks", "download", bad, "--dir", str(tmp_path / "d" / "a")),
+    ):
+        result = cli(service, *args)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert "not a task id" in _one_line(result)
+    assert not (tmp_path / "d").exists()  # nothing written anywhere, inside --dir or out
+
+
+def test_local_failures_are_one_line(service: Service, tmp_path: Path) -> None:
+    task_id = service.submit("echo out")
+    service.wait_for(task_id, lambda s: s.is_terminated)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    for target in (blocker / "sub", Path("/proc/self/taskfs-no-such-dir")):
+        result = cli(service, "tasks", "download", task_id, "--dir", str(target))
+        assert result.returncode == 1
+        stderr = _one_line(result)
+        assert "Not a directory" in stderr or "No such file" in stderr or "denied" in stderr
+
+
+def test_output_into_a_closed_pipe_ends_quietly(service: Service) -> None:
+    """``taskfs tasks outputs ID | head -1``: no traceback, as with cat or ls."""
+    task_id = service.submit(
+        "python3 -c \"[open(f'f{i:05d}.txt', 'w').write('x') for i in range(3000)]\""
+    )
+    service.wait_for(task_id, lambda s: s.is_terminated)
+    for command in (
+        f"tasks outputs {task_id}",
+        "tasks list --all --json",
+        f"tasks download {task_id} --dir {service.data_dir}/dl-pipe",
+    ):
+        env = clean_env()
+        args = " ".join(taskfs_cmd(*command.split(), "--data-dir", str(service.data_dir)))
+        result = subprocess.run(
+            ["bash", "-c", f"set -o pipefail; {args} | head -1 > /dev/null"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
+        assert result.stderr == "", (command, result.stderr)
+
+
+def test_download_keeps_long_names_deep_paths_and_times(service: Service, tmp_path: Path) -> None:
+    long_name = "n" * 250
+    deep = "/".join(["level-0123456789"] * 260)  # more than PATH_MAX below the directory
+    script = (
+        "import os\n"
+        f"open('{long_name}', 'w').write('long')\n"
+        f"os.utime('{long_name}', (1234567890, 1234567890))\n"
+        "for _ in range(260):\n"
+        "    os.mkdir('level-0123456789'); os.chdir('level-0123456789')\n"
+        "open('leaf', 'w').write('deep')\n"
+    )
+    (tmp_path / "make.py").write_text(script)
+    task_id = service.submit("python3 make.py", input_dir=tmp_path)
+    assert service.wait_for(task_id, lambda s: s.is_terminated).status == S.SUCCESS
+    result = cli(service, "tasks", "download", task_id, "--dir", str(tmp_path / "dl"))
+    assert result.returncode == 0, result.stderr
+    dest = tmp_path / "dl" / task_id / "outputs"
+    assert (dest / long_name).read_text() == "long"
+    assert (dest / long_name).stat().st_mtime == 1234567890  # the archive's time, as unzip
+    fd = os.open(dest, os.O_RDONLY)
+    for part in deep.split("/"):
+        child = os.open(part, os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    leaf = os.open("leaf", os.O_RDONLY, dir_fd=fd)
+    assert os.read(leaf, 100) == b"deep"
+    os.close(leaf)
+    os.close(fd)
+    assert not [p for p in dest.iterdir() if p.name.startswith(".taskfs-part")]
+
+
+def test_a_link_planted_in_the_destination_is_not_followed(
+    service: Service, tmp_path: Path
+) -> None:
+    task_id = service.submit("mkdir -p sub && echo x > sub/f")
+    service.wait_for(task_id, lambda s: s.is_terminated)
+    dest = tmp_path / "dl" / task_id / "outputs"
+    dest.mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (dest / "sub").symlink_to(outside)
+    result = cli(service, "tasks", "download", task_id, "--dir", str(tmp_path / "dl"))
+    assert result.returncode == 1
+    _one_line(result)
+    assert list(outside.iterdir()) == []
+
+
+def test_serve_errors_are_one_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        for args in (["--port", str(port)], ["--host", "999.1.1.1", "--port", "0"]):
+            result = subprocess.run(
+                taskfs_cmd("serve", "--data-dir", str(tmp_path / "data"), *args),
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env=clean_env(),
+                check=False,
+            )
+            assert result.returncode == 1, result.stderr
+            errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+            assert errors == [errors[0]] and errors[0].startswith("taskfs: error: cannot serve")
+            assert "Traceback" not in result.stderr
+
+
+def test_mount_on_an_impossible_cache_dir_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "mnt").mkdir()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    result = subprocess.run(
+        taskfs_cmd(
+            "mount",
+            str(tmp_path / "mnt"),
+            "--cache-dir",
+            str(blocker / "cache"),
+            "--api-url",
+            "http://127.0.0.1:9",
+            "--api-key-file",
+            str(blocker),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+        check=False,
+    )
+    assert result.returncode != 0
+    _one_line(result)
+
+
+def _cloud(fake: FakeApi, url: str, key_file: Path, *args: str, **popen: Any) -> Any:
+    return subprocess.Popen(
+        taskfs_cmd(*args, "--api-url", url, "--api-key-file", str(key_file), "--deadline", "1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+        **popen,
+    )
+
+
+def test_wait_rides_out_an_outage_and_tells_it_from_a_failure(tmp_path: Path) -> None:
+    """``tasks wait`` keeps waiting through a service outage (saying so on stderr), exits by the
+    task's end once the service is back, and 69 (not 1, a failed task) if it never comes."""
+    fake = FakeApi()
+    fake.add("longtask", S.COMPUTATION_STARTED)
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n")
+    with serve_answerer(fake) as url:
+        fake.base_url = url
+        waiting = _cloud(fake, url, key_file, "tasks", "wait", "longtask", "--poll", "0.2")
+        time.sleep(1)
+        fake.api_fault = lambda method, path: Answer(503, {}, b'{"detail": "down"}')
+        time.sleep(4)
+        fake.api_fault = None
+        fake.set_status("longtask", S.SUCCESS)
+        out, err = waiting.communicate(timeout=60)
+        assert waiting.returncode == 0, err
+        assert "retrying in" in err and "Traceback" not in err
+        assert out.splitlines()[-1].endswith("success")
+
+        fake.add("failing", S.COMPUTATION_STARTED)
+        fake.set_status("failing", S.FAILED)
+        failed = _cloud(fake, url, key_file, "tasks", "wait", "failing")
+        failed.communicate(timeout=60)
+        assert failed.returncode == 1
+
+        fake.add("stuck", S.COMPUTATION_STARTED)
+        fake.api_fault = lambda method, path: Answer(503, {}, b'{"detail": "down"}')
+        gone = _cloud(fake, url, key_file, "tasks", "wait", "stuck", "--max-outage", "3")
+        _, err = gone.communicate(timeout=60)
+        assert gone.returncode == 69, err
+        assert "gave up" in err.splitlines()[-1] and "Traceback" not in err

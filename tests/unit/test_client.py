@@ -232,3 +232,18 @@ async def test_key_never_logged(caplog: pytest.LogCaptureFixture) -> None:
         await client(handler, deadline=0.3).get_status("t1")
     text = "\n".join(r.getMessage() + json.dumps(r.args, default=str) for r in caplog.records)
     assert caplog.records and KEY not in text
+
+
+@pytest.mark.parametrize("bad", ["../version-check", "a/b", "id?x", "id#frag", "", "a" * 65])
+async def test_task_ids_are_checked_and_never_reach_another_endpoint(bad: str) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={})
+
+    api = client(handler)
+    for call in (api.get_task, api.get_status, api.kill, api.input_uploaded):
+        with pytest.raises(UsageError, match="not a task id"):
+            await call(bad)
+    assert seen == []

@@ -16,6 +16,7 @@ import resource
 import shutil
 import socket
 import stat
+import struct
 import subprocess
 import tempfile
 import zipfile
@@ -480,3 +481,20 @@ def test_one_filesystem_never_enters_a_mount(tree: Path, tmp_path: Path) -> None
     finally:
         if mounted:
             subprocess.run(["umount", str(tree / "data")], check=True)
+
+
+def test_exact_times_in_the_extended_timestamp(tree: Path) -> None:
+    """Packing keeps each file's exact mtime (UTC seconds) in the 0x5455 field, also where
+    the DOS date had to be clamped; ``unzip`` and taskfs's reader prefer it."""
+    cases = {"old": 0.0, "negative": -86400.0, "now": 1_764_497_220.7, "far": 2**40}
+    for name, mtime in cases.items():
+        (tree / name).write_bytes(b"x")
+        os.utime(tree / name, (mtime, mtime))
+    archive, _ = pack(tree)
+    for name, mtime in cases.items():
+        extra = archive.getinfo(f"artifacts/{name}").extra
+        if mtime >= 2**31:
+            assert extra == b""  # 32 bits cannot hold it: only the (clamped) DOS date
+            continue
+        tag, length, flags, seconds = struct.unpack("<HHBi", extra)
+        assert (tag, length, flags) == (0x5455, 5, 1) and seconds == int(mtime // 1)

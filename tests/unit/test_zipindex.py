@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import calendar
 import io
 import os
 import stat
@@ -53,8 +54,34 @@ def test_entries_match_zipfile() -> None:
         assert entry.size == info.file_size
         assert entry.crc == info.CRC
         assert entry.method == info.compress_type
-        assert entry.mtime == time.mktime((*info.date_time, 0, 0, -1))
+        assert entry.mtime == calendar.timegm((*info.date_time, 0, 0, 0))  # DOS time as UTC
     assert entries[0].is_dir and not entries[1].is_dir
+
+
+@pytest.mark.parametrize("zone", ["UTC", "America/Los_Angeles", "Asia/Kolkata"])
+def test_times_do_not_depend_on_the_readers_time_zone(
+    zone: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DOS time reads as UTC in any zone; an extended timestamp (0x5455) wins where present,
+    also before 1980, where a DOS date cannot go."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(zipfile.ZipInfo("artifacts/dos", date_time=(2026, 11, 30, 10, 7, 0)), b"a")
+        for name, seconds in (("ut", 1_764_497_220), ("old", 0), ("older", -86400)):
+            info = zipfile.ZipInfo(f"artifacts/{name}", date_time=(1980, 1, 1, 0, 0, 0))
+            info.extra = struct.pack("<HHBi", 0x5455, 5, 1, seconds)
+            zf.writestr(info, b"b")
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    try:
+        _, entries = index(buf.getvalue())
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    mtimes = {e.name.removeprefix("artifacts/"): e.mtime for e in entries}
+    assert mtimes["dos"] == calendar.timegm((2026, 11, 30, 10, 7, 0))
+    assert mtimes["ut"] == 1_764_497_220
+    assert mtimes["old"] == 0 and mtimes["older"] == -86400
 
 
 def test_comment_and_trailing_garbage() -> None:
