@@ -105,6 +105,15 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("INDUCTIVA_")}
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (a zombie is dead for our purposes)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def taskfs_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "taskfs", *args]
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from taskfs.api.models import TaskStatusCode as S
-from tests.support import Service, start_service, stop
+from tests.support import Service, alive, start_service, stop
 
 PY = shlex.quote(sys.executable)
 ROOT = os.geteuid() == 0
@@ -255,18 +255,10 @@ def test_hostile_task(service: Service, case: Case) -> None:
 # -- what a task does to the service around it ---------------------------------------------
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def _gone(pids: list[int], timeout: float = 10) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not [pid for pid in pids if _alive(pid)]:
+        if not [pid for pid in pids if alive(pid)]:
             return True
         time.sleep(0.05)
     return False
@@ -457,7 +449,7 @@ def test_a_stopped_supervisor_and_a_crashed_service_free_nothing(service: Servic
     service.proc, service.url = again.proc, again.url
     final = service.wait_for(task_id, lambda s: s.is_terminated, timeout=30)
     assert final.status == S.EXECUTER_TERMINATED
-    assert _gone_by(lambda: not _alive(sleeper)), "a process of the task outlived the crash"
+    assert _gone_by(lambda: not alive(sleeper)), "a process of the task outlived the crash"
 
 
 def test_a_filesystem_mounted_in_a_work_dir_is_neither_packed_nor_emptied(

@@ -147,6 +147,19 @@ SUBMIT_SCRIPT = textwrap.dedent(
 )
 
 
+def _client_env(inductiva_python: Path, service: Service, tmp_path: Path) -> dict[str, str]:
+    """The official client's environment: the local service, a fresh home, no colours."""
+    home = tmp_path / "home"
+    home.mkdir()
+    return {
+        "PATH": f"{inductiva_python.parent}:/usr/bin:/bin",
+        "HOME": str(home),
+        "INDUCTIVA_API_URL": service.url,
+        "INDUCTIVA_API_KEY": service.key,
+        "INDUCTIVA_DISABLE_ANSI": "true",
+    }
+
+
 async def _run(cmd: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     result = await trio.run_process(
         cmd, env=env, cwd=cwd, capture_stdout=True, capture_stderr=True, check=False
@@ -172,15 +185,7 @@ async def test_official_client_against_local_service(
     await wait_status(api, running, lambda s: s.status == S.COMPUTATION_STARTED)
     slow = await submit_task(api, ["sleep 2; echo slow done"])
 
-    home = tmp_path / "home"
-    home.mkdir()
-    env = {
-        "PATH": f"{inductiva_python.parent}:/usr/bin:/bin",
-        "HOME": str(home),
-        "INDUCTIVA_API_URL": service.url,
-        "INDUCTIVA_API_KEY": service.key,
-        "INDUCTIVA_DISABLE_ANSI": "true",
-    }
+    env = _client_env(inductiva_python, service, tmp_path)
     script = tmp_path / "script.py"
     script.write_text(SCRIPT)
     with trio.fail_after(180):
@@ -252,15 +257,7 @@ async def test_official_client_submits_with_its_own_upload_code(
     (sim / "data").mkdir(parents=True)
     (sim / "params.txt").write_text("steps=3\n")
     (sim / "data" / "numbers.txt").write_text("1\n2\n3\n")
-    home = tmp_path / "home"
-    home.mkdir()
-    env = {
-        "PATH": f"{inductiva_python.parent}:/usr/bin:/bin",
-        "HOME": str(home),
-        "INDUCTIVA_API_URL": service.url,
-        "INDUCTIVA_API_KEY": service.key,
-        "INDUCTIVA_DISABLE_ANSI": "true",
-    }
+    env = _client_env(inductiva_python, service, tmp_path)
     script = tmp_path / "submit.py"
     script.write_text(SUBMIT_SCRIPT)
     with trio.fail_after(120):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import os
 import re
 import sqlite3
 import zipfile
@@ -22,7 +21,7 @@ from taskfs.errors import TaskEndedError
 from taskfs.server.storage import Storage
 from taskfs.server.store import Store
 from tests.integration.conftest import Service
-from tests.support import wait_status
+from tests.support import alive, wait_status
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00$")
 
@@ -235,7 +234,7 @@ async def test_kill_running_terminates_process_group(api: ApiClient, service: Se
     final = await wait_status(api, task_id)
     assert final.status == S.KILLED
     for pid in pids:
-        assert not _alive(pid), f"process {pid} survived the kill"
+        assert not alive(pid), f"process {pid} survived the kill"
     task = await api.get_task(task_id)
     assert [h.status for h in task.status_history][-2:] == [S.PENDING_KILL, S.KILLED]
     ops = [op for h in task.status_history for op in h.operations if op.name == "exec_command"]
@@ -264,7 +263,7 @@ async def test_no_process_outlives_its_task(api: ApiClient, how: str) -> None:
     ]
     assert len(pids) == 2
     # The end is reported only once every process the task started is gone.
-    assert [pid for pid in pids if _alive(pid)] == []
+    assert [pid for pid in pids if alive(pid)] == []
 
 
 async def test_kill_escalates_to_sigkill_after_grace(api: ApiClient) -> None:
@@ -314,19 +313,6 @@ async def test_ttl_exceeded(api: ApiClient) -> None:
     task = await api.get_task(task_id)
     assert task.computation_end_time is not None
     assert (await output_zip(api, task_id)).read("artifacts/stdout.txt") == b"start\n"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead for our purposes.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.mark.expected_warnings

@@ -27,7 +27,7 @@ from taskfs.api.submit import submit_task
 from taskfs.config import ClientSettings
 from taskfs.server.storage import Storage
 from tests.integration.conftest import start_service
-from tests.support import wait_status
+from tests.support import alive, wait_status
 
 LONG = "echo partial; echo $$ > sh.pid; sleep 60"
 # A process that leaves the command's process group, and prints its pid.
@@ -109,14 +109,6 @@ async def _pid_from(file: Path) -> int:
     return int(file.read_text())
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 async def test_restart_after_sigkill(tmp_path: Path) -> None:
     data = tmp_path / "data"
     proc = _serve(data)
@@ -133,7 +125,7 @@ async def test_restart_after_sigkill(tmp_path: Path) -> None:
         proc.wait()
         # The task's processes, the one that left its group included, end with the service.
         with trio.fail_after(10):
-            while [pid for pid in pids if _alive(pid)]:
+            while [pid for pid in pids if alive(pid)]:
                 await trio.sleep(0.05)
 
         # Nothing in the store is lost or corrupted.
@@ -200,7 +192,7 @@ async def test_serve_stop_ends_every_process_of_running_tasks(tmp_path: Path) ->
         stopped = _taskfs("serve", "--stop", "--data-dir", str(data))
         assert stopped.returncode == 0, stopped.stderr
         assert proc.wait(timeout=20) == 0
-        assert not _alive(escapee)
+        assert not alive(escapee)
     finally:
         if proc.poll() is None:
             proc.kill()
