@@ -27,13 +27,13 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
 from taskfs import __version__
 from taskfs.cli_tasks import add_parsers as add_task_parsers
-from taskfs.cli_tasks import settings_of
+from taskfs.cli_tasks import count_arg, grace_arg, port_arg, seconds_arg, settings_of
 from taskfs.config import (
     ENV_API_URL,
     ServiceSettings,
@@ -43,8 +43,12 @@ from taskfs.config import (
     local_service_url,
     parse_duration,
     parse_size,
+    runtime_dir,
 )
 from taskfs.errors import ServiceError, TaskfsError, UsageError, as_taskfs_error, unwrap
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
 
 log = logging.getLogger("taskfs.cli")
 
@@ -55,11 +59,57 @@ EXIT_UNAVAILABLE = 69
 _BIND_ERRORS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
 
 
+class OutputError(TaskfsError):
+    """Standard output failed (a closed pipe, a full disk)."""
+
+
+def emit(text: str, *, done: str = "", undo: Callable[[], str] | None = None) -> None:
+    """Print a command's result line. When standard output fails (a closed pipe, a full
+    disk) the error is one line that says what the command did anyway (``done``: the id of
+    a submitted task), or ``undo`` takes that back and says so."""
+    try:
+        print(text, flush=True)
+    except OSError as exc:
+        _drop_stdout()
+        if undo is not None:
+            done = undo()
+        after = f"; {done}" if done else ""
+        reason = exc.strerror or exc
+        raise OutputError(f"cannot write to standard output: {reason}{after}") from None
+
+
+def _drop_stdout() -> None:
+    """Point standard output at /dev/null, so that the interpreter's last flush of what is
+    still buffered cannot fail again (a second error, printed as a traceback)."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that raises ``UsageError`` instead of exiting, so errors print one way."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{self.prog}: {message}")
+
+    def print_help(self, file: SupportsWrite[str] | None = None) -> None:
+        # argparse ignores a failing standard output; --help > /dev/full must not succeed.
+        if file is None:
+            emit(self.format_help().rstrip("\n"))
+        else:
+            super().print_help(file)
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, printed with ``emit`` (argparse's own ignores a failing output)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="show the version and exit")
+
+    def __call__(self, *args: object, **kwargs: object) -> None:
+        emit(f"taskfs {__version__}")
+        raise SystemExit(0)
 
 
 def setup_logging(debug: bool, quiet_default: bool = True) -> None:
@@ -96,13 +146,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from taskfs.server.app import ensure_secret_file, valid_api_key
 
         settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        print(ensure_secret_file(settings.key_file, valid_api_key))
+        emit(ensure_secret_file(settings.key_file, valid_api_key))
         return 0
     if args.stop:
         return 0 if stop_service(settings.data_dir) else 1
     if args.background:
         url = start_service_background(settings.data_dir, _serve_argv(args))
-        print(url)
+        emit(url, done=f"the service runs at {url}")
         return 0
     setup_logging(args.debug, quiet_default=False)
     try:
@@ -266,7 +316,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 ),
             )
 
-    print(trio.run(main))
+    task_id = trio.run(main)
+    emit(task_id, done=f"task {task_id} was submitted")
     return 0
 
 
@@ -306,8 +357,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         setup_logging(args.debug, quiet_default=False)
         trio.run(run_mount, settings)
         return 0
-    log_path = args.cache_dir / f"mount-{_slug(mountpoint)}.log"
-    args.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log_path = _mount_log(args.cache_dir, mountpoint)
 
     def mounted() -> bool | None:
         found = mount_entry(mountpoint)
@@ -320,14 +370,34 @@ def cmd_mount(args: argparse.Namespace) -> int:
         30,
         "the mount did not come up",
     )
-    print(f"mounted {client.api_url} at {mountpoint} (pid {pid}, log {log_path})")
+
+    def take_back() -> str:
+        from taskfs.fs.mount import unmount
+
+        try:
+            unmount(mountpoint)
+        except TaskfsError as exc:
+            return f"{mountpoint} stays mounted ({exc})"
+        return "unmounted it again"
+
+    emit(f"mounted {client.api_url} at {mountpoint} (pid {pid}, log {log_path})", undo=take_back)
     return 0
 
 
-def _slug(path: Path) -> str:
+def _mount_log(cache_dir: Path, mountpoint: Path) -> Path:
+    """The background mount's log: in the cache dir, else (unwritable: the mount then runs
+    without a disk cache) in the runtime dir."""
     import hashlib
 
-    return hashlib.sha256(str(path).encode()).hexdigest()[:12]
+    name = f"mount-{hashlib.sha256(str(mountpoint).encode()).hexdigest()[:12]}.log"
+    for folder in (cache_dir, runtime_dir()):
+        try:
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with open(folder / name, "ab"):
+                return folder / name
+        except OSError:
+            continue
+    raise UsageError(f"no writable directory for the mount's log ({cache_dir}, {runtime_dir()})")
 
 
 def cmd_unmount(args: argparse.Namespace) -> int:
@@ -360,7 +430,7 @@ def _add_api_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--deadline",
-        type=float,
+        type=seconds_arg,
         metavar="SECONDS",
         help="time limit of one remote operation, retries included (default: 10)",
     )
@@ -371,7 +441,7 @@ def build_parser() -> ArgumentParser:
         prog="taskfs",
         description="Watch and steer remote compute tasks from a Unix shell.",
     )
-    parser.add_argument("--version", action="version", version=f"taskfs {__version__}")
+    parser.add_argument("--version", action=_VersionAction)
     parser.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
     sub = parser.add_subparsers(
         dest="command_name", metavar="COMMAND", required=True, parser_class=ArgumentParser
@@ -386,7 +456,7 @@ def build_parser() -> ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     serve.add_argument(
         "--port",
-        type=int,
+        type=port_arg,
         default=8000,
         help="port to bind, 0 for any free one (default: %(default)s)",
     )
@@ -396,11 +466,11 @@ def build_parser() -> ArgumentParser:
         default=default_data_dir(),
         help="state, storage and key files (default: %(default)s)",
     )
-    serve.add_argument("--slots", type=int, help="tasks run at once (default: CPU count)")
+    serve.add_argument("--slots", type=count_arg, help="tasks run at once (default: CPU count)")
     serve.add_argument("--vm-type", help="machine type reported for tasks (default: local-<N>vcpu)")
     serve.add_argument(
         "--kill-grace",
-        type=float,
+        type=grace_arg,
         default=5.0,
         metavar="SECONDS",
         help="SIGTERM to SIGKILL delay when killing a task (default: %(default)s)",
@@ -494,18 +564,32 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    status = _main(argv)
+    try:
+        sys.stdout.flush()  # what is still buffered fails here, not silently at exit
+    except OSError as exc:
+        _drop_stdout()
+        print(f"taskfs: error: cannot write to standard output: {exc.strerror}", file=sys.stderr)
+        return status or 1
+    return status
+
+
+def _main(argv: Sequence[str] | None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in (raw[: raw.index("--")] if "--" in raw else raw)
     try:
         args = build_parser().parse_args(raw)
         args.raw_argv = raw[raw.index("mount") + 1 :] if "mount" in raw else []
-        if args.command_name in ("tasks", "submit"):
+        if args.command_name == "tasks":
             # Like cat or ls: output into a closed pipe (| head) ends the process quietly.
+            # (Not ``submit``: its one line is the id of a task it created; see ``emit``.)
             signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         if args.command_name == "tasks":
             setup_logging(args.debug)
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
+    except SystemExit as exc:  # --help, --version
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException as exc:  # sorted below; anything unknown is re-raised
         if debug:
             raise

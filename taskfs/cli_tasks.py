@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -35,7 +37,7 @@ from taskfs.api.models import (
 from taskfs.config import ClientSettings, resolve_client
 from taskfs.errors import NotFoundError, ServiceError, TaskEndedError, UsageError
 from taskfs.outputs import download, format_bytes, output_info
-from taskfs.task import outputs_dir, run_api
+from taskfs.task import output_root, outputs_below, run_api
 
 YES = ("y", "ye", "yes")
 MANY = 5
@@ -45,8 +47,6 @@ def settings_of(args: argparse.Namespace) -> ClientSettings:
     """Which API and key (``--api-url``/``--api-key-file``/``--data-dir``, ``--deadline``)."""
     settings = resolve_client(args.api_url, args.api_key_file, args.data_dir)
     if args.deadline is not None:
-        if args.deadline <= 0:
-            raise UsageError("--deadline must be positive")
         settings = replace(
             settings, deadline=args.deadline, read_timeout=min(settings.read_timeout, args.deadline)
         )
@@ -59,6 +59,44 @@ def task_id_arg(value: str) -> str:
         raise argparse.ArgumentTypeError(
             f"not a task id: {value!r} (letters, digits, '_' and '-', 1-64 of them)"
         )
+    return value
+
+
+def seconds_arg(text: str) -> float:
+    """An argparse type: a finite, positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
+    return value
+
+
+def grace_arg(text: str) -> float:
+    """An argparse type: a finite number of seconds, zero allowed."""
+    return 0.0 if text.strip() in ("0", "0.0") else seconds_arg(text)
+
+
+def count_arg(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def port_arg(text: str) -> int:
+    """An argparse type: a TCP port, 0 (any free one) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port number (0-65535): {text!r}")
     return value
 
 
@@ -262,7 +300,11 @@ def cmd_outputs(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    dest = outputs_dir(args.id, Path(args.dir) if args.dir else None)
+    if args.dir is not None and not args.dir.strip():
+        raise UsageError("--dir is empty (leave it out for the default)")
+    root = Path(args.dir) if args.dir is not None else output_root()
+    below = outputs_below(args.id)
+    dest = root.joinpath(*below)
     interactive = sys.stderr.isatty()
 
     async def fetch(api: ApiClient) -> tuple[int, int]:
@@ -287,7 +329,14 @@ def cmd_download(args: argparse.Namespace) -> int:
 
         try:
             paths = await download(
-                api, task, dest, args.files, on_chunk, on_file=on_file, on_start=on_start
+                api,
+                task,
+                root,
+                args.files,
+                on_chunk,
+                on_file=on_file,
+                on_start=on_start,
+                below=below,
             )
         finally:
             bar.close()
@@ -302,7 +351,10 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
-    settings = settings_of(args)
+    def outage(error: ServiceError, retry_in: float) -> None:
+        print(f"taskfs: {error}; retrying in {retry_in:g} s", file=sys.stderr, flush=True)
+
+    settings = _settings_riding_out(args, outage)
 
     def show(status: TaskStatus) -> None:
         now = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
@@ -310,9 +362,6 @@ def cmd_wait(args: argparse.Namespace) -> int:
         if status.position_in_queue is not None:
             ahead = f" ({status.position_in_queue.tasks_ahead} ahead in the queue)"
         print(f"{now}  {status.status}{ahead}", flush=True)
-
-    def outage(error: ServiceError, retry_in: float) -> None:
-        print(f"taskfs: {error}; retrying in {retry_in:g} s", file=sys.stderr, flush=True)
 
     async def watch(api: ApiClient) -> TaskStatusCode:
         status = await api.wait_ended(
@@ -334,6 +383,26 @@ def cmd_wait(args: argparse.Namespace) -> int:
         print(f"Interrupted: killed task {args.id}.", file=sys.stderr)
         return 130
     return 0 if final == TaskStatusCode.SUCCESS else 1
+
+
+def _settings_riding_out(
+    args: argparse.Namespace, outage: Callable[[ServiceError, float], None]
+) -> ClientSettings:
+    """``settings_of``, waiting up to ``--max-outage`` for a local service that is not running
+    (being restarted, say) as ``wait_ended`` waits for one that does not answer."""
+    started = time.monotonic()
+    backoff = 1.0
+    while True:
+        try:
+            return settings_of(args)
+        except ServiceError as exc:
+            spent = time.monotonic() - started
+            if spent >= args.max_outage:
+                raise ServiceError(f"{exc} (for {spent:.0f} s; gave up)") from exc
+            backoff = min(backoff, args.max_outage - spent)
+            outage(exc, backoff)
+            time.sleep(backoff)
+            backoff = min(30.0, backoff * 2)
 
 
 # -- the parser ----------------------------------------------------------------------------------
@@ -365,7 +434,7 @@ def add_parsers(
         "A table of id, status, submitted, started, computation time and machine type.",
     )
     count = p.add_mutually_exclusive_group()
-    count.add_argument("-n", type=int, help="the newest N tasks (default 10)")
+    count.add_argument("-n", type=count_arg, help="the newest N tasks (default 10)")
     count.add_argument("--all", action="store_true", help="every task")
     p.add_argument("--status", help="only tasks in this status, e.g. computation-started")
     p.add_argument("--project", help="only tasks of this project")
@@ -392,7 +461,7 @@ def add_parsers(
     p.add_argument("-y", "--yes", action="store_true", help="do not ask")
     p.add_argument(
         "--wait",
-        type=float,
+        type=seconds_arg,
         metavar="SECONDS",
         help="wait up to SECONDS for each task to be killed",
     )
@@ -432,11 +501,11 @@ def add_parsers(
     )
     p.add_argument(
         "--max-outage",
-        type=float,
+        type=seconds_arg,
         default=600.0,
         metavar="SECONDS",
         help="ride out a service outage this long (retrying, saying so on stderr), then give "
         "up with exit status 69 (default: %(default)g)",
     )
-    p.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
+    p.add_argument("--poll", type=seconds_arg, default=1.0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_wait)

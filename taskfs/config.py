@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from taskfs.errors import AuthError, UsageError
+from taskfs.errors import AuthError, ServiceError, UsageError
 
 DEFAULT_CLOUD_URL = "https://api.inductiva.ai"
 ENV_API_URL = "INDUCTIVA_API_URL"
@@ -196,8 +196,10 @@ def resolve_client(
         return ClientSettings(api_url=url, api_key=key)
     local_url = local_service_url(data_dir)
     if local_url is None:
-        raise UsageError(
-            f"no API URL given and no local service found in {data_dir} "
+        # The service the user asked for (the local one) is not there: unavailable, not a
+        # usage error (scripts tell it by the exit status 69; ``tasks wait`` rides it out).
+        raise ServiceError(
+            f"no API URL given and no local service running for {data_dir} "
             "(start one with 'taskfs serve', or set --api-url / $INDUCTIVA_API_URL)"
         )
     key = read_key_file(api_key_file or data_dir / KEY_FILE_NAME)

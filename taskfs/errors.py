@@ -18,6 +18,7 @@ catches a foreign exception type. The filesystem maps exceptions to errno throug
     ├── IsDirError                  EISDIR   a file operation on a directory
     ├── BusyError                   EAGAIN   too many readers already blocked on ``wait``
     ├── ReaderGoneError             EINTR    the process blocked on ``wait`` went away
+    ├── UnmountingError             ENOTCONN the mount is going away (SIGTERM, ``taskfs unmount``)
     └── ArchiveError                EIO      corrupt or truncated archive
         ├── ChecksumError           EIO      CRC-32 mismatch: never return the bytes
         └── UnsupportedError        ENOTSUP  a compression method taskfs cannot read
@@ -86,6 +87,13 @@ class BusyError(TaskfsError):
 
 class ReaderGoneError(TaskfsError):
     errno = _errno.EINTR
+
+
+class UnmountingError(TaskfsError):
+    """The mount is being unmounted: operations in flight and arriving are answered at once,
+    with the error every later access of the gone mount gets."""
+
+    errno = _errno.ENOTCONN
 
 
 class ArchiveError(TaskfsError):

@@ -178,8 +178,13 @@ async def download(
     parallel: int = 4,
     on_file: ProgressFn | None = None,
     on_start: Callable[[int], None] | None = None,
+    below: Sequence[str] = (),
 ) -> list[Path]:
-    """Write the outputs (all, or ``filenames`` relative to ``artifacts/``) under ``dest``.
+    """Write the outputs (all, or ``filenames`` relative to ``artifacts/``) under ``dest``,
+    in its subdirectory ``below`` (``<id>/outputs``, say) if given.
+
+    ``dest`` is the caller's choice and may be a link; nothing under it is followed: a link
+    planted at ``below`` or inside the tree is an error, never a way out of ``dest``.
 
     Members are read with range requests and checked (CRC); each file is written to a
     temporary name and renamed, so no half-written file is left behind. Names that are not in
@@ -208,14 +213,19 @@ async def download(
             limiter = trio.CapacityLimiter(parallel)
             written: list[Path] = []
             await trio.Path(dest).mkdir(parents=True, exist_ok=True)
-            dest_fd = await trio.to_thread.run_sync(os.open, dest, _DIR_FLAGS)
+            root_fd = await trio.to_thread.run_sync(os.open, dest, _DIR_FLAGS)
+            try:
+                dest_fd = await trio.to_thread.run_sync(_open_dirs, root_fd, below)
+            finally:
+                os.close(root_fd)
+            target = dest.joinpath(*below)
             try:
 
                 async def fetch(name: str, entry: Entry) -> None:
                     async with limiter:
                         parts = name.split("/")
                         await _write_member(archive, entry, dest_fd, parts, name, progress=progress)
-                        written.append(dest.joinpath(*parts))
+                        written.append(target.joinpath(*parts))
                         if on_file is not None:
                             on_file(name, entry.size)
 
@@ -270,7 +280,8 @@ async def _write_member(
     tmp = f".taskfs-part-{secrets.token_hex(6)}"
     reader = archive.open_member(entry)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
+        mode = 0o755 if entry.mode & 0o111 else 0o644  # the exec bits, as unzip keeps them
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode, dir_fd=dir_fd)
         async with trio.wrap_file(os.fdopen(fd, "wb")) as out:
             offset = 0
             while offset < entry.size:

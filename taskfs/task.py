@@ -39,12 +39,15 @@ log = logging.getLogger(__name__)
 OUTPUT_ROOT_ENV = "INDUCTIVA_OUTPUT_DIR"
 
 
-def outputs_dir(task_id: str, root: Path | None = None) -> Path:
-    """Where a task's outputs are downloaded, as the official client does:
-    ``<root>/<task_id>/outputs``, root ``$INDUCTIVA_OUTPUT_DIR`` else ``inductiva_output``."""
-    if root is None:
-        root = Path(os.environ.get(OUTPUT_ROOT_ENV, "inductiva_output"))
-    return root / task_id / "outputs"
+def output_root() -> Path:
+    """Where downloads go by default: ``$INDUCTIVA_OUTPUT_DIR``, else ``inductiva_output``."""
+    return Path(os.environ.get(OUTPUT_ROOT_ENV) or "inductiva_output")
+
+
+def outputs_below(task_id: str) -> tuple[str, str]:
+    """A task's outputs directory below the download root, as the official client lays it
+    out: ``<task_id>/outputs``."""
+    return (task_id, "outputs")
 
 
 def run_api(settings: ClientSettings, fn: Callable[[ApiClient], Awaitable[T]]) -> T:
@@ -192,11 +195,15 @@ class Task:
         """Download all outputs, or ``filenames`` (relative to ``artifacts/``), with range
         requests. Default directory: ``$INDUCTIVA_OUTPUT_DIR`` (else ``inductiva_output``)
         ``/<task_id>/outputs``, as the official client does. Returns the directory."""
-        dest = Path(output_dir) if output_dir is not None else outputs_dir(self.id)
+        below: tuple[str, ...] = ()
+        if output_dir is not None:
+            root = Path(output_dir)
+        else:
+            root, below = output_root(), outputs_below(self.id)
 
         async def fetch(api: ApiClient) -> Path:
             task = await api.get_task(self.id)
-            await download(api, task, dest, filenames, progress)
-            return dest
+            await download(api, task, root, filenames, progress, below=below)
+            return root.joinpath(*below)
 
         return self._call(fetch)

@@ -16,6 +16,7 @@ Must stay true:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -52,6 +53,7 @@ from taskfs.retry import (
     Breaker,
     Retryable,
     RetryPolicy,
+    operation_budget,
     retry_after_seconds,
     with_retries,
 )
@@ -248,11 +250,18 @@ class ApiClient:
         outage_since: float | None = None
         backoff = 1.0
         while True:
+            asked = trio.current_time()
+            # No call outlasts what is left of the outage allowance (a call that fails first
+            # has already been part of the outage).
+            left = math.inf
+            if max_outage is not None:
+                left = max_outage - (asked - (asked if outage_since is None else outage_since))
             try:
-                status = await self.get_status(task_id)
+                with operation_budget(max(0.1, left)):
+                    status = await self.get_status(task_id)
             except ServiceError as exc:
                 now = trio.current_time()
-                outage_since = now if outage_since is None else outage_since
+                outage_since = asked if outage_since is None else outage_since
                 if max_outage is not None and now - outage_since >= max_outage:
                     raise ServiceError(
                         f"{exc} (unreachable for {now - outage_since:.0f} s; gave up)"

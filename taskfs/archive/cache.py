@@ -97,7 +97,7 @@ class DiskCache:
                 self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
                 self._account()
             except OSError as exc:
-                log.info("disk cache disabled: %s: %s", self.root, exc.strerror)
+                log.warning("disk cache disabled: %s: %s", self.root, exc.strerror)
                 self.enabled = False
 
     def _account(self) -> None:

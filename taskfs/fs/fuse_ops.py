@@ -32,7 +32,15 @@ BLKSIZE = 128 << 10
 
 # How loudly each errno is logged: user mistakes and normal misses quietly, failures loudly.
 _QUIET = frozenset(
-    {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.ENODATA, errno.EINTR}
+    {
+        errno.ENOENT,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.EROFS,
+        errno.ENODATA,
+        errno.EINTR,
+        errno.ENOTCONN,
+    }
 )
 _NOTICE = frozenset({errno.ESRCH, errno.EINVAL, errno.EAGAIN, errno.EACCES, errno.ENOTSUP})
 

@@ -209,9 +209,11 @@ async def _watch_signals(vfs: Vfs) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             log.info("received %s; unmounting", signal.Signals(signum).name)
-            vfs.shutdown()  # blocked ``wait`` readers hold handlers: answer them first (EINTR)
+            # Requests in flight (blocked ``wait`` readers, reads waiting on the network) hold
+            # handlers that pyfuse3's main loop waits for: answer them first.
+            vfs.shutdown()
             with trio.move_on_after(1):
-                await vfs.waiters_answered()
+                await vfs.requests_answered()
             pyfuse3.terminate()
             return
 
@@ -261,6 +263,7 @@ def unmount(mountpoint: Path, timeout: float = 10.0) -> None:
     if pid is not None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGCONT)  # a stopped process handles SIGTERM only once resumed
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if mount_entry(mountpoint) is None:

@@ -29,7 +29,7 @@ import math
 import os
 import stat
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
@@ -58,6 +58,7 @@ from taskfs.errors import (
     ServiceError,
     StaleError,
     TaskfsError,
+    UnmountingError,
 )
 from taskfs.fs import control
 from taskfs.fs.inodes import ROOT_INODE, Inode, InodeTable, NodeKey
@@ -155,7 +156,6 @@ class _Waiter:
     status: str = ""
     readers: int = 0
     gone: NotFoundError | None = None  # the task disappeared: its readers get ENOENT
-    closing: bool = False  # the mount is going away: its readers get EINTR
 
 
 class Vfs:
@@ -190,12 +190,26 @@ class Vfs:
         self._next_fh = 1
         self._waiters: dict[str, _Waiter] = {}
         self._closing = False
+        # The cancel scope of every request being answered (``shutdown`` cancels them).
+        self._inflight: set[trio.CancelScope] = set()
         self._wait_slots = trio.CapacityLimiter(self.settings.max_waiters)
         self._mount_time_ns = _now_ns()
 
-    def operation(self) -> contextlib.AbstractContextManager[None]:
-        """The context of one request from the kernel: its remote calls share one deadline."""
-        return operation_budget(self.settings.deadline)
+    @contextlib.contextmanager
+    def operation(self) -> Iterator[None]:
+        """The context of one request from the kernel: its remote calls share one deadline,
+        and ``shutdown`` ends it at once (``UnmountingError``) wherever it waits."""
+        scope = trio.CancelScope()
+        if self._closing:
+            scope.cancel()  # answered at its first wait; work that never waits completes
+        self._inflight.add(scope)
+        try:
+            with operation_budget(self.settings.deadline), scope:
+                yield
+        finally:
+            self._inflight.discard(scope)
+        if scope.cancelled_caught:
+            raise UnmountingError("the mount is being unmounted")
 
     # -- task state ----------------------------------------------------------------------------
 
@@ -524,24 +538,21 @@ class Vfs:
     # -- wait ----------------------------------------------------------------------------------
 
     def shutdown(self) -> None:
-        """The mount is going away: answer every reader blocked on ``wait`` (EINTR), and any
-        that comes, so that unmounting never waits for a task to end. (Tools that retry an
-        interrupted read, GNU ``cat`` and Python among them, ask again, get EINTR again, and
-        end with ENOTCONN a moment later, when the mount is gone.)"""
+        """The mount is going away: end every request in flight, blocked ``wait`` readers and
+        reads waiting on the network alike, and every one that comes (ENOTCONN, what the
+        gone mount answers next), so that unmounting waits neither for a task to end nor for
+        a deadline."""
         self._closing = True
-        for waiter in self._waiters.values():
-            waiter.closing = True
-            waiter.done.set()
+        for scope in self._inflight:
+            scope.cancel()
 
-    async def waiters_answered(self) -> None:
-        """Until no reader is blocked on ``wait`` (after ``shutdown``: a moment)."""
-        while any(waiter.readers for waiter in self._waiters.values()):  # noqa: ASYNC110
+    async def requests_answered(self) -> None:
+        """Until no request is in flight (after ``shutdown``: a moment)."""
+        while self._inflight:  # noqa: ASYNC110 - scopes have no event to wait on
             await trio.sleep(0.01)
 
     async def _wait(self, task_id: str, pid: int) -> bytes:
         """Block until the task has ended; one poller per task however many readers."""
-        if self._closing:
-            raise ReaderGoneError("the mount is being unmounted")
         try:
             self._wait_slots.acquire_nowait()
         except trio.WouldBlock:
@@ -563,8 +574,6 @@ class Vfs:
             self._wait_slots.release()
         if waiter.gone is not None:
             raise NotFoundError(str(waiter.gone))
-        if waiter.closing and not waiter.status:
-            raise ReaderGoneError(f"{task_id}/wait: the mount is being unmounted")
         return f"{waiter.status}\n".encode()
 
     async def _poll(self, task_id: str, waiter: _Waiter) -> None:

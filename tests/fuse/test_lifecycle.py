@@ -1,8 +1,9 @@
 """The mount's lifecycle with readers blocked on ``wait``, and times in any time zone.
 
-Blocked readers hold FUSE handlers: a signal (or ``taskfs unmount``) answers them with EINTR
-and unmounts within a second or two, instead of hanging every access to the mountpoint until
-their tasks end. A member's time shows the same whatever the mount's time zone.
+Requests in flight hold FUSE handlers: readers blocked on ``wait``, reads waiting on a stalled
+storage. A signal (or ``taskfs unmount``) answers them with ENOTCONN and unmounts within a
+second or two, instead of hanging every access to the mountpoint until their tasks end or a
+deadline passes. A member's time shows the same whatever the mount's time zone.
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ import subprocess
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from taskfs.api.models import TaskStatusCode as S
 from taskfs.fs.mount import mount_entry
-from tests.fakeapi import FakeApi
+from tests.fakeapi import KEY, FakeApi
 from tests.fuse.conftest import mount_other, stop_mount
-from tests.rangeserver import serve_answerer
+from tests.rangeserver import Answer, serve_answerer
 from tests.support import clean_env, taskfs_cmd
 
 
@@ -62,14 +64,116 @@ def test_unmount_answers_blocked_wait_readers(tmp_path: Path, how: str) -> None:
                 assert time.monotonic() - started < 5, "still mounted"
                 time.sleep(0.05)
             for reader in readers:
-                # EINTR; cat retries an interrupted read and then finds the mount gone.
                 _, err = reader.communicate(timeout=5)
                 assert reader.returncode != 0
-                assert b"Interrupted system call" in err or b"not connected" in err, err
+                assert b"Transport endpoint is not connected" in err, err
             assert time.monotonic() - started < 5
             assert os.listdir(mount.path) == []  # the mountpoint answers again, empty
         finally:
             stop_mount(mount)
+
+
+def test_unmount_answers_reads_waiting_on_a_stalled_storage(tmp_path: Path) -> None:
+    fake = FakeApi()
+    big = os.urandom(8 << 20)
+    with zipfile.ZipFile(tmp_path / "a.zip", "w") as zf:
+        zf.writestr("artifacts/big.bin", big)
+    fake.add("done", S.SUCCESS, archive=(tmp_path / "a.zip").read_bytes())
+    with serve_answerer(fake) as url:
+        fake.base_url = url
+        mount = mount_other(tmp_path, url, "--deadline", "60")
+        try:
+            outputs = mount.path / "done" / "outputs"
+            assert os.listdir(outputs) == ["big.bin"]  # the archive is open
+            fake.objects.fault = lambda seen, answer: Answer(200, {}, b"", delay=3600)
+            readers = [
+                subprocess.Popen(
+                    ["cat", str(outputs / "big.bin")],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                )
+                for _ in range(2)
+            ]
+            time.sleep(1.5)
+            assert all(r.poll() is None for r in readers)  # waiting on storage
+            started = time.monotonic()
+            mount.proc.send_signal(signal.SIGTERM)
+            assert mount.proc.wait(timeout=10) == 0
+            assert time.monotonic() - started < 3, "unmounting waited for the deadline"
+            assert mount_entry(mount.path) is None
+            for reader in readers:
+                _, err = reader.communicate(timeout=5)
+                assert reader.returncode != 0
+                assert b"Transport endpoint is not connected" in err, err
+        finally:
+            fake.objects.fault = None
+            stop_mount(mount)
+
+
+def _background_mount(
+    tmp_path: Path, url: str, cache_dir: Path, **run: Any
+) -> subprocess.CompletedProcess[str]:
+    """``taskfs mount`` as a user runs it: in the background, its runtime dir under tmp."""
+    (tmp_path / "mnt").mkdir(exist_ok=True)
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n")
+    key_file.chmod(0o600)
+    env = {**clean_env(), "XDG_RUNTIME_DIR": str(tmp_path / "run")}
+    return subprocess.run(
+        taskfs_cmd(
+            "mount",
+            str(tmp_path / "mnt"),
+            "--cache-dir",
+            str(cache_dir),
+            "--api-url",
+            url,
+            "--api-key-file",
+            str(key_file),
+        ),
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+        **run,
+    )
+
+
+def test_a_background_mount_without_a_usable_cache_dir_runs_uncached(tmp_path: Path) -> None:
+    """As in the foreground: no disk cache, the log in the runtime dir, reads work."""
+    fake = FakeApi()
+    with zipfile.ZipFile(tmp_path / "a.zip", "w") as zf:
+        zf.writestr("artifacts/x.txt", b"hello\n")
+    fake.add("done", S.SUCCESS, archive=(tmp_path / "a.zip").read_bytes())
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with serve_answerer(fake) as url:
+        fake.base_url = url
+        result = _background_mount(tmp_path, url, blocker / "cache", capture_output=True)
+        try:
+            assert result.returncode == 0, result.stderr
+            assert str(tmp_path / "run" / "taskfs") in result.stdout  # where it logs
+            assert (tmp_path / "mnt" / "done" / "outputs" / "x.txt").read_text() == "hello\n"
+        finally:
+            subprocess.run(taskfs_cmd("unmount", str(tmp_path / "mnt")), check=False)
+    assert mount_entry(tmp_path / "mnt") is None
+
+
+def test_a_mount_whose_message_cannot_be_written_is_taken_back(tmp_path: Path) -> None:
+    """``taskfs mount ... > /dev/full``: one line on stderr, and no mount left behind."""
+    fake = FakeApi()
+    with serve_answerer(fake) as url, open("/dev/full", "w") as full:
+        fake.base_url = url
+        result = _background_mount(
+            tmp_path, url, tmp_path / "cache", stdout=full, stderr=subprocess.PIPE
+        )
+        try:
+            assert result.returncode == 1
+            assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+            assert "No space left on device; unmounted it again" in result.stderr
+            assert mount_entry(tmp_path / "mnt") is None
+        finally:
+            if mount_entry(tmp_path / "mnt") is not None:
+                subprocess.run(["fusermount3", "-u", "-z", str(tmp_path / "mnt")], check=False)
 
 
 def test_member_times_do_not_depend_on_the_mounts_time_zone(tmp_path: Path) -> None:

@@ -215,7 +215,7 @@ async def test_a_stale_server_file_is_never_trusted(tmp_path: Path) -> None:
         assert stopped.returncode == 0 and "no taskfs service is running" in stopped.stderr
         assert stranger.poll() is None, "serve --stop signalled a process that is not ours"
         submitted = _taskfs("submit", "--data-dir", str(data), "--", "true")
-        assert submitted.returncode == 2 and "no local service" in submitted.stderr
+        assert submitted.returncode == 69 and "no local service" in submitted.stderr
         assert url not in submitted.stderr
     finally:
         stranger.kill()

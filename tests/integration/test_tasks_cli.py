@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from taskfs.api.models import TaskStatusCode as S
+from taskfs.fs.mount import mount_entry
 from tests.fakeapi import KEY, FakeApi
 from tests.rangeserver import Answer, serve_answerer
 from tests.support import Service, clean_env, start_service, stop, taskfs_cmd
@@ -293,7 +294,7 @@ def test_errors_are_one_line(service: Service, tmp_path: Path) -> None:
     assert down.returncode == 69 and "cannot connect" in down.stderr  # unreachable: 69
     assert down.stderr.count("\n") == 1
     usage = cli(service, "tasks", "list", "-n", "zero")
-    assert usage.returncode == 2 and "invalid int value" in usage.stderr
+    assert usage.returncode == 2 and "not a whole number" in usage.stderr
     debug = cli(service, "tasks", "info", "nosuchtask", "--debug")
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
@@ -435,31 +436,6 @@ def test_serve_errors_are_one_line(tmp_path: Path) -> None:
             assert "Traceback" not in result.stderr
 
 
-def test_mount_on_an_impossible_cache_dir_is_one_line(tmp_path: Path) -> None:
-    (tmp_path / "mnt").mkdir()
-    blocker = tmp_path / "a-file"
-    blocker.write_text("x")
-    result = subprocess.run(
-        taskfs_cmd(
-            "mount",
-            str(tmp_path / "mnt"),
-            "--cache-dir",
-            str(blocker / "cache"),
-            "--api-url",
-            "http://127.0.0.1:9",
-            "--api-key-file",
-            str(blocker),
-        ),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=clean_env(),
-        check=False,
-    )
-    assert result.returncode != 0
-    _one_line(result)
-
-
 def _cloud(fake: FakeApi, url: str, key_file: Path, *args: str, **popen: Any) -> Any:
     return subprocess.Popen(
         taskfs_cmd(*args, "--api-url", url, "--api-key-file", str(key_file), "--deadline", "1"),
@@ -503,3 +479,154 @@ def test_wait_rides_out_an_outage_and_tells_it_from_a_failure(tmp_path: Path) ->
         _, err = gone.communicate(timeout=60)
         assert gone.returncode == 69, err
         assert "gave up" in err.splitlines()[-1] and "Traceback" not in err
+
+
+# -- the cases of the hostile review of that issue --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("serve", "--port", "99999"),
+        ("serve", "--port", "-1"),
+        ("serve", "--slots", "0"),
+        ("serve", "--kill-grace", "nan"),
+        ("tasks", "list", "--deadline", "nan"),
+        ("tasks", "list", "--deadline", "inf"),
+        ("tasks", "list", "--deadline", "-1"),
+        ("submit", "--deadline", "nan", "-c", "true"),
+        ("mount", "{tmp}/mnt", "--deadline", "nan", "--api-url", "http://127.0.0.1:9"),
+        ("tasks", "wait", "abc", "--max-outage", "nan"),
+        ("tasks", "kill", "abc", "--wait", "0"),
+        ("tasks", "download", "abc", "--dir", ""),
+    ],
+)
+def test_impossible_numbers_and_empty_values_are_usage_errors(
+    service: Service, tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    (tmp_path / "mnt").mkdir()
+    args = tuple(arg.format(tmp=tmp_path) for arg in args)
+    if args[0] == "serve":  # a data dir of its own: the shared one is busy with a service
+        args = (*args, "--data-dir", str(tmp_path / "data"))
+    try:
+        result = subprocess.run(
+            taskfs_cmd(
+                *args, *([] if args[0] == "serve" else ["--data-dir", str(service.data_dir)])
+            ),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=clean_env(),
+            check=False,
+        )
+    finally:
+        if mount_entry(tmp_path / "mnt") is not None:  # the bug this guards against
+            subprocess.run(["fusermount3", "-u", "-z", str(tmp_path / "mnt")], check=False)
+    assert result.returncode == 2, result.stderr
+    _one_line(result)
+
+
+def test_a_failing_standard_output_is_one_line_and_loses_nothing(service: Service) -> None:
+    env = clean_env()
+    data = ["--data-dir", str(service.data_dir)]
+    with open("/dev/full", "w") as full:
+        for args in (["--version"], ["--help"], ["serve", "--print-key", *data]):
+            result = subprocess.run(
+                taskfs_cmd(*args), stdout=full, stderr=subprocess.PIPE, text=True, env=env
+            )
+            assert result.returncode == 1, (args, result.stderr)
+            assert "No space left on device" in _one_line(result)
+        submitted = subprocess.run(
+            taskfs_cmd("submit", *data, "--", "true"),
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+    assert submitted.returncode == 1
+    message = _one_line(submitted)
+    task_id = message.split("task ")[1].split()[0]
+    assert service.wait_for(task_id, lambda s: s.is_terminated).status == S.SUCCESS
+    closed = subprocess.run(
+        ["bash", "-c", " ".join(taskfs_cmd("serve", "--print-key", *data)) + " | true"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert "Traceback" not in closed.stderr and closed.stderr.count("\n") <= 1
+
+
+def test_a_link_planted_at_the_task_or_outputs_directory_is_not_followed(
+    service: Service, tmp_path: Path
+) -> None:
+    task_id = service.submit("echo x > f.txt")
+    service.wait_for(task_id, lambda s: s.is_terminated)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for planted in (Path(task_id), Path(task_id) / "outputs"):
+        root = tmp_path / f"dl-{len(planted.parts)}"
+        (root / planted).parent.mkdir(parents=True, exist_ok=True)
+        (root / planted).symlink_to(outside)
+        result = cli(service, "tasks", "download", task_id, "--dir", str(root))
+        assert result.returncode == 1, result.stdout
+        _one_line(result)
+        assert list(outside.rglob("*")) == []
+    # --dir itself is the user's choice: a link there is followed.
+    (tmp_path / "via-link").symlink_to(outside)
+    result = cli(service, "tasks", "download", task_id, "--dir", str(tmp_path / "via-link"))
+    assert result.returncode == 0, result.stderr
+    assert (outside / task_id / "outputs" / "f.txt").read_text() == "x\n"
+
+
+def test_download_keeps_the_exec_bits(service: Service, tmp_path: Path) -> None:
+    task_id = service.submit("printf '#!/bin/sh\\necho hi\\n' > run.sh && chmod 755 run.sh")
+    service.wait_for(task_id, lambda s: s.is_terminated)
+    result = cli(service, "tasks", "download", task_id, "--dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    outputs = tmp_path / task_id / "outputs"
+    assert os.access(outputs / "run.sh", os.X_OK)
+    assert not os.access(outputs / "stdout.txt", os.X_OK)
+
+
+def test_without_a_running_local_service_the_exit_status_is_69_and_wait_rides_it_out(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    first = start_service(data)
+    task_id = first.submit("true")
+    first.wait_for(task_id, lambda s: s.is_terminated)
+    stop(first.proc)
+    env = clean_env()
+    listed = subprocess.run(
+        taskfs_cmd("tasks", "list", "--data-dir", str(data)),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert listed.returncode == 69
+    assert "no local service" in _one_line(listed)
+    waiting = subprocess.Popen(
+        taskfs_cmd("tasks", "wait", task_id, "--data-dir", str(data), "--max-outage", "60"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        time.sleep(2)
+        assert waiting.poll() is None  # riding it out
+        again = start_service(data)
+        try:
+            out, err = waiting.communicate(timeout=60)
+        finally:
+            stop(again.proc)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+    assert waiting.returncode == 0, err
+    assert "retrying in" in err and "Traceback" not in err
+    assert out.splitlines()[-1].endswith("success")

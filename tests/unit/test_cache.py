@@ -89,11 +89,15 @@ def test_full_disk_means_no_caching(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert [p for p in cache.root.rglob("*") if p.is_file()] == []
 
 
-def test_unwritable_directory_disables_the_cache(tmp_path: Path) -> None:
+@pytest.mark.expected_warnings
+def test_unwritable_directory_disables_the_cache(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     cache = DiskCache(blocker, 1 << 20)
     assert not cache.enabled
+    assert "disk cache disabled" in caplog.text  # the user asked for a cache: say why not
     assert cache.put(key(1), b"x") is False and cache.get(key(1)) is None
 
 

@@ -183,6 +183,23 @@ async def test_retry_after_beyond_the_deadline_fails_now(
     assert trio.current_time() == start
 
 
+@pytest.mark.parametrize("max_outage", [3.0, 8.0, 25.0])
+async def test_wait_gives_up_when_the_outage_allowance_is_spent_not_a_deadline_later(
+    autojump_clock: trio.testing.MockClock, max_outage: float
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503, json={"detail": "down"})
+
+    outages: list[float] = []
+    start = trio.current_time()
+    with pytest.raises(ServiceError, match="gave up"):
+        await client(handler, deadline=10.0).wait_ended(
+            "t1", max_outage=max_outage, on_outage=lambda error, wait: outages.append(wait)
+        )
+    assert max_outage <= trio.current_time() - start <= max_outage + 0.5
+    assert outages  # each retry was told
+
+
 async def test_submit_is_not_retried_after_it_was_sent(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -15,7 +15,7 @@ from taskfs.config import (
     parse_size,
     resolve_client,
 )
-from taskfs.errors import AuthError, UsageError
+from taskfs.errors import AuthError, ServiceError, UsageError
 from taskfs.server.app import DataDirLock
 
 
@@ -49,13 +49,13 @@ def test_parse_duration_errors(text: str) -> None:
 def test_local_service_is_the_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("INDUCTIVA_API_URL", raising=False)
     monkeypatch.setenv("INDUCTIVA_API_KEY", "cloud-key")
-    with pytest.raises(UsageError, match="no local service"):
+    with pytest.raises(ServiceError, match="no local service"):
         resolve_client(data_dir=tmp_path)
     (tmp_path / "api_key").write_text("local-key\n")
     server = {"url": "http://127.0.0.1:9", "pid": os.getpid()}
     (tmp_path / "server.json").write_text(json.dumps(server))
     # A server.json nobody holds the data dir's lock for is a dead service's: not used.
-    with pytest.raises(UsageError, match="no local service"):
+    with pytest.raises(ServiceError, match="no local service"):
         resolve_client(data_dir=tmp_path)
     lock = DataDirLock(tmp_path)
     lock.acquire()
@@ -66,7 +66,7 @@ def test_local_service_is_the_default(tmp_path: Path, monkeypatch: pytest.Monkey
         assert settings.api_key == "local-key" and settings.local_data_dir == tmp_path
         # The lock is held, but by another pid than server.json names: a stale file.
         (tmp_path / "server.json").write_text(json.dumps({**server, "pid": 1}))
-        with pytest.raises(UsageError, match="no local service"):
+        with pytest.raises(ServiceError, match="no local service"):
             resolve_client(data_dir=tmp_path)
     finally:
         lock.release()
