@@ -96,8 +96,10 @@ class VfsSettings:
     wait_poll_max: float = 5.0
     # Readers blocked on ``wait`` at once; more get EAGAIN (FUSE handler slots are finite).
     max_waiters: int = 512
-    # Open output archives kept (their indexes stay in memory).
+    # Open output archives kept (their indexes stay in memory), and the entries of all their
+    # indexes together (an archive larger than that alone is kept alone).
     max_archives: int = 32
+    max_index_entries: int = 400_000
     # Time limit of one operation, all the remote calls it makes included (``--deadline``).
     deadline: float = 10.0
     # An archive that failed to open (corrupt, refused) is not tried again for this long.
@@ -182,10 +184,13 @@ class Vfs:
         self._listing_at = -1e9
         self._listing_flight: SingleFlight[int, list[str]] = SingleFlight()
         self._missing: dict[str, float] = {}
-        self._archives: OrderedDict[str, RemoteArchive | None] = OrderedDict()
+        self._archives: OrderedDict[str, RemoteArchive] = OrderedDict()
+        self._index_entries = 0  # of the archives in ``_archives``
         self._archive_flights: SingleFlight[str, RemoteArchive | None] = SingleFlight()
         # Archives that failed to open, and when: not tried again within ``archive_retry``.
         self._archive_failures: dict[str, tuple[float, TaskfsError]] = {}
+        # Ended tasks found without an archive, and when (asked again after ``archive_retry``).
+        self._no_archive: dict[str, float] = {}
         self._handles: dict[int, _FileHandle | _DirHandle] = {}
         self._next_fh = 1
         self._waiters: dict[str, _Waiter] = {}
@@ -337,9 +342,13 @@ class Vfs:
         if task_id in self._archives:
             self._archives.move_to_end(task_id)
             return self._archives[task_id]
+        now = trio.current_time()
         failed = self._archive_failures.get(task_id)
-        if failed is not None and trio.current_time() - failed[0] < self.settings.archive_retry:
+        if failed is not None and now - failed[0] < self.settings.archive_retry:
             raise failed[1]
+        missing = self._no_archive.get(task_id)
+        if missing is not None and now - missing < self.settings.archive_retry:
+            return None
 
         async def open_it() -> RemoteArchive | None:
             try:
@@ -350,12 +359,27 @@ class Vfs:
                 self._archive_failures[task_id] = (trio.current_time(), exc)
                 raise
             self._archive_failures.pop(task_id, None)
+            if archive is None:
+                # No archive (yet: storage may be catching up, or it was moved away for a
+                # moment): an empty ``outputs``, asked again after ``archive_retry``.
+                self._no_archive[task_id] = trio.current_time()
+                return None
+            self._no_archive.pop(task_id, None)
             self._archives[task_id] = archive
-            while len(self._archives) > self.settings.max_archives:
-                self._archives.popitem(last=False)
+            self._index_entries += len(archive.entries)
+            while len(self._archives) > 1 and (
+                len(self._archives) > self.settings.max_archives
+                or self._index_entries > self.settings.max_index_entries
+            ):
+                self._forget_archive(next(iter(self._archives)))
             return archive
 
         return await self._archive_flights.run(task_id, open_it)
+
+    def _forget_archive(self, task_id: str) -> None:
+        old = self._archives.pop(task_id, None)
+        if old is not None:
+            self._index_entries -= len(old.entries)
 
     async def _output_node(self, key: NodeKey) -> DirNode | Entry:
         archive = await self._archive(key.task_id)
@@ -497,7 +521,7 @@ class Vfs:
                 self.drop_cached(handle.inode)
                 raise
             except StaleError:
-                self._archives.pop(handle.key.task_id, None)
+                self._forget_archive(handle.key.task_id)
                 self.drop_cached(handle.inode)
                 raise
         if handle.key.name == "wait" and not handle.content:

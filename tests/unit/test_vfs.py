@@ -11,7 +11,7 @@ import stat
 import subprocess
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -275,6 +275,43 @@ async def test_task_without_archive_has_empty_outputs(env: Env) -> None:
     env.fake.add("noarchive", S.FAILED)  # the service never stored one
     outputs = await env.kernel.resolve("noarchive/outputs")
     assert await env.kernel.listdir(outputs.inode) == []
+
+
+async def test_a_missing_archive_is_asked_for_again_after_a_while(
+    env: Env, autojump_clock: trio.testing.MockClock
+) -> None:
+    """An ended task whose archive was missing for a moment (storage catching up, a file
+    moved away and back) does not show an empty ``outputs`` for the rest of the mount."""
+    env.fake.add("late", S.SUCCESS)
+    outputs = await env.kernel.resolve("late/outputs")
+    assert await env.kernel.listdir(outputs.inode) == []
+    env.fake.objects.put("fake-bucket/late/output.zip", artifacts_zip(FILES))
+    assert await env.kernel.listdir(outputs.inode) == []  # remembered for a while
+    await trio.sleep(env.vfs.settings.archive_retry + 1)
+    assert {name for name, _ in await env.kernel.listdir(outputs.inode)} == {
+        "stdout.txt",
+        "stderr.txt",
+        "vtk",
+        "log",
+    }
+
+
+async def test_open_archives_are_held_to_an_entry_budget(env: Env) -> None:
+    """Archives with large central directories are let go, oldest first, when their indexes
+    together pass ``max_index_entries`` (memory), whatever ``max_archives`` allows."""
+    env.vfs.settings = replace(env.vfs.settings, max_index_entries=2500)
+    many = {f"f{i:04d}.txt": b"x" for i in range(1000)}
+    for name in ("a", "b", "c"):
+        env.fake.add(name, S.SUCCESS, archive=artifacts_zip(many))
+        outputs = await env.kernel.resolve(f"{name}/outputs")
+        assert len(await env.kernel.listdir(outputs.inode)) == 1000
+    gets = env.fake.objects.gets()
+    outputs = await env.kernel.resolve("c/outputs")
+    await env.kernel.listdir(outputs.inode)
+    assert env.fake.objects.gets() == gets  # the newest two are still open
+    outputs = await env.kernel.resolve("a/outputs")
+    await env.kernel.listdir(outputs.inode)
+    assert env.fake.objects.gets() > gets  # the oldest was let go, and is opened again
 
 
 async def test_readdir_offsets_survive_changes(env: Env) -> None:
