@@ -131,6 +131,11 @@ class DiskCache:
 
     def get(self, key: CacheKey) -> bytes | None:
         """The bytes stored under ``key``, or ``None`` (missing or failed its checks)."""
+        found = self.get_checked(key)
+        return None if found is None else found[0]
+
+    def get_checked(self, key: CacheKey) -> tuple[bytes, int] | None:
+        """``get``, with the CRC-32 of the bytes (checked against the file's header)."""
         if not self.enabled:
             return None
         digest = key.digest()
@@ -147,8 +152,8 @@ class DiskCache:
         except OSError:
             self._forget(name)  # evicted by another process sharing the directory
             return None
-        data = _unpack(head, body, digest)
-        if data is None:
+        crc = _unpack(head, body, digest)
+        if crc is None:
             log.info("disk cache: dropping a corrupt entry %s", name)
             self._forget(name)
             _unlink(path)
@@ -158,20 +163,22 @@ class DiskCache:
             self._touched[name] = now
             with contextlib.suppress(OSError):
                 os.utime(path)  # recency survives a restart, and other processes see it
-        return data
+        return body, crc
 
     def contains(self, key: CacheKey) -> bool:
         with self._lock:
             return self.enabled and key.digest().hex() in self._index
 
-    def put(self, key: CacheKey, data: bytes | memoryview) -> bool:
-        """Store ``data``; ``False`` if it could not be (the read goes on regardless)."""
+    def put(self, key: CacheKey, data: bytes | memoryview, crc: int | None = None) -> bool:
+        """Store ``data`` (whose CRC-32 is ``crc``, if the caller has it); ``False`` if it
+        could not be (the read goes on regardless)."""
         if not self.enabled or len(data) + HEADER.size > self.limit:
             return False
         digest = key.digest()
         name = digest.hex()
         path = self._path(name)
-        header = HEADER.pack(MAGIC, VERSION, digest, len(data), zlib.crc32(data))
+        crc = zlib.crc32(data) if crc is None else crc
+        header = HEADER.pack(MAGIC, VERSION, digest, len(data), crc)
         directory = os.path.dirname(path)
         # A per-process, per-thread temporary name (dot-prefixed: swept once its process died).
         tmp = os.path.join(directory, f".{name}.{os.getpid()}.{threading.get_ident()}")
@@ -232,7 +239,8 @@ def _abandoned(name: str, mtime: float) -> bool:
     return False
 
 
-def _unpack(head: bytes, data: bytes, digest: bytes) -> bytes | None:
+def _unpack(head: bytes, data: bytes, digest: bytes) -> int | None:
+    """The CRC-32 of ``data`` if the header vouches for it, else ``None``."""
     if len(head) < HEADER.size:
         return None
     magic, version, stored, length, crc = HEADER.unpack_from(head)
@@ -240,7 +248,7 @@ def _unpack(head: bytes, data: bytes, digest: bytes) -> bytes | None:
         return None
     if zlib.crc32(data) != crc:
         return None
-    return data
+    return int(crc)
 
 
 def _unlink(path: str) -> None:
@@ -281,14 +289,21 @@ class Tiered:
         self._limiter = trio.CapacityLimiter(4)
         self._backlog = 0  # bytes handed to disk writes that have not finished
 
-    async def get(self, key: CacheKey) -> bytes | None:
+    async def get(
+        self, key: CacheKey, admit: Callable[[bytes, int], None] | None = None
+    ) -> bytes | None:
+        """The bytes under ``key`` from memory, else from disk; ``admit(data, crc)`` sees
+        what comes from disk first (and may refuse it by raising)."""
         data = self.memory.get(key)
         if data is not None or self.disk is None or not self.disk.enabled:
             return data
-        data = await trio.to_thread.run_sync(self.disk.get, key, limiter=self._limiter)
-        if data is None:
+        found = await trio.to_thread.run_sync(self.disk.get_checked, key, limiter=self._limiter)
+        if found is None:
             # It may have landed in memory while the disk was asked.
             return self.memory.get(key)
+        data, crc = found
+        if admit is not None:
+            admit(data, crc)
         self.memory.put(key, data)
         return data
 
@@ -300,9 +315,11 @@ class Tiered:
 
     async def put(self, key: CacheKey, data: bytes) -> None:
         self.memory.put(key, data)
-        await self.put_disk_many([(key, data)])
+        await self.put_disk_many([(key, data, None)])
 
-    async def put_disk_many(self, items: list[tuple[CacheKey, bytes | memoryview]]) -> None:
+    async def put_disk_many(
+        self, items: list[tuple[CacheKey, bytes | memoryview, int | None]]
+    ) -> None:
         """Write several extents in one worker-thread call (one handoff, not one each).
 
         Writes waiting for the disk hold their bytes: past ``DISK_BACKLOG`` of them, an extent
@@ -311,14 +328,14 @@ class Tiered:
         disk = self.disk
         if disk is None or not disk.enabled or not items:
             return
-        size = sum(len(data) for _, data in items)
+        size = sum(len(data) for _, data, _ in items)
         if self._backlog + size > DISK_BACKLOG:
             return
         self._backlog += size
 
         def work() -> None:
-            for key, data in items:
-                disk.put(key, data)
+            for key, data, crc in items:
+                disk.put(key, data, crc)
 
         try:
             await trio.to_thread.run_sync(work, limiter=self._limiter)

@@ -19,7 +19,8 @@ How each kind is read:
   backward seek.
 
 Verification: every decoded (or, for stored members, fetched) byte is fed to the member's
-``Verifier`` (shared by all its open handles) before it is returned; the verifier checks the
+``Verifier`` (shared by all its handles, and kept by the archive after they close) before it
+is returned; the verifier checks the
 CRC-32 the moment the bytes it has seen cover the member, whatever the order in which they
 came. So no handle ever returns the last missing bytes of a corrupt member: the read that
 completes it fails (``ChecksumError``, EIO), as does every read after. Bytes of a corrupt

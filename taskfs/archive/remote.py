@@ -16,17 +16,23 @@ Fetch rules:
   are kept fetched ahead, in parallel requests of at most ``BATCH_PART`` bytes;
 * read-ahead (asked for by member readers) prefetches blocks in the background.
 
-Must stay true: bytes come only from this archive's ETag (cache keys carry it); no member's
-data is read outside the data area (before the central directory); background fetches never
-raise into a reader (a failed prefetch is simply fetched again on demand).
+Must stay true: bytes come only from this archive's ETag (cache keys carry it); a block read
+again (from storage or a disk cache another mount filled) is the block seen the first time,
+by its CRC-32, or ``StaleError`` (storage that changes an archive without a new ETag cannot
+hand out bytes other than those verified); no member's data is read outside the data area
+(before the central directory); background fetches never raise into a reader (a failed
+prefetch is simply fetched again on demand). A large member's verifier outlives its readers
+(the most recent ``MAX_VERIFIERS``), so what separate opens read adds up to a verdict.
 """
 
 from __future__ import annotations
 
 import logging
+import zlib
 from array import array
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 
 import trio
 
@@ -54,7 +60,7 @@ from taskfs.archive.zipindex import (
     parse_directory,
     parse_local_header,
 )
-from taskfs.errors import ArchiveError, TaskfsError
+from taskfs.errors import ArchiveError, StaleError, TaskfsError
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +77,8 @@ BATCH_PART = 1 << 20
 THREAD_PARSE = 256 << 10
 # Deflate members of one archive whose checkpoints are kept (their number is budgeted).
 MAX_DEFLATE_INDEXES = 8
+# Verifiers of large members kept per archive (what was read of a member not yet verified).
+MAX_VERIFIERS = 1024
 # Decoding ahead: members up to this size, and at most this much kept decoded.
 PREDECODE_MAX = 1 << 20
 DECODED_MAX = 8 << 20
@@ -122,9 +130,13 @@ class RemoteArchive:
         self._checkpoints = checkpoints or CheckpointBudget()
         # Verification of large members: one verifier per member with open readers, and the
         # verdicts of members no longer open.
-        self._verifiers: dict[int, tuple[Verifier, int]] = {}
+        self._verifiers: OrderedDict[int, Verifier] = OrderedDict()
+        self._readers: dict[int, int] = {}
         self._verified: set[int] = set()
         self._corrupt: set[int] = set()
+        # The CRC-32 of every block fetched so far (allocated on the first).
+        self._block_seen: bytearray | None = None
+        self._block_crcs = array("I")
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -232,32 +244,46 @@ class RemoteArchive:
         self._nursery.start_soon(fn, arg)
 
     def verifier(self, entry: Entry) -> Verifier:
-        """The verifier of a large member, shared by its open readers."""
-        verifier, readers = self._verifiers.get(entry.index, (None, 0))
+        """The verifier of a large member, shared by its open readers and kept after they
+        close (the most recent ``MAX_VERIFIERS``): what separate opens read adds up, so a
+        loop of ``dd`` runs over a corrupt member ends in EIO like one ``cat``."""
+        verifier = self._verifiers.get(entry.index)
         if verifier is None:
             verifier = Verifier(entry.name, entry.size, entry.crc)
             if entry.index in self._verified:
                 verifier.good = True
             elif entry.index in self._corrupt:
                 verifier.good = False
-        self._verifiers[entry.index] = (verifier, readers + 1)
+            self._verifiers[entry.index] = verifier
+            self._trim_verifiers()
+        else:
+            self._verifiers.move_to_end(entry.index)
+        self._readers[entry.index] = self._readers.get(entry.index, 0) + 1
         return verifier
+
+    def _trim_verifiers(self) -> None:
+        """Let go of the least recently used verifiers nobody reads through."""
+        for index in list(self._verifiers):
+            if len(self._verifiers) <= MAX_VERIFIERS:
+                return
+            if index not in self._readers:
+                del self._verifiers[index]
 
     def release(self, entry: Entry) -> bool:
         """A reader closed. True unless it was the last one and the member is unverified:
         then nothing vouches for the bytes handed out (the caller drops cached copies)."""
-        found = self._verifiers.get(entry.index)
-        if found is None:
+        verifier = self._verifiers.get(entry.index)
+        readers = self._readers.get(entry.index, 0)
+        if verifier is None or readers == 0:
             return True
-        verifier, readers = found
-        if verifier.good is True:
-            self._verified.add(entry.index)
-        elif verifier.good is False:
-            self._corrupt.add(entry.index)
         if readers > 1:
-            self._verifiers[entry.index] = (verifier, readers - 1)
+            self._readers[entry.index] = readers - 1
             return True
-        del self._verifiers[entry.index]
+        del self._readers[entry.index]
+        if verifier.good is not None:
+            # A verdict is a number in a set; the verifier's stretches are not needed now.
+            (self._verified if verifier.good else self._corrupt).add(entry.index)
+            del self._verifiers[entry.index]
         return verifier.good is True
 
     def is_verified(self, entry: Entry) -> bool:
@@ -337,8 +363,16 @@ class RemoteArchive:
         """
         data = b""
         error: Exception | None = None
+        crcs: list[int | None] = []
         try:
             data = await self._fetch(start, end)
+            view = memoryview(data)
+            for key, p_start, p_end in parts:
+                crc = None
+                if key.kind == "b":  # a block fetched again must be the block seen before
+                    crc = zlib.crc32(view[p_start - start : p_end - start])
+                    self._admit_block(key.number, crc)
+                crcs.append(crc)
             for key, p_start, p_end in parts:
                 part = data[p_start - start : p_end - start]
                 self.cache.memory.put(key, part)
@@ -356,7 +390,10 @@ class RemoteArchive:
                 await self._predecode(members, data, start)
             view = memoryview(data)  # slices for the disk writes: no copies of the data
             await self.cache.put_disk_many(
-                [(key, view[p_start - start : p_end - start]) for key, p_start, p_end in parts]
+                [
+                    (key, view[p_start - start : p_end - start], crc)
+                    for (key, p_start, p_end), crc in zip(parts, crcs, strict=True)
+                ]
             )
 
     async def _predecode(self, members: tuple[Entry, ...], data: bytes, start: int) -> None:
@@ -528,7 +565,7 @@ class RemoteArchive:
             missing: list[int] = []
             for n in range(first, last + 1):
                 if n not in found:
-                    data = await self.cache.get(self._key("b", n))
+                    data = await self.cache.get(self._key("b", n), partial(self._admit_disk, n))
                     if data is not None:
                         found[n] = data
                     elif self._key("b", n) not in self._pending:
@@ -555,6 +592,26 @@ class RemoteArchive:
             if self._key("b", n) not in self._pending and not self.cache.contains(self._key("b", n))
         ]
         self._start_blocks(missing, MAX_REQUEST // BLOCK // 2)
+
+    def _admit_block(self, number: int, crc: int) -> None:
+        """Note block ``number``'s CRC-32; ``StaleError`` if the block was seen before with
+        other bytes (storage changed the archive without changing its ETag): a block read
+        again after it left the caches is never bytes other than those verified before."""
+        if self._block_seen is None:
+            count = -(-self.size // BLOCK)
+            self._block_seen = bytearray(count)
+            self._block_crcs = array("I", bytes(4 * count))
+        if self._block_seen[number]:
+            if self._block_crcs[number] != crc:
+                raise StaleError(
+                    f"{self.object_id}: the archive's bytes changed without a new ETag"
+                )
+        else:
+            self._block_seen[number] = 1
+            self._block_crcs[number] = crc
+
+    def _admit_disk(self, number: int, data: bytes, crc: int) -> None:
+        self._admit_block(number, crc)
 
     async def _fetch(self, start: int, end: int) -> bytes:
         async with self._limiter:

@@ -142,8 +142,9 @@ class Storage:
 
     @staticmethod
     def etag(st: os.stat_result) -> str:
-        """A strong ETag: changes whenever the file is replaced (new inode) or rewritten."""
-        return f'"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"'
+        """A strong ETag: changes whenever the file is replaced (new inode) or rewritten, even
+        in place with its old size and mtime put back (the change time cannot be set back)."""
+        return f'"{st.st_ino:x}-{st.st_ctime_ns:x}-{st.st_mtime_ns:x}-{st.st_size:x}"'
 
     # -- outputs -------------------------------------------------------------------------------
 

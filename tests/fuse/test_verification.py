@@ -77,3 +77,54 @@ def test_corrupt_members_are_eio_in_any_read_order(tmp_path: Path) -> None:
 
 def _check(mount: Mount, task: str, name: str, body: bytes) -> bool:
     return (mount.path / task / "outputs" / name).read_bytes() == body
+
+
+def test_a_loop_of_separate_reads_of_a_corrupt_member_ends_in_eio(tmp_path: Path) -> None:
+    """``for k in ...; do dd skip=$k count=1; done``: each run opens, reads one MiB and
+    closes; together they read every byte, so one of them fails, and every read after."""
+    body = text(SIZE, 4)
+    bad = flip_data_byte(artifacts_zip({"stored.bin": body}, method=0), "stored.bin", 5_000_000)
+    fake = FakeApi()
+    fake.add("bad", S.SUCCESS, archive=bad)
+    with cloud_mount(tmp_path, fake) as mount:
+        path = mount.path / "bad" / "outputs" / "stored.bin"
+        failed = 0
+        for k in reversed(range(SIZE >> 20)):
+            run = mount.run(f"dd if={path} of=/dev/null bs=1M skip={k} count=1 status=none")
+            failed += run.returncode != 0
+        assert failed >= 1, "separate reads collected every byte of a corrupt member"
+        again = mount.run(f"dd if={path} of=/dev/null bs=1M skip=0 count=1 status=none")
+        assert again.returncode != 0 and "Input/output error" in again.stderr
+
+
+def test_bytes_changed_under_the_same_etag_are_never_returned(tmp_path: Path) -> None:
+    """Storage that changes an archive without a new ETag: a member read (and verified)
+    once is read again after its blocks left every cache (no disk cache, page cache
+    dropped); the changed block fails, with ESTALE, and no byte differs from the first read."""
+    size = 40 << 20  # more than the memory tier: its first blocks are gone by the end
+    body = text(size, 5)
+    good = artifacts_zip({"big.bin": body}, method=0)
+    fake = FakeApi()
+    fake.add("done", S.SUCCESS, archive=good)
+    name = "fake-bucket/done/output.zip"
+    with cloud_mount(tmp_path, fake, "--cache-size", "0") as mount:
+        path = mount.path / "done" / "outputs" / "big.bin"
+        assert path.read_bytes() == body
+        etag = fake.objects.etags[name]
+        fake.objects.data[name] = flip_data_byte(good, "big.bin", 100_000)
+        assert fake.objects.etags[name] == etag
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # the page cache lets go
+            offset, failure = 0, None
+            while offset < size:
+                try:
+                    chunk = os.pread(fd, 1 << 20, offset)
+                except OSError as exc:
+                    failure = exc.errno
+                    break
+                assert chunk == body[offset : offset + len(chunk)], f"other bytes at {offset}"
+                offset += len(chunk)
+        finally:
+            os.close(fd)
+        assert failure == errno.ESTALE

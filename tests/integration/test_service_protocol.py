@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import time
 import zipfile
@@ -367,6 +368,26 @@ async def test_ranges_etag_and_conditions(api: ApiClient) -> None:
             url, headers={"Range": "bytes=0-999", "Accept-Encoding": "gzip, deflate"}
         )
         assert "content-encoding" not in identity.headers and len(identity.content) == 1000
+
+
+async def test_an_archive_rewritten_in_place_gets_a_new_etag(
+    api: ApiClient, service: Service
+) -> None:
+    """Same inode, same size, its mtime put back (a task with the service's rights, or a
+    careless script): the ETag still changes, so no reader mixes old and new bytes."""
+    url, path = await _archive_url(api)
+    file = service.settings.storage_dir / path
+    async with httpx.AsyncClient() as plain:
+        before = (await plain.head(url)).headers["etag"]
+        st = file.stat()
+        data = bytearray(file.read_bytes())
+        data[40] ^= 0x55
+        with open(file, "r+b") as f:  # in place: the inode stays
+            f.write(data)
+        os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert file.stat().st_ino == st.st_ino and file.stat().st_mtime_ns == st.st_mtime_ns
+        after = (await plain.head(url)).headers["etag"]
+    assert after != before
 
 
 async def test_signed_url_expiry_tampering_and_operation(api: ApiClient, service: Service) -> None:

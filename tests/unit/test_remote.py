@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from taskfs.archive import member as member_mod
-from taskfs.archive.cache import DiskCache, MemoryCache, Tiered
+from taskfs.archive.cache import CacheKey, DiskCache, MemoryCache, Tiered
 from taskfs.archive.rangeio import RangeSource
 from taskfs.archive.remote import BLOCK, RemoteArchive
 from taskfs.archive.zipindex import Entry, walk
@@ -469,3 +469,72 @@ async def test_what_a_partial_reader_of_a_corrupt_member_can_get(
     with pytest.raises(ChecksumError):
         await reader.read(0, 10)
     assert reader.close() is False  # corrupt: whatever the kernel cached of it must go
+
+
+@pytest.mark.parametrize("order", ["sequential", "reverse", "random"])
+async def test_separate_opens_add_up_to_a_verdict(
+    opener: tuple[Objects, Opener], monkeypatch: pytest.MonkeyPatch, order: str
+) -> None:
+    """A loop of ``dd`` runs, each opening the member, reading one piece and closing it,
+    ends in EIO like one ``cat``: what separate handles read of a member adds up."""
+    monkeypatch.setattr(member_mod, "SMALL_COMPRESSED", 64 << 10)
+    monkeypatch.setattr(member_mod, "SMALL_SIZE", 256 << 10)
+    _, open_archive = opener
+    body = text(3 << 20, seed=8)
+    archive = await open_archive(flip_data_byte(build([("m", body, 0)]), "m", 2_000_000))
+    entry = member(archive, "m")
+    failures = 0
+    for offset in _chunks(len(body), 256 << 10, order, seed=1):
+        reader = archive.open_member(entry)
+        try:
+            await reader.read(offset, 256 << 10)
+        except ChecksumError:
+            failures += 1
+        finally:
+            reader.close()
+    assert failures >= 1  # the read that completed the member
+    reader = archive.open_member(entry)
+    with pytest.raises(ChecksumError):  # and every read after it
+        await reader.read(0, 10)
+    reader.close()
+
+
+@pytest.mark.parametrize("source", ["storage", "a shared disk cache"])
+async def test_a_block_read_again_is_never_other_bytes_than_before(
+    opener: tuple[Objects, Opener], monkeypatch: pytest.MonkeyPatch, source: str
+) -> None:
+    """Storage that changes an archive in place without a new ETag (bit rot, a broken
+    server), or another mount's disk cache filled from it: a member read in full (and
+    verified) is read again after its blocks left the caches; the changed block is ESTALE,
+    never returned."""
+    monkeypatch.setattr(member_mod, "SMALL_COMPRESSED", 64 << 10)
+    monkeypatch.setattr(member_mod, "SMALL_SIZE", 256 << 10)
+    objects, open_archive = opener
+    body = text(3 << 20, seed=9)
+    good = build([("m", body, 0)])
+    shared = source != "storage"
+    # No memory tier: a block read again comes from the disk cache or from storage.
+    archive = await open_archive(good, disk_limit=(64 << 20) if shared else 0, memory_limit=0)
+    entry = member(archive, "m")
+    assert await read_all(archive, entry) == body  # verified
+    bad = flip_data_byte(good, "m", 2_000_000)
+    etag = objects.etags["out.zip"]
+    keys = [CacheKey(archive.object_id, archive.etag, "b", n) for n in range(-(-len(bad) // BLOCK))]
+    if shared:
+        disk = archive.cache.disk
+        assert disk is not None
+        with trio.fail_after(5):
+            while not all(disk.contains(key) for key in keys[:-1]):
+                await trio.sleep(0.01)  # the background writes land
+        for key in keys:  # as another mount, reading the changed archive, would store them
+            disk.put(key, bad[key.number * BLOCK : (key.number + 1) * BLOCK])
+    else:
+        objects.data["out.zip"] = bad  # the same ETag, other bytes
+    assert objects.etags["out.zip"] == etag
+    reader = archive.open_member(entry)
+    got = b""
+    with pytest.raises(StaleError):
+        while len(got) < len(body):
+            got += await reader.read(len(got), 256 << 10)
+    assert got == body[: len(got)]  # what was returned is what was verified
+    reader.close()
