@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import secrets
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -24,7 +25,7 @@ import trio
 from taskfs.api.client import ApiClient
 from taskfs.api.models import Task
 from taskfs.archive.cache import DiskCache, MemoryCache, Tiered
-from taskfs.archive.member import CheckpointBudget, ReadBudget
+from taskfs.archive.member import CheckpointBudget, ReadBudget, is_small
 from taskfs.archive.rangeio import RangeSource, Transport, data_client
 from taskfs.archive.remote import RemoteArchive
 from taskfs.archive.zipindex import Entry, clean_path, walk
@@ -210,8 +211,6 @@ async def download(
                 selected = files
             if on_start is not None:
                 on_start(sum(entry.size for entry in selected.values()))
-            limiter = trio.CapacityLimiter(parallel)
-            written: list[Path] = []
             await trio.Path(dest).mkdir(parents=True, exist_ok=True)
             root_fd = await trio.to_thread.run_sync(os.open, dest, _DIR_FLAGS)
             try:
@@ -219,23 +218,146 @@ async def download(
             finally:
                 os.close(root_fd)
             target = dest.joinpath(*below)
+            writer = _TreeWriter(dest_fd)
+            written: list[Path] = []
+
+            def done(name: str, entry: Entry) -> None:
+                written.append(target.joinpath(*name.split("/")))
+                if on_file is not None:
+                    on_file(name, entry.size)
+
             try:
-
-                async def fetch(name: str, entry: Entry) -> None:
-                    async with limiter:
-                        parts = name.split("/")
-                        await _write_member(archive, entry, dest_fd, parts, name, progress=progress)
-                        written.append(target.joinpath(*parts))
-                        if on_file is not None:
-                            on_file(name, entry.size)
-
-                async with trio.open_nursery() as workers:
-                    for name, entry in selected.items():
-                        workers.start_soon(fetch, name, entry)
+                await _download_in_order(
+                    archive, selected, writer, parallel=parallel, progress=progress, done=done
+                )
             finally:
-                os.close(dest_fd)
+                writer.close()
             nursery.cancel_scope.cancel()
     return sorted(written)
+
+
+# Small members are written in batches of this many bytes or files: one worker-thread call each.
+WRITE_BATCH_BYTES = 8 << 20
+WRITE_BATCH_FILES = 512
+
+
+async def _download_in_order(
+    archive: RemoteArchive,
+    selected: dict[str, Entry],
+    writer: _TreeWriter,
+    *,
+    parallel: int,
+    progress: ProgressFn | None,
+    done: Callable[[str, Entry], None],
+) -> None:
+    """Every selected member in archive order. Small members are read one after another, so
+    the archive fetches their neighbours together (a few requests for thousands of files) and
+    decodes them ahead in a thread, and are written in batches by one worker thread; large
+    members stream alongside, up to ``parallel`` at a time."""
+    ordered = sorted(selected.items(), key=lambda item: item[1].header_offset)
+    limiter = trio.CapacityLimiter(parallel)
+    send, receive = trio.open_memory_channel[list[tuple[str, Entry, bytes]]](2)
+
+    async def write_batches() -> None:
+        async with receive:
+            async for batch in receive:
+                await trio.to_thread.run_sync(writer.write_all, batch)
+                for name, entry, data in batch:
+                    if progress is not None and data:
+                        progress(name, len(data))
+                    done(name, entry)
+
+    async def large(name: str, entry: Entry) -> None:
+        async with limiter:
+            parts = name.split("/")
+            await _write_member(archive, entry, writer.dest_fd, parts, name, progress=progress)
+            done(name, entry)
+
+    async with trio.open_nursery() as workers:
+        workers.start_soon(write_batches)
+        async with send:
+            batch: list[tuple[str, Entry, bytes]] = []
+            size = 0
+            for name, entry in ordered:
+                if not is_small(entry):
+                    workers.start_soon(large, name, entry)
+                    continue
+                reader = archive.open_member(entry)
+                try:
+                    data = await reader.read(0, entry.size)
+                finally:
+                    reader.close()
+                batch.append((name, entry, data))
+                size += len(data)
+                if size >= WRITE_BATCH_BYTES or len(batch) >= WRITE_BATCH_FILES:
+                    await send.send(batch)
+                    batch, size = [], 0
+            if batch:
+                await send.send(batch)
+
+
+class _TreeWriter:
+    """Files written below ``dest_fd`` from a worker thread: directories are made and opened
+    one component at a time without following links (as ``_open_dirs``), and the most recent
+    ``MAX_OPEN`` of them stay open for the files that follow."""
+
+    MAX_OPEN = 64
+
+    def __init__(self, dest_fd: int) -> None:
+        self.dest_fd = dest_fd
+        self._dirs: OrderedDict[tuple[str, ...], int] = OrderedDict()
+
+    def _dir(self, parts: tuple[str, ...]) -> int:
+        if not parts:
+            return self.dest_fd
+        fd = self._dirs.get(parts)
+        if fd is not None:
+            self._dirs.move_to_end(parts)
+            return fd
+        parent = self._dir(parts[:-1])
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(parts[-1], 0o755, dir_fd=parent)
+        fd = self._dirs[parts] = os.open(parts[-1], _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=parent)
+        while len(self._dirs) > self.MAX_OPEN:
+            os.close(self._dirs.popitem(last=False)[1])
+        return fd
+
+    def write_all(self, batch: Sequence[tuple[str, Entry, bytes]]) -> None:
+        for name, entry, data in batch:
+            parts = tuple(name.split("/"))
+            _write_file(self._dir(parts[:-1]), parts[-1], entry, data)
+
+    def close(self) -> None:
+        for fd in self._dirs.values():
+            os.close(fd)
+        self._dirs.clear()
+        os.close(self.dest_fd)
+
+
+def _write_file(dir_fd: int, name: str, entry: Entry, data: bytes) -> None:
+    """``data`` as ``name`` in ``dir_fd``: a temporary name renamed into place, with the
+    archive's time and exec bits (as ``unzip`` keeps them)."""
+    tmp = f".taskfs-part-{secrets.token_hex(6)}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    fd = os.open(tmp, flags, _mode(entry), dir_fd=dir_fd)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+    with contextlib.suppress(OSError):
+        os.utime(name, (entry.mtime, entry.mtime), dir_fd=dir_fd, follow_symlinks=False)
+
+
+def _mode(entry: Entry) -> int:
+    return 0o755 if entry.mode & 0o111 else 0o644
 
 
 def _relative(name: str) -> str:
@@ -280,8 +402,8 @@ async def _write_member(
     tmp = f".taskfs-part-{secrets.token_hex(6)}"
     reader = archive.open_member(entry)
     try:
-        mode = 0o755 if entry.mode & 0o111 else 0o644  # the exec bits, as unzip keeps them
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        fd = os.open(tmp, flags, _mode(entry), dir_fd=dir_fd)
         async with trio.wrap_file(os.fdopen(fd, "wb")) as out:
             offset = 0
             while offset < entry.size:

@@ -219,11 +219,16 @@ def open_member(archive: ArchiveBytes, entry: Entry) -> MemberReader:
     if entry.method not in SUPPORTED:
         name = METHOD_NAMES.get(entry.method, f"method {entry.method}")
         raise UnsupportedError(f"{entry.name}: compression {name} is not supported")
-    if entry.compressed_size <= SMALL_COMPRESSED and entry.size <= SMALL_SIZE:
+    if is_small(entry):
         return WholeMember(archive, entry)
     if entry.method == STORED:
         return StoredMember(archive, entry)
     return CursorMember(archive, entry)
+
+
+def is_small(entry: Entry) -> bool:
+    """Read whole (one fetch, verified before any byte is returned), not through a cursor."""
+    return entry.compressed_size <= SMALL_COMPRESSED and entry.size <= SMALL_SIZE
 
 
 def _clamp(entry: Entry, offset: int, size: int) -> int:

@@ -35,7 +35,7 @@ from datetime import datetime
 
 import trio
 
-from taskfs.api.client import ApiClient
+from taskfs.api.client import PAGE_SIZE, ApiClient
 from taskfs.api.models import (
     Task,
     TaskWithStatusHistory,
@@ -253,15 +253,43 @@ class Vfs:
         return await self._listing_flight.run(0, self._fetch_listing)
 
     async def _fetch_listing(self) -> list[str]:
-        ids: list[str] = []
-        async for task in self.api.iter_tasks():
-            ids.append(task.task_id)
-            known = self._states.get(task.task_id)
-            if known is None or not known.task.is_terminated:
-                self._states[task.task_id] = _TaskState(task, trio.current_time())
+        """The task ids, newest first. The first listing reads every page. A refresh reads
+        pages from the newest until one where nothing is new and every task has ended (the
+        API lists newest first, so what follows is what the last listing saw): an unchanged
+        root costs one request. The previous listing's rest follows the pages read; if the
+        count does not add up to the API's total (tasks were deleted), every page is read."""
+        ids = await self._list_pages(refresh=bool(self._listing))
+        if ids is None:
+            ids = await self._list_pages(refresh=False)
+            assert ids is not None
         self._listing = ids
         self._listing_at = trio.current_time()
         return ids
+
+    async def _list_pages(self, refresh: bool) -> list[str] | None:
+        known = set(self._listing) if refresh else set()
+        seen: set[str] = set()
+        fresh: list[str] = []
+        page = 1
+        while True:
+            result = await self.api.list_page(page, PAGE_SIZE)
+            changed = False
+            now = trio.current_time()
+            for task in result.tasks:
+                if task.task_id in seen:
+                    continue  # shifted onto this page by a newer task
+                seen.add(task.task_id)
+                fresh.append(task.task_id)
+                changed = changed or task.task_id not in known or not task.is_terminated
+                state = self._states.get(task.task_id)
+                if state is None or not state.task.is_terminated:
+                    self._states[task.task_id] = _TaskState(task, now)
+            if len(result.tasks) < PAGE_SIZE or page * PAGE_SIZE >= result.total_size:
+                return fresh  # every page read
+            if refresh and not changed:
+                ids = fresh + [task_id for task_id in self._listing if task_id not in seen]
+                return ids if len(ids) == result.total_size else None
+            page += 1
 
     # -- attributes ----------------------------------------------------------------------------
 

@@ -493,3 +493,44 @@ async def test_root_listing_pages_of_500(env: Env) -> None:
     assert env.fake.calls["GET tasks"] == 2
     await env.kernel.listdir(ROOT_INODE, batch=1000)
     assert env.fake.calls["GET tasks"] == 2  # cached briefly
+
+
+async def test_root_refresh_reads_pages_until_nothing_changed(
+    env: Env, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The API lists newest first: a refresh stops at the first page with nothing new and
+    nothing running, and keeps the rest of the previous listing."""
+
+    async def listing() -> tuple[list[str], int]:
+        before = env.fake.calls["GET tasks"]
+        await trio.sleep(3)  # past the listing's 2 s
+        names = [name for name, _ in await env.kernel.listdir(ROOT_INODE, batch=5000)]
+        return names, env.fake.calls["GET tasks"] - before
+
+    for i in range(1200):
+        env.fake.add(f"task{i:04}", S.SUCCESS)
+    expected = [f"task{i:04}" for i in reversed(range(1200))]
+    assert await listing() == (expected, 3)  # the first listing reads every page
+    assert await listing() == (expected, 1)  # unchanged: one request
+    # A new task pushes one task to each following page: page 1 has something new, page 2
+    # nothing (the shifted task was seen), so two requests.
+    env.fake.add("new1", S.SUCCESS)
+    assert await listing() == (["new1", *expected], 2)
+    # A running task keeps the refresh reading: its page changed.
+    env.fake.add("running", S.COMPUTATION_STARTED)
+    names, requests = await listing()
+    assert names == ["running", "new1", *expected] and requests == 2
+    names, requests = await listing()
+    assert requests == 2  # still running: page 1 counts as changed, page 2 does not
+    # Enough new tasks to fill a page: every page that has one is read.
+    for i in range(600):
+        env.fake.add(f"more{i:03}", S.SUCCESS)
+    names, requests = await listing()
+    assert names[:600] == [f"more{i:03}" for i in reversed(range(600))]
+    assert len(names) == 1802 and requests == 3
+    # A deleted task makes the count disagree with the API's total: every page again.
+    deleted = expected[-1]
+    env.fake.order.remove(deleted)
+    names, requests = await listing()
+    assert deleted not in names and len(names) == 1801
+    assert requests == 1 + 4  # the short refresh, then all four pages
