@@ -35,7 +35,7 @@ from taskfs.retry import Breaker, RetryPolicy
 log = logging.getLogger(__name__)
 
 # The memory tier: blocks just fetched (until they are on disk) and hot small members.
-MEMORY_CACHE = 24 << 20
+MEMORY_CACHE = 48 << 20
 
 
 def make_cache(cache_dir: Path | None, limit_bytes: int) -> Tiered:
@@ -255,6 +255,7 @@ async def _download_in_order(
     decodes them ahead in a thread, and are written in batches by one worker thread; large
     members stream alongside, up to ``parallel`` at a time."""
     ordered = sorted(selected.items(), key=lambda item: item[1].header_offset)
+    archive.expect_sequential()
     limiter = trio.CapacityLimiter(parallel)
     send, receive = trio.open_memory_channel[list[tuple[str, Entry, bytes]]](2)
 
@@ -278,6 +279,7 @@ async def _download_in_order(
         async with send:
             batch: list[tuple[str, Entry, bytes]] = []
             size = 0
+            most = 32  # the first batch is small, so that writing starts early
             for name, entry in ordered:
                 if not is_small(entry):
                     workers.start_soon(large, name, entry)
@@ -289,9 +291,10 @@ async def _download_in_order(
                     reader.close()
                 batch.append((name, entry, data))
                 size += len(data)
-                if size >= WRITE_BATCH_BYTES or len(batch) >= WRITE_BATCH_FILES:
+                if size >= WRITE_BATCH_BYTES or len(batch) >= most:
                     await send.send(batch)
                     batch, size = [], 0
+                    most = min(WRITE_BATCH_FILES, most * 2)
             if batch:
                 await send.send(batch)
 
@@ -345,6 +348,8 @@ def _write_file(dir_fd: int, name: str, entry: Entry, data: bytes) -> None:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
+            with contextlib.suppress(OSError):
+                os.utime(fd, (entry.mtime, entry.mtime))
         finally:
             os.close(fd)
         os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
@@ -352,8 +357,6 @@ def _write_file(dir_fd: int, name: str, entry: Entry, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=dir_fd)
         raise
-    with contextlib.suppress(OSError):
-        os.utime(name, (entry.mtime, entry.mtime), dir_fd=dir_fd, follow_symlinks=False)
 
 
 def _mode(entry: Entry) -> int:

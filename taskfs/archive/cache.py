@@ -29,13 +29,13 @@ import os
 import struct
 import threading
 import time
-import zlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from pathlib import Path
 from typing import Generic, NamedTuple, TypeVar
 
 import trio
+from zlib_ng import zlib_ng
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class DiskCache:
         digest = key.digest()
         name = digest.hex()
         path = self._path(name)
-        crc = zlib.crc32(data) if crc is None else crc
+        crc = zlib_ng.crc32(data) if crc is None else crc
         header = HEADER.pack(MAGIC, VERSION, digest, len(data), crc)
         directory = os.path.dirname(path)
         # A per-process, per-thread temporary name (dot-prefixed: swept once its process died).
@@ -246,7 +246,7 @@ def _unpack(head: bytes, data: bytes, digest: bytes) -> int | None:
     magic, version, stored, length, crc = HEADER.unpack_from(head)
     if magic != MAGIC or version != VERSION or stored != digest or length != len(data):
         return None
-    if zlib.crc32(data) != crc:
+    if zlib_ng.crc32(data) != crc:
         return None
     return int(crc)
 

@@ -28,21 +28,23 @@ prefetch is simply fetched again on demand). A large member's verifier outlives 
 from __future__ import annotations
 
 import logging
-import zlib
 from array import array
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 
 import trio
+from zlib_ng import zlib_ng
 
 from taskfs.archive.cache import CacheKey, Tiered
 from taskfs.archive.member import (
+    Block,
     CheckpointBudget,
     DeflateIndex,
     MemberReader,
     ReadBudget,
     decompress_all,
+    join_blocks,
     open_member,
 )
 from taskfs.archive.rangeio import RangeSource
@@ -200,7 +202,7 @@ class RemoteArchive:
         for part in path:
             if not isinstance(node, DirNode):
                 return None
-            child = node.children.get(part)
+            child = node.get(part)
             if child is None:
                 return None
             node = child
@@ -370,7 +372,7 @@ class RemoteArchive:
             for key, p_start, p_end in parts:
                 crc = None
                 if key.kind == "b":  # a block fetched again must be the block seen before
-                    crc = zlib.crc32(view[p_start - start : p_end - start])
+                    crc = zlib_ng.crc32(view[p_start - start : p_end - start])
                     self._admit_block(key.number, crc)
                 crcs.append(crc)
             for key, p_start, p_end in parts:
@@ -468,8 +470,15 @@ class RemoteArchive:
                 self._maybe_prefetch_batch(rank)
                 return flight.data
 
+    def expect_sequential(self) -> None:
+        """A reader will go through members in archive order (a download): batches start at
+        their largest instead of growing from ``BATCH_START``."""
+        self._streak = 16
+
     def _note_rank(self, rank: int) -> None:
-        if 0 < rank - self._last_rank <= 2:
+        if self._last_rank == -2 and self._streak:
+            pass  # the first read of a reader announced by ``expect_sequential``
+        elif 0 < rank - self._last_rank <= 2:
             self._streak = min(self._streak + 1, 16)
         elif rank != self._last_rank:
             self._streak = 0
@@ -533,18 +542,33 @@ class RemoteArchive:
 
     async def read_range(self, start: int, end: int, ahead: int = 0) -> bytes:
         """Archive bytes ``[start, end)`` through the block caches."""
-        if not 0 <= start <= end <= self.size:
-            raise ArchiveError(f"range {start}-{end} outside the archive")
-        if start == end:
+        if start == end and 0 <= start <= self.size:
             return b""
+        return join_blocks(await self.read_blocks(start, end, ahead), start, end)
+
+    async def read_blocks(self, start: int, end: int, ahead: int = 0) -> list[Block]:
+        """The blocks holding archive bytes ``[start, end)``, each with its CRC-32 (taken
+        when it arrived); ``ahead`` more bytes are fetched in the background."""
+        if not 0 <= start < end <= self.size:
+            raise ArchiveError(f"range {start}-{end} outside the archive")
         first, last = start // BLOCK, (end - 1) // BLOCK
         blocks = await self._blocks(first, last)
         if ahead > 0:
             stop = min((end + ahead - 1) // BLOCK, (self.size - 1) // BLOCK)
             self._prefetch(last + 1, stop)
-        data = b"".join(blocks) if len(blocks) > 1 else blocks[0]
-        offset = first * BLOCK
-        return data[start - offset : end - offset]
+        return [
+            Block(n * BLOCK, data, self._block_crc(n, data))
+            for n, data in zip(range(first, last + 1), blocks, strict=True)
+        ]
+
+    def _block_crc(self, number: int, data: bytes) -> int:
+        """Block ``number``'s CRC-32, as noted when it arrived (or now, for a block another
+        instance of this archive left in the memory cache)."""
+        if self._block_seen is not None and self._block_seen[number]:
+            return self._block_crcs[number]
+        crc = zlib_ng.crc32(data)
+        self._admit_block(number, crc)
+        return crc
 
     def _block_parts(self, first: int, last: int) -> list[tuple[CacheKey, int, int]]:
         return [
@@ -586,12 +610,21 @@ class RemoteArchive:
         return [found[n] for n in range(first, last + 1)]
 
     def _prefetch(self, first: int, last: int) -> None:
+        """Keep blocks ``first..last`` (a reader's window ahead) coming. Nothing is asked for
+        until a quarter of the window is missing (or the last block is); then the missing
+        blocks go in parallel requests of a quarter of the window each (at most
+        ``MAX_REQUEST``): a sequential reader's requests grow with its window instead of
+        one block per read, and stay several in flight on a capped link."""
+        span = last - first + 1
         missing = [
             n
             for n in range(first, last + 1)
             if self._key("b", n) not in self._pending and not self.cache.contains(self._key("b", n))
         ]
-        self._start_blocks(missing, MAX_REQUEST // BLOCK // 2)
+        final = (self.size - 1) // BLOCK
+        if not missing or (len(missing) < span // 4 and last < final):
+            return
+        self._start_blocks(missing, max(1, min(MAX_REQUEST // BLOCK, span // 4)))
 
     def _admit_block(self, number: int, crc: int) -> None:
         """Note block ``number``'s CRC-32; ``StaleError`` if the block was seen before with

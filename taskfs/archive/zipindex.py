@@ -19,13 +19,14 @@ Must stay true:
 
 from __future__ import annotations
 
+import bisect
 import calendar
 import stat
 import struct
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import overload
+from typing import Any, overload
 
 from taskfs.errors import ArchiveError
 
@@ -56,6 +57,48 @@ FLAG_ENCRYPTED = 0x1
 FLAG_UTF8 = 0x800
 UNIX = 3
 DOS_EPOCH = 315532800.0  # 1980-01-01T00:00:00Z
+
+
+class Names(Sequence[str]):
+    """Entry names packed in one buffer (UTF-8, lone surrogates kept): a name costs its
+    bytes and one offset, not a Python string of its own; ``names[i]`` decodes on demand."""
+
+    __slots__ = ("_blob", "_ends")
+
+    def __init__(self) -> None:
+        self._blob = bytearray()
+        self._ends = array("q")
+
+    def append(self, name: str) -> None:
+        self.append_utf8(name.encode("utf-8", "surrogatepass"))
+
+    def append_utf8(self, raw: bytes) -> None:
+        self._blob += raw
+        self._ends.append(len(self._blob))
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self._ends)
+        end = self._ends[i]  # IndexError past the end, as a list would
+        start = self._ends[i - 1] if i else 0
+        return self._blob[start:end].decode("utf-8", "surrogatepass")
+
+    def __iter__(self) -> Iterator[str]:
+        blob, start = self._blob, 0
+        for end in self._ends:
+            yield blob[start:end].decode("utf-8", "surrogatepass")
+            start = end
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +151,7 @@ class Index(Sequence[Entry]):
     )
 
     def __init__(self) -> None:
-        self.names: list[str] = []
+        self.names = Names()
         self.offsets = array("q")
         self.csizes = array("q")
         self.sizes = array("q")
@@ -249,6 +292,7 @@ def parse_directory(data: bytes, directory: Directory) -> Index:
     if len(data) != directory.size:
         raise ArchiveError("central directory buffer has the wrong size")
     entries = Index()
+    dos_times: dict[int, float] = {}  # archives hold few distinct times
     pos = 0
     end = len(data)
     while pos < end:
@@ -283,13 +327,17 @@ def parse_directory(data: bytes, directory: Directory) -> Index:
         if next_pos > end:
             raise ArchiveError(f"central directory record {len(entries)} runs past its end")
         raw_name = data[name_start:extra_start]
-        extra = data[extra_start : extra_start + extra_len]
-        usize, csize, offset, mtime = _apply_extra(extra, usize, csize, offset, disk_start)
+        mtime: float | None = None
+        if extra_len:
+            extra = data[extra_start : extra_start + extra_len]
+            usize, csize, offset, mtime = _apply_extra(extra, usize, csize, offset, disk_start)
         offset += directory.shift
         if max(usize, csize, offset) >= MAX_MEMBER_BYTES:
             raise ArchiveError(f"member {len(entries)} claims an impossible size or offset")
-        name = _decode(raw_name, flags)
-        entries.names.append(name)
+        if raw_name.isascii():  # the same text in UTF-8 and CP437: no decoding needed
+            entries.names.append_utf8(raw_name)
+        else:
+            entries.names.append(_decode(raw_name, flags))
         entries.offsets.append(offset)
         entries.csizes.append(csize)
         entries.sizes.append(usize)
@@ -298,8 +346,16 @@ def parse_directory(data: bytes, directory: Directory) -> Index:
         entries.flags.append(flags)
         entries.name_lens.append(name_len)
         entries.extra_lens.append(extra_len)
-        entries.mtimes.append(mtime if mtime is not None else _dos_time(ddate, dtime))
-        entries.modes.append(_mode(system, eattr, name))
+        if mtime is None:
+            mtime = dos_times.get((ddate << 16) | dtime)
+            if mtime is None:
+                mtime = dos_times[(ddate << 16) | dtime] = _dos_time(ddate, dtime)
+        entries.mtimes.append(mtime)
+        if raw_name.endswith(b"/"):
+            entries.modes.append(DIR_MODE)
+        else:
+            executable = system == UNIX and (eattr >> 16) & 0o111
+            entries.modes.append(EXEC_MODE if executable else FILE_MODE)
         pos = next_pos
     if len(entries) != directory.count and len(entries) % 0x10000 != directory.count % 0x10000:
         raise ArchiveError(
@@ -370,13 +426,6 @@ FILE_MODE = stat.S_IFREG | 0o444
 EXEC_MODE = stat.S_IFREG | 0o555
 
 
-def _mode(system: int, external: int, name: str) -> int:
-    """Permission bits for the mount: read-only, executable where the archive says so."""
-    if name.endswith("/"):
-        return DIR_MODE
-    return EXEC_MODE if system == UNIX and (external >> 16) & 0o111 else FILE_MODE
-
-
 def parse_local_header(data: bytes | memoryview, entry: Entry) -> int:
     """Length of ``entry``'s local header at the start of ``data``.
 
@@ -401,14 +450,101 @@ def parse_local_header(data: bytes | memoryview, entry: Entry) -> int:
 # -- the tree ------------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class DirNode:
-    """A directory of the tree: children by name, in archive order; a file child is its
-    record number in the ``Index``."""
+class _Leaves:
+    """The shown name of every file record of a tree: the last component of its archive name,
+    or (rarely: names ending in ``/.``) the one ``clean_path`` gave, kept apart."""
 
-    children: dict[str, DirNode | int] = field(default_factory=dict)
+    __slots__ = ("names", "odd")
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = names
+        self.odd: dict[int, str] = {}
+
+    def __call__(self, index: int) -> str:
+        odd = self.odd.get(index) if self.odd else None
+        return odd if odd is not None else self.names[index].rpartition("/")[2]
+
+
+@dataclass(slots=True, eq=False)
+class DirNode:
+    """A directory of the tree: its subdirectories by name, and its files as record numbers
+    in the ``Index`` sorted by name (4 bytes a file: an archive of a million members keeps no
+    Python object per file). ``children`` shows both as one mapping (a file child is its
+    record number)."""
+
+    dirs: dict[str, DirNode] = field(default_factory=dict)
+    files: array[int] = field(default_factory=lambda: array("i"))
+    leaves: _Leaves | None = None
     mtime: float = DOS_EPOCH
     explicit: bool = False
+
+    @property
+    def children(self) -> Children:
+        return Children(self)
+
+    def get(self, name: str) -> DirNode | int | None:
+        """The child called ``name`` (a binary search among the files)."""
+        found = self.dirs.get(name)
+        if found is not None or self.leaves is None:
+            return found
+        files = self.files
+        i = bisect.bisect_left(files, name, key=self.leaves)
+        return files[i] if i < len(files) and self.leaves(files[i]) == name else None
+
+    def file_names(self) -> Iterator[tuple[str, int]]:
+        leaves = self.leaves
+        if leaves is not None:
+            for index in self.files:
+                yield leaves(index), index
+
+
+class Children(Mapping[str, "DirNode | int"]):
+    """A directory's children as a read-only mapping: subdirectories first, then files by
+    name."""
+
+    __slots__ = ("_node",)
+
+    def __init__(self, node: DirNode) -> None:
+        self._node = node
+
+    def __getitem__(self, name: str) -> DirNode | int:
+        found = self._node.get(name)
+        if found is None:
+            raise KeyError(name)
+        return found
+
+    def get(self, name: str, default: object = None) -> Any:
+        found = self._node.get(name)
+        return default if found is None else found
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._node.dirs
+        for name, _ in self._node.file_names():
+            yield name
+
+    def items(self) -> Iterator[tuple[str, DirNode | int]]:  # type: ignore[override]
+        yield from self._node.dirs.items()
+        yield from self._node.file_names()
+
+    def values(self) -> Iterator[DirNode | int]:  # type: ignore[override]
+        yield from self._node.dirs.values()
+        yield from self._node.files
+
+    def __len__(self) -> int:
+        return len(self._node.dirs) + len(self._node.files)
+
+
+def _plain(leaf: str) -> bool:
+    """A last component that ``clean_path`` keeps as it is."""
+    return (
+        leaf not in ("", ".", "..")
+        and "\x00" not in leaf
+        and (len(leaf) <= MAX_NAME_COMPONENT // 4 or _fits(leaf))
+    )
+
+
+def _fits(part: str) -> bool:
+    return len(part.encode("utf-8", "surrogateescape")) <= MAX_NAME_COMPONENT
 
 
 def clean_path(name: str) -> tuple[str, ...] | None:
@@ -427,10 +563,20 @@ def clean_path(name: str) -> tuple[str, ...] | None:
 
 def build_tree(entries: Index, prefix: str = "artifacts/") -> DirNode:
     """The tree of everything under ``prefix`` (not shown itself), names sanitised."""
-    root = DirNode(explicit=True)
+    leaves = _Leaves(entries.names)
+    root = DirNode(explicit=True, leaves=leaves)
     names, mtimes = entries.names, entries.mtimes
+    # Files of each directory in archive order, sorted and deduplicated at the end.
+    found: dict[int, tuple[DirNode, list[int]]] = {}
+    # The file list of each parent path seen, for names that need no cleaning.
+    parents: dict[str, list[int]] = {}
     for index, name in enumerate(names):
         if not name.startswith(prefix):
+            continue
+        head, _, leaf = name.rpartition("/")
+        listed = parents.get(head)
+        if listed is not None and _plain(leaf):
+            listed.append(index)
             continue
         # Below the prefix a leading slash cannot escape: "artifacts//x" is "x".
         parts = clean_path(name[len(prefix) :].lstrip("/"))
@@ -439,22 +585,36 @@ def build_tree(entries: Index, prefix: str = "artifacts/") -> DirNode:
         mtime = mtimes[index]
         node = root
         for part in parts[:-1]:
-            child = node.children.get(part)
-            if not isinstance(child, DirNode):
-                child = DirNode(mtime=mtime)  # replaces a file of the same name
-                node.children[part] = child
+            child = node.dirs.get(part)
+            if child is None:
+                child = node.dirs[part] = DirNode(mtime=mtime, leaves=leaves)
             node = child
         leaf = parts[-1]
-        existing = node.children.get(leaf)
         if name.endswith("/"):
-            if isinstance(existing, DirNode):
+            existing = node.dirs.get(leaf)
+            if existing is None:
+                node.dirs[leaf] = DirNode(mtime=mtime, explicit=True, leaves=leaves)
+            else:
                 existing.explicit = True
                 existing.mtime = mtime
-            else:
-                node.children[leaf] = DirNode(mtime=mtime, explicit=True)
-        elif not isinstance(existing, DirNode):
-            node.children.pop(leaf, None)  # duplicates keep the last entry, in its place
-            node.children[leaf] = index
+            continue
+        slot = found.get(id(node))
+        if slot is None:
+            slot = found[id(node)] = (node, [])
+        if leaf != name.rpartition("/")[2]:
+            leaves.odd[index] = leaf
+        elif clean_path(head[len(prefix) :].lstrip("/")) == parts[:-1] and head.startswith(prefix):
+            parents[head] = slot[1]  # names under ``head`` with a plain leaf go straight here
+        slot[1].append(index)
+    for node, files in found.values():
+        # Sorted by name, then record: a duplicate name's last record comes last.
+        named = sorted(zip(map(leaves, files), files, strict=True))
+        kept = array("i")
+        for i, (name, index) in enumerate(named):
+            if (i + 1 < len(named) and named[i + 1][0] == name) or name in node.dirs:
+                continue  # duplicates keep the last record; a directory wins over a file
+            kept.append(index)
+        node.files = kept
     _settle_mtimes(root, mtimes)
     return root
 
@@ -466,11 +626,13 @@ def _settle_mtimes(root: DirNode, mtimes: array[float]) -> None:
     while stack:
         node = stack.pop()
         order.append(node)
-        stack.extend(c for c in node.children.values() if isinstance(c, DirNode))
+        stack.extend(node.dirs.values())
     for node in reversed(order):
         if node.explicit and node is not root:
             continue
-        times = [c.mtime if isinstance(c, DirNode) else mtimes[c] for c in node.children.values()]
+        times = [c.mtime for c in node.dirs.values()]
+        if node.files:
+            times.append(max(mtimes[i] for i in node.files))
         if times:
             node.mtime = max(times)
 
@@ -482,8 +644,7 @@ def walk(
     stack: list[tuple[tuple[str, ...], DirNode]] = [(tuple(base), root)]
     while stack:
         path, node = stack.pop()
-        for name, child in node.children.items():
-            if isinstance(child, DirNode):
-                stack.append(((*path, name), child))
-            else:
-                yield (*path, name), entries[child]
+        for name, child in node.dirs.items():
+            stack.append(((*path, name), child))
+        for name, index in node.file_names():
+            yield (*path, name), entries[index]

@@ -330,15 +330,11 @@ class Vfs:
             # or unreachable archive shows only inside. Its link count is unknown (1) until the
             # archive is open.
             archive = self._archives.get(key.task_id) if task.is_terminated else None
-            subdirs = (
-                sum(1 for c in archive.tree.children.values() if isinstance(c, DirNode))
-                if archive is not None
-                else -1
-            )
+            subdirs = len(archive.tree.dirs) if archive is not None else -1
             return self._attr(DIR_MODE, 0, changed, timeout, nlink=2 + subdirs)
         node = await self._output_node(key)
         if isinstance(node, DirNode):
-            subdirs = sum(1 for c in node.children.values() if isinstance(c, DirNode))
+            subdirs = len(node.dirs)
             mtime = changed if not key.path else int(node.mtime * NS)
             return self._attr(DIR_MODE, 0, mtime, timeout, nlink=2 + subdirs)
         return self._attr(node.mode, node.size, int(node.mtime * NS), timeout)
@@ -487,7 +483,7 @@ class Vfs:
             for name, item in node.children.items():
                 item_key = NodeKey("outputs", key.task_id, path=(*key.path, name))
                 if isinstance(item, DirNode):
-                    subdirs = sum(1 for c in item.children.values() if isinstance(c, DirNode))
+                    subdirs = len(item.dirs)
                     attr = self._attr(DIR_MODE, 0, int(item.mtime * NS), timeout, 2 + subdirs)
                 else:
                     assert archive is not None

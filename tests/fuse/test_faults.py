@@ -125,7 +125,7 @@ def test_dead_and_stalled_service(tmp_path: Path) -> None:
     assert mount.proc.returncode == 0
 
 
-def test_copy_with_ten_percent_failures(tmp_path: Path) -> None:
+def test_copy_with_failing_gets(tmp_path: Path) -> None:
     rng = random.Random(1234)
     files = {f"d{i % 5}/f{i:03}.txt": f"{i} ".encode() * rng.randint(10, 3000) for i in range(120)}
     files["big/stored.bin"] = rng.randbytes(32 << 20)
@@ -139,13 +139,14 @@ def test_copy_with_ten_percent_failures(tmp_path: Path) -> None:
     served = 0
 
     def flaky(seen: Seen, answer: Answer) -> Answer | None:
-        """Every tenth ranged GET fails, cycling through the kinds of failure."""
+        """The 2nd, 4th and 6th ranged GETs fail, then every tenth, cycling through the
+        kinds of failure (large requests make few GETs: every kind still happens)."""
         nonlocal served
         if seen.method != "GET" or answer.status != 206:
             return None
         with lock:
             served += 1
-            if served % 10 != 5:
+            if served not in (2, 4, 6) and served % 10 != 5:
                 return None
             kind = kinds[sum(faults.values()) % len(kinds)]
             faults[kind] += 1
@@ -161,7 +162,7 @@ def test_copy_with_ten_percent_failures(tmp_path: Path) -> None:
         copy = tmp_path / "copy"
         result = mount.run(f"cp -r {mount.path}/task/outputs {copy}", timeout=120)
         assert result.returncode == 0, result.stderr
-    assert all(n >= 1 for n in faults.values()), faults  # every kind really happened
+    assert all(n >= 1 for n in faults.values()), (faults, served)  # every kind happened
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         for name in files:
             assert (copy / name).read_bytes() == zf.read(f"artifacts/{name}"), name

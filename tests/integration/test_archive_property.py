@@ -155,7 +155,6 @@ def test_random_archives_read_like_zipfile(
         "STEP_OUT": 16384,
         "STEP_IN": 4096,
         "CHECKPOINT_SPACING": 8192,
-        "PIECE": 10_000,
     }
     with (
         mock.patch.multiple(member_mod, **small),

@@ -12,7 +12,7 @@ import warnings
 import zipfile
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from taskfs.archive import zipindex as zi
@@ -302,3 +302,113 @@ def test_corrupted_archives_fail_cleanly(flips: list[tuple[int, int]], cut: int)
     tree = zi.build_tree(entries)
     for path, _ in zi.walk(tree, entries):
         assert all(part not in ("", ".", "..") and "\x00" not in part for part in path)
+
+
+def reference_tree(names: list[str], prefix: str = "artifacts/") -> dict[str, object]:
+    """The tree the rules in the module docstring give, built the plain way (nested dicts,
+    a file is its record number): the oracle for ``build_tree``'s packed form."""
+    root: dict[str, object] = {}
+    for index, name in enumerate(names):
+        if not name.startswith(prefix):
+            continue
+        parts = zi.clean_path(name[len(prefix) :].lstrip("/"))
+        if parts is None:
+            continue
+        node = root
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        existing = node.get(parts[-1])
+        if name.endswith("/"):
+            if not isinstance(existing, dict):
+                node[parts[-1]] = {}
+        elif not isinstance(existing, dict):
+            node[parts[-1]] = index
+    return root
+
+
+def as_dicts(node: zi.DirNode) -> dict[str, object]:
+    return {
+        name: as_dicts(child) if isinstance(child, zi.DirNode) else child
+        for name, child in node.children.items()
+    }
+
+
+name_parts = st.sampled_from(["a", "b", "é", ".", "..", "", "x\x00", "z" * 256, "dir"])
+
+
+@given(
+    st.lists(
+        st.lists(name_parts, min_size=1, max_size=4).map("/".join),
+        max_size=40,
+    ),
+    st.lists(st.booleans(), min_size=40, max_size=40),
+)
+@example(["a/b", "a/.", "a/..", "a/", "a//b", "a/b", "a/" + "z" * 256, "a/x\x00"], [True] * 40)
+@example(["a/b", "a/b/c", "a/b", "a/b/"], [True] * 40)
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+def test_packed_tree_matches_the_plain_rules(paths: list[str], prefixed: list[bool]) -> None:
+    """Random names (dots, empty components, NULs, long components, duplicates, a file and a
+    directory of one name): the packed tree, its lookups and its walk agree with the oracle."""
+    index = zi.Index()
+    for path, under in zip(paths, prefixed, strict=False):
+        index.names.append(("artifacts/" if under else "") + path)
+        index.mtimes.append(0.0)
+    tree = zi.build_tree(index)
+    expected = reference_tree(list(index.names))
+    assert as_dicts(tree) == expected
+
+    def check(node: zi.DirNode, plain: dict[str, object]) -> None:
+        for name, child in plain.items():
+            found = node.get(name)
+            if isinstance(child, dict):
+                assert isinstance(found, zi.DirNode)
+                check(found, child)
+            else:
+                assert found == child
+        assert node.get("no such name") is None
+
+    check(tree, expected)
+
+
+def test_names_round_trip_in_the_packed_column() -> None:
+    names = zi.Names()
+    samples = ["plain.txt", "café/ü.txt", "bad\udce9name", "", "a/b/c/"]
+    for name in samples:
+        names.append(name)
+    assert list(names) == samples and [names[i] for i in range(-5, 5)] == samples * 2
+    assert names[1:3] == samples[1:3]
+    with pytest.raises(IndexError):
+        names[5]
+
+
+def test_a_large_directory_costs_under_150_bytes_per_entry() -> None:
+    """Index and tree of 20,000 members (the benchmark's P11 checks 1,000,000): the columns
+    and the packed tree, measured by tracemalloc."""
+    import gc
+    import tracemalloc
+
+    count = 20_000
+    members = [(f"artifacts/case{i // 1000:04d}/probe_{i:07d}.csv", b"") for i in range(count)]
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in members:
+            zf.writestr(zipfile.ZipInfo(name), data)
+    data = buf.getvalue()
+    start = max(0, len(data) - zi.TAIL_SIZE)
+    location = zi.locate_directory(data[start:], start, len(data))
+    assert isinstance(location, zi.Directory)
+    cd = data[location.start : location.start + location.size]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        entries = zi.parse_directory(cd, location)
+        tree = zi.build_tree(entries)
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(entries) == count and len(tree.dirs) == 20
+    assert used / count <= 150, f"{used / count:.0f} bytes per entry"
