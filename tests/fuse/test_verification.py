@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 
 from taskfs.api.models import TaskStatusCode as S
+from taskfs.outputs import MEMORY_CACHE
 from tests.fakeapi import FakeApi
 from tests.fuse.conftest import Mount, cloud_mount
 from tests.support import artifacts_zip
@@ -101,7 +102,7 @@ def test_bytes_changed_under_the_same_etag_are_never_returned(tmp_path: Path) ->
     """Storage that changes an archive without a new ETag: a member read (and verified)
     once is read again after its blocks left every cache (no disk cache, page cache
     dropped); the changed block fails, with ESTALE, and no byte differs from the first read."""
-    size = 40 << 20  # more than the memory tier: its first blocks are gone by the end
+    size = MEMORY_CACHE + (16 << 20)  # its first blocks leave the memory tier by the end
     body = text(size, 5)
     good = artifacts_zip({"big.bin": body}, method=0)
     fake = FakeApi()
