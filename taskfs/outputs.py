@@ -28,14 +28,14 @@ from taskfs.archive.cache import DiskCache, MemoryCache, Tiered
 from taskfs.archive.member import CheckpointBudget, ReadBudget, is_small
 from taskfs.archive.rangeio import RangeSource, Transport, data_client
 from taskfs.archive.remote import RemoteArchive
-from taskfs.archive.zipindex import Entry, clean_path, walk
+from taskfs.archive.zipindex import Entry, clean_path, walk, walk_dirs
 from taskfs.errors import ArchiveError, NotFoundError, single_errors
 from taskfs.retry import Breaker, RetryPolicy
 
 log = logging.getLogger(__name__)
 
 # The memory tier: blocks just fetched (until they are on disk) and hot small members.
-MEMORY_CACHE = 48 << 20
+MEMORY_CACHE = 32 << 20
 
 
 def make_cache(cache_dir: Path | None, limit_bytes: int) -> Tiered:
@@ -226,10 +226,18 @@ async def download(
                 if on_file is not None:
                     on_file(name, entry.size)
 
+            # The archive's own directory entries, made (even when empty) and given their
+            # times after the files, as unzip does; for a selection of files, none.
+            dirs = (
+                []
+                if filenames
+                else [(p, node.mtime) for p, node in walk_dirs(archive.tree) if node.explicit]
+            )
             try:
                 await _download_in_order(
                     archive, selected, writer, parallel=parallel, progress=progress, done=done
                 )
+                await trio.to_thread.run_sync(writer.make_dirs, dirs)
             finally:
                 writer.close()
             nursery.cancel_scope.cancel()
@@ -328,7 +336,23 @@ class _TreeWriter:
     def write_all(self, batch: Sequence[tuple[str, Entry, bytes]]) -> None:
         for name, entry, data in batch:
             parts = tuple(name.split("/"))
-            _write_file(self._dir(parts[:-1]), parts[-1], entry, data)
+            try:
+                _write_file(self._dir(parts[:-1]), parts[-1], entry, data)
+            except OSError as exc:  # named after the member, not a temporary file
+                raise OSError(exc.errno, exc.strerror, name) from None
+
+    def make_dirs(self, dirs: Sequence[tuple[tuple[str, ...], float]]) -> None:
+        """Make ``dirs`` (paths below the destination) and give them their times, deepest
+        first (making a subdirectory changes its parent's time)."""
+        for parts, _ in dirs:
+            try:
+                self._dir(parts)
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, "/".join(parts)) from None
+        for parts, mtime in sorted(dirs, key=lambda item: -len(item[0])):
+            with contextlib.suppress(OSError):
+                parent = self._dir(parts[:-1])
+                os.utime(parts[-1], (mtime, mtime), dir_fd=parent, follow_symlinks=False)
 
     def close(self) -> None:
         for fd in self._dirs.values():

@@ -77,7 +77,7 @@ MAX_CHECKPOINTS = 256
 CHECKPOINT_BYTES = 40 << 10
 # Sequential read-ahead window (bytes of archive data), doubling per sequential read.
 READAHEAD_START = 1 << 20
-READAHEAD_MAX = 32 << 20
+READAHEAD_MAX = 24 << 20
 
 SUPPORTED = frozenset({STORED, DEFLATED, BZIP2, LZMA})
 # What the decompressors raise for corrupt input (bz2 raises OSError, lzma LZMAError).
@@ -121,7 +121,7 @@ class ReadBudget:
         total: int = 32 << 20,
         least: int = 256 << 10,
         most: int = 4 << 20,
-        total_prefetch: int = 32 << 20,
+        total_prefetch: int = 24 << 20,
     ):
         self.total = total
         self.least = least

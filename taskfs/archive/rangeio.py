@@ -85,20 +85,24 @@ class RangeSource:
 
     async def open_tail(self, length: int) -> bytes:
         """The last ``length`` bytes (fewer if the object is smaller); learns size and ETag."""
-        return await self._get(f"bytes=-{length}", None, first=True)
+        tail = await self._get(f"bytes=-{length}", None, first=True)
+        return tail if isinstance(tail, bytes) else bytes(tail)
 
-    async def fetch(self, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` of the object, exactly."""
+    async def fetch(self, start: int, end: int) -> bytes | bytearray:
+        """Bytes ``[start, end)`` of the object, exactly (in one ``bytearray`` when large:
+        callers slice what they keep)."""
         if self.size is None:
             raise RuntimeError("open_tail() must come first")
         if not 0 <= start < end <= self.size:
             raise ValueError(f"range {start}-{end} outside 0-{self.size}")
         return await self._get(f"bytes={start}-{end - 1}", (start, end), first=False)
 
-    async def _get(self, range_header: str, want: tuple[int, int] | None, first: bool) -> bytes:
+    async def _get(
+        self, range_header: str, want: tuple[int, int] | None, first: bool
+    ) -> bytes | bytearray:
         refreshed = False
 
-        async def attempt() -> bytes:
+        async def attempt() -> bytes | bytearray:
             nonlocal refreshed
             url = await self._current_url(False)
             headers = {"Range": range_header, "Accept-Encoding": "identity"}
@@ -108,7 +112,7 @@ class RangeSource:
                 async with self._http.stream("GET", url, headers=headers) as response:
                     self._check_status(response, first, refreshed)
                     expected = self._check_range(response, want, first)
-                    return await _read_body(response, expected, self.name)
+                    return await _read_body(response, expected, self.name, want is not None)
             except _UrlRefusedError:
                 refreshed = True
                 log.debug("%s: signed URL refused (403); asking for a fresh one", self.name)
@@ -180,13 +184,35 @@ class _UrlRefusedError(Exception):
     """A 403 on the first try: the signed URL may have expired."""
 
 
-async def _read_body(response: httpx.Response, expected: int, name: str) -> bytes:
+async def _read_body(
+    response: httpx.Response, expected: int, name: str, exact: bool
+) -> bytes | bytearray:
     """Exactly ``expected`` bytes of body, or ``Retryable`` for a short one.
 
-    Read in chunks and joined here rather than with ``response.aread()``: a ``Response`` sits in
+    Read in chunks here rather than with ``response.aread()``: a ``Response`` sits in
     reference cycles, so a body stored on it would live until the cyclic GC ran (hundreds of MB
-    while streaming, measured), and a longer-than-promised body is refused as it arrives.
+    while streaming, measured), and a longer-than-promised body is refused as it arrives. When
+    ``expected`` is the length the caller asked for (``exact``), the chunks go straight into one
+    buffer of that size: no list of chunks joined at the end, so a range costs its size once,
+    not twice (a 74 MB central directory, measured).
     """
+    if exact:
+        buffer = bytearray(expected)
+        view = memoryview(buffer)
+        got = 0
+        try:
+            async for chunk in response.aiter_bytes():
+                if got + len(chunk) > expected:
+                    raise ProtocolError(
+                        f"{name}: body longer than its Content-Range ({expected} bytes)"
+                    )
+                view[got : got + len(chunk)] = chunk
+                got += len(chunk)
+        finally:
+            view.release()
+        if got != expected:
+            raise Retryable(f"short body: {got} of {expected} bytes")
+        return buffer
     chunks: list[bytes] = []
     got = 0
     async for chunk in response.aiter_bytes():

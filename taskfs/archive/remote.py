@@ -158,22 +158,28 @@ class RemoteArchive:
         """Open: one suffix GET, one more when the central directory is larger than the tail."""
         limiter = limiter or trio.CapacityLimiter(8)
         async with limiter:
-            tail = await source.open_tail(TAIL_SIZE)
+            tail: bytes | bytearray = await source.open_tail(TAIL_SIZE)
         assert source.size is not None
         size = source.size
         tail_start = size - len(tail)
         location = locate_directory(tail, tail_start, size)
-        while isinstance(location, NeedBytes):
+        while isinstance(location, NeedBytes):  # a zip64 end record before the tail (small)
             async with limiter:
                 tail = await source.fetch(location.start, tail_start) + tail
             tail_start = location.start
             location = locate_directory(tail, tail_start, size)
+        end = location.start + location.size
         if location.start < tail_start:
+            # A directory larger than the tail: its bytes are fetched into one buffer and the
+            # tail's part appended in place (one copy of the directory alive, not three).
             async with limiter:
-                tail = await source.fetch(location.start, tail_start) + tail
-            tail_start = location.start
-        rel = location.start - tail_start
-        data = tail[rel : rel + location.size]
+                data = await source.fetch(location.start, tail_start)
+            if not isinstance(data, bytearray):
+                data = bytearray(data)
+            data += memoryview(tail)[: end - tail_start]
+            del tail
+        else:
+            data = tail[location.start - tail_start : end - tail_start]
         if location.size > THREAD_PARSE:
             entries = await trio.to_thread.run_sync(parse_directory, data, location)
             tree = await trio.to_thread.run_sync(build_tree, entries, prefix)
@@ -363,9 +369,9 @@ class RemoteArchive:
 
         Runs in the archive's nursery: it never raises; waiters get the error.
         """
-        data = b""
+        data: bytes | bytearray = b""
         error: Exception | None = None
-        crcs: list[int | None] = []
+        landed: list[tuple[CacheKey, bytes, int | None]] = []
         try:
             data = await self._fetch(start, end)
             view = memoryview(data)
@@ -374,9 +380,9 @@ class RemoteArchive:
                 if key.kind == "b":  # a block fetched again must be the block seen before
                     crc = zlib_ng.crc32(view[p_start - start : p_end - start])
                     self._admit_block(key.number, crc)
-                crcs.append(crc)
-            for key, p_start, p_end in parts:
-                part = data[p_start - start : p_end - start]
+                landed.append((key, bytes(view[p_start - start : p_end - start]), crc))
+            view.release()
+            for key, part, _ in landed:
                 self.cache.memory.put(key, part)
                 if key in flights:
                     flights[key].data = part
@@ -390,15 +396,12 @@ class RemoteArchive:
         if error is None:
             if members:
                 await self._predecode(members, data, start)
-            view = memoryview(data)  # slices for the disk writes: no copies of the data
-            await self.cache.put_disk_many(
-                [
-                    (key, view[p_start - start : p_end - start], crc)
-                    for (key, p_start, p_end), crc in zip(parts, crcs, strict=True)
-                ]
-            )
+            del data  # the parts are copies: the request's buffer goes now
+            await self.cache.put_disk_many(list(landed))
 
-    async def _predecode(self, members: tuple[Entry, ...], data: bytes, start: int) -> None:
+    async def _predecode(
+        self, members: tuple[Entry, ...], data: bytes | bytearray, start: int
+    ) -> None:
         """Decompress and verify fetched small members before anyone asks (another core)."""
 
         def work() -> list[tuple[int, bytes]]:
@@ -410,7 +413,7 @@ class RemoteArchive:
                 at = entry.header_offset - start
                 try:
                     header = parse_local_header(view[at:], entry)
-                    raw = data[at + header : at + header + entry.compressed_size]
+                    raw = bytes(view[at + header : at + header + entry.compressed_size])
                     if len(raw) == entry.compressed_size:
                         decoded.append((entry.header_offset, decompress_all(entry, raw)))
                 except TaskfsError:
@@ -646,7 +649,7 @@ class RemoteArchive:
     def _admit_disk(self, number: int, data: bytes, crc: int) -> None:
         self._admit_block(number, crc)
 
-    async def _fetch(self, start: int, end: int) -> bytes:
+    async def _fetch(self, start: int, end: int) -> bytes | bytearray:
         async with self._limiter:
             return await self.source.fetch(start, end)
 

@@ -72,7 +72,7 @@ class Names(Sequence[str]):
     def append(self, name: str) -> None:
         self.append_utf8(name.encode("utf-8", "surrogatepass"))
 
-    def append_utf8(self, raw: bytes) -> None:
+    def append_utf8(self, raw: bytes | bytearray) -> None:
         self._blob += raw
         self._ends.append(len(self._blob))
 
@@ -212,7 +212,9 @@ class NeedBytes:
     start: int
 
 
-def locate_directory(tail: bytes, tail_start: int, file_size: int) -> Directory | NeedBytes:
+def locate_directory(
+    tail: bytes | bytearray, tail_start: int, file_size: int
+) -> Directory | NeedBytes:
     """Find the central directory from the last bytes of the archive.
 
     ``tail`` holds bytes ``[tail_start, file_size)``. Returns where the directory is, or which
@@ -265,7 +267,7 @@ def locate_directory(tail: bytes, tail_start: int, file_size: int) -> Directory 
     return Directory(start=start, size=cd_size, count=count, shift=shift, zip64=zip64)
 
 
-def _find_eocd(tail: bytes) -> int:
+def _find_eocd(tail: bytes | bytearray) -> int:
     """Position of the end record: the last plausible one whose comment reaches the end, else
     the last plausible one (trailing bytes after the archive), else -1."""
     limit = max(0, len(tail) - EOCD.size - MAX_COMMENT)
@@ -283,7 +285,7 @@ def _find_eocd(tail: bytes) -> int:
     return fallback
 
 
-def parse_directory(data: bytes, directory: Directory) -> Index:
+def parse_directory(data: bytes | bytearray, directory: Directory) -> Index:
     """Parse the central directory bytes ``data`` (exactly ``directory.size`` long).
 
     A member whose data would lie outside the data area (before the directory) is still
@@ -364,14 +366,14 @@ def parse_directory(data: bytes, directory: Directory) -> Index:
     return entries
 
 
-def _decode(raw: bytes, flags: int) -> str:
+def _decode(raw: bytes | bytearray, flags: int) -> str:
     if flags & FLAG_UTF8:
         return raw.decode("utf-8", "surrogateescape")
     return raw.decode("cp437")
 
 
 def _apply_extra(
-    extra: bytes, usize: int, csize: int, offset: int, disk: int
+    extra: bytes | bytearray, usize: int, csize: int, offset: int, disk: int
 ) -> tuple[int, int, int, float | None]:
     """Zip64 sizes/offset (0x0001) and the extended timestamp (0x5455) from an extra field."""
     mtime: float | None = None
@@ -567,9 +569,10 @@ def build_tree(entries: Index, prefix: str = "artifacts/") -> DirNode:
     root = DirNode(explicit=True, leaves=leaves)
     names, mtimes = entries.names, entries.mtimes
     # Files of each directory in archive order, sorted and deduplicated at the end.
-    found: dict[int, tuple[DirNode, list[int]]] = {}
+    # (Record numbers in arrays, not lists: a million members make no int objects.)
+    found: dict[int, tuple[DirNode, array[int]]] = {}
     # The file list of each parent path seen, for names that need no cleaning.
-    parents: dict[str, list[int]] = {}
+    parents: dict[str, array[int]] = {}
     for index, name in enumerate(names):
         if not name.startswith(prefix):
             continue
@@ -600,7 +603,7 @@ def build_tree(entries: Index, prefix: str = "artifacts/") -> DirNode:
             continue
         slot = found.get(id(node))
         if slot is None:
-            slot = found[id(node)] = (node, [])
+            slot = found[id(node)] = (node, array("i"))
         if leaf != name.rpartition("/")[2]:
             leaves.odd[index] = leaf
         elif clean_path(head[len(prefix) :].lstrip("/")) == parts[:-1] and head.startswith(prefix):
@@ -635,6 +638,16 @@ def _settle_mtimes(root: DirNode, mtimes: array[float]) -> None:
             times.append(max(mtimes[i] for i in node.files))
         if times:
             node.mtime = max(times)
+
+
+def walk_dirs(root: DirNode) -> Iterator[tuple[tuple[str, ...], DirNode]]:
+    """Every directory below ``root`` with its path, parents first (iteratively)."""
+    stack: list[tuple[tuple[str, ...], DirNode]] = [((), root)]
+    while stack:
+        path, node = stack.pop()
+        for name, child in node.dirs.items():
+            yield (*path, name), child
+            stack.append(((*path, name), child))
 
 
 def walk(

@@ -82,6 +82,26 @@ def tune_malloc() -> None:
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameters
 M_ARENA_MAX = -8
+# How often freed heap memory is handed back to the system (``release_memory``).
+TRIM_INTERVAL = 1.0
+
+
+async def release_memory(interval: float = TRIM_INTERVAL) -> None:
+    """Hand freed heap memory back to the system, once per ``interval`` (glibc only).
+
+    glibc returns only the top of a heap by itself. Inflated output comes in ~35 KiB pieces
+    that readers free in another order than they were made, so a mount that had streamed 32
+    deflated members at once kept about 290 MB of freed memory (measured in-process with
+    32 readers; the live objects, by tracemalloc, were about 85 MB). ``malloc_trim`` once a
+    second (1-9 ms, in a worker thread) kept the peak at about 165 MB in the same run.
+    """
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    while True:
+        await trio.sleep(interval)
+        await trio.to_thread.run_sync(trim, 0)
 
 
 def fuse_options(settings: MountSettings) -> set[str]:
@@ -186,6 +206,7 @@ async def run_mount(
             _write_pid_file(pid_file, settings.mountpoint)
             nursery.start_soon(_tune_after_init, settings.mountpoint, settings.readahead_kb)
             nursery.start_soon(_watch_signals, vfs)
+            nursery.start_soon(release_memory)
             log.info("mounted %s at %s", settings.client.api_url, settings.mountpoint)
             task_status.started()
             await pyfuse3.main(min_tasks=MIN_WORKERS, max_tasks=settings.max_tasks)

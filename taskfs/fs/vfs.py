@@ -38,6 +38,7 @@ import trio
 from taskfs.api.client import PAGE_SIZE, ApiClient
 from taskfs.api.models import (
     Task,
+    TaskPage,
     TaskWithStatusHistory,
     computation_time,
     is_task_id,
@@ -67,6 +68,9 @@ from taskfs.proc import wants_out
 from taskfs.retry import operation_budget
 
 log = logging.getLogger(__name__)
+
+# List requests side by side for the first listing of a root of more than two pages.
+LIST_PARALLEL = 4
 
 VIRTUAL_FILES = ("status", "machine_type", "computation_time", "control", "wait", "info.json")
 OUTPUTS = "outputs"
@@ -273,23 +277,62 @@ class Vfs:
         page = 1
         while True:
             result = await self.api.list_page(page, PAGE_SIZE)
-            changed = False
-            now = trio.current_time()
-            for task in result.tasks:
-                if task.task_id in seen:
-                    continue  # shifted onto this page by a newer task
-                seen.add(task.task_id)
-                fresh.append(task.task_id)
-                changed = changed or task.task_id not in known or not task.is_terminated
-                state = self._states.get(task.task_id)
-                if state is None or not state.task.is_terminated:
-                    self._states[task.task_id] = _TaskState(task, now)
+            if page == 1 and not refresh and result.total_size > 2 * PAGE_SIZE:
+                rest = await self._other_pages(result.total_size)
+                if rest is not None:  # every page, read side by side
+                    return self._note_pages([result, *rest], seen, known)[0]
+            changed = self._note_pages([result], seen, known, fresh)[1]
             if len(result.tasks) < PAGE_SIZE or page * PAGE_SIZE >= result.total_size:
                 return fresh  # every page read
             if refresh and not changed:
                 ids = fresh + [task_id for task_id in self._listing if task_id not in seen]
                 return ids if len(ids) == result.total_size else None
             page += 1
+
+    async def _other_pages(self, total: int) -> list[TaskPage] | None:
+        """Pages 2 onwards of a listing of ``total`` tasks, ``LIST_PARALLEL`` at a time (the
+        first listing of a large root costs about a page's round trip per ``LIST_PARALLEL``
+        pages, not one each); ``None`` if the total moved meanwhile (tasks came or went: the
+        pages may overlap or miss one, so the caller reads them one after another)."""
+        count = -(-total // PAGE_SIZE)
+        pages: list[TaskPage | None] = [None] * (count - 1)
+        limiter = trio.CapacityLimiter(LIST_PARALLEL)
+
+        async def fetch(number: int) -> None:
+            async with limiter:
+                pages[number - 2] = await self.api.list_page(number, PAGE_SIZE)
+
+        async with trio.open_nursery() as nursery:
+            for number in range(2, count + 1):
+                nursery.start_soon(fetch, number)
+        got = [page for page in pages if page is not None]
+        if any(page.total_size != total for page in got):
+            return None
+        return got
+
+    def _note_pages(
+        self,
+        pages: list[TaskPage],
+        seen: set[str],
+        known: set[str],
+        ids: list[str] | None = None,
+    ) -> tuple[list[str], bool]:
+        """Take the tasks of ``pages`` (in order) into the listing ``ids`` and the states;
+        whether any of them is new to ``known`` or still running."""
+        ids = [] if ids is None else ids
+        changed = False
+        now = trio.current_time()
+        for result in pages:
+            for task in result.tasks:
+                if task.task_id in seen:
+                    continue  # shifted onto this page by a newer task
+                seen.add(task.task_id)
+                ids.append(task.task_id)
+                changed = changed or task.task_id not in known or not task.is_terminated
+                state = self._states.get(task.task_id)
+                if state is None or not state.task.is_terminated:
+                    self._states[task.task_id] = _TaskState(task, now)
+        return ids, changed
 
     # -- attributes ----------------------------------------------------------------------------
 

@@ -630,3 +630,32 @@ def test_without_a_running_local_service_the_exit_status_is_69_and_wait_rides_it
     assert waiting.returncode == 0, err
     assert "retrying in" in err and "Traceback" not in err
     assert out.splitlines()[-1].endswith("success")
+
+
+def test_download_makes_the_archives_directories_with_their_times(
+    service: Service, tmp_path: Path
+) -> None:
+    """Empty directories are entries of the archive: made like unzip makes them (with their
+    times, set after the files), whatever else the download writes."""
+    task_id = service.submit(
+        "mkdir -p emptyd/deeper full && echo x > full/f"
+        " && touch -d @1234567890 emptyd/deeper && touch -d @1234500000 emptyd"
+    )
+    assert service.wait_for(task_id, lambda s: s.is_terminated).status == S.SUCCESS
+    archive = service.data_dir / "storage" / task_id / "output.zip"
+    with zipfile.ZipFile(archive) as zf:
+        entries = {i.filename.removeprefix("artifacts/") for i in zf.infolist()}
+    assert "emptyd/deeper/" in entries  # what the oracle says the archive holds
+    result = cli(service, "tasks", "download", task_id, "--dir", str(tmp_path / "dl"))
+    assert result.returncode == 0, result.stderr
+    dest = tmp_path / "dl" / task_id / "outputs"
+    for name in entries:
+        if name.endswith("/") and name != "":
+            assert (dest / name).is_dir(), name
+    assert (dest / "emptyd" / "deeper").stat().st_mtime == 1234567890
+    assert (dest / "full" / "f").read_text() == "x\n"
+    unzipped = tmp_path / "unzipped"
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(unzipped)
+    made = {p.relative_to(unzipped / "artifacts") for p in (unzipped / "artifacts").rglob("*")}
+    assert {p.relative_to(dest) for p in dest.rglob("*")} == made

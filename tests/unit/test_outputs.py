@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,14 @@ from taskfs.api.models import TaskStatusCode as S
 from taskfs.archive.rangeio import data_client
 from taskfs.config import ClientSettings
 from taskfs.errors import NotFoundError
-from taskfs.outputs import OutputFile, OutputInfo, download, format_bytes, output_info
+from taskfs.outputs import (
+    OutputFile,
+    OutputInfo,
+    _TreeWriter,
+    download,
+    format_bytes,
+    output_info,
+)
 from tests.fakeapi import KEY, FakeApi
 from tests.rangeserver import mock_transport
 from tests.support import artifacts_zip
@@ -101,3 +110,20 @@ async def test_listing_reads_only_the_directory(
             "vtk/ParticleData_Fluid_40.vtk",
         ]
         assert (tmp_path / "d" / "stdout.txt").read_bytes() == b"o" * 3120
+
+
+async def test_a_failed_write_names_the_member_not_its_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(dir_fd: int, name: str, entry: object, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", ".taskfs-part-0123456789ab")
+
+    monkeypatch.setattr("taskfs.outputs._write_file", full)
+    writer = _TreeWriter(os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY))
+    try:
+        with pytest.raises(OSError) as caught:
+            writer.write_all([("sub/dir/result.csv", None, b"x")])  # type: ignore[list-item]
+    finally:
+        writer.close()
+    assert caught.value.errno == errno.ENOSPC
+    assert caught.value.filename == "sub/dir/result.csv"

@@ -534,3 +534,56 @@ async def test_root_refresh_reads_pages_until_nothing_changed(
     names, requests = await listing()
     assert deleted not in names and len(names) == 1801
     assert requests == 1 + 4  # the short refresh, then all four pages
+
+
+async def test_a_first_listing_read_side_by_side_falls_back_when_the_total_moves(
+    env: Env, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Pages 2 onwards of a large root are read side by side; a task submitted meanwhile
+    shifts them, so they are read again one after another (every task once, in order), and
+    the newcomer shows at the next refresh, as with paging one page at a time."""
+    for i in range(1600):
+        env.fake.add(f"task{i:04}", S.SUCCESS)
+    calls = 0
+
+    def submit_during_paging(method: str, path: str) -> None:
+        nonlocal calls
+        if method == "GET" and path == "/tasks":
+            calls += 1
+            if calls == 2:
+                env.fake.add("newcomer", S.SUBMITTED)
+
+    env.fake.api_fault = submit_during_paging  # type: ignore[assignment]
+    old = [f"task{i:04}" for i in reversed(range(1600))]
+    names = [name for name, _ in await env.kernel.listdir(ROOT_INODE, batch=5000)]
+    assert names == old
+    assert env.fake.calls["GET tasks"] == 4 + 3  # side by side, then pages 2-4 in a row
+    env.fake.api_fault = None
+    await trio.sleep(3)
+    names = [name for name, _ in await env.kernel.listdir(ROOT_INODE, batch=5000)]
+    assert names == ["newcomer", *old]
+
+
+async def test_a_large_first_listing_reads_pages_side_by_side(
+    env: Env, autojump_clock: trio.testing.MockClock
+) -> None:
+    """With every list request taking 1 s (mock clock), 8 pages take 1 + 7/4 rounds, not 8."""
+    for i in range(3600):
+        env.fake.add(f"task{i:04}", S.SUCCESS)
+    in_flight = peak = 0
+    real = env.vfs.api.list_page
+
+    async def list_page(*args: object, **kwargs: object) -> object:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await trio.sleep(1)
+        in_flight -= 1
+        return await real(*args, **kwargs)  # type: ignore[arg-type]
+
+    env.vfs.api.list_page = list_page  # type: ignore[method-assign]
+    start = trio.current_time()
+    names = [name for name, _ in await env.kernel.listdir(ROOT_INODE, batch=5000)]
+    assert len(names) == 3600 and names[0] == "task3599"
+    assert peak == 4
+    assert trio.current_time() - start == 3  # page 1, then pages 2-5, then 6-8
