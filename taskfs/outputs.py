@@ -11,6 +11,7 @@ Must stay true: the API key goes only to the API; storage requests carry the sig
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import secrets
@@ -25,7 +26,7 @@ import trio
 from taskfs.api.client import ApiClient
 from taskfs.api.models import Task
 from taskfs.archive.cache import DiskCache, MemoryCache, Tiered
-from taskfs.archive.member import CheckpointBudget, ReadBudget, is_small
+from taskfs.archive.member import CheckpointBudget, ReadBudget, is_small, read_whole
 from taskfs.archive.rangeio import RangeSource, Transport, data_client
 from taskfs.archive.remote import RemoteArchive
 from taskfs.archive.zipindex import Entry, clean_path, walk, walk_dirs
@@ -219,10 +220,10 @@ async def download(
                 os.close(root_fd)
             target = dest.joinpath(*below)
             writer = _TreeWriter(dest_fd)
-            written: list[Path] = []
+            written: list[str] = []
 
             def done(name: str, entry: Entry) -> None:
-                written.append(target.joinpath(*name.split("/")))
+                written.append(name)
                 if on_file is not None:
                     on_file(name, entry.size)
 
@@ -241,7 +242,7 @@ async def download(
             finally:
                 writer.close()
             nursery.cancel_scope.cancel()
-    return sorted(written)
+    return [target.joinpath(*name.split("/")) for name in sorted(written)]
 
 
 # Small members are written in batches of this many bytes or files: one worker-thread call each.
@@ -292,12 +293,10 @@ async def _download_in_order(
                 if not is_small(entry):
                     workers.start_soon(large, name, entry)
                     continue
-                reader = archive.open_member(entry)
-                try:
-                    data = await reader.read(0, entry.size)
-                finally:
-                    reader.close()
+                data = await read_whole(archive, entry)
                 batch.append((name, entry, data))
+                if len(batch) % 256 == 0:
+                    await trio.lowlevel.checkpoint()  # read_whole may not yield for a while
                 size += len(data)
                 if size >= WRITE_BATCH_BYTES or len(batch) >= most:
                     await send.send(batch)
@@ -364,7 +363,7 @@ class _TreeWriter:
 def _write_file(dir_fd: int, name: str, entry: Entry, data: bytes) -> None:
     """``data`` as ``name`` in ``dir_fd``: a temporary name renamed into place, with the
     archive's time and exec bits (as ``unzip`` keeps them)."""
-    tmp = f".taskfs-part-{secrets.token_hex(6)}"
+    tmp = _temporary_name()
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     fd = os.open(tmp, flags, _mode(entry), dir_fd=dir_fd)
     try:
@@ -381,6 +380,18 @@ def _write_file(dir_fd: int, name: str, entry: Entry, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=dir_fd)
         raise
+
+
+_TEMPORARY = itertools.count()
+
+
+def _temporary_name() -> str:
+    """A short name no other writer uses: a random prefix per process, then a counter (one
+    system call for randomness per process, not per file; ``O_EXCL`` guards the rest)."""
+    return f".taskfs-part-{_PREFIX}{next(_TEMPORARY):x}"
+
+
+_PREFIX = secrets.token_hex(4)
 
 
 def _mode(entry: Entry) -> int:
@@ -426,7 +437,7 @@ async def _write_member(
     """Write one member below ``dest_fd`` under a short temporary name (any file name fits),
     rename it into place and give it the archive's time, as ``unzip`` does."""
     dir_fd = await trio.to_thread.run_sync(_open_dirs, dest_fd, parts[:-1])
-    tmp = f".taskfs-part-{secrets.token_hex(6)}"
+    tmp = _temporary_name()
     reader = archive.open_member(entry)
     try:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC

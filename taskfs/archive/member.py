@@ -253,13 +253,18 @@ class MemberReader(Protocol):
         ...
 
 
-def open_member(archive: ArchiveBytes, entry: Entry) -> MemberReader:
-    """A reader for ``entry``; ``UnsupportedError`` for methods taskfs cannot read."""
+def check_supported(entry: Entry) -> None:
+    """``UnsupportedError`` for members taskfs cannot read (encrypted, other methods)."""
     if entry.encrypted:
         raise UnsupportedError(f"{entry.name}: encrypted members cannot be read")
     if entry.method not in SUPPORTED:
         name = METHOD_NAMES.get(entry.method, f"method {entry.method}")
         raise UnsupportedError(f"{entry.name}: compression {name} is not supported")
+
+
+def open_member(archive: ArchiveBytes, entry: Entry) -> MemberReader:
+    """A reader for ``entry``; ``UnsupportedError`` for methods taskfs cannot read."""
+    check_supported(entry)
     if is_small(entry):
         return WholeMember(archive, entry)
     if entry.method == STORED:
@@ -300,6 +305,20 @@ def decompress_all(entry: Entry, data: bytes) -> bytes:
     return out
 
 
+async def read_whole(archive: ArchiveBytes, entry: Entry) -> bytes:
+    """A small member's bytes, decompressed and verified (taken as decoded ahead when it
+    was: then without a schedule point, which a loop over thousands of members feels)."""
+    check_supported(entry)
+    data = archive.decoded(entry)
+    if data is None:
+        raw = await archive.member_data(entry)
+        if len(raw) >= THREAD_INPUT and entry.method != STORED:
+            data = await trio.to_thread.run_sync(decompress_all, entry, raw)
+        else:
+            data = decompress_all(entry, raw)
+    return data
+
+
 class WholeMember:
     """A small member: one fetch, decompressed and verified before anything is returned."""
 
@@ -312,13 +331,7 @@ class WholeMember:
     async def _load(self) -> bytes:
         async with self._lock:
             if self._data is None:
-                self._data = self.archive.decoded(self.entry)
-            if self._data is None:
-                raw = await self.archive.member_data(self.entry)
-                if len(raw) >= THREAD_INPUT and self.entry.method != STORED:
-                    self._data = await trio.to_thread.run_sync(decompress_all, self.entry, raw)
-                else:
-                    self._data = decompress_all(self.entry, raw)
+                self._data = await read_whole(self.archive, self.entry)
             return self._data
 
     async def read(self, offset: int, size: int) -> bytes:

@@ -553,7 +553,7 @@ async def test_a_first_listing_read_side_by_side_falls_back_when_the_total_moves
             if calls == 2:
                 env.fake.add("newcomer", S.SUBMITTED)
 
-    env.fake.api_fault = submit_during_paging  # type: ignore[assignment]
+    env.fake.api_fault = submit_during_paging
     old = [f"task{i:04}" for i in reversed(range(1600))]
     names = [name for name, _ in await env.kernel.listdir(ROOT_INODE, batch=5000)]
     assert names == old
@@ -581,7 +581,7 @@ async def test_a_large_first_listing_reads_pages_side_by_side(
         in_flight -= 1
         return await real(*args, **kwargs)  # type: ignore[arg-type]
 
-    env.vfs.api.list_page = list_page  # type: ignore[method-assign]
+    env.vfs.api.list_page = list_page  # type: ignore[method-assign,assignment]
     start = trio.current_time()
     names = [name for name, _ in await env.kernel.listdir(ROOT_INODE, batch=5000)]
     assert len(names) == 3600 and names[0] == "task3599"
