@@ -288,6 +288,9 @@ class Tiered:
         self.disk = disk
         self._limiter = trio.CapacityLimiter(4)
         self._backlog = 0  # bytes handed to disk writes that have not finished
+        # Extents on their way to disk: found here while the memory tier may have let them go
+        # (a read in between would otherwise fetch them again).
+        self._writing: dict[CacheKey, bytes | memoryview] = {}
 
     async def get(
         self, key: CacheKey, admit: Callable[[bytes, int], None] | None = None
@@ -295,6 +298,9 @@ class Tiered:
         """The bytes under ``key`` from memory, else from disk; ``admit(data, crc)`` sees
         what comes from disk first (and may refuse it by raising)."""
         data = self.memory.get(key)
+        if data is None and (writing := self._writing.get(key)) is not None:
+            data = bytes(writing)
+            self.memory.put(key, data)
         if data is not None or self.disk is None or not self.disk.enabled:
             return data
         found = await trio.to_thread.run_sync(self.disk.get_checked, key, limiter=self._limiter)
@@ -307,10 +313,17 @@ class Tiered:
         self.memory.put(key, data)
         return data
 
+    @property
+    def pending_writes(self) -> int:
+        """Extents handed to the disk writer and not written yet."""
+        return len(self._writing)
+
     def contains(self, key: CacheKey) -> bool:
         """Whether ``key`` is cached (memory or disk index; no I/O)."""
-        return self.memory.get(key) is not None or (
-            self.disk is not None and self.disk.contains(key)
+        return (
+            self.memory.get(key) is not None
+            or key in self._writing
+            or (self.disk is not None and self.disk.contains(key))
         )
 
     async def put(self, key: CacheKey, data: bytes) -> None:
@@ -332,6 +345,8 @@ class Tiered:
         if self._backlog + size > DISK_BACKLOG:
             return
         self._backlog += size
+        for key, data, _ in items:
+            self._writing[key] = data
 
         def work() -> None:
             for key, data, crc in items:
@@ -341,6 +356,9 @@ class Tiered:
             await trio.to_thread.run_sync(work, limiter=self._limiter)
         finally:
             self._backlog -= size
+            for key, data, _ in items:
+                if self._writing.get(key) is data:
+                    del self._writing[key]
 
 
 class _Flight(Generic[V]):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from taskfs.archive.cache import CacheKey, DiskCache, MemoryCache, SingleFlight, Tiered
 
@@ -216,3 +217,29 @@ def test_a_starting_cache_leaves_a_live_writers_temporary_files(tmp_path: Path) 
     dead.write_bytes(b"partial")
     DiskCache(tmp_path, 1 << 20)
     assert mine.exists() and not dead.exists()
+
+
+async def test_an_extent_waiting_for_the_disk_is_found_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The memory tier may let an extent go before its disk write finished: a read in
+    between finds it on its way to disk instead of fetching it again."""
+    disk = DiskCache(tmp_path / "c", 1 << 20)
+    tiered = Tiered(MemoryCache(0), disk)  # nothing stays in memory
+    release = trio.Event()
+    slow_put = disk.put
+
+    def put(*args: object, **kwargs: object) -> bool:
+        trio.from_thread.run(release.wait)
+        return slow_put(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(disk, "put", put)
+    items: list[tuple[CacheKey, bytes | memoryview, int | None]] = [(key(1), b"block one", None)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tiered.put_disk_many, items)
+        await trio.testing.wait_all_tasks_blocked()
+        assert tiered.pending_writes == 1 and tiered.contains(key(1))
+        assert await tiered.get(key(1)) == b"block one"
+        release.set()
+    assert tiered.pending_writes == 0
+    assert disk.get(key(1)) == b"block one"
