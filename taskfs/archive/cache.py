@@ -48,7 +48,7 @@ VERSION = 1
 HEADER = struct.Struct("<4sH32sQI")  # magic, version, key digest, length, crc32
 TOUCH_INTERVAL = 60.0
 # Bytes of disk writes allowed to wait for the disk (beyond: not cached).
-DISK_BACKLOG = 32 << 20
+DISK_BACKLOG = 64 << 20
 
 
 class CacheKey(NamedTuple):
