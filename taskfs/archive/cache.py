@@ -49,6 +49,8 @@ HEADER = struct.Struct("<4sH32sQI")  # magic, version, key digest, length, crc32
 TOUCH_INTERVAL = 60.0
 # Bytes of disk writes allowed to wait for the disk (beyond: not cached).
 DISK_BACKLOG = 64 << 20
+# How long a write waits for room in the backlog before its extent goes uncached.
+BACKLOG_WAIT = 5.0
 
 
 class CacheKey(NamedTuple):
@@ -288,6 +290,8 @@ class Tiered:
         self.disk = disk
         self._limiter = trio.CapacityLimiter(4)
         self._backlog = 0  # bytes handed to disk writes that have not finished
+        self._waiting = 0  # bytes of writes waiting for room in the backlog
+        self._drained = trio.Event()  # set (and replaced) whenever the backlog shrinks
         # Extents on their way to disk: found here while the memory tier may have let them go
         # (a read in between would otherwise fetch them again).
         self._writing: dict[CacheKey, bytes | memoryview] = {}
@@ -335,27 +339,43 @@ class Tiered:
     ) -> None:
         """Write several extents in one worker-thread call (one handoff, not one each).
 
-        Writes waiting for the disk hold their bytes: past ``DISK_BACKLOG`` of them, an extent
-        is simply not cached (a slow disk must not turn into memory).
+        Writes waiting for the disk hold their bytes. Past ``DISK_BACKLOG`` of them, a write
+        waits for room (up to ``BACKLOG_WAIT``; a burst of large fetches must not cost a
+        re-read its cache), itself found by readers meanwhile; past twice that, or after the
+        wait, the extent is simply not cached (a slow disk must not turn into memory).
         """
         disk = self.disk
         if disk is None or not disk.enabled or not items:
             return
         size = sum(len(data) for _, data, _ in items)
-        if self._backlog + size > DISK_BACKLOG:
+        if self._backlog + self._waiting + size > 2 * DISK_BACKLOG:
             return
-        self._backlog += size
         for key, data, _ in items:
             self._writing[key] = data
-
-        def work() -> None:
-            for key, data, crc in items:
-                disk.put(key, data, crc)
-
         try:
-            await trio.to_thread.run_sync(work, limiter=self._limiter)
+            if self._backlog + size > DISK_BACKLOG:
+                self._waiting += size
+                try:
+                    with trio.move_on_after(BACKLOG_WAIT):
+                        while self._backlog and self._backlog + size > DISK_BACKLOG:
+                            await self._drained.wait()
+                finally:
+                    self._waiting -= size
+                if self._backlog and self._backlog + size > DISK_BACKLOG:
+                    return  # the disk did not catch up: not cached
+            self._backlog += size
+
+            def work() -> None:
+                for key, data, crc in items:
+                    disk.put(key, data, crc)
+
+            try:
+                await trio.to_thread.run_sync(work, limiter=self._limiter)
+            finally:
+                self._backlog -= size
+                self._drained.set()  # writers waiting for room look again
+                self._drained = trio.Event()
         finally:
-            self._backlog -= size
             for key, data, _ in items:
                 if self._writing.get(key) is data:
                     del self._writing[key]

@@ -243,3 +243,31 @@ async def test_an_extent_waiting_for_the_disk_is_found_meanwhile(
         release.set()
     assert tiered.pending_writes == 0
     assert disk.get(key(1)) == b"block one"
+
+
+async def test_a_burst_past_the_backlog_waits_for_the_disk_instead_of_going_uncached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writes past the disk backlog wait for room (briefly) rather than being dropped: a
+    burst of large fetches must not cost the re-read its cache."""
+    monkeypatch.setattr("taskfs.archive.cache.DISK_BACKLOG", 10)
+    disk = DiskCache(tmp_path / "c", 1 << 20)
+    tiered = Tiered(MemoryCache(0), disk)
+    release = trio.Event()
+    slow_put = disk.put
+
+    def put(*args: object, **kwargs: object) -> bool:
+        trio.from_thread.run(release.wait)
+        return slow_put(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(disk, "put", put)
+    first: list[tuple[CacheKey, bytes | memoryview, int | None]] = [(key(1), b"8 bytes!", None)]
+    second: list[tuple[CacheKey, bytes | memoryview, int | None]] = [(key(2), b"8 more..", None)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tiered.put_disk_many, first)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(tiered.put_disk_many, second)  # 16 > 10: waits for room
+        await trio.testing.wait_all_tasks_blocked()
+        assert tiered.pending_writes == 2 and await tiered.get(key(2)) == b"8 more.."
+        release.set()
+    assert disk.get(key(1)) == b"8 bytes!" and disk.get(key(2)) == b"8 more.."
