@@ -219,13 +219,8 @@ def test_a_starting_cache_leaves_a_live_writers_temporary_files(tmp_path: Path) 
     assert mine.exists() and not dead.exists()
 
 
-async def test_an_extent_waiting_for_the_disk_is_found_meanwhile(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The memory tier may let an extent go before its disk write finished: a read in
-    between finds it on its way to disk instead of fetching it again."""
-    disk = DiskCache(tmp_path / "c", 1 << 20)
-    tiered = Tiered(MemoryCache(0), disk)  # nothing stays in memory
+def hold_disk_writes(disk: DiskCache, monkeypatch: pytest.MonkeyPatch) -> trio.Event:
+    """Make ``disk``'s writes (in worker threads) wait until the returned event is set."""
     release = trio.Event()
     slow_put = disk.put
 
@@ -234,6 +229,17 @@ async def test_an_extent_waiting_for_the_disk_is_found_meanwhile(
         return slow_put(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(disk, "put", put)
+    return release
+
+
+async def test_an_extent_waiting_for_the_disk_is_found_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The memory tier may let an extent go before its disk write finished: a read in
+    between finds it on its way to disk instead of fetching it again."""
+    disk = DiskCache(tmp_path / "c", 1 << 20)
+    tiered = Tiered(MemoryCache(0), disk)  # nothing stays in memory
+    release = hold_disk_writes(disk, monkeypatch)
     items: list[tuple[CacheKey, bytes | memoryview, int | None]] = [(key(1), b"block one", None)]
     async with trio.open_nursery() as nursery:
         nursery.start_soon(tiered.put_disk_many, items)
@@ -253,14 +259,7 @@ async def test_a_burst_past_the_backlog_waits_for_the_disk_instead_of_going_unca
     monkeypatch.setattr("taskfs.archive.cache.DISK_BACKLOG", 10)
     disk = DiskCache(tmp_path / "c", 1 << 20)
     tiered = Tiered(MemoryCache(0), disk)
-    release = trio.Event()
-    slow_put = disk.put
-
-    def put(*args: object, **kwargs: object) -> bool:
-        trio.from_thread.run(release.wait)
-        return slow_put(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(disk, "put", put)
+    release = hold_disk_writes(disk, monkeypatch)
     first: list[tuple[CacheKey, bytes | memoryview, int | None]] = [(key(1), b"8 bytes!", None)]
     second: list[tuple[CacheKey, bytes | memoryview, int | None]] = [(key(2), b"8 more..", None)]
     async with trio.open_nursery() as nursery:
