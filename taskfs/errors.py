@@ -10,6 +10,7 @@ catches a foreign exception type. The filesystem maps exceptions to errno throug
     ├── AuthError                   EACCES   API key missing or rejected
     ├── ServiceError                EIO      unreachable, timed out, 5xx after retries
     ├── ProtocolError               EIO      the peer broke the protocol (bad JSON, 200 for a range)
+    ├── LiveError                   EIO      a running task's live channel failed or is missing
     ├── TaskEndedError              ESRCH    kill on a task that has already ended
     ├── InvalidCommandError         EINVAL   unknown word written to ``control``
     ├── ReadOnlyError               EROFS    write to anything but ``control``
@@ -53,6 +54,12 @@ class ServiceError(TaskfsError):
 
 class ProtocolError(TaskfsError):
     """The peer answered something the protocol does not allow."""
+
+    errno = _errno.EIO
+
+
+class LiveError(TaskfsError):
+    """The live channel of a running task could not be opened, broke, or answered an error."""
 
     errno = _errno.EIO
 

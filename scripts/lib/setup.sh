@@ -3,13 +3,13 @@
 # Installs what is missing and nothing else, so a second run is fast:
 #   * Debian packages fuse3, libfuse3-dev, pkg-config (pyfuse3 builds against libfuse3);
 #   * a virtual environment in $ROOT/.venv (override with TASKFS_VENV);
-#   * the taskfs package, editable, with the extras in $TASKFS_EXTRAS (default: dev,bench),
+#   * the taskfs package, editable, with the extras in $TASKFS_EXTRAS (default: dev,bench,live),
 #     reinstalled only when pyproject.toml changed since the last install.
 # Leaves $ROOT, $VENV and $PY set, and the venv's bin first on PATH.
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 VENV=${TASKFS_VENV:-$ROOT/.venv}
-EXTRAS=${TASKFS_EXTRAS:-dev,bench}
+EXTRAS=${TASKFS_EXTRAS:-dev,bench,live}
 
 say() { printf '==> %s\n' "$*" >&2; }
 

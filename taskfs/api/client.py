@@ -351,6 +351,26 @@ class ApiClient:
 
     # -- plumbing ------------------------------------------------------------------------------
 
+    async def live_signal(self, task_id: str, sender: str, sdp: str) -> str | None:
+        """The live channel's signalling (TASK_API.md "Live channel"): register ``sender``,
+        send its offer, fetch the answer. The answer's SDP, or None when the task has no live
+        channel (204: not computing, or a service without one)."""
+        what = f"live channel of task {task_id}"
+        await self._call(
+            "POST", _task_path(task_id, "register"), json={"sender_id": sender}, what=what
+        )
+        offer = {"sender_id": sender, "receiver_id": task_id, "type": "offer", "sdp": sdp}
+        await self._call("POST", _task_path(task_id, "offer"), json=offer, what=what)
+        raw = await self._call(
+            "GET", _task_path(task_id, "message"), params={"client": sender}, what=what
+        )
+        if not raw.strip():
+            return None
+        answer = self._decode(raw, dict[str, Any], f"GET {_task_path(task_id, 'message')}")
+        if answer.get("type") != "answer" or not isinstance(answer.get("sdp"), str):
+            raise ProtocolError(f"{what}: the service answered the offer with no answer")
+        return str(answer["sdp"])
+
     async def _json(
         self,
         method: str,

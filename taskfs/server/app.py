@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
 import msgspec
@@ -63,10 +63,14 @@ from taskfs.config import (
     local_service_url,
 )
 from taskfs.errors import UsageError
+from taskfs.live.protocol import LiveBusyError, OfferError
 from taskfs.server.reaper import become_subreaper
 from taskfs.server.runner import Runner, StatusHook
 from taskfs.server.storage import Storage, check_storage_path
 from taskfs.server.store import Store
+
+if TYPE_CHECKING:
+    from taskfs.live.answerer import LiveHub
 
 log = logging.getLogger(__name__)
 S = TaskStatusCode
@@ -77,6 +81,7 @@ PUBLIC_PATHS = ("/version-check",)
 MAX_PER_PAGE = 500
 # A task request is a few KiB; a larger body is refused before it is read (413).
 MAX_REQUEST_BODY = 1 << 20
+MAX_SIGNAL_BODY = 256 << 10  # an SDP offer is about 1 KB; candidates add a line each
 # One command is passed to ``sh -c`` as one argument: the kernel takes at most 128 KiB.
 MAX_COMMAND = 100_000
 
@@ -104,6 +109,13 @@ class TaskRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     stream_zip: bool | None = None
     compress_with: str | None = None
     extra_params: dict[str, Any] | None = None
+
+
+class LiveSignal(msgspec.Struct):
+    sender_id: str
+    receiver_id: str | None = None
+    type: str | None = None
+    sdp: str | None = None
 
 
 class Command(msgspec.Struct):
@@ -266,8 +278,14 @@ class Service:
     """Routes bound to one store, storage and runner."""
 
     def __init__(
-        self, settings: ServiceSettings, store: Store, storage: Storage, runner: Runner
+        self,
+        settings: ServiceSettings,
+        store: Store,
+        storage: Storage,
+        runner: Runner,
+        live: LiveHub | None = None,
     ) -> None:
+        self.live = live
         self.settings = settings
         self.store = store
         self.storage = storage
@@ -519,13 +537,49 @@ class Service:
         fee = {"amount": 0, "active": False, "active_since": None, "unit": "percentage"}
         return JSON({"costs_fee_percentage": fee, "task_orchestration_fee": fee})
 
-    async def live_message(self, request: Request) -> Response:
-        task_id_of(request)
-        return Response(status_code=204)
+    # -- live channel (signalling only; the files travel over WebRTC, see taskfs.live) --------
 
-    async def live_unsupported(self, request: Request) -> Response:
-        task_id_of(request)
-        raise error(404, "this service does not stream live task output")
+    async def _live_body(self, request: Request) -> tuple[str, LiveSignal]:
+        task_id = task_id_of(request)
+        body = await _limited_body(request, MAX_SIGNAL_BODY)
+        try:
+            signal = msgspec.json.decode(body, type=LiveSignal)
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
+            raise error(422, f"invalid body: {exc}") from None
+        if not 0 < len(signal.sender_id) <= 128:
+            raise error(422, "sender_id must be 1 to 128 characters")
+        await self._task_row(task_id)
+        return task_id, signal
+
+    async def live_register(self, request: Request) -> Response:
+        _, signal = await self._live_body(request)
+        return JSON({"sender_id": signal.sender_id})
+
+    async def live_offer(self, request: Request) -> Response:
+        task_id, signal = await self._live_body(request)
+        if signal.type != "offer" or not signal.sdp:
+            raise error(422, "an offer needs type 'offer' and an sdp")
+        if signal.receiver_id not in (None, task_id):
+            raise error(422, f"receiver_id must be the task id {task_id}")
+        if self.live is None:
+            return JSON({"sender_id": signal.sender_id})
+        try:
+            await self.live.offer(task_id, signal.sender_id, signal.sdp)
+        except OfferError as exc:
+            raise error(400, str(exc)) from None
+        except LiveBusyError as exc:
+            raise error(503, str(exc)) from None
+        return JSON({"sender_id": signal.sender_id})
+
+    async def live_message(self, request: Request) -> Response:
+        task_id = task_id_of(request)
+        client = str_param(request, "client")
+        request.query_params.get("block_s")  # long polling: answers are ready at once
+        await self._task_row(task_id)
+        answer = None if self.live is None else self.live.take_answer(task_id, client)
+        if answer is None:
+            return Response(status_code=204)
+        return JSON({"type": "answer", "sdp": answer, "sender_id": task_id})
 
     # -- signed objects ------------------------------------------------------------------------
 
@@ -643,10 +697,15 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return JSON({"detail": "internal server error"}, status_code=500)
 
 
-def create_app(
-    settings: ServiceSettings, store: Store, storage: Storage, runner: Runner, api_key: str
+def create_app(  # noqa: PLR0917 - the service's parts, built by serve()
+    settings: ServiceSettings,
+    store: Store,
+    storage: Storage,
+    runner: Runner,
+    api_key: str,
+    live: LiveHub | None = None,
 ) -> ASGIApp:
-    service = Service(settings, store, storage, runner)
+    service = Service(settings, store, storage, runner, live)
     routes = [
         Route("/version-check", service.version_check, methods=["GET"]),
         Route("/tasks", service.list_tasks, methods=["GET"]),
@@ -655,8 +714,8 @@ def create_app(
         Route("/tasks/{task_id}/status", service.get_status, methods=["GET"]),
         Route("/tasks/{task_id}/kill", service.kill, methods=["POST"]),
         Route("/tasks/{task_id}/input_uploaded", service.input_uploaded, methods=["POST"]),
-        Route("/tasks/{task_id}/register", service.live_unsupported, methods=["POST"]),
-        Route("/tasks/{task_id}/offer", service.live_unsupported, methods=["POST"]),
+        Route("/tasks/{task_id}/register", service.live_register, methods=["POST"]),
+        Route("/tasks/{task_id}/offer", service.live_offer, methods=["POST"]),
         Route("/tasks/{task_id}/message", service.live_message, methods=["GET"]),
         Route("/storage/signed-urls", service.signed_urls, methods=["GET"]),
         Route("/storage/zip-contents", service.zip_contents, methods=["GET"]),
@@ -797,13 +856,15 @@ async def serve(
     if settings.adopt_orphans and not become_subreaper():
         log.warning("cannot become a child subreaper: a killed supervisor's processes may live on")
     store: Store | None = None
+    live: LiveHub | None = None
     try:
         api_key = ensure_secret_file(settings.key_file, valid_api_key)
         secret = ensure_secret_file(settings.secret_file, valid_url_secret).encode()
         store = Store(settings.db_path)
         storage = Storage(settings.storage_dir, secret)
         runner = Runner(settings, store, storage, runner_hook)
-        app = create_app(settings, store, storage, runner, api_key)
+        live = start_live_hub(settings, runner)
+        app = create_app(settings, store, storage, runner, api_key, live)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_sweep_storage, storage)
             await nursery.start(runner.run)
@@ -829,9 +890,23 @@ async def serve(
                 with suppress(OSError):
                     settings.server_file.unlink()
     finally:
+        if live is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await live.aclose()
         if store is not None:
             store.close()
         lock.release()
+
+
+def start_live_hub(settings: ServiceSettings, runner: Runner) -> LiveHub | None:
+    """The live channel's answerer, or None (answers 204) where ``aiortc`` is missing."""
+    try:
+        from taskfs.live.answerer import LiveHub  # noqa: PLC0415 - aiortc is optional
+        from taskfs.live.rtc import hosts_for_bind  # noqa: PLC0415
+    except ImportError:
+        log.warning("aiortc is not installed: the live channel answers 204 (taskfs[live])")
+        return None
+    return LiveHub(runner.computing.get, hosts_for_bind(settings.host))
 
 
 async def _sweep_storage(storage: Storage) -> None:

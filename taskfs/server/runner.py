@@ -117,6 +117,9 @@ class Runner:
         self.store = store
         self.storage = storage
         self._running: dict[str, _Running] = {}
+        # Working directories of the tasks whose commands run now (read by the live channel's
+        # threads: only ever assigned and popped here, in trio).
+        self.computing: dict[str, Path] = {}
         self._recovering: set[str] = set()
         self._wakeup = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -314,8 +317,11 @@ class Runner:
             running.scope.deadline = trio.current_time() + float(ttl)
         work_dir = self.settings.work_dir / task_id
         outcome = S.FAILED
-        with running.scope:
-            outcome = await self._execute(task, work_dir, running)
+        try:
+            with running.scope:
+                outcome = await self._execute(task, work_dir, running)
+        finally:
+            self.computing.pop(task_id, None)
         try:
             if running.kill_requested:
                 await self._finish(task_id, S.KILLED, "Killed by the user", {S.PENDING_KILL})
@@ -378,6 +384,7 @@ class Runner:
         )
         if not started.done:
             return S.FAILED
+        self.computing[task_id] = work_dir
         await self._after(task_id, S.COMPUTATION_STARTED)
         commands = (task["request"].get("extra_params") or {}).get("commands") or []
         for command in commands:

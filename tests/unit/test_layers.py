@@ -1,6 +1,7 @@
 """The architecture's rules (DESIGN.md section 2), checked on the source itself.
 
 * dependency direction between the packages; the filesystem never imports the server;
+  only ``taskfs.live`` imports the optional WebRTC stack;
 * only ``fs/fuse_ops.py`` and ``fs/mount.py`` import pyfuse3; only ``api/client.py`` and
   ``archive/rangeio.py`` import httpx; ``archive/zipindex.py`` does no I/O;
 * the README's semantics table names exactly the errnos of ``taskfs.errors``.
@@ -52,6 +53,17 @@ def test_only_the_client_and_rangeio_import_httpx() -> None:
     assert users == {"api/client.py", "archive/rangeio.py"}
 
 
+def test_only_the_live_package_imports_the_webrtc_stack() -> None:
+    """aiortc is an optional extra: the rest of taskfs imports it only through ``taskfs.live``
+    (and the server and CLI import those modules only inside the functions that need them)."""
+    users = {
+        name
+        for name, found in modules().items()
+        if any(m.startswith(("aiortc", "aioice")) for m in found)
+    }
+    assert users == {"live/answerer.py", "live/client.py", "live/rtc.py"}
+
+
 def test_zipindex_does_no_io() -> None:
     found = modules()["archive/zipindex.py"]
     assert not found & {"os", "io", "socket", "pathlib", "trio", "httpx", "shutil", "tempfile"}
@@ -64,6 +76,8 @@ def test_zipindex_does_no_io() -> None:
         ("fs/", {"taskfs.server"}),
         ("archive/", {"taskfs.fs", "taskfs.server", "taskfs.api", "taskfs.outputs"}),
         ("api/", {"taskfs.fs", "taskfs.server", "taskfs.archive", "taskfs.outputs"}),
+        ("live/", {"taskfs.fs", "taskfs.server", "taskfs.archive", "taskfs.outputs"}),
+        ("live/protocol.py", {"taskfs", "os", "trio", "asyncio", "aiortc"}),
         ("errors.py", {"taskfs"}),
         ("api/models.py", {"taskfs"}),
     ],

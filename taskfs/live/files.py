@@ -1,0 +1,295 @@
+"""The answering side's file operations on a computing task's working directory.
+
+Owns: ``ls``, ``tail`` (one-shot and followed), ``top`` and ``last_modified_file`` as the
+live channel answers them, on the directory that becomes the outputs archive's ``artifacts/``.
+Plain blocking functions: the answerer runs them in a worker thread.
+
+Must stay true:
+* nothing outside the working directory is ever read: names are relative, ``..`` is refused,
+  and a link is followed only when it resolves inside the directory; only regular files are
+  opened, non-blocking (a FIFO never hangs a reader);
+* memory is bounded whatever the file: ``tail`` of any number of lines of any file reads it in
+  ``CHUNK`` pieces, backwards to find where the lines start and then forwards, and holds at
+  most one answer's worth of lines (a line longer than ``LONG_LINE`` is cut);
+* a followed file that shrinks (truncated, or replaced by a shorter one) is followed again
+  from its start; text that is not UTF-8 ends the stream with "File is not a text file".
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import shutil
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Final
+
+import psutil
+
+from taskfs.live.protocol import MAX_LISTING, TailArgs
+
+CHUNK: Final = 1 << 20
+LONG_LINE: Final = 1 << 20
+TOP_TIMEOUT: Final = 10.0
+# A one-shot tail sends one message: it never reads more than this of the file's end.
+ONE_SHOT_BYTES: Final = 1 << 20
+
+
+class OperationError(Exception):
+    """An operation that cannot be answered; the text goes to the peer as an ``error``."""
+
+
+def resolve(root: Path, name: str) -> Path:
+    """``name`` inside ``root`` (links resolved), or ``OperationError``."""
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if name.startswith("/") or ".." in parts or "\0" in name or not parts:
+        raise OperationError(f"Invalid file name: {name}")
+    base = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(base, *parts))
+    if real != base and not real.startswith(base + os.sep):
+        raise OperationError(f"File is outside the task's directory: {name}")
+    return Path(real)
+
+
+def open_regular(root: Path, name: str) -> int:
+    """A descriptor of the regular file ``name`` in ``root``; ``FileNotFoundError`` when it
+    does not exist, ``OperationError`` for anything else that is wrong."""
+    path = resolve(root, name)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise
+    except IsADirectoryError:
+        raise OperationError(f"Not a file: {name}") from None
+    except OSError as exc:
+        raise OperationError(f"Cannot open {name}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OperationError(f"Not a regular file: {name}")
+    return fd
+
+
+def list_tree(root: Path) -> list[Any]:
+    """The nested listing of ``root``: ``["file", {"dir": [...]}, ...]``, names sorted, links
+    and special files listed as files (never entered), unreadable directories as empty."""
+    top: list[Any] = []
+    stack: list[tuple[str, list[Any]]] = [(str(root), top)]
+    count = 0
+    while stack:
+        path, into = stack.pop()
+        try:
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in entries:
+            count += 1
+            if count > MAX_LISTING:
+                raise OperationError(f"More than {MAX_LISTING} files in the task's directory")
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                children: list[Any] = []
+                into.append({entry.name: children})
+                stack.append((entry.path, children))
+            else:
+                into.append(entry.name)
+    return top
+
+
+def last_modified(root: Path) -> dict[str, Any]:
+    """The most recently modified file under ``root`` (links not followed)."""
+    best: tuple[float, str] | None = None
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        try:
+            with os.scandir(root / rel if rel else root) as it:
+                for entry in it:
+                    name = f"{rel}/{entry.name}" if rel else entry.name
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(name)
+                            continue
+                        mtime = entry.stat(follow_symlinks=False).st_mtime
+                    except OSError:
+                        continue
+                    if best is None or mtime > best[0]:
+                        best = (mtime, name)
+        except OSError:
+            continue
+    if best is None:
+        raise OperationError("No files in the task's directory yet")
+    now = time.time()
+    return {
+        "most_recent_file": best[1],
+        "most_recent_timestamp": best[0],
+        "now_timestamp": now,
+        "time_since_last_mod": max(0.0, now - best[0]),
+    }
+
+
+def top() -> str:
+    """``top -b -H -n 1`` of this machine (a short psutil summary where top is missing)."""
+    exe = shutil.which("top")
+    if exe is not None:
+        try:
+            done = subprocess.run(
+                [exe, "-b", "-H", "-n", "1"],
+                capture_output=True,
+                timeout=TOP_TIMEOUT,
+                env={"PATH": os.defpath, "LC_ALL": "C", "COLUMNS": "200", "TERM": "dumb"},
+                stdin=subprocess.DEVNULL,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise OperationError(f"top failed: {exc}") from None
+        if done.returncode == 0:
+            return done.stdout.decode("utf-8", "replace")
+    return _psutil_top()
+
+
+def _psutil_top() -> str:
+    mem = psutil.virtual_memory()
+    load = os.getloadavg()
+    lines = [
+        f"load average: {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}",
+        f"%Cpu(s): {psutil.cpu_percent(interval=0.1):.1f} us",
+        f"MiB Mem : {mem.total / 2**20:.1f} total, {mem.available / 2**20:.1f} avail",
+        "",
+        f"{'PID':>8} {'USER':<10} {'RES':>10} {'%CPU':>6}  COMMAND",
+    ]
+    for proc in psutil.process_iter(["pid", "username", "memory_info", "cpu_percent", "name"]):
+        info = proc.info
+        res = info["memory_info"].rss // 1024 if info["memory_info"] else 0
+        lines.append(
+            f"{info['pid']:>8} {(info['username'] or '?')[:10]:<10} {res:>10} "
+            f"{info['cpu_percent'] or 0.0:>6.1f}  {info['name']}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+class Tail:
+    """``tail`` of one file: the last ``lines`` lines, then (``follow``) what is appended.
+
+    Call ``open()`` until it returns True (False: the file does not exist yet, and the
+    request said ``wait``), then iterate ``initial()``, then call ``appended()`` now and then.
+    Followed, only complete lines are sent (see ``protocol``); one-shot, the last line is sent
+    whether or not it ends with a newline.
+    """
+
+    def __init__(self, root: Path, args: TailArgs, follow: bool) -> None:
+        self.root = root
+        self.args = args
+        self.follow = follow
+        self.fd = -1
+        self.cursor = 0  # bytes of the file read and decoded so far
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._carry = ""  # text after the last newline read
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def open(self) -> bool:
+        try:
+            self.fd = open_regular(self.root, self.args.filename)
+        except FileNotFoundError:
+            if self.args.wait:
+                return False
+            raise OperationError(f"File not found: {self.args.filename}") from None
+        return True
+
+    def initial(self) -> Iterator[str]:
+        """The last ``lines`` lines of the file as it is now."""
+        size = os.fstat(self.fd).st_size
+        end = size
+        if self.follow:
+            end = self._last_newline(size)
+        self.cursor = self._start_of_last_lines(end, self.args.lines)
+        if not self.follow and end - self.cursor > ONE_SHOT_BYTES:
+            self.cursor = self._line_start_after(end - ONE_SHOT_BYTES, end)
+        yield from self._lines_until(end, final=not self.follow)
+
+    def appended(self) -> list[str]:
+        """Complete lines appended since the last call (all of them after a shrink)."""
+        size = os.fstat(self.fd).st_size
+        if size < self.cursor:
+            self.cursor = 0
+            self._decoder.reset()
+            self._carry = ""
+        if size == self.cursor:
+            return []
+        return list(self._lines_until(size, final=False))
+
+    def _lines_until(self, end: int, final: bool) -> Iterator[str]:
+        while self.cursor < end:
+            chunk = os.pread(self.fd, min(CHUNK, end - self.cursor), self.cursor)
+            if not chunk:
+                break
+            self.cursor += len(chunk)
+            try:
+                text = self._carry + self._decoder.decode(chunk)
+            except UnicodeDecodeError:
+                raise OperationError(f"File is not a text file: {self.args.filename}") from None
+            parts = text.split("\n")
+            self._carry = parts.pop()
+            yield from parts
+            while len(self._carry) > LONG_LINE:
+                yield self._carry[:LONG_LINE]
+                self._carry = self._carry[LONG_LINE:]
+        if final and self._carry:
+            yield self._carry
+            self._carry = ""
+
+    def _line_start_after(self, pos: int, end: int) -> int:
+        """The start of the first line after ``pos`` (or, in a line longer than the window,
+        the first character boundary)."""
+        block = os.pread(self.fd, min(CHUNK, end - pos), pos)
+        at = block.find(b"\n")
+        if at >= 0:
+            return pos + at + 1
+        skip = 0
+        while skip < len(block) and 0x80 <= block[skip] < 0xC0:
+            skip += 1
+        return pos + skip
+
+    def _last_newline(self, size: int) -> int:
+        """The offset just after the file's last newline (0 when it has none)."""
+        pos = size
+        while pos > 0:
+            start = max(0, pos - CHUNK)
+            block = os.pread(self.fd, pos - start, start)
+            at = block.rfind(b"\n")
+            if at >= 0:
+                return start + at + 1
+            pos = start
+        return 0
+
+    def _start_of_last_lines(self, end: int, lines: int) -> int:
+        """Where the last ``lines`` lines of ``[0, end)`` start."""
+        if lines == 0:
+            return end
+        pos = end
+        # A newline that ends the region terminates the last line; it does not start one.
+        if end > 0 and os.pread(self.fd, 1, end - 1) == b"\n":
+            pos = end - 1
+        need = lines
+        while pos > 0:
+            start = max(0, pos - CHUNK)
+            block = os.pread(self.fd, pos - start, start)
+            count = block.count(b"\n")
+            if count >= need:
+                at = len(block)
+                for _ in range(need):
+                    at = block.rfind(b"\n", 0, at)
+                return start + at + 1
+            need -= count
+            pos = start
+        return 0

@@ -1,0 +1,215 @@
+"""The live channel's messages (TASK_API.md, "Live channel"), for both sides; no I/O.
+
+Owns: what a request may be, what an answer looks like, how text is cut into messages, and
+how a listing is read back. The official client (0.18.12) and the cloud's answerer agree on:
+
+* a request ``{"type": "ls"|"tail"|"top"|"last_modified_file", "follow": bool, "args": {}}``,
+  sent once when the channel opens; ``tail`` takes ``{"filename", "lines", "wait"}``;
+* answers ``{"status": "success"|"invalid"|"error", "message": ...}``; a non-success ends the
+  stream; without ``follow`` the first answer ends it;
+* ``tail`` answers with lists of lines (no line ends): first the last ``lines`` lines, then,
+  when following, only lines appended since.
+
+What this side adds, within that protocol (so the official client reads it unchanged):
+
+* a followed ``tail`` sends only complete lines: a last line without its newline is held back
+  until the newline arrives, so a follower that joins lines with ``\\n`` rebuilds the file's
+  bytes exactly (the one-shot ``tail`` does include it, as ``tail`` does);
+* no message is larger than ``MESSAGE_BUDGET`` bytes (peers that say nothing accept 64 KiB):
+  a long answer goes out as several messages when following, and a one-shot one keeps its
+  last lines that fit; a line too long for one message is cut into pieces of ``LINE_PIECE``
+  characters, each sent as a line of its own.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Final
+
+LABEL: Final = "file_transfer"
+OPERATIONS: Final = ("ls", "tail", "top", "last_modified_file")
+# The default max-message-size of SCTP peers that do not announce one (RFC 8841): 64 KiB.
+MESSAGE_BUDGET: Final = 60_000
+# Characters per piece of an over-long line: even escaped six times over it fits a message.
+LINE_PIECE: Final = 9_000
+# Upper bound of ``lines``: "every line" is asked for with a large number.
+MAX_LINES: Final = 1 << 31
+MAX_REQUEST: Final = 16_384
+# A listing read back from a peer: at most this many entries and this depth.
+MAX_LISTING: Final = 200_000
+MAX_DEPTH: Final = 256
+
+
+class LiveProtocolError(ValueError):
+    """A request or answer that breaks the protocol; the text is for the peer or the user."""
+
+
+class OfferError(ValueError):
+    """An offer the answerer cannot answer (malformed); the text is for the caller."""
+
+
+class LiveBusyError(RuntimeError):
+    """Too many live connections open; the text is for the caller."""
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    type: str
+    follow: bool
+    args: dict[str, Any]
+
+    def encode(self) -> str:
+        return json.dumps({"type": self.type, "follow": self.follow, "args": self.args})
+
+
+@dataclass(frozen=True, slots=True)
+class TailArgs:
+    filename: str
+    lines: int
+    wait: bool
+
+
+def parse_request(raw: str | bytes) -> Request:
+    """A request as sent on a channel; ``LiveProtocolError`` says what is wrong with it."""
+    if len(raw) > MAX_REQUEST:
+        raise LiveProtocolError(f"request larger than {MAX_REQUEST} bytes")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise LiveProtocolError(f"request is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise LiveProtocolError("request must be a JSON object")
+    kind = data.get("type")
+    if kind not in OPERATIONS:
+        raise LiveProtocolError(f"Unknown operation type: {kind}")
+    follow = data.get("follow", False)
+    args = data.get("args", {})
+    if not isinstance(follow, bool):
+        raise LiveProtocolError("follow must be true or false")
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise LiveProtocolError("args must be a JSON object")
+    return Request(kind, follow, args)
+
+
+def tail_args(args: dict[str, Any]) -> TailArgs:
+    """``tail``'s arguments checked: a relative file name, a line count, ``wait``."""
+    filename = args.get("filename")
+    lines = args.get("lines", 10)
+    wait = args.get("wait", False)
+    if not isinstance(filename, str) or not filename:
+        raise LiveProtocolError("tail needs a filename")
+    if isinstance(lines, bool) or not isinstance(lines, int) or lines < 0:
+        raise LiveProtocolError("lines must be a whole number >= 0")
+    if not isinstance(wait, bool):
+        raise LiveProtocolError("wait must be true or false")
+    return TailArgs(filename, min(lines, MAX_LINES), wait)
+
+
+def answer(status: str, message: Any) -> str:
+    return json.dumps({"status": status, "message": message}, ensure_ascii=False)
+
+
+def success(message: Any) -> str:
+    return answer("success", message)
+
+
+def error(message: str) -> str:
+    return answer("error", message)
+
+
+def invalid(message: str) -> str:
+    return answer("invalid", message)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    ok: bool
+    message: Any
+
+
+def parse_answer(raw: str | bytes) -> Answer:
+    """An answer from a peer; ``LiveProtocolError`` for anything else."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise LiveProtocolError("the task's live channel sent something that is not JSON") from None
+    if not isinstance(data, dict) or data.get("status") not in ("success", "invalid", "error"):
+        raise LiveProtocolError("the task's live channel sent an answer without a status")
+    return Answer(data["status"] == "success", data.get("message"))
+
+
+def split_long(line: str) -> Iterator[str]:
+    """A line as it is sent: whole, or in ``LINE_PIECE`` pieces when too long for a message."""
+    if len(line) <= LINE_PIECE:
+        yield line
+        return
+    for start in range(0, len(line), LINE_PIECE):
+        yield line[start : start + LINE_PIECE]
+
+
+def batches(lines: Iterable[str]) -> Iterator[list[str]]:
+    """``lines`` grouped into answers of at most ``MESSAGE_BUDGET`` bytes of JSON each."""
+    batch: list[str] = []
+    size = 2
+    for line in lines:
+        for piece in split_long(line):
+            cost = len(json.dumps(piece, ensure_ascii=False).encode()) + 2
+            if batch and size + cost > MESSAGE_BUDGET - 40:
+                yield batch
+                batch, size = [], 2
+            batch.append(piece)
+            size += cost
+    if batch:
+        yield batch
+
+
+def last_fitting(lines: list[str]) -> list[str]:
+    """The last of ``lines`` that fit in one answer (a one-shot ``tail`` sends one message)."""
+    pieces = [piece for line in lines for piece in split_long(line)]
+    kept: list[str] = []
+    size = 2
+    for piece in reversed(pieces):
+        cost = len(json.dumps(piece, ensure_ascii=False).encode()) + 2
+        if size + cost > MESSAGE_BUDGET - 40:
+            break
+        kept.append(piece)
+        size += cost
+    kept.reverse()
+    return kept
+
+
+def check_name(name: object) -> str:
+    """One name of a listing from a peer: a string that is a single path component."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\0" in name:
+        raise LiveProtocolError(f"the task's live channel listed a bad name: {name!r}")
+    return name
+
+
+def listing_paths(tree: object) -> list[tuple[str, bool]]:
+    """``(path, is_dir)`` for each entry of an ``ls`` answer ``["f", {"d": [...]}, ...]``,
+    parents before children; hostile input (bad names, too deep, too many) is refused."""
+    out: list[tuple[str, bool]] = []
+    stack: list[tuple[str, object, int]] = [("", tree, 0)]
+    while stack:
+        prefix, node, depth = stack.pop()
+        if not isinstance(node, list):
+            raise LiveProtocolError("the task's live channel sent a listing that is not a list")
+        if depth > MAX_DEPTH:
+            raise LiveProtocolError("the task's live channel sent a listing nested too deep")
+        for item in node:
+            if isinstance(item, dict):
+                for name, children in item.items():
+                    path = prefix + check_name(name)
+                    out.append((path, True))
+                    stack.append((path + "/", children, depth + 1))
+            else:
+                out.append((prefix + check_name(item), False))
+            if len(out) > MAX_LISTING:
+                raise LiveProtocolError(
+                    f"the task's live channel listed more than {MAX_LISTING} entries"
+                )
+    return out

@@ -1,0 +1,231 @@
+"""The live channel end to end: the embedded service's answerer and taskfs's own client over
+real WebRTC on 127.0.0.1 (loopback candidates only), against tasks that really run.
+
+The oracle for a followed ``tail`` is the file itself: the lines received, joined, must be
+exactly the task's stdout, however the writer cut its writes."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from taskfs.api.client import ApiClient
+from taskfs.api.models import TaskStatusCode as S
+from taskfs.api.submit import submit_task
+from taskfs.errors import LiveError
+from tests.support import wait_status
+
+pytest.importorskip("aiortc")
+
+from taskfs.live.client import LiveConnection
+from taskfs.live.protocol import Request
+
+PY = sys.executable
+
+
+def tail(filename: str, lines: int = 10, follow: bool = False, wait: bool = False) -> Request:
+    return Request("tail", follow, {"filename": filename, "lines": lines, "wait": wait})
+
+
+async def computing(api: ApiClient, *commands: str) -> str:
+    task_id = await submit_task(api, list(commands))
+    await wait_status(api, task_id, lambda s: s.status == S.COMPUTATION_STARTED or s.is_terminated)
+    status = await api.get_status(task_id)
+    assert status.status == S.COMPUTATION_STARTED, status
+    return task_id
+
+
+async def one_shot(api: ApiClient, task_id: str, request: Request) -> Any:
+    connection = LiveConnection(api, task_id)
+    try:
+        stream = await connection.connect(request)
+        return await stream.first()
+    finally:
+        await connection.aclose()
+
+
+async def follow_all(api: ApiClient, task_id: str, request: Request) -> list[Any]:
+    connection = LiveConnection(api, task_id)
+    got: list[Any] = []
+    try:
+        with trio.fail_after(60):
+            stream = await connection.connect(request)
+            async for message in stream:
+                got.append(message)
+    finally:
+        await connection.aclose()
+    return got
+
+
+# A writer that cuts its output at random places (inside lines, inside UTF-8 characters) and
+# flushes each piece: the follower must rebuild every line once, in order.
+TEXT = r"""
+import random
+rnd = random.Random(7)
+text = "".join(f"line {i} é{'x' * rnd.randrange(0, 300)}\n" for i in range(3000)).encode()
+"""
+WRITER = (
+    TEXT
+    + r"""
+import os, time
+time.sleep(0.5)
+pos = 0
+while pos < len(text):
+    step = rnd.randrange(1, 200)
+    os.write(1, text[pos:pos + step])
+    pos += step
+    if rnd.random() < 0.05:
+        time.sleep(0.01)
+os.write(1, b"no newline at the end")
+time.sleep(1)
+"""
+)
+
+
+async def test_followed_tail_rebuilds_the_file_across_the_task_end(api: ApiClient) -> None:
+    task_id = await computing(api, f"{PY} -c {shlex.quote(WRITER)}")
+    messages = await follow_all(api, task_id, tail("stdout.txt", lines=1 << 30, follow=True))
+    lines = [line for batch in messages for line in batch]
+    made: dict[str, Any] = {}
+    exec(TEXT, made)
+    # Only complete lines travel while following: the unterminated end is the archive's.
+    assert "\n".join(lines) + "\n" == made["text"].decode()
+    assert len(lines) == 3000
+    # The stream ended by itself because the task ended.
+    assert (await api.get_status(task_id)).is_terminated
+
+
+async def test_one_shot_tail_gives_the_last_lines(api: ApiClient) -> None:
+    task_id = await computing(api, "seq 1 100; printf 'partial'; sleep 30")
+    await trio.sleep(0.5)
+    assert await one_shot(api, task_id, tail("stdout.txt", lines=3)) == ["99", "100", "partial"]
+    assert await one_shot(api, task_id, tail("stdout.txt", lines=0)) == []
+    await api.kill(task_id)
+
+
+async def test_followed_tail_withholds_a_partial_line(api: ApiClient) -> None:
+    task_id = await computing(
+        api, "echo first; printf 'sec'; sleep 1; printf 'ond\\nthird\\n'; sleep 1"
+    )
+    messages = await follow_all(api, task_id, tail("stdout.txt", lines=10, follow=True))
+    assert [line for batch in messages for line in batch] == ["first", "second", "third"]
+    assert "sec" not in [line for batch in messages for line in batch]
+
+
+async def test_tail_waits_for_a_file_to_appear(api: ApiClient) -> None:
+    task_id = await computing(api, "sleep 1; echo late > later.txt; sleep 1")
+    messages = await follow_all(api, task_id, tail("later.txt", follow=True, wait=True))
+    assert [line for batch in messages for line in batch] == ["late"]
+
+
+async def test_ls_top_and_last_modified(api: ApiClient) -> None:
+    task_id = await computing(
+        api, "mkdir -p out/deep; echo a > out/deep/x.dat; sleep 0.2; echo b > newest.txt; sleep 30"
+    )
+    await trio.sleep(0.8)
+    listing = await one_shot(api, task_id, Request("ls", False, {}))
+    assert {"out": [{"deep": ["x.dat"]}]} in listing
+    assert {"newest.txt", "stdout.txt", "stderr.txt"} <= {x for x in listing if isinstance(x, str)}
+    top = await one_shot(api, task_id, Request("top", False, {}))
+    assert isinstance(top, str)
+    assert "PID" in top
+    last = await one_shot(api, task_id, Request("last_modified_file", False, {}))
+    assert set(last) == {
+        "most_recent_file",
+        "most_recent_timestamp",
+        "now_timestamp",
+        "time_since_last_mod",
+    }
+    assert last["most_recent_file"] in {"newest.txt", "stdout.txt", "stderr.txt"}
+    await api.kill(task_id)
+
+
+async def test_followed_ls_sees_new_files_and_ends_with_the_task(api: ApiClient) -> None:
+    task_id = await computing(api, "sleep 1; touch one; sleep 1.5; touch two; sleep 1")
+    listings = await follow_all(api, task_id, Request("ls", True, {}))
+    names = [{x for x in listing if isinstance(x, str)} for listing in listings]
+    assert any("one" in n and "two" not in n for n in names)
+    assert "two" in names[-1]
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (tail("missing.txt"), "File not found: missing.txt"),
+        (tail("../../secret"), ""),
+        (tail("/etc/passwd"), ""),
+        (tail("binary.dat"), "File is not a text file: binary.dat"),
+        (Request("rm", False, {}), ""),
+        (Request("tail", False, {"filename": "stdout.txt", "lines": -1}), ""),
+    ],
+)
+async def test_bad_requests_get_a_clear_error(
+    api: ApiClient, request_: Request, message: str
+) -> None:
+    task_id = await computing(api, "head -c 3000 /dev/urandom > binary.dat; sleep 30")
+    await trio.sleep(0.3)
+    with pytest.raises(LiveError) as caught:
+        await one_shot(api, task_id, request_)
+    assert message in str(caught.value)
+    assert str(caught.value)
+    # The connection's failure stopped nothing: the same task still answers.
+    assert await one_shot(api, task_id, tail("stdout.txt")) == []
+    await api.kill(task_id)
+
+
+async def test_no_live_channel_for_a_task_that_is_not_computing(api: ApiClient) -> None:
+    task_id = await submit_task(api, ["true"])
+    await wait_status(api, task_id)
+    with pytest.raises(LiveError, match="no live channel"):
+        await one_shot(api, task_id, tail("stdout.txt"))
+
+
+async def test_signalling_refuses_bad_input(api: ApiClient, http: httpx.AsyncClient) -> None:
+    unknown = "0" * 25
+    for path in ("register", "offer"):
+        answer = await http.post(f"/tasks/{unknown}/{path}", json={"sender_id": "x"})
+        assert answer.status_code == 404
+    assert (await http.get(f"/tasks/{unknown}/message", params={"client": "x"})).status_code == 404
+
+    task_id = await computing(api, "sleep 30")
+    offer = {"sender_id": "me", "receiver_id": task_id, "type": "offer"}
+    cases: list[tuple[Any, int]] = [
+        ({**offer, "sdp": "not sdp at all"}, 400),
+        ({**offer, "sdp": "v=0\r\n"}, 400),
+        ({**offer, "type": "answer", "sdp": "v=0"}, 422),
+        ({"receiver_id": task_id, "type": "offer", "sdp": "v=0"}, 422),
+        ({**offer, "receiver_id": "someone else", "sdp": "v=0"}, 422),
+        ([1, 2], 422),
+    ]
+    for body, code in cases:
+        answer = await http.post(f"/tasks/{task_id}/offer", content=json.dumps(body))
+        assert answer.status_code == code, (body, answer.text)
+        assert answer.json()["detail"]
+    answer = await http.post(f"/tasks/{task_id}/offer", content=b"x" * (300 << 10))
+    assert answer.status_code == 413
+    # Nothing was left waiting for those senders.
+    assert (await http.get(f"/tasks/{task_id}/message", params={"client": "me"})).status_code == 204
+    await api.kill(task_id)
+
+
+async def test_kill_ends_a_followed_stream(api: ApiClient) -> None:
+    task_id = await computing(api, "while true; do echo tick; sleep 0.1; done")
+    connection = LiveConnection(api, task_id)
+    got = 0
+    try:
+        with trio.fail_after(30):
+            stream = await connection.connect(tail("stdout.txt", follow=True))
+            async for batch in stream:
+                got += len(batch)
+                if got >= 5:
+                    await api.kill(task_id)
+                    got = -(1 << 20)  # count on; the stream must still end
+    finally:
+        await connection.aclose()
+    assert got < 0

@@ -1,0 +1,199 @@
+"""The live channel's messages and the answering side's file operations, without WebRTC.
+
+Oracles: ``str.splitlines``-style slicing of the file's own text for ``tail``, ``os.walk`` for
+``ls``, ``json`` sizes for the message budget."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from taskfs.live import files, protocol
+from taskfs.live.protocol import LiveProtocolError, TailArgs
+
+TEXT = st.text(alphabet=st.sampled_from(["a", "é", "\n", "\n", "€", '"', "\\", "\x01"]))
+
+
+def test_batches_fit_the_budget_and_keep_every_piece() -> None:
+    lines = ['"\\' * 20_000, "é" * 30_000, "", *[f"line {i}" for i in range(20_000)]]
+    sent = list(protocol.batches(lines))
+    for batch in sent:
+        assert len(protocol.success(batch).encode()) <= protocol.MESSAGE_BUDGET
+    pieces = [piece for batch in sent for piece in batch]
+    assert pieces == [p for line in lines for p in protocol.split_long(line)]
+    assert "".join(pieces[:5]) == '"\\' * 20_000  # a long line travels in pieces, in order
+
+
+def test_one_shot_answer_keeps_the_last_lines_that_fit() -> None:
+    lines = [f"{i:06d}" + "x" * 100 for i in range(5000)]
+    kept = protocol.last_fitting(lines)
+    assert kept == lines[-len(kept) :]
+    assert len(protocol.success(kept).encode()) <= protocol.MESSAGE_BUDGET
+    assert len(kept) > 400
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"\xff", "not JSON"),
+        ("[]", "JSON object"),
+        ('{"type": "rm"}', "Unknown operation type: rm"),
+        ('{"type": "ls", "follow": "yes"}', "follow"),
+        ('{"type": "ls", "args": [1]}', "args"),
+        ("x" * 20_000, "larger than"),
+    ],
+)
+def test_bad_requests_say_what_is_wrong(raw: str | bytes, message: str) -> None:
+    with pytest.raises(LiveProtocolError, match=message):
+        protocol.parse_request(raw)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [{}, {"filename": ""}, {"filename": "x", "lines": -1}, {"filename": "x", "lines": True}],
+)
+def test_bad_tail_arguments(args: dict[str, object]) -> None:
+    with pytest.raises(LiveProtocolError):
+        protocol.tail_args(args)
+
+
+def test_listing_paths_reads_the_nested_form_and_refuses_hostile_names() -> None:
+    tree = ["a", {"d": ["b", {"e": []}]}, "c"]
+    assert sorted(protocol.listing_paths(tree)) == [
+        ("a", False),
+        ("c", False),
+        ("d", True),
+        ("d/b", False),
+        ("d/e", True),
+    ]
+    hostile: list[object] = [["../x"], ["a/b"], [{"..": []}], "x", [{"d": "x"}], [""], [None]]
+    for bad in hostile:
+        with pytest.raises(LiveProtocolError):
+            protocol.listing_paths(bad)
+    deep: list[object] = []
+    for _ in range(protocol.MAX_DEPTH + 2):
+        deep = [{"d": deep}]
+    with pytest.raises(LiveProtocolError, match="deep"):
+        protocol.listing_paths(deep)
+
+
+def test_list_tree_matches_os_walk(tmp_path: Path) -> None:
+    for rel in ("a/b/c.txt", "a/d.txt", "e.txt", "f/g/h/i.dat"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(rel)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to("/etc")
+    listed = set(protocol.listing_paths(files.list_tree(tmp_path)))
+    walked = set()
+    for top, dirs, names in os.walk(tmp_path):
+        rel = os.path.relpath(top, tmp_path)
+        prefix = "" if rel == "." else rel + "/"
+        walked |= {(prefix + d, True) for d in dirs if not (Path(top) / d).is_symlink()}
+        walked |= {(prefix + n, False) for n in names}
+    walked.add(("link", False))  # a link is listed as a file, never entered
+    assert listed == walked
+
+
+def tail_text(root: Path, lines: int, follow: bool) -> list[str]:
+    tail = files.Tail(root, TailArgs("f.txt", lines, False), follow)
+    assert tail.open()
+    try:
+        return list(tail.initial())
+    finally:
+        tail.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=TEXT, lines=st.integers(0, 12), chunk=st.integers(1, 7))
+def test_tail_initial_matches_the_text(
+    tmp_path_factory: pytest.TempPathFactory, text: str, lines: int, chunk: int
+) -> None:
+    root = tmp_path_factory.mktemp("tail")
+    (root / "f.txt").write_bytes(text.encode())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(files, "CHUNK", chunk)  # every boundary case of the backward scan
+        all_lines = text.split("\n")
+        if all_lines[-1] == "":
+            all_lines.pop()
+        expected = all_lines[-lines:] if lines else []
+        assert tail_text(root, lines, follow=False) == expected
+        complete = text[: text.rfind("\n") + 1].split("\n")[:-1]
+        assert tail_text(root, lines, follow=True) == (complete[-lines:] if lines else [])
+
+
+@settings(max_examples=100, deadline=None)
+@given(pieces=st.lists(TEXT, max_size=12))
+def test_followed_appends_rebuild_the_file(
+    tmp_path_factory: pytest.TempPathFactory, pieces: list[str]
+) -> None:
+    root = tmp_path_factory.mktemp("follow")
+    path = root / "f.txt"
+    path.write_bytes(b"")
+    tail = files.Tail(root, TailArgs("f.txt", 10, False), follow=True)
+    assert tail.open()
+    got = list(tail.initial())
+    written = b""
+    with open(path, "ab", buffering=0) as out:
+        for piece in pieces:
+            data = piece.encode()
+            # Cut inside a UTF-8 character too: the decoder carries the rest.
+            for part in (data[: len(data) // 2], data[len(data) // 2 :]):
+                out.write(part)
+                written += part
+                got += tail.appended()
+    tail.close()
+    text = written.decode()
+    assert got == text[: text.rfind("\n") + 1].split("\n")[:-1]
+
+
+def test_followed_file_that_shrinks_is_followed_from_its_start(tmp_path: Path) -> None:
+    path = tmp_path / "f.txt"
+    path.write_text("one\ntwo\n")
+    tail = files.Tail(tmp_path, TailArgs("f.txt", 10, False), follow=True)
+    assert tail.open()
+    assert list(tail.initial()) == ["one", "two"]
+    path.write_text("new\n")  # truncated and rewritten: shorter than what was read
+    assert tail.appended() == ["new"]
+    tail.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("../x", "Invalid file name"),
+        ("/etc/passwd", "Invalid file name"),
+        ("out", "Not a regular file"),
+        ("escape", "outside"),
+        ("fifo", "Not a regular file"),
+    ],
+)
+def test_tail_refuses_what_is_not_a_file_of_the_task(
+    tmp_path: Path, name: str, message: str
+) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "escape").symlink_to("/etc/hostname")
+    os.mkfifo(tmp_path / "fifo")
+    tail = files.Tail(tmp_path, TailArgs(name, 10, False), follow=False)
+    with pytest.raises(files.OperationError, match=message):
+        tail.open()
+
+
+def test_tail_of_binary_says_it_is_not_text(tmp_path: Path) -> None:
+    (tmp_path / "f.txt").write_bytes(b"ok\n\xff\xfe\n")
+    tail = files.Tail(tmp_path, TailArgs("f.txt", 10, False), follow=False)
+    assert tail.open()
+    with pytest.raises(files.OperationError, match=r"File is not a text file: f\.txt"):
+        list(tail.initial())
+    tail.close()
+
+
+def test_answers_are_json_the_official_client_reads() -> None:
+    assert json.loads(protocol.success(["a"])) == {"status": "success", "message": ["a"]}
+    assert protocol.parse_answer(protocol.error("x")) == protocol.Answer(False, "x")
+    with pytest.raises(LiveProtocolError):
+        protocol.parse_answer('{"message": 1}')
