@@ -272,3 +272,55 @@ async def test_official_client_submits_with_its_own_upload_code(
     assert task.storage_input_path is not None
     archive = await outputs_of(api, out["id"])
     assert archive.read("artifacts/result.txt") == b"steps=3\n1\n2\n3\n"
+
+
+def _lines(text: str) -> list[str]:
+    return [line.removeprefix("│") for line in text.splitlines() if line.startswith("│")]
+
+
+def test_official_client_live_channel(inductiva_python: Path, tmp_path: Path) -> None:
+    """``inductiva tasks tail [-f]/list-files/top/last-modified-file``, ``inductiva logs`` and
+    ``Task.wait()``'s streaming, unmodified, over real WebRTC against ``taskfs serve``.
+
+    The official client gathers every address but 127.0.0.1 as its ICE candidates, so it runs
+    in a network namespace whose only addresses are 127.0.0.1 and 127.0.0.2 on ``lo`` (with the
+    service, which ``official_live_driver`` starts there): no packet can leave the machine."""
+    if os.geteuid() != 0:
+        pytest.skip("unshare -n needs root (CI runs as root)")
+    root = Path(__file__).resolve().parents[2]
+    inner = (
+        "ip link set lo up && ip addr add 127.0.0.2/8 dev lo && exec "
+        f"{sys.executable} -m tests.integration.official_live_driver "
+        f"{inductiva_python.parent} {tmp_path / 'data'}"
+    )
+    done = subprocess.run(
+        ["unshare", "-n", "sh", "-c", inner],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.splitlines()[-1])
+    for name, run in out.items():
+        assert run["rc"] == 0, (name, run)
+        assert "Traceback" not in run["stdout"] + run["stderr"], (name, run)
+        assert "Failed to connect" not in run["stdout"] + run["stderr"], (name, run)
+
+    assert "last 3 lines from stdout.txt" in out["tail"]["stdout"]
+    assert _lines(out["tail"]["stdout"]) == ["48", "49", "50"]
+    assert _lines(out["tail_two"]["stdout"]) == [str(i) for i in range(41, 51)] + ["warn"]
+    assert "File not found: nope.txt" in out["missing"]["stdout"] + out["missing"]["stderr"]
+    listing = out["list_files"]["stdout"]
+    for name in ("out/", "out/deep/field.vtk", "stdout.txt", "stderr.txt"):
+        assert name in listing
+    assert "PID" in out["top"]["stdout"] and "COMMAND" in out["top"]["stdout"]
+    assert "Most Recent File: std" in out["last_modified"]["stdout"]
+    assert "Time Since Last Modification" in out["last_modified"]["stdout"]
+    # Followed to the task's end: every line once, in order, then the command returned.
+    assert _lines(out["follow"]["stdout"]) == [f"step {i}" for i in range(1, 21)]
+    logged = _lines(out["logs"]["stdout"])
+    assert [x for x in logged if x.startswith("step")] == [f"step {i}" for i in range(1, 21)]
+    assert [x for x in logged if x.startswith("err")] == [f"err {i}" for i in range(1, 21)]
+    assert _lines(out["wait"]["stdout"]) == ["wait-line-1", "wait-line-2", "wait-line-3"]
+    assert "STATUS success" in out["wait"]["stdout"]
