@@ -32,8 +32,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import trio
 
 from taskfs import __version__
+from taskfs.cli_live import add_logs_parser
 from taskfs.cli_tasks import add_parsers as add_task_parsers
-from taskfs.cli_tasks import count_arg, grace_arg, port_arg, seconds_arg, settings_of
+from taskfs.cli_tasks import (
+    count_arg,
+    grace_arg,
+    port_arg,
+    seconds_arg,
+    settings_of,
+    task_id_arg,
+)
 from taskfs.config import (
     ENV_API_URL,
     ServiceSettings,
@@ -560,6 +568,7 @@ def build_parser() -> ArgumentParser:
     unmount.set_defaults(func=cmd_unmount)
 
     add_task_parsers(sub, _add_api_options, ArgumentParser)
+    add_logs_parser(sub, _add_api_options, task_id_arg)
     return parser
 
 
@@ -580,11 +589,11 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         args = build_parser().parse_args(raw)
         args.raw_argv = raw[raw.index("mount") + 1 :] if "mount" in raw else []
-        if args.command_name == "tasks":
+        if args.command_name in ("tasks", "logs"):
             # Like cat or ls: output into a closed pipe (| head) ends the process quietly.
             # (Not ``submit``: its one line is the id of a task it created; see ``emit``.)
             signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-        if args.command_name == "tasks":
+        if args.command_name in ("tasks", "logs"):
             setup_logging(args.debug)
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)

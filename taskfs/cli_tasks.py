@@ -34,6 +34,7 @@ from taskfs.api.models import (
     is_task_id,
     machine_type,
 )
+from taskfs.cli_live import add_task_parsers as add_live_parsers
 from taskfs.config import ClientSettings, resolve_client
 from taskfs.errors import NotFoundError, ServiceError, TaskEndedError, UsageError
 from taskfs.outputs import download, format_bytes, output_info
@@ -413,7 +414,7 @@ def add_parsers(
 ) -> None:
     tasks = sub.add_parser(
         "tasks",
-        help="list, inspect, kill, wait for tasks; list and download outputs",
+        help="list, inspect, kill, wait for tasks; list and download outputs; tail running ones",
         description="Work with the tasks of the service (the same one 'taskfs mount' uses).",
     )
     commands = tasks.add_subparsers(
@@ -509,3 +510,5 @@ def add_parsers(
     )
     p.add_argument("--poll", type=seconds_arg, default=1.0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_wait)
+
+    add_live_parsers(leaf, task_id_arg)

@@ -2,22 +2,25 @@
 
 Owns: the user-facing methods that mirror the official client's ``Task`` (``get_status``,
 ``get_machine_type``, ``get_computation_time``, ``get_output_files_info``, ``kill``, ``wait``,
-``sync_context``, ``download_outputs``), each a blocking call over the async API client (one
+``sync_context``, ``download_outputs``, and the live ones: ``tail_files``, ``list_files``,
+``top``/``_top``, ``last_modified_file``), each a blocking call over the async API client (one
 ``trio.run`` per call).
 
 Must stay true: every method raises ``taskfs.errors`` exceptions only (never httpx or trio
-ones), so ``except TaskfsError`` catches every failure; the API key is taken from the same
-places as the CLI's and is never part of ``repr``.
+ones), so ``except TaskfsError`` catches every failure (the live methods, as the official
+ones, print a failure to stderr and return an exit status instead); the API key is taken from
+the same places as the CLI's and is never part of ``repr``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TextIO, TypeVar
 
 import trio
 
@@ -31,7 +34,15 @@ from taskfs.api.models import (
 )
 from taskfs.api.submit import submit_task
 from taskfs.config import ClientSettings, resolve_client
-from taskfs.errors import ServiceError, TaskEndedError, UsageError, single_errors
+from taskfs.errors import (
+    LiveError,
+    ServiceError,
+    TaskEndedError,
+    TaskfsError,
+    UsageError,
+    single_errors,
+)
+from taskfs.live import load_ops
 from taskfs.outputs import OutputInfo, download, output_info
 
 T = TypeVar("T")
@@ -207,3 +218,86 @@ class Task:
             return root.joinpath(*below)
 
         return self._call(fetch)
+
+    # -- live: a computing task's files (the official class's names and return values) ---------
+
+    def tail_files(
+        self,
+        tail_files: Sequence[str],
+        lines: int = 10,
+        follow: bool = False,
+        fout: TextIO = sys.stdout,
+        wait: bool = False,
+    ) -> int:
+        """Print the last ``lines`` lines of each file (relative to the task's working
+        directory) to ``fout``; ``follow``: then new lines, until the task stops computing.
+        Returns 0, or 1 when a file failed (said on stderr)."""
+        ops = load_ops()
+        several = len(tail_files) > 1
+        current: list[str] = []
+
+        def on_lines(name: str, batch: list[str]) -> None:
+            if several and batch and current != [name]:
+                fout.write(f"==> {name} <==\n")
+                current[:] = [name]
+            fout.write("".join(f"{line}\n" for line in batch))
+            fout.flush()
+
+        def on_error(name: str, error: LiveError) -> None:
+            print(f"{name}: {error}", file=sys.stderr)
+
+        async def run(api: ApiClient) -> int:
+            failed: int = await ops.tail(
+                api,
+                self.id,
+                list(tail_files),
+                lines=lines,
+                follow=follow,
+                on_lines=on_lines,
+                on_error=on_error,
+                wait=wait,
+            )
+            return failed
+
+        return self._live(run, lambda failed: (None, 1 if failed else 0))[1]
+
+    def list_files(self) -> tuple[str | None, int]:
+        """The task's files now, one path per line (directories end in ``/``), and 0; or
+        (None, 1) with the reason on stderr."""
+        ops = load_ops()
+
+        async def run(api: ApiClient) -> Any:
+            return await ops.once(api, self.id, "ls")
+
+        return self._live(run, lambda tree: (ops.format_listing(tree), 0))
+
+    def top(self) -> tuple[str | None, int]:
+        """``top -b -H -n 1`` on the task's machine, and 0; or (None, 1)."""
+        ops = load_ops()
+
+        async def run(api: ApiClient) -> Any:
+            return await ops.once(api, self.id, "top")
+
+        return self._live(run, lambda text: (str(text), 0))
+
+    _top = top  # the official class's name for it
+
+    def last_modified_file(self) -> tuple[str | None, int]:
+        """The most recently modified file, when, and how long ago, and 0; or (None, 1)."""
+        ops = load_ops()
+
+        async def run(api: ApiClient) -> Any:
+            return await ops.once(api, self.id, "last_modified_file")
+
+        return self._live(run, lambda answer: (ops.format_last_modified(answer), 0))
+
+    def _live(
+        self,
+        fn: Callable[[ApiClient], Awaitable[Any]],
+        show: Callable[[Any], tuple[str | None, int]],
+    ) -> tuple[str | None, int]:
+        try:
+            return show(self._call(fn))
+        except TaskfsError as error:
+            print(f"taskfs: {error}", file=sys.stderr)
+            return None, 1

@@ -11,7 +11,25 @@ per channel, answered by a stream of JSON messages.
   servers, and the asyncio thread aiortc runs in beside trio.
 * ``answerer``: the service's side (``taskfs serve``).
 * ``client``: the caller's side (``taskfs tasks tail``, ``Task.tail_files``, the mount).
+* ``ops``: the live commands for people (CLI and ``Task``), loaded with ``load_ops()``.
 
 ``aiortc`` is an optional dependency (the ``live`` extra): without it the service answers the
 channel with 204 and the live commands say what to install.
 """
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from taskfs.errors import LiveError
+
+
+def load_ops() -> ModuleType:
+    """``taskfs.live.ops``, or ``LiveError`` saying what to install when aiortc is missing."""
+    try:
+        from taskfs.live import ops  # noqa: PLC0415 - aiortc is an optional extra
+    except ImportError:
+        raise LiveError(
+            "the live channel needs aiortc, which is not installed: pip install 'taskfs[live]'"
+        ) from None
+    return ops

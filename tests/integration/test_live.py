@@ -6,8 +6,10 @@ exactly the task's stdout, however the writer cut its writes."""
 
 from __future__ import annotations
 
+import io
 import json
 import shlex
+import subprocess
 import sys
 from typing import Any
 
@@ -19,7 +21,9 @@ from taskfs.api.client import ApiClient
 from taskfs.api.models import TaskStatusCode as S
 from taskfs.api.submit import submit_task
 from taskfs.errors import LiveError
-from tests.support import wait_status
+from taskfs.task import Task
+from tests.integration.conftest import Service
+from tests.support import clean_env, taskfs_cmd, wait_status
 
 pytest.importorskip("aiortc")
 
@@ -229,3 +233,87 @@ async def test_kill_ends_a_followed_stream(api: ApiClient) -> None:
     finally:
         await connection.aclose()
     assert got < 0
+
+
+# -- the CLI and the Task class ------------------------------------------------------------------
+
+
+async def cli(service: Service, *args: str) -> subprocess.CompletedProcess[str]:
+    done = await trio.run_process(
+        [
+            *taskfs_cmd(*args),
+            "--api-url",
+            service.url,
+            "--api-key-file",
+            str(service.settings.key_file),
+        ],
+        env=clean_env(),
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    return subprocess.CompletedProcess(
+        done.args, done.returncode, done.stdout.decode(), done.stderr.decode()
+    )
+
+
+async def test_cli_live_commands(api: ApiClient, service: Service) -> None:
+    steady = await computing(
+        api, "mkdir -p d/e; echo x > d/e/f.dat; seq 1 20; echo oops >&2; sleep 60"
+    )
+    await trio.sleep(0.5)
+    got = await cli(service, "tasks", "tail", steady, "stdout.txt", "-l", "2")
+    assert (got.returncode, got.stdout, got.stderr) == (0, "19\n20\n", "")
+    got = await cli(service, "tasks", "tail", steady, "stderr.txt", "nope.txt", "stdout.txt")
+    assert got.returncode == 1
+    assert got.stdout.startswith("==> stderr.txt <==\noops\n\n==> stdout.txt <==\n11\n")
+    assert got.stderr == "taskfs: nope.txt: File not found: nope.txt\n"
+    got = await cli(service, "tasks", "list-files", steady)
+    assert got.stdout == "d/\nd/e/\nd/e/f.dat\nstderr.txt\nstdout.txt\n", got.stderr
+    got = await cli(service, "tasks", "list-files", steady, "--json")
+    assert json.loads(got.stdout) == [{"d": [{"e": ["f.dat"]}]}, "stderr.txt", "stdout.txt"]
+    got = await cli(service, "tasks", "last-modified-file", steady)
+    assert got.stdout.startswith("Most Recent File: std"), got.stderr
+    got = await cli(service, "tasks", "top", steady)
+    assert got.returncode == 0 and "PID" in got.stdout
+    await api.kill(steady)
+    await wait_status(api, steady)
+    got = await cli(service, "tasks", "tail", steady, "stdout.txt")
+    assert got.returncode == 1
+    assert f"task {steady} has ended (killed)" in got.stderr
+    assert "Traceback" not in got.stderr
+
+    ticking = await computing(
+        api, "sleep 1; for i in $(seq 1 10); do echo out $i; echo err $i >&2; sleep 0.1; done"
+    )
+    follow = await cli(service, "tasks", "tail", ticking, "stdout.txt", "-f")
+    assert follow.stdout == "".join(f"out {i}\n" for i in range(1, 11))
+    ticking = await computing(
+        api, "sleep 1; for i in $(seq 1 10); do echo out $i; echo err $i >&2; sleep 0.1; done"
+    )
+    logs = await cli(service, "logs", ticking)
+    assert logs.returncode == 0, logs.stderr
+    outs = [x for x in logs.stdout.splitlines() if x.startswith("out")]
+    errs = [x for x in logs.stdout.splitlines() if x.startswith("err")]
+    assert outs == [f"out {i}" for i in range(1, 11)]
+    assert errs == [f"err {i}" for i in range(1, 11)]
+
+
+async def test_task_live_methods(api: ApiClient, service: Service) -> None:
+    task_id = await computing(api, "mkdir d; echo x > d/y; seq 1 5; sleep 60")
+    await trio.sleep(0.5)
+    task = Task(task_id, settings=service.client_settings)
+    out = io.StringIO()
+    assert (
+        await trio.to_thread.run_sync(lambda: task.tail_files(["stdout.txt"], 2, False, out)) == 0
+    )
+    assert out.getvalue() == "4\n5\n"
+    listing, code = await trio.to_thread.run_sync(task.list_files)
+    assert (listing, code) == ("d/\nd/y\nstderr.txt\nstdout.txt\n", 0)
+    text, code = await trio.to_thread.run_sync(task._top)
+    assert code == 0 and text is not None and "PID" in text
+    text, code = await trio.to_thread.run_sync(task.last_modified_file)
+    assert code == 0 and text is not None and text.startswith("Most Recent File:")
+    await api.kill(task_id)
+    await wait_status(api, task_id)
+    assert await trio.to_thread.run_sync(task.list_files) == (None, 1)
