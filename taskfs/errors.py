@@ -11,6 +11,8 @@ catches a foreign exception type. The filesystem maps exceptions to errno throug
     ├── ServiceError                EIO      unreachable, timed out, 5xx after retries
     ├── ProtocolError               EIO      the peer broke the protocol (bad JSON, 200 for a range)
     ├── LiveError                   EIO      a running task's live channel failed or is missing
+    │   ├── NoLiveChannelError      EIO      the service offers no live channel for the task (204)
+    │   └── LiveUnavailableError    ENODATA  a running task's file the live channel cannot carry
     ├── TaskEndedError              ESRCH    kill on a task that has already ended
     ├── InvalidCommandError         EINVAL   unknown word written to ``control``
     ├── ReadOnlyError               EROFS    write to anything but ``control``
@@ -62,6 +64,18 @@ class LiveError(TaskfsError):
     """The live channel of a running task could not be opened, broke, or answered an error."""
 
     errno = _errno.EIO
+
+
+class NoLiveChannelError(LiveError):
+    """The service answered the offer with no live channel (the task is not computing, or the
+    service does not stream running tasks)."""
+
+
+class LiveUnavailableError(LiveError):
+    """A running task's file the live channel cannot carry (not text, gone): its bytes are in
+    the outputs archive once the task ends."""
+
+    errno = _errno.ENODATA
 
 
 class TaskEndedError(TaskfsError):

@@ -25,6 +25,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyfuse3
 import trio
@@ -36,6 +37,9 @@ from taskfs.fs.fuse_ops import Operations
 from taskfs.fs.vfs import Vfs, VfsSettings
 from taskfs.outputs import Outputs, make_cache
 from taskfs.retry import Breaker
+
+if TYPE_CHECKING:
+    from taskfs.live.mirror import LiveMirrors
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +203,8 @@ async def run_mount(
         ) as outputs,
         trio.open_nursery() as nursery,
     ):
-        vfs = Vfs(api, outputs, nursery, replace(settings.vfs, deadline=deadline))
+        live = start_live(api, nursery, settings.cache_dir / "live")
+        vfs = Vfs(api, outputs, nursery, replace(settings.vfs, deadline=deadline), live)
         pyfuse3.init(Operations(vfs), str(settings.mountpoint), fuse_options(settings))
         pid_file = _pid_file(settings.mountpoint)
         try:
@@ -217,6 +222,19 @@ async def run_mount(
             with contextlib.suppress(OSError):
                 pid_file.unlink()
             log.info("unmounted %s", settings.mountpoint)
+
+
+def start_live(api: ApiClient, nursery: trio.Nursery, spool_dir: Path) -> LiveMirrors | None:
+    """Running tasks' files over the live channel, or None where aiortc is missing (their
+    ``outputs`` then stay empty until they end)."""
+    try:
+        from taskfs.live.mirror import LiveMirrors  # noqa: PLC0415 - aiortc is optional
+    except ImportError:
+        log.warning(
+            "aiortc is not installed: running tasks' outputs show once they end (taskfs[live])"
+        )
+        return None
+    return LiveMirrors(api, nursery, spool_dir)
 
 
 async def _tune_after_init(mountpoint: Path, kb: int) -> None:

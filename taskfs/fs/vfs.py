@@ -32,6 +32,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -39,6 +40,7 @@ from taskfs.api.client import PAGE_SIZE, ApiClient
 from taskfs.api.models import (
     Task,
     TaskPage,
+    TaskStatusCode,
     TaskWithStatusHistory,
     computation_time,
     is_task_id,
@@ -52,6 +54,8 @@ from taskfs.errors import (
     BusyError,
     ChecksumError,
     IsDirError,
+    LiveError,
+    NoLiveChannelError,
     NotDirError,
     NotFoundError,
     ReaderGoneError,
@@ -67,12 +71,23 @@ from taskfs.outputs import Outputs
 from taskfs.proc import wants_out
 from taskfs.retry import operation_budget
 
+if TYPE_CHECKING:
+    from taskfs.live.mirror import LiveMirrors, LiveTask, Spool
+
 log = logging.getLogger(__name__)
 
 # List requests side by side for the first listing of a root of more than two pages.
 LIST_PARALLEL = 4
 
-VIRTUAL_FILES = ("status", "machine_type", "computation_time", "control", "wait", "info.json")
+VIRTUAL_FILES = (
+    "status",
+    "machine_type",
+    "computation_time",
+    "control",
+    "wait",
+    "info.json",
+    "top",
+)
 OUTPUTS = "outputs"
 DIR_MODE = stat.S_IFDIR | 0o555
 FILE_MODE = stat.S_IFREG | 0o444
@@ -154,6 +169,27 @@ class _FileHandle:
     reader: MemberReader | None = None
     inode: Inode = ROOT_INODE
     pid: int = 0  # wait: the process that opened it
+    spool: Spool | None = None  # a running task's file, followed (then its archive member)
+
+
+@dataclass(frozen=True)
+class _LiveDir:
+    """A directory of a running task's outputs, as its live channel lists it: ``dirs`` is the
+    whole listing by directory, ``path`` this one."""
+
+    live: LiveTask
+    dirs: dict[str, dict[str, bool]]
+    path: str
+
+    @property
+    def names(self) -> dict[str, bool]:
+        return self.dirs.get(self.path, {})
+
+
+@dataclass(frozen=True)
+class _LiveFile:
+    live: LiveTask
+    path: str
 
 
 @dataclass
@@ -173,8 +209,13 @@ class Vfs:
         outputs: Outputs,
         nursery: trio.Nursery,
         settings: VfsSettings | None = None,
+        live: LiveMirrors | None = None,
     ) -> None:
         self.api = api
+        # Running tasks' files over the live channel (None: aiortc is missing; their
+        # ``outputs`` stay empty until they end).
+        self.live = live
+        self._top: dict[str, bytes] = {}
         self.outputs = outputs
         self.nursery = nursery
         self.settings = settings or VfsSettings()
@@ -376,11 +417,25 @@ class Vfs:
             subdirs = len(archive.tree.dirs) if archive is not None else -1
             return self._attr(DIR_MODE, 0, changed, timeout, nlink=2 + subdirs)
         node = await self._output_node(key)
+        if isinstance(node, _LiveDir | _LiveFile):
+            return self._live_attr(node, changed)
         if isinstance(node, DirNode):
             subdirs = len(node.dirs)
             mtime = changed if not key.path else int(node.mtime * NS)
             return self._attr(DIR_MODE, 0, mtime, timeout, nlink=2 + subdirs)
         return self._attr(node.mode, node.size, int(node.mtime * NS), timeout)
+
+    def _live_attr(self, node: _LiveDir | _LiveFile, changed_ns: int) -> Attr:
+        """A running task's file or directory: a file's size is what its spool holds (0 until
+        someone opens it), asked for afresh at every ``stat`` so that ``tail -f`` sees it
+        grow."""
+        if isinstance(node, _LiveDir):
+            subdirs = sum(node.names.values())
+            return self._attr(DIR_MODE, 0, changed_ns, self.settings.live_timeout, 2 + subdirs)
+        spool = node.live.spools.get(node.path)
+        size = 0 if spool is None else spool.size
+        mtime = changed_ns if spool is None or not spool.changed_ns else spool.changed_ns
+        return self._attr(FILE_MODE, size, mtime, 0.0)
 
     def _content(self, name: str, state: _TaskState) -> bytes:
         task = state.task
@@ -397,6 +452,8 @@ class Vfs:
         if name == "info.json":
             assert state.info is not None
             return state.info
+        if name == "top":
+            return self._top.get(task.task_id, b"")
         raise NotFoundError(name)
 
     # -- outputs -------------------------------------------------------------------------------
@@ -432,6 +489,8 @@ class Vfs:
                 self._no_archive[task_id] = trio.current_time()
                 return None
             self._no_archive.pop(task_id, None)
+            if self.live is not None:
+                self.live.drop(task_id)  # the archive takes over from the live channel
             self._archives[task_id] = archive
             self._index_entries += len(archive.entries)
             while len(self._archives) > 1 and (
@@ -448,9 +507,12 @@ class Vfs:
         if old is not None:
             self._index_entries -= len(old.entries)
 
-    async def _output_node(self, key: NodeKey) -> DirNode | Entry:
+    async def _output_node(self, key: NodeKey) -> DirNode | Entry | _LiveDir | _LiveFile:
         archive = await self._archive(key.task_id)
         if archive is None:
+            live = await self._live_node(key)
+            if live is not None:
+                return live
             if key.path:
                 raise NotFoundError("/".join(key.path))
             return DirNode()
@@ -458,6 +520,93 @@ class Vfs:
         if node is None:
             raise NotFoundError("/".join(key.path))
         return node
+
+    # -- running tasks: the live channel --------------------------------------------------------
+
+    async def _live_node(self, key: NodeKey) -> _LiveDir | _LiveFile | None:
+        """``key`` in a running task's outputs as its live channel shows them; None where
+        there is no live view (no aiortc, a service without a live channel, a task that is
+        neither computing nor was followed)."""
+        if self.live is None:
+            return None
+        state = await self._state(key.task_id)
+        computing = state.task.status == TaskStatusCode.COMPUTATION_STARTED
+        live = self.live.get(key.task_id) if computing else self.live.find(key.task_id)
+        if live is None:
+            return None
+        try:
+            with trio.fail_after(self.settings.deadline):
+                dirs = await live.tree(connect=computing)
+        except trio.TooSlowError:
+            raise LiveError(
+                f"the live channel of task {key.task_id} did not list its files within "
+                f"{self.settings.deadline:g} s"
+            ) from None
+        except NoLiveChannelError:
+            return None  # as before there was a live channel: empty until the task ends
+        except LiveError:
+            if not computing:
+                return None
+            raise
+        if not key.path:
+            return _LiveDir(live, dirs, "")
+        path = "/".join(key.path)
+        is_dir = dirs.get("/".join(key.path[:-1]), {}).get(key.path[-1])
+        if is_dir is None:
+            raise NotFoundError(path)
+        return _LiveDir(live, dirs, path) if is_dir else _LiveFile(live, path)
+
+    async def _live_spool(self, node: _LiveFile) -> Spool:
+        try:
+            with trio.fail_after(self.settings.deadline):
+                return await node.live.spool(node.path)
+        except trio.TooSlowError:
+            raise LiveError(
+                f"the live channel of task {node.live.task_id} did not send {node.path} within "
+                f"{self.settings.deadline:g} s"
+            ) from None
+
+    async def _read_live(self, handle: _FileHandle, offset: int, size: int) -> bytes:
+        """A followed file: its spool, then (once the task has ended and its archive is
+        there) the archive member from where the spool stops, through the same handle."""
+        spool = handle.spool
+        assert spool is not None
+        if offset < spool.size or not spool.ended:
+            return spool.read(offset, size)
+        task_id = handle.key.task_id
+        if not (await self._state(task_id)).task.is_terminated:
+            return b""
+        archive = await self._archive(task_id)
+        if archive is None:
+            return b""
+        if handle.reader is None:
+            entry = archive.find(handle.key.path)
+            if not isinstance(entry, Entry):
+                return b""
+            handle.reader = archive.open_member(entry)
+        return await handle.reader.read(offset, size)
+
+    async def _fetch_top(self, task: Task) -> bytes:
+        """``top`` of a computing task's machine (empty for any other task)."""
+        if self.live is None or task.status != TaskStatusCode.COMPUTATION_STARTED:
+            self._top.pop(task.task_id, None)
+            return b""
+        live = self.live.get(task.task_id)
+        try:
+            with trio.fail_after(self.settings.deadline):
+                text = await live.request("top")
+        except trio.TooSlowError:
+            raise LiveError(
+                f"the live channel of task {task.task_id} did not answer top within "
+                f"{self.settings.deadline:g} s"
+            ) from None
+        except NoLiveChannelError:
+            return b""
+        content = str(text).encode()
+        if content and not content.endswith(b"\n"):
+            content += b"\n"
+        self._top[task.task_id] = content
+        return content
 
     # -- the operations ------------------------------------------------------------------------
 
@@ -518,6 +667,16 @@ class Vfs:
                 entries.append((name, child, await self._attr_for(child)))
         elif key.kind == "outputs":
             node = await self._output_node(key)
+            if isinstance(node, _LiveDir):
+                changed = _last_change_ns((await self._state(key.task_id)).task)
+                for name, is_dir in sorted(node.names.items()):
+                    path = f"{node.path}/{name}" if node.path else name
+                    shown: _LiveDir | _LiveFile = _LiveFile(node.live, path)
+                    if is_dir:
+                        shown = _LiveDir(node.live, node.dirs, path)
+                    item_key = NodeKey("outputs", key.task_id, path=(*key.path, name))
+                    entries.append((name, item_key, self._live_attr(shown, changed)))
+                return self._new_handle(_DirHandle(entries))
             if not isinstance(node, DirNode):
                 raise NotDirError(_describe(key))
             state = await self._state(key.task_id)
@@ -562,14 +721,22 @@ class Vfs:
             if writing and key.name != "control":
                 raise ReadOnlyError(f"{key.name} is read-only")
             state = await self._state(key.task_id, full=key.name == "info.json")
-            content = self._content(key.name, state)  # ``wait`` of a live task: b"", blocks
+            if key.name == "top":
+                content = await self._fetch_top(state.task)
+            else:
+                content = self._content(key.name, state)  # ``wait`` of a live task: b"", blocks
             handle = _FileHandle(key, content=content, inode=inode, pid=pid)
             return OpenInfo(self._new_handle(handle), direct_io=True, keep_cache=False)
         if key.kind == "outputs":
             if writing:
                 raise ReadOnlyError("outputs are read-only")
-            archive = await self._archive(key.task_id)
             node = await self._output_node(key)
+            if isinstance(node, _LiveFile):
+                spool = await self._live_spool(node)
+                spool.hold()
+                handle = _FileHandle(key, inode=inode, spool=spool)
+                return OpenInfo(self._new_handle(handle), direct_io=True, keep_cache=False)
+            archive = await self._archive(key.task_id)
             if archive is None or not isinstance(node, Entry):
                 raise IsDirError(_describe(key))
             reader = archive.open_member(node)
@@ -581,6 +748,8 @@ class Vfs:
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self._file(fh)
+        if handle.spool is not None:
+            return await self._read_live(handle, offset, size)
         if handle.reader is not None:
             try:
                 return await handle.reader.read(offset, size)
@@ -610,6 +779,8 @@ class Vfs:
 
     def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
+        if isinstance(handle, _FileHandle) and handle.spool is not None:
+            handle.spool.release()
         if not isinstance(handle, _FileHandle) or handle.reader is None:
             return
         if not handle.reader.close():

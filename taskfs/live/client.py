@@ -29,7 +29,7 @@ from typing import Any, Final
 import trio
 
 from taskfs.api.client import ApiClient
-from taskfs.errors import LiveError
+from taskfs.errors import LiveError, NoLiveChannelError
 from taskfs.live import protocol
 from taskfs.live.rtc import (
     AsyncioThread,
@@ -143,7 +143,7 @@ class LiveConnection:
         try:
             answer = await self.api.live_signal(self.task_id, sender, sdp)
             if answer is None:
-                raise LiveError(
+                raise NoLiveChannelError(
                     f"task {self.task_id} has no live channel (it is not computing, or the "
                     "service does not stream running tasks)"
                 )

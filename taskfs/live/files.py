@@ -209,13 +209,13 @@ class Tail:
     def initial(self) -> Iterator[str]:
         """The last ``lines`` lines of the file as it is now."""
         size = os.fstat(self.fd).st_size
-        end = size
-        if self.follow:
-            end = self._last_newline(size)
+        # Followed, an unterminated last line is not one of the last lines: it is read (and
+        # checked to be text) but held back until its newline comes.
+        end = self._last_newline(size) if self.follow else size
         self.cursor = self._start_of_last_lines(end, self.args.lines)
         if not self.follow and end - self.cursor > ONE_SHOT_BYTES:
             self.cursor = self._line_start_after(end - ONE_SHOT_BYTES, end)
-        yield from self._lines_until(end, final=not self.follow)
+        yield from self._lines_until(size, final=not self.follow)
 
     def appended(self) -> list[str]:
         """Complete lines appended since the last call (all of them after a shrink)."""
