@@ -360,6 +360,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         cache_size=cache_size,
         allow_other=allow_other,
         debug=args.debug,
+        live_idle=args.live_idle,
     )
     if args.foreground:
         setup_logging(args.debug, quiet_default=False)
@@ -525,7 +526,8 @@ def build_parser() -> ArgumentParser:
         "mount",
         help="mount the tasks of a service as a filesystem",
         description="Mount every task of the service as a directory: status, machine_type, "
-        "computation_time, control, wait, info.json and the outputs archive as a tree. "
+        "computation_time, control, wait, info.json, top and the outputs archive as a tree "
+        "(while a task computes: its current files, over the service's live channel). "
         "Without --api-url (or $INDUCTIVA_API_URL) the embedded local service is used, "
         "started in the background when it is not running.",
     )
@@ -552,6 +554,14 @@ def build_parser() -> ArgumentParser:
         action="append",
         metavar="OPTIONS",
         help="mount options: allow_other (let other users in)",
+    )
+    mount.add_argument(
+        "--live-idle",
+        type=seconds_arg,
+        default=30.0,
+        metavar="SECONDS",
+        help="close a running task's live connection after SECONDS without readers "
+        "(default: %(default)g)",
     )
     mount.add_argument("--debug", action="store_true", help="debug logs and FUSE debugging")
     _add_api_options(mount)

@@ -61,6 +61,8 @@ class MountSettings:
     # Kernel read-ahead of the mount (KiB); the kernel's default of 128 KiB means one FUSE
     # request per 128 KiB of a sequential read. Needs root; left alone otherwise.
     readahead_kb: int = 4096
+    # A running task's live connection is closed after this long without readers.
+    live_idle: float = 30.0
     vfs: VfsSettings = field(default_factory=VfsSettings)
 
     @property
@@ -203,7 +205,7 @@ async def run_mount(
         ) as outputs,
         trio.open_nursery() as nursery,
     ):
-        live = start_live(api, nursery, settings.cache_dir / "live")
+        live = start_live(api, nursery, settings.cache_dir / "live", settings.live_idle)
         vfs = Vfs(api, outputs, nursery, replace(settings.vfs, deadline=deadline), live)
         pyfuse3.init(Operations(vfs), str(settings.mountpoint), fuse_options(settings))
         pid_file = _pid_file(settings.mountpoint)
@@ -224,7 +226,9 @@ async def run_mount(
             log.info("unmounted %s", settings.mountpoint)
 
 
-def start_live(api: ApiClient, nursery: trio.Nursery, spool_dir: Path) -> LiveMirrors | None:
+def start_live(
+    api: ApiClient, nursery: trio.Nursery, spool_dir: Path, idle: float
+) -> LiveMirrors | None:
     """Running tasks' files over the live channel, or None where aiortc is missing (their
     ``outputs`` then stay empty until they end)."""
     try:
@@ -234,7 +238,7 @@ def start_live(api: ApiClient, nursery: trio.Nursery, spool_dir: Path) -> LiveMi
             "aiortc is not installed: running tasks' outputs show once they end (taskfs[live])"
         )
         return None
-    return LiveMirrors(api, nursery, spool_dir)
+    return LiveMirrors(api, nursery, spool_dir, idle=idle)
 
 
 async def _tune_after_init(mountpoint: Path, kb: int) -> None:

@@ -13,7 +13,7 @@ file that is not UTF-8 text cannot be carried at all: ``error`` says so).
 
 Must stay true:
 * one connection per task however many readers; a file's stream is opened once and shared;
-  a task nobody has used for ``IDLE`` seconds (no open spool, no listing asked for) has its
+  a task nobody has used for ``idle`` seconds (no open spool, no listing asked for) has its
   connection closed and its spools dropped (``reap``), so a mount holds no connection to a
   task nobody watches;
 * every wait is bounded (by the caller; connecting by ``connect_timeout``); a failed
@@ -96,6 +96,7 @@ class Spool:
 
     def release(self) -> None:
         self.handles -= 1
+        self.last_used = trio.current_time()
         if self.handles <= 0 and self.orphan:
             self.close()
 
@@ -199,7 +200,8 @@ class LiveTask:
     def idle(self, now: float) -> bool:
         if any(spool.handles for spool in self.spools.values()):
             return False
-        return now - self.last_used > IDLE
+        latest = max([self.last_used, *(spool.last_used for spool in self.spools.values())])
+        return now - latest > self.mirrors.idle
 
     # -- the connection ------------------------------------------------------------------------
 
@@ -332,14 +334,20 @@ class LiveMirrors:
         nursery: trio.Nursery,
         spool_dir: Path,
         connect_timeout: float = 20.0,
+        idle: float = IDLE,
     ) -> None:
         self.api = api
+        self.idle = idle
         self.nursery = nursery
         self.spool_dir = spool_dir
         self.connect_timeout = connect_timeout
         self.tasks: dict[str, LiveTask] = {}
-        spool_dir.mkdir(parents=True, exist_ok=True)
-        nursery.start_soon(self._reap)
+        try:
+            spool_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # an unusable cache dir: spools are unlinked, /tmp will do
+            self.spool_dir = Path(tempfile.gettempdir())
+            log.info("live spools go to %s (%s: %s)", self.spool_dir, spool_dir, exc.strerror)
+        nursery.start_soon(self._reap, min(5.0, idle / 2))
 
     def get(self, task_id: str) -> LiveTask:
         task = self.tasks.get(task_id)
