@@ -354,13 +354,17 @@ class ApiClient:
     async def live_signal(self, task_id: str, sender: str, sdp: str) -> str | None:
         """The live channel's signalling (TASK_API.md "Live channel"): register ``sender``,
         send its offer, fetch the answer. The answer's SDP, or None when the task has no live
-        channel (204: not computing, or a service without one)."""
+        channel (204: not computing, or a service without one; 404 from ``register`` or
+        ``offer``: a service without the endpoints)."""
         what = f"live channel of task {task_id}"
-        await self._call(
-            "POST", _task_path(task_id, "register"), json={"sender_id": sender}, what=what
-        )
         offer = {"sender_id": sender, "receiver_id": task_id, "type": "offer", "sdp": sdp}
-        await self._call("POST", _task_path(task_id, "offer"), json=offer, what=what)
+        try:
+            await self._call(
+                "POST", _task_path(task_id, "register"), json={"sender_id": sender}, what=what
+            )
+            await self._call("POST", _task_path(task_id, "offer"), json=offer, what=what)
+        except NotFoundError:  # a service without the endpoints (or the task is gone)
+            return None
         raw = await self._call(
             "GET", _task_path(task_id, "message"), params={"client": sender}, what=what
         )

@@ -239,9 +239,17 @@ class LiveHub:
                 if request.type == "tail":
                     await self._tail(peer, channel, root, request)
                 elif request.type == "ls":
-                    await self._repeat(peer, channel, request, lambda: files.list_tree(root))
+                    await self._repeat(
+                        peer,
+                        channel,
+                        request,
+                        lambda: protocol.fit_listing(files.list_tree(root), peer.max_message),
+                    )
                 elif request.type == "top":
-                    await self._repeat(peer, channel, request, files.top)
+                    budget = min(peer.max_message, protocol.MESSAGE_BUDGET)
+                    await self._repeat(
+                        peer, channel, request, lambda: protocol.fit_text(files.top(), budget)
+                    )
                 else:
                     await self._repeat(peer, channel, request, lambda: files.last_modified(root))
             except files.OperationError as exc:

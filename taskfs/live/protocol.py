@@ -182,6 +182,71 @@ def last_fitting(lines: list[str]) -> list[str]:
     return kept
 
 
+def fit_text(text: str, budget: int = MESSAGE_BUDGET) -> str:
+    """``text`` (``top``'s, say) as a success answer of at most ``budget`` bytes: whole, or
+    its first lines and a last one saying how many were left out."""
+    if len(success(text).encode()) <= budget:
+        return text
+    lines = text.splitlines()
+    kept: list[str] = []
+    size = len(success("").encode()) + 40  # room for the last line
+    for line in lines:
+        cost = len(json.dumps(line + "\n", ensure_ascii=False).encode()) - 2
+        if size + cost > budget:
+            break
+        kept.append(line)
+        size += cost
+    return "\n".join([*kept, f"... ({len(lines) - len(kept)} more lines)"]) + "\n"
+
+
+def fit_listing(tree: list[Any], budget: int) -> list[Any]:
+    """An ``ls`` answer of at most ``budget`` bytes: whole, or cut at the deepest level that
+    fits (directories below it listed empty), or, when not even the top level fits, its first
+    names."""
+    if len(success(tree).encode()) <= budget:
+        return tree
+    # Bytes each level adds: a name costs its JSON and a separator; a directory, its braces.
+    costs: list[int] = []
+    level: list[Any] = [tree]
+    while level:
+        cost, below = 0, []
+        for node in level:
+            for item in node:
+                if isinstance(item, dict):
+                    for name, children in item.items():
+                        cost += len(json.dumps(name, ensure_ascii=False).encode()) + 8
+                        below.append(children)
+                else:
+                    cost += len(json.dumps(item, ensure_ascii=False).encode()) + 2
+        costs.append(cost)
+        level = below
+    room = budget - len(success([]).encode()) - 64
+    depth = 0
+    while depth < len(costs) and sum(costs[: depth + 1]) <= room:
+        depth += 1
+    if depth == 0:
+        kept, used = [], 0
+        for item in tree:
+            name = next(iter(item)) if isinstance(item, dict) else item
+            used += len(json.dumps(name, ensure_ascii=False).encode()) + 8
+            if used > room:
+                break
+            kept.append({name: []} if isinstance(item, dict) else item)
+        return kept
+    return _cut(tree, depth)
+
+
+def _cut(node: list[Any], depth: int) -> list[Any]:
+    if depth <= 1:
+        return [{name: [] for name in item} if isinstance(item, dict) else item for item in node]
+    return [
+        {name: _cut(children, depth - 1) for name, children in item.items()}
+        if isinstance(item, dict)
+        else item
+        for item in node
+    ]
+
+
 def check_name(name: object) -> str:
     """One name of a listing from a peer: a string that is a single path component."""
     if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\0" in name:

@@ -573,10 +573,12 @@ class Service:
 
     async def live_message(self, request: Request) -> Response:
         task_id = task_id_of(request)
-        client = str_param(request, "client")
+        client = request.query_params.get("client")
         request.query_params.get("block_s")  # long polling: answers are ready at once
         await self._task_row(task_id)
-        answer = None if self.live is None else self.live.take_answer(task_id, client)
+        answer = None
+        if self.live is not None and client:
+            answer = self.live.take_answer(task_id, client)
         if answer is None:
             return Response(status_code=204)
         return JSON({"type": "answer", "sdp": answer, "sender_id": task_id})

@@ -53,6 +53,7 @@ def test_ls_of_root_and_task_dirs(mounted: Mount) -> None:
         "machine_type": "-r--r--r--",
         "outputs": "dr-xr-xr-x",
         "status": "-r--r--r--",
+        "top": "-r--r--r--",
         "wait": "-r--r--r--",
     }
     assert (mounted / task_id / "status").stat().st_size == len("success\n")

@@ -278,10 +278,21 @@ async def test_unknown_route_and_method(http: httpx.AsyncClient) -> None:
     assert_json_error(await http.delete("/tasks"), 405)
 
 
-async def test_live_channel_is_declined(http: httpx.AsyncClient, api: ApiClient) -> None:
+async def test_live_channel_of_a_task_that_is_not_computing(
+    http: httpx.AsyncClient, api: ApiClient
+) -> None:
+    """Signalling is accepted, and ``message`` has no answer: 204 (tests/integration/
+    test_live.py covers tasks that are computing)."""
     task_id = await submit_task(api, ["true"])
+    await wait_status(api, task_id)
     assert (await http.get(f"/tasks/{task_id}/message")).status_code == 204
-    assert_json_error(await http.post(f"/tasks/{task_id}/register", json={"sender_id": "a"}), 404)
+    register = await http.post(f"/tasks/{task_id}/register", json={"sender_id": "a"})
+    assert register.status_code == 200
+    assert register.json() == {"sender_id": "a"}
+    offer = {"sender_id": "a", "receiver_id": task_id, "type": "offer", "sdp": "v=0\r\n"}
+    assert (await http.post(f"/tasks/{task_id}/offer", json=offer)).status_code == 200
+    answer = await http.get(f"/tasks/{task_id}/message", params={"client": "a"})
+    assert answer.status_code == 204
 
 
 # -- paging and filters --------------------------------------------------------------------------

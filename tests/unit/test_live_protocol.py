@@ -197,3 +197,32 @@ def test_answers_are_json_the_official_client_reads() -> None:
     assert protocol.parse_answer(protocol.error("x")) == protocol.Answer(False, "x")
     with pytest.raises(LiveProtocolError):
         protocol.parse_answer('{"message": 1}')
+
+
+def test_a_long_top_is_cut_to_fit_one_message() -> None:
+    text = "".join(f'{pid:>7} root  20   0 {"x" * 60} "é"\n' for pid in range(5000))
+    fitted = protocol.fit_text(text)
+    assert len(protocol.success(fitted).encode()) <= protocol.MESSAGE_BUDGET
+    kept = fitted.splitlines()
+    assert kept[:-1] == text.splitlines()[: len(kept) - 1]
+    assert kept[-1] == f"... ({5000 - len(kept) + 1} more lines)"
+    assert protocol.fit_text("short\n") == "short\n"
+
+
+def test_a_large_listing_is_cut_at_the_deepest_level_that_fits() -> None:
+    tree: list[object] = [
+        {f"d{i}": [{"sub": [f"f{j}.vtk" for j in range(300)]}]} for i in range(100)
+    ]
+    tree.append("stdout.txt")
+    budget = 65_536
+    fitted = protocol.fit_listing(tree, budget)
+    assert len(protocol.success(fitted).encode()) <= budget
+    paths = dict(protocol.listing_paths(fitted))
+    assert paths["stdout.txt"] is False and paths["d99/sub"] is True
+    assert "d0/sub/f0.vtk" not in paths  # the level that did not fit
+    # Not even the top level fits: its first names.
+    flat = [f"{i:05d}-{'x' * 50}" for i in range(5000)]
+    fitted = protocol.fit_listing(flat, budget)
+    assert len(protocol.success(fitted).encode()) <= budget
+    assert fitted == flat[: len(fitted)] and len(fitted) > 500
+    assert protocol.fit_listing(["a"], budget) == ["a"]

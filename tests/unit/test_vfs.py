@@ -172,9 +172,11 @@ async def test_virtual_files_of_an_ended_task(env: Env) -> None:
         "control",
         "wait",
         "info.json",
+        "top",
         "outputs",
     ]
     assert await env.kernel.read("done/status") == b"success\n"
+    assert await env.kernel.read("done/top") == b""  # only a computing task has one
     assert await env.kernel.read("done/machine_type") == b"c2-standard-4\n"
     assert await env.kernel.read("done/computation_time") == b"00:03:12\n"
     assert await env.kernel.read("done/control") == b"kill\n"
