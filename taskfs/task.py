@@ -81,13 +81,15 @@ class Task:
         task_id: str,
         *,
         api_url: str | None = None,
-        api_key_file: Path | None = None,
+        api_key_file: Path | str | None = None,
         settings: ClientSettings | None = None,
     ) -> None:
         if not is_task_id(task_id):
             raise UsageError(f"not a task id: {task_id!r}")
         self.id = task_id
-        self.settings = settings or resolve_client(api_url, api_key_file)
+        self.settings = settings or resolve_client(
+            api_url, None if api_key_file is None else Path(api_key_file)
+        )
 
     def __repr__(self) -> str:
         return f"Task({self.id!r})"
@@ -233,6 +235,8 @@ class Task:
         directory) to ``fout``; ``follow``: then new lines, until the task stops computing.
         Returns 0, or 1 when a file failed (said on stderr)."""
         ops = load_ops()
+        if isinstance(tail_files, str):  # one name, not its characters
+            tail_files = [tail_files]
         several = len(tail_files) > 1
         current: list[str] = []
 

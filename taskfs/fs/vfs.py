@@ -94,6 +94,9 @@ FILE_MODE = stat.S_IFREG | 0o444
 CONTROL_MODE = stat.S_IFREG | 0o600
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 NS = 1_000_000_000
+# A followed file continued from its compressed archive member is checked at the junction
+# when the spool is at most this large (the check inflates the member up to there).
+LIVE_CHECK = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -557,20 +560,38 @@ class Vfs:
         return _LiveDir(live, dirs, path) if is_dir else _LiveFile(live, path)
 
     async def _live_spool(self, node: _LiveFile) -> Spool:
+        """The followed file, its first answer in; and, within half the deadline, the rest
+        of the text it had (so that ``tail`` finds the end where the file's end is; a larger
+        file goes on arriving while it is read)."""
         try:
             with trio.fail_after(self.settings.deadline):
-                return await node.live.spool(node.path)
+                spool = await node.live.spool(node.path)
         except trio.TooSlowError:
             raise LiveError(
                 f"the live channel of task {node.live.task_id} did not send {node.path} within "
                 f"{self.settings.deadline:g} s"
             ) from None
+        spool.hold()  # from here on it is read: kept while the rest arrives
+        try:
+            with trio.move_on_after(self.settings.deadline / 2):
+                await spool.settled()
+        except BaseException:
+            spool.release()
+            raise
+        return spool
 
     async def _read_live(self, handle: _FileHandle, offset: int, size: int) -> bytes:
         """A followed file: its spool, then (once the task has ended and its archive is
         there) the archive member from where the spool stops, through the same handle."""
         spool = handle.spool
         assert spool is not None
+        while spool.successor is not None:  # the file started again (truncated, replaced)
+            spool.release()
+            spool = handle.spool = spool.successor
+            spool.hold()
+        # The text the file had when it was opened is still arriving: wait for it.
+        while offset >= spool.size and not (spool.caught_up or spool.ended):
+            await spool.more()
         if offset < spool.size or not spool.ended:
             return spool.read(offset, size)
         task_id = handle.key.task_id
@@ -584,7 +605,26 @@ class Vfs:
             if not isinstance(entry, Entry):
                 return b""
             handle.reader = archive.open_member(entry)
+            if not await self._continues(handle.reader, spool, entry):
+                # The spool is not the start of the file as archived (a line cut in pieces,
+                # a change the protocol could not tell): from now on, the archive alone.
+                log.info("%s: the followed text differs from the archive", _describe(handle.key))
+                spool.release()
+                handle.spool = None
+                return await handle.reader.read(offset, size)
         return await handle.reader.read(offset, size)
+
+    @staticmethod
+    async def _continues(reader: MemberReader, spool: Spool, entry: Entry) -> bool:
+        """Whether the archived file goes on where ``spool`` stops: at least as long, and the
+        same last 4 KiB before the junction where that is cheap to read (a stored member, or
+        a compressed one of at most ``LIVE_CHECK`` bytes: one must inflate up to there)."""
+        if entry.size < spool.size:
+            return False
+        if entry.method != 0 and spool.size > LIVE_CHECK:
+            return True
+        start = max(0, spool.size - 4096)
+        return await reader.read(start, spool.size - start) == spool.read(start, spool.size - start)
 
     async def _fetch_top(self, task: Task) -> bytes:
         """``top`` of a computing task's machine (empty for any other task)."""
@@ -732,8 +772,7 @@ class Vfs:
                 raise ReadOnlyError("outputs are read-only")
             node = await self._output_node(key)
             if isinstance(node, _LiveFile):
-                spool = await self._live_spool(node)
-                spool.hold()
+                spool = await self._live_spool(node)  # held
                 handle = _FileHandle(key, inode=inode, spool=spool)
                 return OpenInfo(self._new_handle(handle), direct_io=True, keep_cache=False)
             archive = await self._archive(key.task_id)

@@ -51,7 +51,7 @@ MAX_PEERS_PER_TASK: Final = 32
 MAX_CHANNELS_PER_PEER: Final = 64
 HIGH_WATER: Final = 1 << 20
 DEFAULT_MAX_MESSAGE: Final = 65_536
-_MAX_MESSAGE = re.compile(r"^a=max-message-size:(\d+)\s*$", re.MULTILINE)
+_MAX_MESSAGE = re.compile(r"^a=max-message-size:(\d{1,12})\s*$", re.MULTILINE)
 
 
 class _ChannelGone(Exception):  # noqa: N818 - control flow, not an error
@@ -81,6 +81,7 @@ class LiveHub:
         self.thread = AsyncioThread("taskfs-live-answerer")
         self._answers: dict[tuple[str, str], tuple[float, str]] = {}
         self._peers: set[_Peer] = set()
+        self._pending: dict[str, int] = {}  # offers being answered, by task
         self._closed = False
         self._background: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
@@ -113,12 +114,23 @@ class LiveHub:
 
     async def _offer(self, task_id: str, sender: str, sdp: str) -> bool:
         self._expire()
-        if len(self._peers) >= MAX_PEERS:
+        # Offers being answered count too: answering awaits, and many arrive at once.
+        if len(self._peers) + sum(self._pending.values()) >= MAX_PEERS:
             raise LiveBusyError(f"the service has {MAX_PEERS} live connections open; try later")
-        if sum(p.task_id == task_id for p in self._peers) >= MAX_PEERS_PER_TASK:
+        open_here = sum(p.task_id == task_id for p in self._peers)
+        if open_here + self._pending.get(task_id, 0) >= MAX_PEERS_PER_TASK:
             raise LiveBusyError(
                 f"task {task_id} has {MAX_PEERS_PER_TASK} live connections open; try later"
             )
+        self._pending[task_id] = self._pending.get(task_id, 0) + 1
+        try:
+            return await self._answer_offer(task_id, sender, sdp)
+        finally:
+            self._pending[task_id] -= 1
+            if not self._pending[task_id]:
+                del self._pending[task_id]
+
+    async def _answer_offer(self, task_id: str, sender: str, sdp: str) -> bool:
         found = _MAX_MESSAGE.search(sdp)
         max_message = int(found.group(1)) if found else DEFAULT_MAX_MESSAGE
         pc = new_peer([])
@@ -301,24 +313,30 @@ class LiveHub:
                     raise files.OperationError(
                         f"The task stopped before {args.filename} was created"
                     )
+            budget = _budget(peer)
             if not request.follow:
                 lines = await _in_thread(lambda: list(tail.initial()))
-                await self._send(channel, protocol.success(protocol.last_fitting(lines)))
+                await self._send(channel, protocol.success(protocol.last_fitting(lines, budget)))
                 return
-            batches = protocol.batches(tail.initial())
-            sent = False
+            batches = protocol.batches(tail.initial(), budget)
             while (batch := await _in_thread(_next, batches)) is not None:
                 await self._send(channel, protocol.success(batch))
-                sent = True
-            if not sent:
-                await self._send(channel, protocol.success([]))
+            # An empty answer: what the file had is all sent (a follower that rebuilds the
+            # file knows where "now" is; the official client prints nothing for it).
+            await self._send(channel, protocol.success([]))
             while True:
                 await asyncio.sleep(POLL)
                 ended = self.computing(peer.task_id) is None
-                lines = await _in_thread(tail.appended)
-                for batch in protocol.batches(lines):
-                    await self._send(channel, protocol.success(batch))
+                while True:  # a burst is read and sent a CHUNK at a time (bounded memory)
+                    lines = await _in_thread(tail.appended)
+                    for batch in protocol.batches(lines, budget):
+                        await self._send(channel, protocol.success(batch))
+                    if not await _in_thread(tail.behind):
+                        break
                 if ended:
+                    if args.last_partial:  # the task is over: its unterminated last line too
+                        for batch in protocol.batches(tail.rest(), budget):
+                            await self._send(channel, protocol.success(batch))
                     return
         finally:
             tail.close()
@@ -335,6 +353,11 @@ class LiveHub:
             await drained.wait()
             if channel.readyState != "open":
                 raise _ChannelGone
+
+
+def _budget(peer: _Peer) -> int:
+    """Bytes of one message to ``peer``: what it accepts, less room for the framing."""
+    return max(4096, peer.max_message - 1024)
 
 
 def _next(it: Iterator[T]) -> T | None:

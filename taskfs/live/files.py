@@ -11,8 +11,10 @@ Must stay true:
 * memory is bounded whatever the file: ``tail`` of any number of lines of any file reads it in
   ``CHUNK`` pieces, backwards to find where the lines start and then forwards, and holds at
   most one answer's worth of lines (a line longer than ``LONG_LINE`` is cut);
-* a followed file that shrinks (truncated, or replaced by a shorter one) is followed again
-  from its start; text that is not UTF-8 ends the stream with "File is not a text file".
+* a followed file that is truncated, or whose name comes to mean another file (``mv new
+  stdout.txt``), ends the stream with "File was truncated or replaced" (the protocol cannot
+  say "start again"; the follower asks again); text that is not UTF-8 ends it with "File is
+  not a text file".
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any, Final
 import psutil
 
 from taskfs.live.protocol import MAX_LISTING, TailArgs
+from taskfs.packing import escape_name
 
 CHUNK: Final = 1 << 20
 LONG_LINE: Final = 1 << 20
@@ -47,11 +50,18 @@ def resolve(root: Path, name: str) -> Path:
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if name.startswith("/") or ".." in parts or "\0" in name or not parts:
         raise OperationError(f"Invalid file name: {name}")
-    base = os.path.realpath(root)
-    real = os.path.realpath(os.path.join(base, *parts))
-    if real != base and not real.startswith(base + os.sep):
+    try:
+        base = os.path.realpath(root)
+        real = os.path.realpath(os.path.join(base, *parts))
+    except (OSError, ValueError) as exc:  # a link loop, a name the system refuses
+        raise OperationError(f"Cannot open {name}: {exc}") from None
+    if not _inside(real, base):
         raise OperationError(f"File is outside the task's directory: {name}")
     return Path(real)
+
+
+def _inside(path: str, base: str) -> bool:
+    return path == base or path.startswith(base + os.sep)
 
 
 def open_regular(root: Path, name: str) -> int:
@@ -66,9 +76,17 @@ def open_regular(root: Path, name: str) -> int:
         raise OperationError(f"Not a file: {name}") from None
     except OSError as exc:
         raise OperationError(f"Cannot open {name}: {exc.strerror}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    try:
+        # What was opened, not what the name resolved to a moment ago: a directory on the
+        # way swapped for a link out of the task between the two must not be read.
+        opened = os.readlink(f"/proc/self/fd/{fd}")
+        if not _inside(opened, os.path.realpath(root)):
+            raise OperationError(f"File is outside the task's directory: {name}")
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OperationError(f"Not a regular file: {name}")
+    except BaseException:
         os.close(fd)
-        raise OperationError(f"Not a regular file: {name}")
+        raise
     return fd
 
 
@@ -93,12 +111,13 @@ def list_tree(root: Path) -> list[Any]:
                 is_dir = entry.is_dir(follow_symlinks=False)
             except OSError:
                 is_dir = False
+            name = escape_name(entry.name)  # as the archive will name it (not UTF-8: %XX)
             if is_dir:
                 children: list[Any] = []
-                into.append({entry.name: children})
+                into.append({name: children})
                 stack.append((entry.path, children))
             else:
-                into.append(entry.name)
+                into.append(name)
     return top
 
 
@@ -111,7 +130,7 @@ def last_modified(root: Path) -> dict[str, Any]:
         try:
             with os.scandir(root / rel if rel else root) as it:
                 for entry in it:
-                    name = f"{rel}/{entry.name}" if rel else entry.name
+                    name = f"{rel}/{escape_name(entry.name)}" if rel else escape_name(entry.name)
                     try:
                         if entry.is_dir(follow_symlinks=False):
                             stack.append(name)
@@ -174,6 +193,10 @@ def _psutil_top() -> str:
     return "\n".join(lines) + "\n"
 
 
+class ReplacedError(OperationError):
+    """The followed file was truncated, or its name now is another file."""
+
+
 class Tail:
     """``tail`` of one file: the last ``lines`` lines, then (``follow``) what is appended.
 
@@ -217,16 +240,31 @@ class Tail:
             self.cursor = self._line_start_after(end - ONE_SHOT_BYTES, end)
         yield from self._lines_until(size, final=not self.follow)
 
-    def appended(self) -> list[str]:
-        """Complete lines appended since the last call (all of them after a shrink)."""
-        size = os.fstat(self.fd).st_size
-        if size < self.cursor:
-            self.cursor = 0
-            self._decoder.reset()
-            self._carry = ""
-        if size == self.cursor:
+    def appended(self, limit: int = CHUNK) -> list[str]:
+        """Complete lines appended since the last call, from at most ``limit`` bytes (call
+        again while ``behind()``: memory stays bounded whatever a task writes at once).
+        ``ReplacedError`` when the file was truncated, or its name now is another file."""
+        st = os.fstat(self.fd)
+        if st.st_size < self.cursor or self._replaced(st):
+            raise ReplacedError(f"File was truncated or replaced: {self.args.filename}")
+        if st.st_size == self.cursor:
             return []
-        return list(self._lines_until(size, final=False))
+        return list(self._lines_until(min(st.st_size, self.cursor + limit), final=False))
+
+    def behind(self) -> bool:
+        return os.fstat(self.fd).st_size > self.cursor
+
+    def rest(self) -> list[str]:
+        """The text after the last newline (the last line, unterminated), once."""
+        rest, self._carry = self._carry, ""
+        return [rest] if rest else []
+
+    def _replaced(self, st: os.stat_result) -> bool:
+        try:
+            now = os.stat(resolve(self.root, self.args.filename))
+        except (OSError, OperationError):
+            return False  # gone, or not resolvable now: keep following what is open
+        return (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino)
 
     def _lines_until(self, end: int, final: bool) -> Iterator[str]:
         while self.cursor < end:

@@ -41,7 +41,8 @@ from typing import Any, Final
 import trio
 
 from taskfs.api.client import ApiClient
-from taskfs.errors import LiveError, LiveUnavailableError
+from taskfs.api.models import TaskStatusCode
+from taskfs.errors import LiveError, LiveUnavailableError, NoLiveChannelError, TaskfsError
 from taskfs.live import protocol
 from taskfs.live.client import LiveConnection, LiveStream
 
@@ -50,10 +51,12 @@ log = logging.getLogger(__name__)
 IDLE: Final = 30.0
 RETRY: Final = 10.0
 MAX_SPOOL: Final = 256 << 20
-# The initial part of a followed file arrives as a burst of messages: a reader is answered
-# once none came for this long (or the deadline passed).
-QUIET: Final = 0.15
+# The text a followed file had when asked arrives as a burst of messages, ended by an empty
+# one (taskfs's answering side); from a side that does not mark it, a pause this long.
+QUIET: Final = 1.0
 NOT_TEXT = "File is not a text file"
+# A followed file's stream is asked for again this many times in a row without an answer.
+MAX_RESUMES = 6
 
 
 @dataclass(eq=False)
@@ -72,18 +75,39 @@ class Spool:
     last_used: float = 0.0
     first: trio.Event = field(default_factory=trio.Event)
     grew: trio.Event = field(default_factory=trio.Event)
+    caught_up: bool = False  # the file's text so far has arrived (a pause came after it)
+    successor: Spool | None = None  # the file went on in another spool (truncated, replaced)
     stream: LiveStream | None = None
 
-    def append(self, lines: list[str]) -> None:
-        if self.full or not lines:
+    def append(self, data: bytes) -> None:
+        if self.full or not data:
             return
-        data = "".join(f"{line}\n" for line in lines).encode()
         if self.size + len(data) > MAX_SPOOL:
             self.full = True
             return
         os.pwrite(self.file.fileno(), data, self.size)
         self.size += len(data)
         self.changed_ns = time.time_ns()
+
+    def arrived(self) -> None:
+        """Wake whoever waits for this spool (its first answer, its growth, its end)."""
+        self.first.set()
+        self.grew.set()
+        self.grew = trio.Event()
+
+    async def settled(self) -> None:
+        """Until the text the file had when it was opened has arrived (no answer for
+        ``QUIET``), or the stream ended; the caller bounds the wait."""
+        await self.first.wait()
+        while not (self.caught_up or self.ended):
+            await self.more()
+
+    async def more(self) -> None:
+        """Until the spool grows, or ``QUIET`` passes without it (then it has caught up)."""
+        with trio.move_on_after(QUIET) as quiet:
+            await self.grew.wait()
+        if quiet.cancelled_caught:
+            self.caught_up = True
 
     def read(self, offset: int, size: int) -> bytes:
         end = min(self.size, offset + size)
@@ -139,8 +163,8 @@ class LiveTask:
         raise self.error or LiveError(f"no live channel to task {self.task_id}")
 
     async def spool(self, path: str) -> Spool:
-        """The followed file ``path``, with what has arrived once its first burst is in (the
-        caller bounds the wait)."""
+        """The followed file ``path`` once its first answer is in (``Spool.settled`` waits
+        for the rest of what it had; the caller bounds the waits)."""
         now = trio.current_time()
         self.last_used = now
         spool = self.spools.get(path)
@@ -153,11 +177,6 @@ class LiveTask:
             self.mirrors.nursery.start_soon(self._follow, spool)
         spool.last_used = now
         await spool.first.wait()
-        while not spool.ended:
-            with trio.move_on_after(QUIET) as quiet:
-                await spool.grew.wait()
-            if quiet.cancelled_caught:
-                break
         if spool.error is not None:
             raise spool.error
         return spool
@@ -198,8 +217,8 @@ class LiveTask:
             self._scopes.discard(scope)
 
     def idle(self, now: float) -> bool:
-        if any(spool.handles for spool in self.spools.values()):
-            return False
+        if any(spool.handles or not spool.first.is_set() for spool in self.spools.values()):
+            return False  # read, or being opened
         latest = max([self.last_used, *(spool.last_used for spool in self.spools.values())])
         return now - latest > self.mirrors.idle
 
@@ -249,49 +268,111 @@ class LiveTask:
         self.listed.set()  # waiters see the error at once
 
     async def _follow(self, spool: Spool) -> None:
+        """Follow ``spool.path`` until the task stops computing.
+
+        When the stream breaks off while the task still computes (the connection failed, or
+        the file was truncated or replaced: the answering side ends the stream), the file is
+        asked for again from its first line; what matches the spool is skipped, and on the
+        first difference the file goes on in a new spool (``successor``) holding the new
+        text from its start, which a reader sees as a truncation (``tail -f`` prints "file
+        truncated" and the file again)."""
+        current = spool
+        failures = 0
         try:
             with self._scope():
-                self._start()
-                with trio.fail_after(self.mirrors.connect_timeout):
-                    await self._connected()
-                connection = self.connection
-                assert connection is not None
-                request = protocol.Request(
-                    "tail",
-                    True,
-                    {"filename": spool.path, "lines": protocol.MAX_LINES, "wait": False},
-                )
-                stream = spool.stream = await connection.request(request)
-                async for lines in stream:
-                    if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
-                        raise LiveError("the task's live channel sent no lines")
-                    spool.append(lines)
-                    spool.first.set()
-                    spool.grew.set()
-                    spool.grew = trio.Event()
+                while True:
+                    try:
+                        got = await self._follow_once(current)
+                    except NoLiveChannelError:
+                        return  # the task stopped computing: nothing more to follow
+                    except LiveError as exc:
+                        if _unavailable(exc) is not None:
+                            raise
+                        log.info("following %s of task %s: %s", current.path, self.task_id, exc)
+                        got = False
+                    finally:
+                        while current.successor is not None:  # it started again meanwhile
+                            current = current.successor
+                    if not await self._still_computing():
+                        return
+                    failures = 0 if got else failures + 1
+                    if failures > MAX_RESUMES:
+                        raise LiveError(f"{current.path}: the live channel keeps breaking off")
+                    await trio.sleep(min(5.0, 0.2 * 2**failures))
         except trio.TooSlowError:
-            spool.error = LiveError(f"no live channel to task {self.task_id}")
+            current.error = LiveError(f"no live channel to task {self.task_id}")
         except LiveError as exc:
-            text = str(exc)
-            if text.startswith(NOT_TEXT):
-                spool.error = LiveUnavailableError(
-                    f"{spool.path}: not text, so the live channel cannot carry it; it is in "
-                    "the outputs when the task ends"
-                )
-            elif text.startswith("File not found"):
-                spool.error = LiveUnavailableError(f"{spool.path}: gone from the running task")
-            else:
-                spool.error = exc
+            current.error = _unavailable(exc) or exc
         except Exception as exc:  # a broken peer must not take the mount down
-            log.warning("following %s of task %s failed: %r", spool.path, self.task_id, exc)
-            spool.error = LiveError(f"{spool.path}: the live channel failed: {exc}")
+            log.warning("following %s of task %s failed: %r", current.path, self.task_id, exc)
+            current.error = LiveError(f"{current.path}: the live channel failed: {exc}")
         finally:
-            spool.ended = True
-            spool.first.set()
-            spool.grew.set()
-            if spool.stream is not None:
-                with trio.CancelScope(shield=True):
-                    await spool.stream.aclose()
+            current.ended = True
+            current.arrived()
+
+    async def _follow_once(self, spool: Spool) -> bool:
+        """One stream of the file from its first line into ``spool`` (checking what the
+        spool holds already; a difference starts a ``successor``); whether anything came."""
+        self._start()
+        with trio.fail_after(self.mirrors.connect_timeout):
+            await self._connected()
+        connection = self.connection
+        assert connection is not None
+        args = {"filename": spool.path, "lines": protocol.MAX_LINES, "wait": False}
+        args["last_partial"] = False  # the archive gives the unterminated end
+        stream = await connection.request(protocol.Request("tail", True, args))
+        seen = 0  # bytes of the file's text this stream has given
+        check = spool.size  # bytes the spool holds already: compared, not appended
+        got = False
+        try:
+            async for lines in stream:
+                if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
+                    raise LiveError("the task's live channel sent no lines")
+                data = "".join(f"{line}\n" for line in lines).encode()
+                if seen < check:
+                    same = min(len(data), check - seen)
+                    if spool.read(seen, same) == data[:same]:
+                        seen += same
+                        data = data[same:]
+                    else:  # not the text the spool holds: the file starts again
+                        spool = self._successor(spool, seen)
+                        check = seen
+                seen += len(data)
+                spool.append(data)
+                got = got or bool(lines)
+                if not lines:  # taskfs's answerer: what the file had is all in
+                    if seen < check:  # and it is shorter than the spool: it started again
+                        spool = self._successor(spool, seen)
+                        check = seen
+                    spool.caught_up = True
+                spool.arrived()
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+        return got
+
+    def _successor(self, old: Spool, keep: int) -> Spool:
+        """A new spool for ``old``'s file, holding ``old``'s first ``keep`` bytes; readers of
+        ``old`` move to it."""
+        new = Spool(old.path, tempfile.TemporaryFile(dir=self.mirrors.spool_dir))  # noqa: SIM115
+        for start in range(0, keep, 1 << 20):
+            new.append(old.read(start, min(1 << 20, keep - start)))
+        new.first.set()
+        old.successor = new
+        old.ended = True
+        old.arrived()
+        if self.spools.get(old.path) is old:
+            self.spools[old.path] = new
+        if old.handles == 0:
+            old.close()
+        return new
+
+    async def _still_computing(self) -> bool:
+        try:
+            status = await self.mirrors.api.get_status(self.task_id)
+        except TaskfsError:
+            return False  # cannot tell: stop here (the archive takes over at the end)
+        return status.status == TaskStatusCode.COMPUTATION_STARTED
 
     def close(self) -> None:
         self.closed = True
@@ -302,6 +383,28 @@ class LiveTask:
             if spool.handles == 0:
                 spool.close()
         self.spools.clear()
+
+
+_UNAVAILABLE = (
+    (NOT_TEXT, "not text, so the live channel cannot carry it"),
+    ("File not found", "gone from the running task"),
+    ("File is outside", "a link out of the task's directory"),
+    ("Not a regular file", "not a regular file"),
+    ("Not a file", "not a regular file"),
+    ("Invalid file name", "a name the live channel refuses"),
+    ("Cannot open", "the task's machine cannot open it"),
+)
+
+
+def _unavailable(exc: LiveError) -> LiveUnavailableError | None:
+    """The answering side's refusal of a file, as ENODATA; None for anything else."""
+    text = str(exc)
+    for prefix, why in _UNAVAILABLE:
+        if text.startswith(prefix):
+            return LiveUnavailableError(
+                f"{text}: {why}; the whole file is in the outputs once the task has ended"
+            )
+    return None
 
 
 def by_directory(paths: list[tuple[str, bool]]) -> dict[str, dict[str, bool]]:

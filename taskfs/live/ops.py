@@ -24,6 +24,9 @@ from taskfs.errors import LiveError
 from taskfs.live import protocol
 from taskfs.live.client import ANSWER_TIMEOUT, LiveConnection, LiveStream
 
+# The answering side ends a followed stream so when the file was truncated or replaced.
+STARTED_AGAIN = "File was truncated or replaced"
+
 
 async def ensure_computing(api: ApiClient, task_id: str) -> None:
     """``LiveError`` saying why, unless the task is computing now."""
@@ -65,10 +68,23 @@ async def tail(
     async def pump(name: str, stream: LiveStream) -> None:
         nonlocal failed
         try:
-            async for batch in stream:
-                if not isinstance(batch, list) or not all(isinstance(x, str) for x in batch):
-                    raise LiveError(f"the task's live channel sent no lines for {name}")
-                on_lines(name, batch)
+            while True:
+                try:
+                    async for batch in stream:
+                        if not isinstance(batch, list) or not all(
+                            isinstance(x, str) for x in batch
+                        ):
+                            raise LiveError(f"the task's live channel sent no lines for {name}")
+                        on_lines(name, batch)
+                    return
+                except LiveError as exc:
+                    if not (follow and str(exc).startswith(STARTED_AGAIN)):
+                        raise
+                    # As GNU tail -F: say so, and follow the file from its start again.
+                    on_error(name, LiveError(f"{exc}; following it from its start"))
+                    await stream.aclose()
+                    again = tail_request(name, protocol.MAX_LINES, True, wait)
+                    stream = await connection.request(again)
         except LiveError as exc:
             failed += 1
             on_error(name, exc)

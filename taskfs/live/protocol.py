@@ -12,13 +12,15 @@ how a listing is read back. The official client (0.18.12) and the cloud's answer
 
 What this side adds, within that protocol (so the official client reads it unchanged):
 
+* a followed ``tail`` sends an empty answer (``[]``) once the lines the file had when asked
+  are all sent: after it, every answer is new text;
 * a followed ``tail`` sends only complete lines: a last line without its newline is held back
   until the newline arrives, so a follower that joins lines with ``\\n`` rebuilds the file's
   bytes exactly (the one-shot ``tail`` does include it, as ``tail`` does);
-* no message is larger than ``MESSAGE_BUDGET`` bytes (peers that say nothing accept 64 KiB):
-  a long answer goes out as several messages when following, and a one-shot one keeps its
-  last lines that fit; a line too long for one message is cut into pieces of ``LINE_PIECE``
-  characters, each sent as a line of its own.
+* no message is larger than the peer accepts (``a=max-message-size``: 256 KiB for aiortc;
+  peers that say nothing get ``MESSAGE_BUDGET``): a long answer goes out as several messages
+  when following, and a one-shot one keeps its last lines that fit; a line too long for one
+  message is cut into the longest pieces that fit, each sent as a line of its own.
 """
 
 from __future__ import annotations
@@ -32,8 +34,6 @@ LABEL: Final = "file_transfer"
 OPERATIONS: Final = ("ls", "tail", "top", "last_modified_file")
 # The default max-message-size of SCTP peers that do not announce one (RFC 8841): 64 KiB.
 MESSAGE_BUDGET: Final = 60_000
-# Characters per piece of an over-long line: even escaped six times over it fits a message.
-LINE_PIECE: Final = 9_000
 # Upper bound of ``lines``: "every line" is asked for with a large number.
 MAX_LINES: Final = 1 << 31
 MAX_REQUEST: Final = 16_384
@@ -69,6 +69,9 @@ class TailArgs:
     filename: str
     lines: int
     wait: bool
+    # Followed to the task's end: send its unterminated last line then too (taskfs's mount,
+    # which goes on from the outputs archive, asks for ``"last_partial": false``).
+    last_partial: bool = True
 
 
 def parse_request(raw: str | bytes) -> Request:
@@ -104,9 +107,10 @@ def tail_args(args: dict[str, Any]) -> TailArgs:
         raise LiveProtocolError("tail needs a filename")
     if isinstance(lines, bool) or not isinstance(lines, int) or lines < 0:
         raise LiveProtocolError("lines must be a whole number >= 0")
-    if not isinstance(wait, bool):
-        raise LiveProtocolError("wait must be true or false")
-    return TailArgs(filename, min(lines, MAX_LINES), wait)
+    last_partial = args.get("last_partial", True)
+    if not isinstance(wait, bool) or not isinstance(last_partial, bool):
+        raise LiveProtocolError("wait and last_partial must be true or false")
+    return TailArgs(filename, min(lines, MAX_LINES), wait, last_partial)
 
 
 def answer(status: str, message: Any) -> str:
@@ -142,41 +146,62 @@ def parse_answer(raw: str | bytes) -> Answer:
     return Answer(data["status"] == "success", data.get("message"))
 
 
-def split_long(line: str) -> Iterator[str]:
-    """A line as it is sent: whole, or in ``LINE_PIECE`` pieces when too long for a message."""
-    if len(line) <= LINE_PIECE:
+def piece_for(budget: int) -> int:
+    """Characters of a line that fit one message of ``budget`` bytes however they escape (a
+    character takes at most 6 bytes of JSON)."""
+    return max(1, (budget - 64) // 6)
+
+
+def split_long(line: str, budget: int = MESSAGE_BUDGET) -> Iterator[str]:
+    """A line as it is sent: whole when its JSON fits a message of ``budget`` bytes, else in
+    the longest pieces that do (at least ``piece_for(budget)`` characters each)."""
+    room = budget - 64
+    if len(line) <= piece_for(budget) or _json_size(line) <= room:
         yield line
         return
-    for start in range(0, len(line), LINE_PIECE):
-        yield line[start : start + LINE_PIECE]
+    pos = 0
+    while pos < len(line):
+        low, high = piece_for(budget), min(len(line) - pos, room)  # a character is >= 1 byte
+        while low < high:  # the longest piece from ``pos`` that fits
+            mid = (low + high + 1) // 2
+            if _json_size(line[pos : pos + mid]) <= room:
+                low = mid
+            else:
+                high = mid - 1
+        yield line[pos : pos + low]
+        pos += low
 
 
-def batches(lines: Iterable[str]) -> Iterator[list[str]]:
-    """``lines`` grouped into answers of at most ``MESSAGE_BUDGET`` bytes of JSON each."""
+def _json_size(text: str) -> int:
+    return len(json.dumps(text, ensure_ascii=False).encode())
+
+
+def batches(lines: Iterable[str], budget: int = MESSAGE_BUDGET) -> Iterator[list[str]]:
+    """``lines`` grouped into answers of at most ``budget`` bytes of JSON each."""
     batch: list[str] = []
     size = 2
     for line in lines:
-        for piece in split_long(line):
-            cost = len(json.dumps(piece, ensure_ascii=False).encode()) + 2
-            if batch and size + cost > MESSAGE_BUDGET - 40:
+        for cut in split_long(line, budget):
+            cost = len(json.dumps(cut, ensure_ascii=False).encode()) + 2
+            if batch and size + cost > budget - 40:
                 yield batch
                 batch, size = [], 2
-            batch.append(piece)
+            batch.append(cut)
             size += cost
     if batch:
         yield batch
 
 
-def last_fitting(lines: list[str]) -> list[str]:
+def last_fitting(lines: list[str], budget: int = MESSAGE_BUDGET) -> list[str]:
     """The last of ``lines`` that fit in one answer (a one-shot ``tail`` sends one message)."""
-    pieces = [piece for line in lines for piece in split_long(line)]
+    pieces = [cut for line in lines for cut in split_long(line, budget)]
     kept: list[str] = []
     size = 2
-    for piece in reversed(pieces):
-        cost = len(json.dumps(piece, ensure_ascii=False).encode()) + 2
-        if size + cost > MESSAGE_BUDGET - 40:
+    for cut in reversed(pieces):
+        cost = len(json.dumps(cut, ensure_ascii=False).encode()) + 2
+        if size + cost > budget - 40:
             break
-        kept.append(piece)
+        kept.append(cut)
         size += cost
     kept.reverse()
     return kept

@@ -18,6 +18,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import psutil
@@ -218,3 +219,92 @@ def test_two_tail_f_readers_share_one_connection(live_mount: Mount) -> None:
             tail.terminate()
             tail.wait()
     service.wait_for(task_id, lambda s: s.is_terminated, timeout=60)
+
+
+def follow_to_end(mount: Mount, task_id: str, name: str) -> tuple[bytes, bytes, str]:
+    """What ``tail -c +1 -f`` printed of ``name`` until 2 s after the task ended, the file
+    as archived, and tail's stderr."""
+    service = mount.service
+    path = mount / task_id / "outputs" / name
+    wait_until(path.exists, timeout=10)
+    with open(mount.log.parent / f"{task_id}.tail", "w+b") as out:
+        tail = subprocess.Popen(
+            ["tail", "-c", "+1", "-f", str(path)], stdout=out, stderr=subprocess.PIPE
+        )
+        try:
+            service.wait_for(task_id, lambda s: s.is_terminated, timeout=90)
+            expected = archive_member(service, task_id, name)
+            time.sleep(3)
+        finally:
+            tail.terminate()
+            _, err = tail.communicate()
+        out.seek(0)
+        return out.read(), expected, err.decode()
+
+
+def test_tail_f_across_the_end_of_lines_longer_than_a_message(live_mount: Mount) -> None:
+    task_id = computing(
+        live_mount.service,
+        f'sleep 1.5; {sys.executable} -c \'print("a" * 20000 + "é" * 30000)\'; echo mid; '
+        "sleep 2; printf 0123456789END",
+    )
+    printed, expected, err = follow_to_end(live_mount, task_id, "stdout.txt")
+    assert printed == expected, err
+    assert expected.endswith(b"mid\n0123456789END")
+
+
+def test_a_file_truncated_or_replaced_while_followed(live_mount: Mount) -> None:
+    """GNU tail -f through the mount sees what it would see on a local disk: "file
+    truncated", then the file from its start; what it prints last is the file as it ends."""
+    task_id = computing(
+        live_mount.service,
+        'for i in 1 2 3 4 5 6; do echo "old line $i" >> log.txt; sleep 0.2; done; sleep 1.5; '
+        ': > log.txt; for i in 1 2 3; do echo "new $i" >> log.txt; sleep 0.3; done; '
+        "sleep 1.5; printf 'replaced\\nfile\\n' > t; mv t log.txt; sleep 2",
+    )
+    printed, expected, err = follow_to_end(live_mount, task_id, "log.txt")
+    assert expected == b"replaced\nfile\n"
+    assert "file truncated" in err
+    assert printed.endswith(b"new 3\n" + expected) or printed.endswith(b"\n" + expected), printed
+    assert b"old line 6\n" in printed
+
+
+def test_a_running_task_with_hostile_names_and_links(live_mount: Mount, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("OUTSIDE\n")
+    task_id = computing(
+        live_mount.service,
+        f"ln -s {secret} out.txt; ln -s /etc passwd-dir; mkfifo pipe; "
+        "echo x > \"$(printf 'caf\\351.txt')\"; for i in $(seq 1 100); do echo tick $i; "
+        "sleep 0.1; done",
+    )
+    outputs = live_mount / task_id / "outputs"
+    wait_until(lambda: "caf%E9.txt" in os.listdir(outputs))  # named as the archive will
+    for name in ("out.txt", "pipe", "passwd-dir/passwd", "caf%E9.txt"):
+        got = live_mount.run(f"timeout 20 cat {outputs}/{name}")
+        assert got.returncode == 1, (name, got)
+        assert any(
+            why in got.stderr for why in ("No data available", "No such file", "Not a directory")
+        ), (name, got)
+        assert "OUTSIDE" not in got.stdout
+    assert b"tick" in (outputs / "stdout.txt").read_bytes()  # the rest still works
+    live_mount.service.call(lambda api: api.kill(task_id))
+    live_mount.service.wait_for(task_id, lambda s: s.is_terminated)
+
+
+def test_cat_of_a_large_file_of_a_running_task_is_whole(live_mount: Mount) -> None:
+    task_id = computing(
+        live_mount.service,
+        f"{sys.executable} -c \"import sys; sys.stdout.writelines('%09d %s\\n' % (i, 'y' * 90) "
+        'for i in range(300000))" > big.txt; sleep 60',
+    )
+    big = live_mount / task_id / "outputs" / "big.txt"
+    wait_until(big.exists, timeout=10)
+    time.sleep(1)
+    data = big.read_bytes()
+    assert len(data) == 300000 * 101
+    assert data.endswith(b"000299999 " + b"y" * 90 + b"\n")
+    last = live_mount.run(f"tail -n 1 {big}")
+    assert last.stdout.startswith("000299999 "), last
+    live_mount.service.call(lambda api: api.kill(task_id))
+    live_mount.service.wait_for(task_id, lambda s: s.is_terminated)

@@ -26,7 +26,13 @@ def test_batches_fit_the_budget_and_keep_every_piece() -> None:
         assert len(protocol.success(batch).encode()) <= protocol.MESSAGE_BUDGET
     pieces = [piece for batch in sent for piece in batch]
     assert pieces == [p for line in lines for p in protocol.split_long(line)]
-    assert "".join(pieces[:5]) == '"\\' * 20_000  # a long line travels in pieces, in order
+    assert "".join(protocol.split_long('"\\' * 20_000)) == '"\\' * 20_000
+    # A peer that takes larger messages gets larger pieces and messages.
+    for batch in protocol.batches(lines, 262_144 - 1024):
+        assert len(protocol.success(batch).encode()) <= 262_144 - 1024
+    assert next(protocol.batches(["x" * 40_000], 262_144 - 1024)) == ["x" * 40_000]
+    long = "a" * 20_000 + "é" * 30_000  # 80 KB: one piece between aiortc peers
+    assert list(protocol.split_long(long, 262_144 - 1024)) == [long]
 
 
 def test_one_shot_answer_keeps_the_last_lines_that_fit() -> None:
@@ -151,14 +157,39 @@ def test_followed_appends_rebuild_the_file(
     assert got == text[: text.rfind("\n") + 1].split("\n")[:-1]
 
 
-def test_followed_file_that_shrinks_is_followed_from_its_start(tmp_path: Path) -> None:
+def test_a_followed_file_truncated_or_replaced_ends_the_stream(tmp_path: Path) -> None:
     path = tmp_path / "f.txt"
-    path.write_text("one\ntwo\n")
+    for change in ("truncate", "rename"):
+        path.write_text("one\ntwo\n")
+        tail = files.Tail(tmp_path, TailArgs("f.txt", 10, False), follow=True)
+        assert tail.open()
+        assert list(tail.initial()) == ["one", "two"]
+        if change == "truncate":
+            path.write_text("new\n")  # shorter than what was read
+        else:
+            (tmp_path / "g.txt").write_text("one\ntwo\nthree and more\n")
+            (tmp_path / "g.txt").rename(path)  # longer, but another file
+        with pytest.raises(files.ReplacedError, match=r"truncated or replaced: f\.txt"):
+            tail.appended()
+        tail.close()
+
+
+def test_a_burst_is_read_a_bounded_piece_at_a_time(tmp_path: Path) -> None:
+    path = tmp_path / "f.txt"
+    path.write_text("")
     tail = files.Tail(tmp_path, TailArgs("f.txt", 10, False), follow=True)
     assert tail.open()
-    assert list(tail.initial()) == ["one", "two"]
-    path.write_text("new\n")  # truncated and rewritten: shorter than what was read
-    assert tail.appended() == ["new"]
+    assert list(tail.initial()) == []
+    path.write_text("".join(f"{i}\n" for i in range(100_000)) + "last")
+    got: list[str] = []
+    while True:
+        piece = tail.appended(limit=4096)
+        assert sum(len(x) + 1 for x in piece) <= 4096 + 8  # and the line it began in
+        got += piece
+        if not tail.behind():
+            break
+    assert got == [str(i) for i in range(100_000)]
+    assert tail.rest() == ["last"] and tail.rest() == []
     tail.close()
 
 
@@ -226,3 +257,17 @@ def test_a_large_listing_is_cut_at_the_deepest_level_that_fits() -> None:
     assert len(protocol.success(fitted).encode()) <= budget
     assert fitted == flat[: len(fitted)] and len(fitted) > 500
     assert protocol.fit_listing(["a"], budget) == ["a"]
+
+
+def test_listing_by_directory_has_every_parent() -> None:
+    pytest.importorskip("aiortc")
+    from taskfs.live.mirror import by_directory
+
+    paths = [("a/b/c.txt", False), ("a", True), ("x", False), ("d/e", True)]
+    assert by_directory(paths) == {
+        "": {"a": True, "x": False, "d": True},
+        "a": {"b": True},
+        "a/b": {"c.txt": False},
+        "d": {"e": True},
+        "d/e": {},
+    }
