@@ -23,17 +23,12 @@ from taskfs.errors import LiveError
 from taskfs.live import load_ops
 from taskfs.task import run_api
 
-NEEDS_AIORTC = "the live channel needs aiortc, which is not installed: pip install 'taskfs[live]'"
-
 
 def lines_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of lines: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"not a number of lines >= 0: {text!r}")
-    return value
+    """An argparse type: a number of lines, 0 or more."""
+    from taskfs.cli_tasks import whole_number  # noqa: PLC0415 - cli_tasks imports this module
+
+    return whole_number(text, 0)
 
 
 class _Printer:

@@ -79,15 +79,20 @@ def grace_arg(text: str) -> float:
     return 0.0 if text.strip() in ("0", "0.0") else seconds_arg(text)
 
 
-def count_arg(text: str) -> int:
-    """An argparse type: a whole number of at least 1."""
+def whole_number(text: str, minimum: int) -> int:
+    """``text`` as a whole number of at least ``minimum`` (argparse's error otherwise)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}: {text!r}")
     return value
+
+
+def count_arg(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    return whole_number(text, 1)
 
 
 def port_arg(text: str) -> int:

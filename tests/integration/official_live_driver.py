@@ -34,7 +34,15 @@ WAIT_SCRIPT = textwrap.dedent(
 def run(cmd: list[str], env: dict[str, str], timeout: float = 60) -> dict[str, Any]:
     started = time.monotonic()
     try:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(
+            # In the fresh home: Task.wait() downloads stdout/stderr into ./inductiva_output.
+            cmd,
+            env=env,
+            cwd=env["HOME"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired as exc:
         return {"rc": "timeout", "stdout": str(exc.stdout), "stderr": str(exc.stderr)}
     return {
@@ -87,6 +95,7 @@ def main() -> None:
         follow = subprocess.Popen(
             [cli, "tasks", "tail", ticking, "stdout.txt", "-f"],
             env=env,
+            cwd=home,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -94,6 +103,7 @@ def main() -> None:
         logs = subprocess.Popen(
             [cli, "logs", ticking],
             env=env,
+            cwd=home,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
