@@ -17,7 +17,9 @@ Must stay true:
 * readdir offsets index a snapshot taken at ``opendir``, so they stay valid while tasks come and
   go;
 * a name that cannot be a task id is ENOENT without any request; everything but ``control`` is
-  read-only (EROFS).
+  read-only (EROFS);
+* nothing a directory lists blocks a reader: ``wait`` is reachable by name only
+  (``UNLISTED``), so tools that walk a task directory and read every file finish.
 """
 
 from __future__ import annotations
@@ -89,6 +91,10 @@ VIRTUAL_FILES = (
     "top",
 )
 OUTPUTS = "outputs"
+# Reachable by name but not listed: a read of ``wait`` blocks until the task ends, which
+# would hang every tool that walks a directory and reads what it finds (grep -r, cp -r, find
+# -exec cat, rsync).
+UNLISTED = frozenset({"wait"})
 DIR_MODE = stat.S_IFDIR | 0o555
 FILE_MODE = stat.S_IFREG | 0o444
 CONTROL_MODE = stat.S_IFREG | 0o600
@@ -703,6 +709,8 @@ class Vfs:
                 entries.append((task_id, child, attr))
         elif key.kind == "task":
             for name in (*VIRTUAL_FILES, OUTPUTS):
+                if name in UNLISTED:
+                    continue
                 child = self._child_key(key, name)
                 entries.append((name, child, await self._attr_for(child)))
         elif key.kind == "outputs":

@@ -54,9 +54,10 @@ def test_ls_of_root_and_task_dirs(mounted: Mount) -> None:
         "outputs": "dr-xr-xr-x",
         "status": "-r--r--r--",
         "top": "-r--r--r--",
-        "wait": "-r--r--r--",
     }
     assert (mounted / task_id / "status").stat().st_size == len("success\n")
+    assert (mounted / task_id / "wait").read_text() == "success\n"  # not listed, but there
+    assert mounted.run(f"ls -l {mounted / task_id / 'wait'}").returncode == 0
 
 
 def test_virtual_files_through_the_lifecycle(tmp_path: Path) -> None:
@@ -324,3 +325,24 @@ def test_unmount_recovers_a_mount_whose_process_died(service: Service, tmp_path:
     assert again.run(f"ls {again.path}").returncode == 0
     stop_mount(again)
     assert again.proc.returncode == 0
+
+
+def test_recursive_tools_finish_over_a_running_task(mounted: Mount, tmp_path: Path) -> None:
+    """grep -r, cp -r, tar and find -exec cat read every file they find: none of them may
+    block on ``wait`` (listed nowhere, reachable by name)."""
+    task_id = mounted.service.submit("echo needle; sleep 120")
+    mounted.service.wait_for(task_id, lambda s: s.status == S.COMPUTATION_STARTED)
+    task = mounted / task_id
+    for command in (
+        f"grep -r needle {task}",
+        f"cp -r {task} {tmp_path / 'copy'}",
+        f"tar -cf {tmp_path / 'task.tar'} -C {mounted.path} {task_id}",
+        f"find {task} -type f -exec cat {{}} +",
+    ):
+        started = time.monotonic()
+        done = mounted.run(f"timeout 60 {command}", timeout=90)
+        assert done.returncode != 124, f"{command} hung"
+        assert time.monotonic() - started < 30, command
+    assert "needle" in mounted.run(f"grep -r needle {task}").stdout
+    assert not (tmp_path / "copy" / "wait").exists()
+    mounted.service.call(lambda api: api.kill(task_id))

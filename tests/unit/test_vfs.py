@@ -170,11 +170,10 @@ async def test_virtual_files_of_an_ended_task(env: Env) -> None:
         "machine_type",
         "computation_time",
         "control",
-        "wait",
         "info.json",
         "top",
         "outputs",
-    ]
+    ]  # wait: reachable by name only (tools that read every listed file must not block)
     assert await env.kernel.read("done/status") == b"success\n"
     assert await env.kernel.read("done/top") == b""  # only a computing task has one
     assert await env.kernel.read("done/machine_type") == b"c2-standard-4\n"
