@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -44,6 +45,7 @@ from taskfs.cli_tasks import (
 )
 from taskfs.config import (
     ENV_API_URL,
+    ClientSettings,
     ServiceSettings,
     default_cache_dir,
     default_data_dir,
@@ -57,6 +59,8 @@ from taskfs.errors import ServiceError, TaskfsError, UsageError, as_taskfs_error
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
+
+    from taskfs.api.client import ApiClient
 
 log = logging.getLogger("taskfs.cli")
 
@@ -350,9 +354,17 @@ def cmd_mount(args: argparse.Namespace) -> int:
             raise UsageError(f"unsupported mount option {option!r} (supported: allow_other)")
     cache_size = parse_size(args.cache_size)
     check_mountpoint(mountpoint)
-    if not (args.api_url or os.environ.get(ENV_API_URL)):
-        start_service_background(args.data_dir, ["--port", "0"])
+    local = not (args.api_url or os.environ.get(ENV_API_URL))
+    if local and not args.foreground_child and running_service_url(args.data_dir) is None:
+        url = start_service_background(args.data_dir, ["--port", "0"])
+        print(
+            f"taskfs: started the local service at {url} (data: {args.data_dir}; "
+            f"stop it with: taskfs serve --stop --data-dir {args.data_dir})",
+            file=sys.stderr,
+        )
     client = settings_of(args)
+    if not args.foreground_child:
+        _check_service(client)
     settings = MountSettings(
         mountpoint=mountpoint,
         client=client,
@@ -373,7 +385,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         return True if found is not None and found[0] == FSTYPE else None
 
     _, pid = _spawn_detached(
-        ["mount", *args.raw_argv, "--foreground"],
+        ["mount", *args.raw_argv, "--foreground", "--foreground-child"],
         log_path,
         mounted,
         30,
@@ -391,6 +403,25 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
     emit(f"mounted {client.api_url} at {mountpoint} (pid {pid}, log {log_path})", undo=take_back)
     return 0
+
+
+def _check_service(client: ClientSettings) -> None:
+    """One cheap request before mounting: a rejected key fails the mount with the API's
+    reason; a service that does not answer is a warning (the mount rides out outages)."""
+    from taskfs.errors import AuthError
+    from taskfs.task import run_api
+
+    async def probe(api: ApiClient) -> None:
+        await api.list_page(1, 1)
+
+    try:
+        run_api(replace(client, deadline=min(client.deadline, 3.0)), probe)
+    except AuthError as exc:
+        raise UsageError(f"{client.api_url} refused the API key: {exc}") from None
+    except ServiceError as exc:
+        print(
+            f"taskfs: warning: {exc}; mounting anyway (it is asked again on use)", file=sys.stderr
+        )
 
 
 def _mount_log(cache_dir: Path, mountpoint: Path) -> Path:
@@ -412,7 +443,9 @@ def _mount_log(cache_dir: Path, mountpoint: Path) -> Path:
 def cmd_unmount(args: argparse.Namespace) -> int:
     from taskfs.fs.mount import unmount
 
-    unmount(Path(args.mountpoint).absolute())
+    note = unmount(Path(args.mountpoint).absolute())
+    if note:
+        print(f"taskfs: {note}", file=sys.stderr)
     return 0
 
 
@@ -555,6 +588,8 @@ def build_parser() -> ArgumentParser:
         metavar="OPTIONS",
         help="mount options: allow_other (let other users in)",
     )
+    # Set by the background mount for the process it starts (checks are done already).
+    mount.add_argument("--foreground-child", action="store_true", help=argparse.SUPPRESS)
     mount.add_argument(
         "--live-idle",
         type=seconds_arg,

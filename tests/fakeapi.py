@@ -41,6 +41,8 @@ class FakeApi:
     # Fault injection for API calls (storage has ``objects.fault``): an answer replaces the
     # real one, e.g. a stall or a 503.
     api_fault: Callable[[str, str], Answer | None] | None = None
+    # The key it accepts (a test may rotate it after mounting).
+    key: str = KEY
 
     def add(
         self,
@@ -144,7 +146,7 @@ class FakeApi:
             return faulty
         if path == "/version-check":
             return _json({"is_valid": True, "client_version": "x", "server_version": "fake"})
-        if headers.get("x-api-key") != KEY:
+        if headers.get("x-api-key") != self.key:
             return _json({"detail": "invalid API key"}, 401)
         params = {k: v for k, v in parse_qs(query).items()}
         parts = path.strip("/").split("/")

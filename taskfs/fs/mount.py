@@ -293,15 +293,25 @@ def _mount_process(mountpoint: Path) -> int | None:
     return pid
 
 
-def unmount(mountpoint: Path, timeout: float = 10.0) -> None:
+def unmount(mountpoint: Path, timeout: float = 10.0) -> str | None:
     """Unmount a taskfs mount: ask its process (SIGTERM: it answers blocked ``wait`` readers
     and unmounts itself), else unmount it directly, also when its process died (lazily if it
-    is busy)."""
+    is busy). Returns a note for the user when the unmount was lazy (processes still had
+    files or their working directory in it)."""
     found = mount_entry(mountpoint)
     if found is None:
         raise UsageError(f"{mountpoint} is not mounted")
     if found[0] != FSTYPE:
         raise UsageError(f"{mountpoint} is a {found[0]} mount, not taskfs")
+    users = mount_users(mountpoint)
+    note = None
+    if users:
+        shown = ", ".join(f"{pid} ({name})" for pid, name in users[:5])
+        more = f" and {len(users) - 5} more" if len(users) > 5 else ""
+        note = (
+            f"{mountpoint} was busy (in use by {shown}{more}): unmounted lazily; it is gone "
+            "from the tree, and those processes get errors until they let go of it"
+        )
     pid = _mount_process(mountpoint)
     if pid is not None:
         with contextlib.suppress(ProcessLookupError):
@@ -310,7 +320,7 @@ def unmount(mountpoint: Path, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if mount_entry(mountpoint) is None:
-                return
+                return note
             time.sleep(0.05)
         log.info("the mount process %d did not unmount within %g s", pid, timeout)
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
@@ -320,10 +330,42 @@ def unmount(mountpoint: Path, timeout: float = 10.0) -> None:
         [tool, "-u", str(mountpoint)], capture_output=True, text=True, check=False
     )
     if first.returncode == 0:
-        return
+        return None
     log.info("plain unmount failed (%s); unmounting lazily", first.stderr.strip())
     lazy = subprocess.run(
         [tool, "-u", "-z", str(mountpoint)], capture_output=True, text=True, check=False
     )
     if lazy.returncode != 0:
         raise TaskfsError(f"cannot unmount {mountpoint}: {lazy.stderr.strip() or first.stderr}")
+    return note or f"{mountpoint} was busy: unmounted lazily"
+
+
+def mount_users(mountpoint: Path) -> list[tuple[int, str]]:
+    """Processes whose working directory, root or an open file is in ``mountpoint`` (those
+    this user may look at), as ``(pid, command name)``; reading the links touches no FUSE."""
+    top = str(mountpoint)
+    me = os.getpid()
+    found: list[tuple[int, str]] = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        base = f"/proc/{entry.name}"
+        try:
+            links = [f"{base}/cwd", f"{base}/root"]
+            links += [f"{base}/fd/{fd}" for fd in os.listdir(f"{base}/fd")]
+        except OSError:
+            continue
+        for link in links:
+            try:
+                target = os.readlink(link)
+            except OSError:
+                continue
+            if target == top or target.startswith(top + "/"):
+                try:
+                    with open(f"{base}/comm") as comm:
+                        name = comm.read().strip()
+                except OSError:
+                    name = "?"
+                found.append((int(entry.name), name))
+                break
+    return found

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from taskfs.api.models import TaskStatusCode as S
-from tests.fakeapi import FakeApi
+from tests.fakeapi import KEY, FakeApi
 from tests.fuse.conftest import Mount, cloud_mount, wait_until
 
 # Reads ``wait`` with libc's read() under a signal handler that returns (no SA_RESTART, as
@@ -46,14 +46,17 @@ def test_file_and_directory_mixups(mounted: Mount) -> None:
 
 
 def test_rejected_key_is_eacces(tmp_path: Path) -> None:
+    """A key rejected after mounting (revoked, rotated): EACCES. (A key rejected at mount
+    time fails the mount: tests/fuse/test_lifecycle.py.)"""
     fake = FakeApi()
     fake.add("known", S.SUCCESS)
-    with cloud_mount(tmp_path, fake, key="not-the-key") as mount:
+    with cloud_mount(tmp_path, fake) as mount:
+        fake.key = "rotated-key"
         for command in (f"ls {mount.path}", f"cat {mount.path}/known/status"):
             result = mount.run(command)
             assert result.returncode != 0, command
             assert "Permission denied" in result.stderr, (command, result.stderr)
-    assert "not-the-key" not in mount.log.read_text()
+    assert KEY not in mount.log.read_text()
 
 
 def test_interrupted_wait_is_eintr(mounted: Mount) -> None:

@@ -9,11 +9,14 @@ deadline passes. A member's time shows the same whatever the mount's time zone.
 from __future__ import annotations
 
 import calendar
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -194,3 +197,61 @@ def test_member_times_do_not_depend_on_the_mounts_time_zone(tmp_path: Path) -> N
             finally:
                 stop_mount(mount)
     assert seen[0] == seen[1] == calendar.timegm((2026, 11, 30, 10, 7, 0))  # as UTC
+
+
+def _mount_cmd(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "mnt"
+    path.mkdir(exist_ok=True)
+    return subprocess.run(
+        taskfs_cmd("mount", str(path), "--cache-dir", str(tmp_path / "cache"), *args),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+        check=False,
+    )
+
+
+def test_mount_checks_the_key_and_says_what_it_started(tmp_path: Path) -> None:
+    """A key the API refuses fails ``taskfs mount`` at once, saying so; an API that does not
+    answer still mounts, with a warning; a local service it starts is named."""
+    fake = FakeApi()
+    fake.add("known", S.SUCCESS)
+    key_file = tmp_path / "key"
+    key_file.write_text("not-the-key\n")
+    with serve_answerer(fake) as url:
+        refused = _mount_cmd(tmp_path, "--api-url", url, "--api-key-file", str(key_file))
+    assert refused.returncode == 2, refused
+    assert refused.stderr.startswith(f"taskfs: error: {url} refused the API key"), refused.stderr
+    assert "not-the-key" not in refused.stderr + refused.stdout
+    assert mount_entry(tmp_path / "mnt") is None
+
+    with socket_without_server() as dead_url:
+        key_file.write_text(KEY + "\n")
+        started = _mount_cmd(
+            tmp_path, "--api-url", dead_url, "--api-key-file", str(key_file), "--deadline", "1"
+        )
+    assert started.returncode == 0, started.stderr
+    assert "taskfs: warning:" in started.stderr and "mounting anyway" in started.stderr
+    assert mount_entry(tmp_path / "mnt") is not None
+    subprocess.run(taskfs_cmd("unmount", str(tmp_path / "mnt")), check=True, timeout=60)
+
+    data = tmp_path / "data"
+    local = _mount_cmd(tmp_path, "--data-dir", str(data))
+    try:
+        assert local.returncode == 0, local.stderr
+        assert "taskfs: started the local service at http://127.0.0.1:" in local.stderr
+        assert f"taskfs serve --stop --data-dir {data}" in local.stderr
+    finally:
+        subprocess.run(taskfs_cmd("unmount", str(tmp_path / "mnt")), timeout=60, check=False)
+        subprocess.run(
+            taskfs_cmd("serve", "--stop", "--data-dir", str(data)), timeout=60, check=False
+        )
+
+
+@contextlib.contextmanager
+def socket_without_server() -> Iterator[str]:
+    """A loopback URL whose port is bound but never listened on: connections are refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 
 from taskfs.api.models import TaskStatusCode as S
+from taskfs.fs.mount import mount_entry
 from tests.fuse.conftest import (
     Mount,
     Service,
@@ -286,6 +287,7 @@ def test_background_mount_and_unmount_command(service: Service, tmp_path: Path) 
     )
     assert started.returncode == 0, started.stderr
     assert "mounted" in started.stdout
+    assert "started the local service" not in started.stderr  # it was running
     assert subprocess.run(["ls", str(path)], capture_output=True, check=False).returncode == 0
     done = subprocess.run(
         taskfs_cmd("unmount", str(path)), capture_output=True, text=True, timeout=60, check=False
@@ -346,3 +348,30 @@ def test_recursive_tools_finish_over_a_running_task(mounted: Mount, tmp_path: Pa
     assert "needle" in mounted.run(f"grep -r needle {task}").stdout
     assert not (tmp_path / "copy" / "wait").exists()
     mounted.service.call(lambda api: api.kill(task_id))
+
+
+def test_a_busy_unmount_says_it_was_lazy(service: Service, tmp_path: Path) -> None:
+    mount = start_mount(service, tmp_path / "busy", tmp_path / "cache")
+    holder = subprocess.Popen(["sleep", "60"], cwd=mount.path)
+    try:
+        done = subprocess.run(
+            taskfs_cmd("unmount", str(mount.path)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert f"{mount.path} was busy (in use by {holder.pid} (sleep))" in done.stderr
+        assert "unmounted lazily" in done.stderr
+        wait_until(lambda: mount_entry(mount.path) is None)
+    finally:
+        holder.kill()
+        holder.wait()
+        stop_mount(mount)
+    quiet = start_mount(service, tmp_path / "idle", tmp_path / "cache2")
+    done = subprocess.run(
+        taskfs_cmd("unmount", str(quiet.path)), capture_output=True, text=True, timeout=60
+    )
+    assert (done.returncode, done.stderr) == (0, "")
+    stop_mount(quiet)
