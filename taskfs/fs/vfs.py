@@ -407,7 +407,17 @@ class Vfs:
             return self._attr(
                 DIR_MODE, 0, self._mount_time_ns, self.settings.live_timeout, 2 + count
             )
-        state = await self._state(key.task_id, full=key.kind == "file" and key.name == "info.json")
+        try:
+            state = await self._state(
+                key.task_id, full=key.kind == "file" and key.name == "info.json"
+            )
+        except ServiceError:
+            followed = self._followed(key)
+            if followed is None:
+                raise
+            # The API does not answer, but the file comes over the live channel: a follower
+            # (tail -f polls fstat) goes on with what it brings.
+            return self._live_attr(followed, _last_change_ns(self._states[key.task_id].task))
         task = state.task
         changed = _last_change_ns(task)
         timeout = self._timeout(task)
@@ -564,6 +574,17 @@ class Vfs:
         if is_dir is None:
             raise NotFoundError(path)
         return _LiveDir(live, dirs, path) if is_dir else _LiveFile(live, path)
+
+    def _followed(self, key: NodeKey) -> _LiveFile | None:
+        """``key`` as a file of a running task that is being followed (a spool exists and
+        the task's state was seen), else None."""
+        if self.live is None or key.kind != "outputs" or not key.path:
+            return None
+        live = self.live.find(key.task_id)
+        path = "/".join(key.path)
+        if live is None or path not in live.spools or key.task_id not in self._states:
+            return None
+        return _LiveFile(live, path)
 
     async def _live_spool(self, node: _LiveFile) -> Spool:
         """The followed file, its first answer in; and, within half the deadline, the rest

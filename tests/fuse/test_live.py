@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -308,3 +309,33 @@ def test_cat_of_a_large_file_of_a_running_task_is_whole(live_mount: Mount) -> No
     assert last.stdout.startswith("000299999 "), last
     live_mount.service.call(lambda api: api.kill(task_id))
     live_mount.service.wait_for(task_id, lambda s: s.is_terminated)
+
+
+def test_tail_f_rides_out_an_api_outage(service: Service, tmp_path: Path) -> None:
+    """tail -f polls fstat, which needs the task's state: while the API does not answer, a
+    followed file keeps its attributes, and tail -f goes on when the service is back."""
+    mount = start_mount(service, tmp_path / "tasks", tmp_path / "cache", "--deadline", "2")
+    try:
+        task_id = computing(service, "for i in $(seq 1 60); do echo tick $i; sleep 0.25; done")
+        path = mount / task_id / "outputs" / "stdout.txt"
+        wait_until(path.exists, timeout=10)
+        with open(tmp_path / "tail.out", "w+b") as out:
+            tail = subprocess.Popen(["tail", "-n", "+1", "-f", str(path)], stdout=out)
+            try:
+                time.sleep(2)
+                os.kill(service.proc.pid, signal.SIGSTOP)
+                try:
+                    time.sleep(6)  # three deadlines of the mount
+                    assert tail.poll() is None, "tail -f died during the outage"
+                finally:
+                    os.kill(service.proc.pid, signal.SIGCONT)
+                service.wait_for(task_id, lambda s: s.is_terminated, timeout=60)
+                wait_until(lambda: b"tick 60\n" in (tmp_path / "tail.out").read_bytes())
+                assert tail.poll() is None
+            finally:
+                tail.terminate()
+                tail.wait()
+            printed = (tmp_path / "tail.out").read_bytes()
+        assert printed == "".join(f"tick {i}\n" for i in range(1, 61)).encode()
+    finally:
+        stop_mount(mount)
