@@ -19,7 +19,13 @@ Must stay true:
 * a name that cannot be a task id is ENOENT without any request; everything but ``control`` is
   read-only (EROFS);
 * nothing a directory lists blocks a reader: ``wait`` is reachable by name only
-  (``UNLISTED``), so tools that walk a task directory and read every file finish.
+  (``VirtualFile.listed``), so tools that walk a task directory and read every file finish.
+
+How to add a file to every task directory: one ``VirtualFile`` entry in ``VIRTUAL`` (its
+content from the task's state; ``fetch`` for content made at open; ``writable`` for
+commands). A new kind of directory is a ``NodeKey`` kind with its branch in ``_child_key``,
+``_attr_for``, ``opendir`` and ``open`` (as ``outputs`` has; the live and archive views of
+``outputs`` are the two node types ``_output_node`` returns).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import math
 import os
 import stat
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -81,23 +87,63 @@ log = logging.getLogger(__name__)
 # List requests side by side for the first listing of a root of more than two pages.
 LIST_PARALLEL = 4
 
-VIRTUAL_FILES = (
-    "status",
-    "machine_type",
-    "computation_time",
-    "control",
-    "wait",
-    "info.json",
-    "top",
-)
 OUTPUTS = "outputs"
-# Reachable by name but not listed: a read of ``wait`` blocks until the task ends, which
-# would hang every tool that walks a directory and reads what it finds (grep -r, cp -r, find
-# -exec cat, rsync).
-UNLISTED = frozenset({"wait"})
 DIR_MODE = stat.S_IFDIR | 0o555
 FILE_MODE = stat.S_IFREG | 0o444
 CONTROL_MODE = stat.S_IFREG | 0o600
+
+
+@dataclass(frozen=True)
+class VirtualFile:
+    """One file of every task directory (``VIRTUAL``). ``content`` is what ``stat`` sizes and
+    a read gives; ``fetch`` (if any) makes it afresh at each ``open`` (``top``); ``blocking``:
+    a read waits until the task has ended (``wait``); ``writable``: commands go to
+    ``control.run`` (``control``); ``full``: needs the task's whole record (``info.json``);
+    ``listed``: shown by ``readdir`` (else reachable by name only)."""
+
+    name: str
+    content: Callable[[Vfs, _TaskState], bytes]
+    mode: int = FILE_MODE
+    listed: bool = True
+    full: bool = False
+    blocking: bool = False
+    writable: bool = False
+    fetch: Callable[[Vfs, Task], Awaitable[bytes]] | None = None
+
+
+def _wait_content(vfs: Vfs, state: _TaskState) -> bytes:
+    task = state.task
+    return f"{task.status}\n".encode() if task.is_terminated else b""
+
+
+def _info_content(vfs: Vfs, state: _TaskState) -> bytes:
+    assert state.info is not None
+    return state.info
+
+
+# The task directory's files, in listing order. A new one is one entry here.
+VIRTUAL: dict[str, VirtualFile] = {
+    spec.name: spec
+    for spec in (
+        VirtualFile("status", lambda vfs, s: f"{s.task.status}\n".encode()),
+        VirtualFile("machine_type", lambda vfs, s: _line(machine_type(s.task))),
+        VirtualFile("computation_time", lambda vfs, s: _line(computation_time(s.task))),
+        VirtualFile(
+            "control", lambda vfs, s: control.HELP.encode(), mode=CONTROL_MODE, writable=True
+        ),
+        # Reachable by name, not listed: a read of ``wait`` blocks until the task ends, which
+        # would hang every tool that walks a directory and reads what it finds (grep -r,
+        # cp -r, find -exec cat, rsync).
+        VirtualFile("wait", _wait_content, listed=False, blocking=True),
+        VirtualFile("info.json", _info_content, full=True),
+        VirtualFile(
+            "top",
+            lambda vfs, s: vfs._top.get(s.task.task_id, b""),
+            fetch=lambda vfs, task: vfs._fetch_top(task),
+        ),
+    )
+}
+
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 NS = 1_000_000_000
 # A followed file continued from its compressed archive member is checked at the junction
@@ -408,9 +454,7 @@ class Vfs:
                 DIR_MODE, 0, self._mount_time_ns, self.settings.live_timeout, 2 + count
             )
         try:
-            state = await self._state(
-                key.task_id, full=key.kind == "file" and key.name == "info.json"
-            )
+            state = await self._state(key.task_id, full=key.kind == "file" and _spec(key).full)
         except ServiceError:
             followed = self._followed(key)
             if followed is None:
@@ -424,9 +468,8 @@ class Vfs:
         if key.kind == "task":
             return self._attr(DIR_MODE, 0, changed, timeout, nlink=3)
         if key.kind == "file":
-            content = self._content(key.name, state)
-            mode = CONTROL_MODE if key.name == "control" else FILE_MODE
-            return self._attr(mode, len(content), changed, timeout)
+            spec = _spec(key)
+            return self._attr(spec.mode, len(spec.content(self, state)), changed, timeout)
         # outputs
         if not key.path:
             # ``outputs`` itself needs no archive: ``ls`` of a task never opens one, and a broken
@@ -455,25 +498,6 @@ class Vfs:
         size = 0 if spool is None else spool.size
         mtime = changed_ns if spool is None or not spool.changed_ns else spool.changed_ns
         return self._attr(FILE_MODE, size, mtime, 0.0)
-
-    def _content(self, name: str, state: _TaskState) -> bytes:
-        task = state.task
-        if name == "status":
-            return f"{task.status}\n".encode()
-        if name == "machine_type":
-            return _line(machine_type(task))
-        if name == "computation_time":
-            return _line(computation_time(task))
-        if name == "control":
-            return control.HELP.encode()
-        if name == "wait":
-            return f"{task.status}\n".encode() if task.is_terminated else b""
-        if name == "info.json":
-            assert state.info is not None
-            return state.info
-        if name == "top":
-            return self._top.get(task.task_id, b"")
-        raise NotFoundError(name)
 
     # -- outputs -------------------------------------------------------------------------------
 
@@ -694,7 +718,7 @@ class Vfs:
                 raise NotFoundError(f"{name!r} cannot be a task id")
             return NodeKey("task", name)
         if parent.kind == "task":
-            if name in VIRTUAL_FILES:
+            if name in VIRTUAL:
                 return NodeKey("file", parent.task_id, name=name)
             if name == OUTPUTS:
                 return NodeKey("outputs", parent.task_id)
@@ -729,9 +753,7 @@ class Vfs:
                 attr = self._attr(DIR_MODE, 0, _last_change_ns(task), self._timeout(task), 3)
                 entries.append((task_id, child, attr))
         elif key.kind == "task":
-            for name in (*VIRTUAL_FILES, OUTPUTS):
-                if name in UNLISTED:
-                    continue
+            for name in (*(spec.name for spec in VIRTUAL.values() if spec.listed), OUTPUTS):
                 child = self._child_key(key, name)
                 entries.append((name, child, await self._attr_for(child)))
         elif key.kind == "outputs":
@@ -787,13 +809,14 @@ class Vfs:
         key = self._key(inode)
         writing = bool(flags & WRITE_FLAGS)
         if key.kind == "file":
-            if writing and key.name != "control":
+            spec = _spec(key)
+            if writing and not spec.writable:
                 raise ReadOnlyError(f"{key.name} is read-only")
-            state = await self._state(key.task_id, full=key.name == "info.json")
-            if key.name == "top":
-                content = await self._fetch_top(state.task)
+            state = await self._state(key.task_id, full=spec.full)
+            if spec.fetch is not None:
+                content = await spec.fetch(self, state.task)
             else:
-                content = self._content(key.name, state)  # ``wait`` of a live task: b"", blocks
+                content = spec.content(self, state)  # ``wait`` of a live task: b"", blocks
             handle = _FileHandle(key, content=content, inode=inode, pid=pid)
             return OpenInfo(self._new_handle(handle), direct_io=True, keep_cache=False)
         if key.kind == "outputs":
@@ -828,13 +851,13 @@ class Vfs:
                 self._forget_archive(handle.key.task_id)
                 self.drop_cached(handle.inode)
                 raise
-        if handle.key.name == "wait" and not handle.content:
+        if _spec(handle.key).blocking and not handle.content:
             handle.content = await self._wait(handle.key.task_id, handle.pid)
         return handle.content[offset : offset + size]
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self._file(fh)
-        if handle.key.name != "control":
+        if handle.key.kind != "file" or not _spec(handle.key).writable:
             raise ReadOnlyError("read-only file")
         commands = control.parse(data.decode("utf-8", "replace"))
         for command in commands:
@@ -859,8 +882,8 @@ class Vfs:
     async def setattr(self, inode: Inode, size: int | None, ownership: bool, times: bool) -> Attr:
         """Only ``control`` may be truncated (``echo kill > control``) or touched."""
         key = self._key(inode)
-        is_control = key.kind == "file" and key.name == "control"
-        if not is_control or ownership or size not in (None, 0):
+        writable = key.kind == "file" and _spec(key).writable
+        if not writable or ownership or size not in (None, 0):
             raise ReadOnlyError("taskfs is read-only except for control")
         del times  # control has no stored times to change
         return replace(await self._attr_for(key), inode=inode)
@@ -952,6 +975,13 @@ class Vfs:
 
     def open_handles(self) -> int:
         return len(self._handles)
+
+
+def _spec(key: NodeKey) -> VirtualFile:
+    spec = VIRTUAL.get(key.name)
+    if spec is None:
+        raise NotFoundError(key.name)
+    return spec
 
 
 def _describe(key: NodeKey) -> str:
