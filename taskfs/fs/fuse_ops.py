@@ -160,6 +160,10 @@ class Operations(pyfuse3.Operations):
         return entry(result)
 
     @handler
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return await self.vfs.readlink(Inode(inode))
+
+    @handler
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         return await self.vfs.opendir(Inode(inode))
 

@@ -31,7 +31,9 @@ class NodeKey:
     """What a node is: ``kind`` plus the task and path it belongs to.
 
     kinds: ``root``; ``task`` (a task directory); ``file`` (a virtual file: ``name`` is its
-    name); ``outputs`` (``path`` = () for the outputs directory itself, else a path inside it).
+    name); ``outputs`` (``path`` = () for the outputs directory itself, else a path inside it);
+    ``views`` (``name``: ``.projects`` or ``.status``), ``view`` (``path`` = (group,)) and
+    ``link`` (``path`` = (group, task id)): the root's views.
     """
 
     kind: str

@@ -61,6 +61,7 @@ from taskfs.archive.zipindex import DirNode, Entry
 from taskfs.errors import (
     BusyError,
     ChecksumError,
+    InvalidCommandError,
     IsDirError,
     LiveError,
     NoLiveChannelError,
@@ -143,6 +144,14 @@ VIRTUAL: dict[str, VirtualFile] = {
         ),
     )
 }
+
+# Views of the root: ``tasks/<view>/<group>/<id>``, a symbolic link to ``../../<id>``. Their
+# names start with a dot, so they never clash with a task id and stay out of ``tasks/*``.
+VIEWS: dict[str, Callable[[Task], object]] = {
+    ".projects": lambda task: task.project,
+    ".status": lambda task: task.status,
+}
+LINK_MODE = stat.S_IFLNK | 0o777
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 NS = 1_000_000_000
@@ -453,6 +462,8 @@ class Vfs:
             return self._attr(
                 DIR_MODE, 0, self._mount_time_ns, self.settings.live_timeout, 2 + count
             )
+        if key.kind in ("views", "view", "link"):
+            return await self._view_attr(key)
         try:
             state = await self._state(key.task_id, full=key.kind == "file" and _spec(key).full)
         except ServiceError:
@@ -563,6 +574,40 @@ class Vfs:
         if node is None:
             raise NotFoundError("/".join(key.path))
         return node
+
+    # -- views ---------------------------------------------------------------------------------
+
+    async def _groups(self, view: str) -> dict[str, list[str]]:
+        """The listed tasks of ``view`` by group (project, status), newest first: from the
+        root's listing, no request of its own."""
+        groups: dict[str, list[str]] = {}
+        for task_id in await self._task_ids():
+            state = self._states.get(task_id)
+            value = None if state is None else VIEWS[view](state.task)
+            name = str(value) if value is not None else ""
+            if name and name not in (".", "..") and "/" not in name and "\0" not in name:
+                groups.setdefault(name, []).append(task_id)
+        return groups
+
+    async def _view_attr(self, key: NodeKey, groups: dict[str, list[str]] | None = None) -> Attr:
+        timeout = self.settings.live_timeout
+        if groups is None:
+            groups = await self._groups(key.name)
+        if key.kind == "views":
+            return self._attr(DIR_MODE, 0, self._mount_time_ns, timeout, 2 + len(groups))
+        if key.path[0] not in groups:
+            raise NotFoundError(_describe(key))
+        if key.kind == "view":
+            return self._attr(DIR_MODE, 0, self._mount_time_ns, timeout, 2)
+        if key.path[1] not in groups[key.path[0]]:
+            raise NotFoundError(_describe(key))
+        return self._attr(LINK_MODE, len(_link_target(key)), self._mount_time_ns, timeout)
+
+    async def readlink(self, inode: Inode) -> bytes:
+        key = self._key(inode)
+        if key.kind != "link":
+            raise InvalidCommandError(f"{_describe(key)} is not a symbolic link")
+        return _link_target(key).encode()
 
     # -- running tasks: the live channel --------------------------------------------------------
 
@@ -714,9 +759,17 @@ class Vfs:
 
     def _child_key(self, parent: NodeKey, name: str) -> NodeKey:
         if parent.kind == "root":
+            if name in VIEWS:
+                return NodeKey("views", name=name)
             if not is_task_id(name):
                 raise NotFoundError(f"{name!r} cannot be a task id")
             return NodeKey("task", name)
+        if parent.kind == "views":
+            return NodeKey("view", name=parent.name, path=(name,))
+        if parent.kind == "view":
+            if not is_task_id(name):
+                raise NotFoundError(f"{name!r} cannot be a task id")
+            return NodeKey("link", name=parent.name, path=(*parent.path, name))
         if parent.kind == "task":
             if name in VIRTUAL:
                 return NodeKey("file", parent.task_id, name=name)
@@ -744,7 +797,11 @@ class Vfs:
         key = self._key(inode)
         entries: list[tuple[str, NodeKey, Attr]] = []
         if key.kind == "root":
-            for task_id in await self._task_ids():
+            ids = await self._task_ids()
+            for view in VIEWS:
+                child = NodeKey("views", name=view)
+                entries.append((view, child, await self._attr_for(child)))
+            for task_id in ids:
                 child = NodeKey("task", task_id)
                 state = self._states.get(task_id)
                 if state is None:
@@ -752,6 +809,14 @@ class Vfs:
                 task = state.task
                 attr = self._attr(DIR_MODE, 0, _last_change_ns(task), self._timeout(task), 3)
                 entries.append((task_id, child, attr))
+        elif key.kind in ("views", "view"):
+            groups = await self._groups(key.name)
+            names = sorted(groups) if key.kind == "views" else groups.get(key.path[0], [])
+            if key.kind == "view" and key.path[0] not in groups:
+                raise NotFoundError(_describe(key))
+            for name in names:
+                child = self._child_key(key, name)
+                entries.append((name, child, await self._view_attr(child, groups)))
         elif key.kind == "task":
             for name in (*(spec.name for spec in VIRTUAL.values() if spec.listed), OUTPUTS):
                 child = self._child_key(key, name)
@@ -977,6 +1042,10 @@ class Vfs:
         return len(self._handles)
 
 
+def _link_target(key: NodeKey) -> str:
+    return f"../../{key.path[-1]}"
+
+
 def _spec(key: NodeKey) -> VirtualFile:
     spec = VIRTUAL.get(key.name)
     if spec is None:
@@ -985,6 +1054,8 @@ def _spec(key: NodeKey) -> VirtualFile:
 
 
 def _describe(key: NodeKey) -> str:
+    if key.kind in ("views", "view", "link"):
+        return "/".join((key.name, *key.path))
     return "/".join((key.task_id, key.name or OUTPUTS, *key.path)) if key.task_id else "/"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -89,3 +90,39 @@ def test_wait_on_a_task_that_disappears_is_enoent(cloud: tuple[Mount, FakeApi]) 
         out, err = reader.communicate(timeout=30)
         assert reader.returncode == 1 and out == b""
         assert b"No such file or directory" in err
+
+
+def test_views_by_project_and_status_cost_no_request(tmp_path: Path) -> None:
+    """tasks/.projects/<p>/<id> and tasks/.status/<s>/<id> are links to ../../<id>, made from
+    the root's listing: looking through them asks the API nothing more."""
+    fake = FakeApi()
+    fake.add("done00", S.SUCCESS)
+    fake.add("broke0", S.FAILED)
+    fake.add("queued", S.SUBMITTED)
+    fake.tasks["broke0"]["project"] = "other/project"  # not a name: left out of .projects
+    with cloud_mount(tmp_path, fake) as mount:
+        assert sorted(p.name for p in mount.path.iterdir())[:2] == [".projects", ".status"]
+        assert mount.run(f"cd {mount.path} && echo *").stdout.split() == sorted(
+            ["done00", "broke0", "queued"]
+        )  # dot names stay out of globs
+        lists = fake.calls["GET tasks"]
+        assert lists > 0
+        projects = mount / ".projects"
+        assert sorted(p.name for p in projects.iterdir()) == ["fake-project"]
+        assert sorted(p.name for p in (projects / "fake-project").iterdir()) == ["done00", "queued"]
+        link = mount / ".status" / "success" / "done00"
+        assert os.readlink(link) == "../../done00"
+        assert (link / "status").read_text() == "success\n"
+        assert sorted(p.name for p in (mount / ".status").iterdir()) == [
+            "failed",
+            "submitted",
+            "success",
+        ]
+        assert fake.calls["GET tasks"] == lists  # all from the listing already fetched
+        for missing in (".status/success/queued", ".status/nope", ".projects/x/done00"):
+            assert not os.path.lexists(mount / missing), missing
+        killed = mount.run(
+            f"cd {mount.path} && for t in .status/submitted/*; do echo kill > $t/control; done"
+        )
+        assert killed.returncode == 0, killed.stderr
+        assert fake.tasks["queued"]["status"] in ("pending-kill", "killed")

@@ -67,8 +67,11 @@ class Kernel:
                 attr = await self.lookup(attr.inode, part)
         return attr
 
-    async def listdir(self, inode: Inode, batch: int = 3) -> list[tuple[str, Attr]]:
-        """readdir in small batches, like a kernel with a small buffer."""
+    async def listdir(
+        self, inode: Inode, batch: int = 3, views: bool = False
+    ) -> list[tuple[str, Attr]]:
+        """readdir in small batches, like a kernel with a small buffer (of the root: its task
+        directories, and its views too when ``views``)."""
         fh = await self.vfs.opendir(inode)
         seen: list[tuple[str, Attr]] = []
         offset = 0
@@ -90,6 +93,8 @@ class Kernel:
                 self.refs[attr.inode] += 1
                 offset = next_id
         self.vfs.releasedir(fh)
+        if inode == ROOT_INODE and not views:
+            return [(name, attr) for name, attr in seen if not name.startswith(".")]
         return seen
 
     async def read(self, path: str, size: int = 4096) -> bytes:
@@ -152,6 +157,23 @@ async def test_root_lists_tasks_and_finds_unlisted_ones(env: Env) -> None:
     assert stat.S_ISDIR(hidden.mode)
     with pytest.raises(NotFoundError):
         await env.kernel.lookup(ROOT_INODE, "nope")
+
+
+async def test_root_views_come_first_and_group_the_listing(env: Env) -> None:
+    env.fake.add("aaa", S.SUCCESS, archive=artifacts_zip(FILES))
+    env.fake.add("bbb", S.COMPUTATION_STARTED)
+    names = [name for name, _ in await env.kernel.listdir(ROOT_INODE, views=True)]
+    assert names == [".projects", ".status", "bbb", "aaa"]
+    status = await env.kernel.resolve(".status")
+    assert [n for n, _ in await env.kernel.listdir(status.inode)] == [
+        "computation-started",
+        "success",
+    ]
+    link = await env.kernel.resolve(".status/success/aaa")
+    assert stat.S_ISLNK(link.mode)
+    assert await env.vfs.readlink(link.inode) == b"../../aaa"
+    with pytest.raises(NotFoundError):
+        await env.kernel.resolve(".status/success/bbb")
 
 
 @pytest.mark.parametrize("name", ["bad name", "a/b", "x" * 65, "..", "dots.dots", "é"])
@@ -341,7 +363,7 @@ async def test_readdir_offsets_survive_changes(env: Env) -> None:
         offset = batch[-1][1]
         env.fake.add(f"new{offset}", S.SUBMITTED)  # tasks keep arriving meanwhile
     env.vfs.releasedir(fh)
-    assert names == [f"t{i}" for i in reversed(range(7))]
+    assert names == [".projects", ".status", *(f"t{i}" for i in reversed(range(7)))]
 
 
 async def test_unaccepted_readdir_entries_take_no_reference(env: Env) -> None:
