@@ -205,8 +205,12 @@ class Operations(pyfuse3.Operations):
         stats = pyfuse3.StatvfsData()
         stats.f_bsize = BLKSIZE
         stats.f_frsize = BLKSIZE
-        stats.f_blocks = stats.f_bfree = stats.f_bavail = 0
-        stats.f_files = stats.f_ffree = stats.f_favail = 0
+        size, tasks = self.vfs.statfs()
+        # Size and Used: the listed tasks' output archives; nothing available: read-only.
+        stats.f_blocks = -(-size // BLKSIZE)
+        stats.f_bfree = stats.f_bavail = 0
+        stats.f_files = tasks
+        stats.f_ffree = stats.f_favail = 0
         stats.f_namemax = 255
         return stats
 

@@ -575,6 +575,17 @@ class Vfs:
             raise NotFoundError("/".join(key.path))
         return node
 
+    def statfs(self) -> tuple[int, int]:
+        """What ``df`` shows: the bytes of the listed tasks' output archives (as the API
+        reports their sizes), all of it used (nothing can be written), and the number of
+        listed tasks as the files. No request: from the last listing."""
+        size = 0
+        for task_id in self._listing:
+            state = self._states.get(task_id)
+            if state is not None and state.task.metrics.output_zipped_size_bytes:
+                size += int(state.task.metrics.output_zipped_size_bytes)
+        return size, len(self._listing)
+
     # -- views ---------------------------------------------------------------------------------
 
     async def _groups(self, view: str) -> dict[str, list[str]]:

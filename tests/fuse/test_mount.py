@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import filecmp
 import io
+import os
 import re
 import signal
 import subprocess
@@ -375,3 +376,21 @@ def test_a_busy_unmount_says_it_was_lazy(service: Service, tmp_path: Path) -> No
     )
     assert (done.returncode, done.stderr) == (0, "")
     stop_mount(quiet)
+
+
+def test_df_shows_the_listed_outputs(mounted: Mount) -> None:
+    """df: Size and Used are the listed tasks' output archives (as the API reports them),
+    nothing Available (read-only); df -i: the listed tasks."""
+    task_id = mounted.service.submit("head -c 300000 /dev/urandom > noise.bin")
+    ended(mounted.service, task_id)
+    time.sleep(2.1)  # the listing refreshes
+    os.listdir(mounted.path)
+    page = mounted.service.call(lambda api: api.list_page(1, 500))
+    expected = sum(int(t.metrics.output_zipped_size_bytes or 0) for t in page.tasks)
+    assert expected > 300000
+    out = mounted.run(f"df -B1 --output=size,used,avail {mounted.path}").stdout.split()
+    size, used, avail = (int(x) for x in out[-3:])
+    assert size == used and avail == 0
+    assert expected <= size < expected + (128 << 10) * len(page.tasks)
+    inodes = mounted.run(f"df --output=itotal,iused,iavail {mounted.path}").stdout.split()
+    assert [int(x) for x in inodes[-3:]] == [len(page.tasks), len(page.tasks), 0]
