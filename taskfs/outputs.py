@@ -74,18 +74,22 @@ class Outputs:
     async def __aexit__(self, *exc: object) -> None:
         await self.http.aclose()
 
-    async def open(self, task: Task, nursery: trio.Nursery) -> RemoteArchive | None:
-        """The task's archive, or ``None`` when it has none (yet)."""
-        path = task.storage_output_path
+    async def open(
+        self, task: Task, nursery: trio.Nursery, inputs: bool = False
+    ) -> RemoteArchive | None:
+        """The task's outputs archive (``inputs``: its input archive, showing ``sim_dir/``),
+        or ``None`` when it has none (yet)."""
+        path = task.storage_input_path if inputs else task.storage_output_path
         if not path:
             return None
+        what = "inputs" if inputs else "outputs"
         region = task.storage_region
 
         async def url(refresh: bool) -> str:
             return await self.api.download_url(path, region)
 
         source = RangeSource(
-            self.http, url, self.policy, name=f"outputs of {task.task_id}", breaker=self.breaker
+            self.http, url, self.policy, name=f"{what} of {task.task_id}", breaker=self.breaker
         )
         try:
             return await RemoteArchive.open(
@@ -96,15 +100,17 @@ class Outputs:
                 limiter=self.limiter,
                 budget=self.read_budget,
                 checkpoints=self.checkpoints,
+                prefix=INPUT_ROOT if inputs else ARTIFACTS,
             )
         except NotFoundError:
-            log.info("task %s has no outputs archive at %s", task.task_id, path)
+            log.info("task %s has no %s archive at %s", task.task_id, what, path)
             return None
 
 
 # -- listing and downloading (the Task class and ``taskfs tasks``) ------------------------------
 
 ARTIFACTS = "artifacts/"
+INPUT_ROOT = "sim_dir/"  # where the official client (and ``taskfs submit``) puts input files
 CHUNK = 1 << 20
 
 

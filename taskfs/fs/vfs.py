@@ -89,6 +89,7 @@ log = logging.getLogger(__name__)
 LIST_PARALLEL = 4
 
 OUTPUTS = "outputs"
+INPUTS = "inputs"
 DIR_MODE = stat.S_IFDIR | 0o555
 FILE_MODE = stat.S_IFREG | 0o444
 CONTROL_MODE = stat.S_IFREG | 0o600
@@ -486,7 +487,7 @@ class Vfs:
             # ``outputs`` itself needs no archive: ``ls`` of a task never opens one, and a broken
             # or unreachable archive shows only inside. Its link count is unknown (1) until the
             # archive is open.
-            archive = self._archives.get(key.task_id) if task.is_terminated else None
+            archive = self._archives.get(_archive_slot(key.task_id, _is_inputs(key)))
             subdirs = len(archive.tree.dirs) if archive is not None else -1
             return self._attr(DIR_MODE, 0, changed, timeout, nlink=2 + subdirs)
         node = await self._output_node(key)
@@ -512,40 +513,46 @@ class Vfs:
 
     # -- outputs -------------------------------------------------------------------------------
 
-    async def _archive(self, task_id: str) -> RemoteArchive | None:
-        """The task's outputs archive once it has ended, else ``None`` (an empty ``outputs``)."""
+    async def _archive(self, task_id: str, inputs: bool = False) -> RemoteArchive | None:
+        """The task's outputs archive once it has ended (``inputs``: its input archive once
+        uploaded), else ``None`` (an empty ``outputs``/``inputs``)."""
         state = await self._state(task_id)
-        if not state.task.is_terminated:
+        if inputs:
+            uploaded = state.task.status != TaskStatusCode.PENDING_INPUT
+            if not (uploaded and state.task.storage_input_path):
+                return None
+        elif not state.task.is_terminated:
             return None
-        if task_id in self._archives:
-            self._archives.move_to_end(task_id)
-            return self._archives[task_id]
+        slot = _archive_slot(task_id, inputs)
+        if slot in self._archives:
+            self._archives.move_to_end(slot)
+            return self._archives[slot]
         now = trio.current_time()
-        failed = self._archive_failures.get(task_id)
+        failed = self._archive_failures.get(slot)
         if failed is not None and now - failed[0] < self.settings.archive_retry:
             raise failed[1]
-        missing = self._no_archive.get(task_id)
+        missing = self._no_archive.get(slot)
         if missing is not None and now - missing < self.settings.archive_retry:
             return None
 
         async def open_it() -> RemoteArchive | None:
             try:
-                archive = await self.outputs.open(state.task, self.nursery)
+                archive = await self.outputs.open(state.task, self.nursery, inputs=inputs)
             except ServiceError:
                 raise  # an outage: the breaker remembers it, and it ends by itself
             except TaskfsError as exc:  # a broken archive stays broken
-                self._archive_failures[task_id] = (trio.current_time(), exc)
+                self._archive_failures[slot] = (trio.current_time(), exc)
                 raise
-            self._archive_failures.pop(task_id, None)
+            self._archive_failures.pop(slot, None)
             if archive is None:
                 # No archive (yet: storage may be catching up, or it was moved away for a
                 # moment): an empty ``outputs``, asked again after ``archive_retry``.
-                self._no_archive[task_id] = trio.current_time()
+                self._no_archive[slot] = trio.current_time()
                 return None
-            self._no_archive.pop(task_id, None)
-            if self.live is not None:
+            self._no_archive.pop(slot, None)
+            if self.live is not None and not inputs:
                 self.live.drop(task_id)  # the archive takes over from the live channel
-            self._archives[task_id] = archive
+            self._archives[slot] = archive
             self._index_entries += len(archive.entries)
             while len(self._archives) > 1 and (
                 len(self._archives) > self.settings.max_archives
@@ -554,17 +561,17 @@ class Vfs:
                 self._forget_archive(next(iter(self._archives)))
             return archive
 
-        return await self._archive_flights.run(task_id, open_it)
+        return await self._archive_flights.run(slot, open_it)
 
-    def _forget_archive(self, task_id: str) -> None:
-        old = self._archives.pop(task_id, None)
+    def _forget_archive(self, slot: str) -> None:
+        old = self._archives.pop(slot, None)
         if old is not None:
             self._index_entries -= len(old.entries)
 
     async def _output_node(self, key: NodeKey) -> DirNode | Entry | _LiveDir | _LiveFile:
-        archive = await self._archive(key.task_id)
+        archive = await self._archive(key.task_id, _is_inputs(key))
         if archive is None:
-            live = await self._live_node(key)
+            live = None if _is_inputs(key) else await self._live_node(key)
             if live is not None:
                 return live
             if key.path:
@@ -658,7 +665,7 @@ class Vfs:
     def _followed(self, key: NodeKey) -> _LiveFile | None:
         """``key`` as a file of a running task that is being followed (a spool exists and
         the task's state was seen), else None."""
-        if self.live is None or key.kind != "outputs" or not key.path:
+        if self.live is None or key.kind != "outputs" or not key.path or _is_inputs(key):
             return None
         live = self.live.find(key.task_id)
         path = "/".join(key.path)
@@ -786,9 +793,11 @@ class Vfs:
                 return NodeKey("file", parent.task_id, name=name)
             if name == OUTPUTS:
                 return NodeKey("outputs", parent.task_id)
+            if name == INPUTS:
+                return NodeKey("outputs", parent.task_id, name=INPUTS)
             raise NotFoundError(name)
         if parent.kind == "outputs":
-            return NodeKey("outputs", parent.task_id, path=(*parent.path, name))
+            return NodeKey("outputs", parent.task_id, name=parent.name, path=(*parent.path, name))
         raise NotFoundError(name)  # files have no children
 
     async def lookup(self, parent: Inode, name: str) -> Attr:
@@ -829,7 +838,8 @@ class Vfs:
                 child = self._child_key(key, name)
                 entries.append((name, child, await self._view_attr(child, groups)))
         elif key.kind == "task":
-            for name in (*(spec.name for spec in VIRTUAL.values() if spec.listed), OUTPUTS):
+            listed = (spec.name for spec in VIRTUAL.values() if spec.listed)
+            for name in (*listed, INPUTS, OUTPUTS):
                 child = self._child_key(key, name)
                 entries.append((name, child, await self._attr_for(child)))
         elif key.kind == "outputs":
@@ -841,16 +851,16 @@ class Vfs:
                     shown: _LiveDir | _LiveFile = _LiveFile(node.live, path)
                     if is_dir:
                         shown = _LiveDir(node.live, node.dirs, path)
-                    item_key = NodeKey("outputs", key.task_id, path=(*key.path, name))
+                    item_key = self._child_key(key, name)
                     entries.append((name, item_key, self._live_attr(shown, changed)))
                 return self._new_handle(_DirHandle(entries))
             if not isinstance(node, DirNode):
                 raise NotDirError(_describe(key))
             state = await self._state(key.task_id)
             timeout = self._timeout(state.task)
-            archive = await self._archive(key.task_id)
+            archive = await self._archive(key.task_id, _is_inputs(key))
             for name, item in node.children.items():
-                item_key = NodeKey("outputs", key.task_id, path=(*key.path, name))
+                item_key = self._child_key(key, name)
                 if isinstance(item, DirNode):
                     subdirs = len(item.dirs)
                     attr = self._attr(DIR_MODE, 0, int(item.mtime * NS), timeout, 2 + subdirs)
@@ -903,7 +913,7 @@ class Vfs:
                 spool = await self._live_spool(node)  # held
                 handle = _FileHandle(key, inode=inode, spool=spool)
                 return OpenInfo(self._new_handle(handle), direct_io=True, keep_cache=False)
-            archive = await self._archive(key.task_id)
+            archive = await self._archive(key.task_id, _is_inputs(key))
             if archive is None or not isinstance(node, Entry):
                 raise IsDirError(_describe(key))
             reader = archive.open_member(node)
@@ -924,7 +934,7 @@ class Vfs:
                 self.drop_cached(handle.inode)
                 raise
             except StaleError:
-                self._forget_archive(handle.key.task_id)
+                self._forget_archive(_archive_slot(handle.key.task_id, _is_inputs(handle.key)))
                 self.drop_cached(handle.inode)
                 raise
         if _spec(handle.key).blocking and not handle.content:
@@ -1051,6 +1061,15 @@ class Vfs:
 
     def open_handles(self) -> int:
         return len(self._handles)
+
+
+def _is_inputs(key: NodeKey) -> bool:
+    return key.kind == "outputs" and key.name == INPUTS
+
+
+def _archive_slot(task_id: str, inputs: bool) -> str:
+    """The key of a task's archive among the open ones (a task id holds no ``/``)."""
+    return f"{task_id}/{INPUTS}" if inputs else task_id
 
 
 def _link_target(key: NodeKey) -> str:

@@ -52,6 +52,7 @@ def test_ls_of_root_and_task_dirs(mounted: Mount) -> None:
         "computation_time": "-r--r--r--",
         "control": "-rw-------",
         "info.json": "-r--r--r--",
+        "inputs": "dr-xr-xr-x",
         "machine_type": "-r--r--r--",
         "outputs": "dr-xr-xr-x",
         "status": "-r--r--r--",
@@ -394,3 +395,23 @@ def test_df_shows_the_listed_outputs(mounted: Mount) -> None:
     assert expected <= size < expected + (128 << 10) * len(page.tasks)
     inodes = mounted.run(f"df --output=itotal,iused,iavail {mounted.path}").stdout.split()
     assert [int(x) for x in inodes[-3:]] == [len(page.tasks), len(page.tasks), 0]
+
+
+def test_inputs_show_the_input_archive(mounted: Mount, tmp_path: Path) -> None:
+    """inputs/: the task's input archive's sim_dir/, read lazily like outputs/ (oracle: the
+    input directory itself); empty for a task submitted without one."""
+    sim = tmp_path / "sim"
+    (sim / "mesh").mkdir(parents=True)
+    (sim / "params.txt").write_text("steps=3\n")
+    (sim / "mesh" / "grid.dat").write_bytes(bytes(range(256)) * 400)
+    with_input = mounted.service.submit("cat params.txt", input_dir=sim)
+    without = mounted.service.submit("true")
+    ended(mounted.service, with_input)
+    ended(mounted.service, without)
+    inputs = mounted / with_input / "inputs"
+    assert sorted(p.name for p in inputs.iterdir()) == ["mesh", "params.txt"]
+    assert (inputs / "params.txt").read_text() == "steps=3\n"
+    assert (inputs / "mesh" / "grid.dat").read_bytes() == (sim / "mesh" / "grid.dat").read_bytes()
+    assert filecmp.cmpfiles(sim, inputs, ["params.txt"], shallow=False)[0] == ["params.txt"]
+    assert list((mounted / without / "inputs").iterdir()) == []
+    assert mounted.run(f"echo x > {inputs}/params.txt").returncode != 0  # read-only

@@ -194,6 +194,7 @@ async def test_virtual_files_of_an_ended_task(env: Env) -> None:
         "control",
         "info.json",
         "top",
+        "inputs",
         "outputs",
     ]  # wait: reachable by name only (tools that read every listed file must not block)
     assert await env.kernel.read("done/status") == b"success\n"
