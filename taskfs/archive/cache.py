@@ -295,6 +295,8 @@ class Tiered:
         # Extents on their way to disk: found here while the memory tier may have let them go
         # (a read in between would otherwise fetch them again).
         self._writing: dict[CacheKey, bytes | memoryview] = {}
+        # Lookups answered by each tier, and missed (the mount's ``.taskfs/stats``).
+        self.counts = {"memory_hits": 0, "disk_hits": 0, "misses": 0}
 
     async def get(
         self, key: CacheKey, admit: Callable[[bytes, int], None] | None = None
@@ -305,16 +307,23 @@ class Tiered:
         if data is None and (writing := self._writing.get(key)) is not None:
             data = bytes(writing)
             self.memory.put(key, data)
-        if data is not None or self.disk is None or not self.disk.enabled:
+        if data is not None:
+            self.counts["memory_hits"] += 1
             return data
+        if self.disk is None or not self.disk.enabled:
+            self.counts["misses"] += 1
+            return None
         found = await trio.to_thread.run_sync(self.disk.get_checked, key, limiter=self._limiter)
         if found is None:
             # It may have landed in memory while the disk was asked.
-            return self.memory.get(key)
+            data = self.memory.get(key)
+            self.counts["memory_hits" if data is not None else "misses"] += 1
+            return data
         data, crc = found
         if admit is not None:
             admit(data, crc)
         self.memory.put(key, data)
+        self.counts["disk_hits"] += 1
         return data
 
     @property

@@ -63,6 +63,7 @@ def handler(
             raise
         except TaskfsError as exc:
             code = errno_of(exc)
+            self.vfs.stats.error(code)
             level = (
                 logging.DEBUG
                 if code in _QUIET
@@ -73,6 +74,7 @@ def handler(
             log.log(level, "%s: %s (%s)", fn.__name__, exc, errno.errorcode.get(code, code))
             raise pyfuse3.FUSEError(code) from None
         except Exception:
+            self.vfs.stats.error(errno.EIO)
             log.exception("unexpected error in %s; answering EIO", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
 

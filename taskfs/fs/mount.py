@@ -207,6 +207,8 @@ async def run_mount(
     ):
         live = start_live(api, nursery, settings.cache_dir / "live", settings.live_idle)
         vfs = Vfs(api, outputs, nursery, replace(settings.vfs, deadline=deadline), live)
+        vfs.stats.hook_api(api.http)
+        vfs.stats.hook_storage(outputs.http)
         pyfuse3.init(Operations(vfs), str(settings.mountpoint), fuse_options(settings))
         pid_file = _pid_file(settings.mountpoint)
         try:

@@ -76,6 +76,7 @@ from taskfs.errors import (
 )
 from taskfs.fs import control
 from taskfs.fs.inodes import ROOT_INODE, Inode, InodeTable, NodeKey
+from taskfs.fs.stats import MountStats
 from taskfs.outputs import Outputs
 from taskfs.proc import wants_out
 from taskfs.retry import operation_budget
@@ -153,6 +154,9 @@ VIEWS: dict[str, Callable[[Task], object]] = {
     ".status": lambda task: task.status,
 }
 LINK_MODE = stat.S_IFLNK | 0o777
+# The mount's own directory: ``tasks/.taskfs/stats``.
+META = ".taskfs"
+META_FILES = ("stats",)
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 NS = 1_000_000_000
@@ -281,6 +285,8 @@ class Vfs:
         # ``outputs`` stay empty until they end).
         self.live = live
         self._top: dict[str, bytes] = {}
+        # The counters of ``.taskfs/stats`` (the mount hooks them to its HTTP clients).
+        self.stats = MountStats()
         self.outputs = outputs
         self.nursery = nursery
         self.settings = settings or VfsSettings()
@@ -465,6 +471,10 @@ class Vfs:
             )
         if key.kind in ("views", "view", "link"):
             return await self._view_attr(key)
+        if key.kind == "meta":
+            if not key.name:
+                return self._attr(DIR_MODE, 0, self._mount_time_ns, 0.0, 2)
+            return self._attr(FILE_MODE, len(self._meta_content(key)), _now_ns(), 0.0)
         try:
             state = await self._state(key.task_id, full=key.kind == "file" and _spec(key).full)
         except ServiceError:
@@ -592,6 +602,18 @@ class Vfs:
             if state is not None and state.task.metrics.output_zipped_size_bytes:
                 size += int(state.task.metrics.output_zipped_size_bytes)
         return size, len(self._listing)
+
+    def _meta_content(self, key: NodeKey) -> bytes:
+        """``.taskfs/stats``: the counters, and what is open now."""
+        cache = getattr(self.outputs, "cache", None)
+        return self.stats.document(
+            cache=dict(getattr(cache, "counts", {})),
+            open_archives=len(self._archives),
+            open_handles=len(self._handles),
+            wait_readers=sum(waiter.readers for waiter in self._waiters.values()),
+            live_connections=0 if self.live is None else self.live.connections(),
+            known_tasks=len(self._listing),
+        )
 
     # -- views ---------------------------------------------------------------------------------
 
@@ -779,9 +801,15 @@ class Vfs:
         if parent.kind == "root":
             if name in VIEWS:
                 return NodeKey("views", name=name)
+            if name == META:
+                return NodeKey("meta")
             if not is_task_id(name):
                 raise NotFoundError(f"{name!r} cannot be a task id")
             return NodeKey("task", name)
+        if parent.kind == "meta" and not parent.name:
+            if name not in META_FILES:
+                raise NotFoundError(f"{META}/{name}")
+            return NodeKey("meta", name=name)
         if parent.kind == "views":
             return NodeKey("view", name=parent.name, path=(name,))
         if parent.kind == "view":
@@ -818,9 +846,9 @@ class Vfs:
         entries: list[tuple[str, NodeKey, Attr]] = []
         if key.kind == "root":
             ids = await self._task_ids()
-            for view in VIEWS:
-                child = NodeKey("views", name=view)
-                entries.append((view, child, await self._attr_for(child)))
+            for name in (META, *VIEWS):
+                child = self._child_key(key, name)
+                entries.append((name, child, await self._attr_for(child)))
             for task_id in ids:
                 child = NodeKey("task", task_id)
                 state = self._states.get(task_id)
@@ -829,6 +857,10 @@ class Vfs:
                 task = state.task
                 attr = self._attr(DIR_MODE, 0, _last_change_ns(task), self._timeout(task), 3)
                 entries.append((task_id, child, attr))
+        elif key.kind == "meta" and not key.name:
+            for name in META_FILES:
+                child = self._child_key(key, name)
+                entries.append((name, child, await self._attr_for(child)))
         elif key.kind in ("views", "view"):
             groups = await self._groups(key.name)
             names = sorted(groups) if key.kind == "views" else groups.get(key.path[0], [])
@@ -905,6 +937,11 @@ class Vfs:
                 content = spec.content(self, state)  # ``wait`` of a live task: b"", blocks
             handle = _FileHandle(key, content=content, inode=inode, pid=pid)
             return OpenInfo(self._new_handle(handle), direct_io=True, keep_cache=False)
+        if key.kind == "meta" and key.name:
+            if writing:
+                raise ReadOnlyError(f"{META}/{key.name} is read-only")
+            handle = _FileHandle(key, content=self._meta_content(key), inode=inode)
+            return OpenInfo(self._new_handle(handle), direct_io=True, keep_cache=False)
         if key.kind == "outputs":
             if writing:
                 raise ReadOnlyError("outputs are read-only")
@@ -937,7 +974,7 @@ class Vfs:
                 self._forget_archive(_archive_slot(handle.key.task_id, _is_inputs(handle.key)))
                 self.drop_cached(handle.inode)
                 raise
-        if _spec(handle.key).blocking and not handle.content:
+        if handle.key.kind == "file" and _spec(handle.key).blocking and not handle.content:
             handle.content = await self._wait(handle.key.task_id, handle.pid)
         return handle.content[offset : offset + size]
 
@@ -1084,6 +1121,8 @@ def _spec(key: NodeKey) -> VirtualFile:
 
 
 def _describe(key: NodeKey) -> str:
+    if key.kind == "meta":
+        return "/".join(x for x in (META, key.name) if x)
     if key.kind in ("views", "view", "link"):
         return "/".join((key.name, *key.path))
     return "/".join((key.task_id, key.name or OUTPUTS, *key.path)) if key.task_id else "/"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -126,3 +127,35 @@ def test_views_by_project_and_status_cost_no_request(tmp_path: Path) -> None:
         )
         assert killed.returncode == 0, killed.stderr
         assert fake.tasks["queued"]["status"] in ("pending-kill", "killed")
+
+
+def test_stats_counts_what_the_mount_did(cloud: tuple[Mount, FakeApi]) -> None:
+    """tasks/.taskfs/stats: one JSON document of the mount's counters, checked against the
+    fake API's own count of what it was asked; reading it asks nothing."""
+    mount, fake = cloud
+    assert len(os.listdir(mount.path)) == 6  # three tasks, .taskfs and the two views
+    done = mount / "i4ir3kvv62odsfrhko4y8w2an"
+    assert (done / "outputs" / "log" / "SPH_log.txt").read_bytes() == FILES["log/SPH_log.txt"]
+    assert mount.run(f"cat {done}/nope").returncode != 0
+    waiter = subprocess.Popen(["cat", str(mount / "running0000000000000000000" / "wait")])
+    try:
+        time.sleep(0.5)
+        asked = sum(fake.calls.values())
+        stats = json.loads((mount / ".taskfs" / "stats").read_text())
+        assert sum(fake.calls.values()) == asked  # stats asks nothing
+        assert stats["wait_readers"] == 1
+    finally:
+        waiter.terminate()
+        waiter.wait()
+    # Endpoints as the fake counts them (it saw at least as many: some came after).
+    assert stats["api_requests"]["GET tasks"] >= 1
+    for name, count in stats["api_requests"].items():
+        assert 1 <= count <= fake.calls[name], (name, count, fake.calls)
+    assert stats["storage_gets"] >= 1 and stats["storage_bytes"] > 0
+    assert stats["errors"]["ENOENT"] >= 1
+    assert stats["open_archives"] == 1
+    assert set(stats["cache"]) == {"memory_hits", "disk_hits", "misses"}
+    assert stats["peak_rss_bytes"] > 10 << 20
+    text = (mount / ".taskfs" / "stats").read_text()
+    assert "i4ir3kvv62odsfrhko4y8w2an" not in text and "token" not in text
+    assert sorted(os.listdir(mount / ".taskfs")) == ["stats"]

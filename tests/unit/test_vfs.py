@@ -163,7 +163,7 @@ async def test_root_views_come_first_and_group_the_listing(env: Env) -> None:
     env.fake.add("aaa", S.SUCCESS, archive=artifacts_zip(FILES))
     env.fake.add("bbb", S.COMPUTATION_STARTED)
     names = [name for name, _ in await env.kernel.listdir(ROOT_INODE, views=True)]
-    assert names == [".projects", ".status", "bbb", "aaa"]
+    assert names == [".taskfs", ".projects", ".status", "bbb", "aaa"]
     status = await env.kernel.resolve(".status")
     assert [n for n, _ in await env.kernel.listdir(status.inode)] == [
         "computation-started",
@@ -364,7 +364,7 @@ async def test_readdir_offsets_survive_changes(env: Env) -> None:
         offset = batch[-1][1]
         env.fake.add(f"new{offset}", S.SUBMITTED)  # tasks keep arriving meanwhile
     env.vfs.releasedir(fh)
-    assert names == [".projects", ".status", *(f"t{i}" for i in reversed(range(7)))]
+    assert names == [".taskfs", ".projects", ".status", *(f"t{i}" for i in reversed(range(7)))]
 
 
 async def test_unaccepted_readdir_entries_take_no_reference(env: Env) -> None:
