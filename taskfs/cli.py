@@ -344,14 +344,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
         mount_entry,
         run_mount,
     )
+    from taskfs.fs.vfs import VfsSettings
 
     mountpoint = Path(args.mountpoint).absolute()
-    allow_other = False
-    for option in ",".join(args.options or []).split(","):
-        if option == "allow_other":
-            allow_other = True
-        elif option:
-            raise UsageError(f"unsupported mount option {option!r} (supported: allow_other)")
+    allow_other = _mount_options(args)
     cache_size = parse_size(args.cache_size)
     check_mountpoint(mountpoint)
     local = not (args.api_url or os.environ.get(ENV_API_URL))
@@ -373,6 +369,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
         allow_other=allow_other,
         debug=args.debug,
         live_idle=args.live_idle,
+        vfs=VfsSettings(
+            uid=os.getuid() if args.uid is None else args.uid,
+            gid=os.getgid() if args.gid is None else args.gid,
+            umask=args.umask,
+        ),
     )
     if args.foreground:
         setup_logging(args.debug, quiet_default=False)
@@ -403,6 +404,83 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
     emit(f"mounted {client.api_url} at {mountpoint} (pid {pid}, log {log_path})", undo=take_back)
     return 0
+
+
+# ``-o`` options as sshfs and rclone take them (an fstab line's options), and what they set.
+MOUNT_OPTIONS = {
+    "api_url": "api_url",
+    "api_key_file": "api_key_file",
+    "cache_dir": "cache_dir",
+    "data_dir": "data_dir",
+    "uid": "uid",
+    "gid": "gid",
+    "umask": "umask",
+}
+# Options mount(8) passes to every filesystem; meaningless here (taskfs is read-only anyway).
+IGNORED_OPTIONS = frozenset(
+    {
+        "rw",
+        "ro",
+        "dev",
+        "nodev",
+        "suid",
+        "nosuid",
+        "exec",
+        "noexec",
+        "auto",
+        "noauto",
+        "user",
+        "nouser",
+        "users",
+        "defaults",
+        "_netdev",
+        "async",
+        "atime",
+        "noatime",
+        "relatime",
+    }
+)
+
+
+def _mount_options(args: argparse.Namespace) -> bool:
+    """Apply ``-o`` options to ``args``; whether ``allow_other`` was given."""
+    allow_other = False
+    for option in ",".join(args.options or []).split(","):
+        name, eq, value = option.partition("=")
+        if not option or (name in IGNORED_OPTIONS and not eq):
+            continue
+        if option == "allow_other":
+            allow_other = True
+        elif name in MOUNT_OPTIONS and eq and value:
+            parse = {"uid": whole_id, "gid": whole_id, "umask": umask_arg}.get(name)
+            path_like = name in ("api_key_file", "cache_dir", "data_dir")
+            try:
+                parsed: object = parse(value) if parse else (Path(value) if path_like else value)
+            except argparse.ArgumentTypeError as exc:
+                raise UsageError(f"mount option {option!r}: {exc}") from None
+            setattr(args, MOUNT_OPTIONS[name], parsed)
+        else:
+            known = ", ".join(["allow_other", *(f"{k}=" for k in MOUNT_OPTIONS)])
+            raise UsageError(f"unsupported mount option {option!r} (supported: {known})")
+    return allow_other
+
+
+def whole_id(text: str) -> int:
+    """An argparse type: a user or group id."""
+    from taskfs.cli_tasks import whole_number
+
+    return whole_number(text, 0)
+
+
+def umask_arg(text: str) -> int:
+    """An argparse type: an octal permission mask, 000-777."""
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mask: {text!r}") from None
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"not a mask between 000 and 777: {text!r}")
+    return value
 
 
 def _check_service(client: ClientSettings) -> None:
@@ -586,7 +664,16 @@ def build_parser() -> ArgumentParser:
         dest="options",
         action="append",
         metavar="OPTIONS",
-        help="mount options: allow_other (let other users in)",
+        help="mount options, comma-separated, as in fstab: allow_other (let other users in), "
+        "api_url=, api_key_file=, cache_dir=, data_dir=, uid=, gid=, umask=",
+    )
+    mount.add_argument("--uid", type=whole_id, help="owner of every node (default: you)")
+    mount.add_argument("--gid", type=whole_id, help="group of every node (default: yours)")
+    mount.add_argument(
+        "--umask",
+        type=umask_arg,
+        default=0,
+        help="octal permission bits taken away from every node (default: 000)",
     )
     # Set by the background mount for the process it starts (checks are done already).
     mount.add_argument("--foreground-child", action="store_true", help=argparse.SUPPRESS)

@@ -171,6 +171,8 @@ class VfsSettings:
 
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
+    # Permission bits taken away from every node (``--umask``; 0: the modes the README gives).
+    umask: int = 0
     # Live tasks: state at most this old; entry/attribute timeout of their nodes.
     live_timeout: float = 1.0
     # Terminal tasks: entry/attribute timeout (they never change again).
@@ -454,7 +456,7 @@ class Vfs:
     def _attr(self, mode: int, size: int, mtime_ns: int, timeout: float, nlink: int = 1) -> Attr:
         return Attr(
             inode=ROOT_INODE,
-            mode=mode,
+            mode=mode & ~(self.settings.umask & 0o777),
             size=size,
             nlink=nlink,
             uid=self.settings.uid,

@@ -415,3 +415,34 @@ def test_inputs_show_the_input_archive(mounted: Mount, tmp_path: Path) -> None:
     assert filecmp.cmpfiles(sim, inputs, ["params.txt"], shallow=False)[0] == ["params.txt"]
     assert list((mounted / without / "inputs").iterdir()) == []
     assert mounted.run(f"echo x > {inputs}/params.txt").returncode != 0  # read-only
+
+
+def test_mount_options_as_fstab_gives_them(service: Service, tmp_path: Path) -> None:
+    """-o takes what an fstab line holds (mount(8)'s own rw/nosuid/... are ignored); uid, gid
+    and umask set every node's owner and mode."""
+    task_id = service.submit("true")
+    ended(service, task_id)
+    path = tmp_path / "opts"
+    options = f"rw,nosuid,nodev,data_dir={service.data_dir},cache_dir={tmp_path / 'c'}"
+    mount = start_mount(None, path, tmp_path / "cache", "-o", f"{options},uid=1234,gid=4321")
+    try:
+        st = (mount / task_id / "status").stat()
+        assert (st.st_uid, st.st_gid, oct(st.st_mode & 0o777)) == (1234, 4321, "0o444")
+    finally:
+        stop_mount(mount)
+    mount = start_mount(None, path, tmp_path / "cache", "-o", options, "--umask", "027")
+    try:
+        assert oct((mount / task_id / "status").stat().st_mode & 0o777) == "0o440"
+        assert oct((mount / task_id).stat().st_mode & 0o777) == "0o550"
+        assert oct((mount / task_id / "control").stat().st_mode & 0o777) == "0o600"
+    finally:
+        stop_mount(mount)
+    bad = subprocess.run(
+        taskfs_cmd("mount", str(path), "-o", "colour=blue"), capture_output=True, text=True
+    )
+    assert bad.returncode == 2
+    assert "unsupported mount option 'colour=blue'" in bad.stderr
+    bad = subprocess.run(
+        taskfs_cmd("mount", str(path), "-o", "umask=999"), capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "not an octal mask" in bad.stderr
