@@ -704,6 +704,9 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+COMMANDS = ("serve", "submit", "mount", "unmount", "umount", "tasks", "logs")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     status = _main(argv)
     try:
@@ -715,8 +718,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return status
 
 
+def helper_form(raw: list[str], commands: Sequence[str]) -> list[str]:
+    """mount(8)'s call through mount.fuse3 (``mount -t fuse.taskfs SOURCE DIR -o OPTS``, an
+    fstab line): ``taskfs SOURCE DIR -o OPTS``, as ``taskfs mount DIR -o OPTS`` (a SOURCE that
+    is a URL is the API's; any other names nothing)."""
+    if len(raw) < 2 or raw[0] in commands or raw[0].startswith("-") or not os.path.isdir(raw[1]):
+        return raw
+    api = ["--api-url", raw[0]] if raw[0].startswith(("http://", "https://")) else []
+    return ["mount", raw[1], *api, *raw[2:]]
+
+
 def _main(argv: Sequence[str] | None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
+    raw = helper_form(raw, COMMANDS)
     debug = "--debug" in (raw[: raw.index("--")] if "--" in raw else raw)
     try:
         args = build_parser().parse_args(raw)

@@ -8,11 +8,13 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
 
 import httpx
+import pytest
 
 from taskfs.api.models import TaskStatusCode as S
 from taskfs.fs.mount import mount_entry
@@ -446,3 +448,38 @@ def test_mount_options_as_fstab_gives_them(service: Service, tmp_path: Path) -> 
         taskfs_cmd("mount", str(path), "-o", "umask=999"), capture_output=True, text=True
     )
     assert bad.returncode == 2 and "not an octal mask" in bad.stderr
+
+
+def test_mount_8_mounts_it_as_an_fstab_line_would(service: Service, tmp_path: Path) -> None:
+    """mount(8) through mount.fuse3: ``mount -t fuse /path/to/taskfs#taskfs DIR -o ...`` (the
+    fstab line ``/path/to/taskfs#taskfs DIR fuse data_dir=...,cache_dir=... 0 0``) runs
+    ``taskfs taskfs DIR -o rw,...,data_dir=...`` with mount(8)'s clean environment."""
+    if os.geteuid() != 0:
+        pytest.skip("mount(8) of a FUSE type needs root (CI runs as root)")
+    task_id = service.submit("true")
+    ended(service, task_id)
+    path = tmp_path / "fstab"
+    path.mkdir()
+    program = Path(sys.executable).parent / "taskfs"
+    done = subprocess.run(
+        [
+            "mount",
+            "-t",
+            "fuse",
+            f"{program}#taskfs",
+            str(path),
+            "-o",
+            f"data_dir={service.data_dir},cache_dir={tmp_path / 'cache'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+    )
+    try:
+        assert done.returncode == 0, done.stderr
+        found = mount_entry(path)
+        assert found is not None and found[0] == "fuse.taskfs"
+        assert (path / task_id / "status").read_text() == "success\n"
+    finally:
+        subprocess.run(taskfs_cmd("unmount", str(path)), timeout=60, check=False)
