@@ -6,6 +6,7 @@ import filecmp
 import io
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -483,3 +484,43 @@ def test_mount_8_mounts_it_as_an_fstab_line_would(service: Service, tmp_path: Pa
         assert (path / task_id / "status").read_text() == "success\n"
     finally:
         subprocess.run(taskfs_cmd("unmount", str(path)), timeout=60, check=False)
+
+
+def test_the_readme_systemd_unit_runs(service: Service, tmp_path: Path) -> None:
+    """The README's unit, started as systemd would start it (its ExecStart in the foreground,
+    then its ExecStop), with this machine's paths and the local service for the cloud's."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    unit = readme.split("```ini\n", 1)[1].split("```", 1)[0]
+    lines = dict(
+        line.split("=", 1)
+        for line in unit.splitlines()
+        if line.startswith(("ExecStart=", "ExecStop="))
+    )
+    program = str(Path(sys.executable).parent / "taskfs")
+    path = tmp_path / "unit"
+    path.mkdir()
+
+    def local(command: str) -> list[str]:
+        command = command.replace("/opt/taskfs/.venv/bin/taskfs", program)
+        command = command.replace("/mnt/tasks", str(path))
+        command = re.sub(
+            r"api_url=[^,]+,api_key_file=[^,]+", f"data_dir={service.data_dir}", command
+        )
+        return shlex.split(command.replace("/var/cache/taskfs", str(tmp_path / "cache")))
+
+    start = local(lines["ExecStart"])
+    assert "--foreground" in start
+    main = subprocess.Popen(start, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    try:
+        wait_until(lambda: mount_entry(path) is not None)
+        task_id = service.submit("true")
+        ended(service, task_id)
+        assert (path / task_id / "status").read_text() == "success\n"
+        stopped = subprocess.run(local(lines["ExecStop"]), timeout=60, check=False)
+        assert stopped.returncode == 0
+        assert main.wait(timeout=30) == 0
+    finally:
+        if main.poll() is None:
+            main.kill()
+            main.wait()
+        subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False)
