@@ -33,6 +33,13 @@ from tests.fuse.conftest import (
 TIME = re.compile(rb"^\d\d:\d\d:\d\d\n$")
 
 
+def unmount_cmd(path: Path) -> subprocess.CompletedProcess[str]:
+    """``taskfs unmount PATH`` as a user runs it."""
+    return subprocess.run(
+        taskfs_cmd("unmount", str(path)), capture_output=True, text=True, timeout=60, check=False
+    )
+
+
 def ended(service: Service, task_id: str) -> str:
     return service.wait_for(task_id, lambda s: s.is_terminated).status
 
@@ -319,13 +326,7 @@ def test_unmount_recovers_a_mount_whose_process_died(service: Service, tmp_path:
         check=False,
     )
     assert refused.returncode == 2 and "already mounted" in refused.stderr
-    done = subprocess.run(
-        taskfs_cmd("unmount", str(mount.path)),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = unmount_cmd(mount.path)
     assert done.returncode == 0, done.stderr
     assert mount_entry(mount.path) is None
     again = start_mount(service, mount.path, tmp_path / "cache")
@@ -359,13 +360,7 @@ def test_a_busy_unmount_says_it_was_lazy(service: Service, tmp_path: Path) -> No
     mount = start_mount(service, tmp_path / "busy", tmp_path / "cache")
     holder = subprocess.Popen(["sleep", "60"], cwd=mount.path)
     try:
-        done = subprocess.run(
-            taskfs_cmd("unmount", str(mount.path)),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        done = unmount_cmd(mount.path)
         assert done.returncode == 0, done.stderr
         assert f"{mount.path} was busy (in use by {holder.pid} (sleep))" in done.stderr
         assert "unmounted lazily" in done.stderr
@@ -375,9 +370,7 @@ def test_a_busy_unmount_says_it_was_lazy(service: Service, tmp_path: Path) -> No
         holder.wait()
         stop_mount(mount)
     quiet = start_mount(service, tmp_path / "idle", tmp_path / "cache2")
-    done = subprocess.run(
-        taskfs_cmd("unmount", str(quiet.path)), capture_output=True, text=True, timeout=60
-    )
+    done = unmount_cmd(quiet.path)
     assert (done.returncode, done.stderr) == (0, "")
     stop_mount(quiet)
 
