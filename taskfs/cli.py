@@ -373,6 +373,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             uid=os.getuid() if args.uid is None else args.uid,
             gid=os.getgid() if args.gid is None else args.gid,
             umask=args.umask,
+            xattr=args.xattr,
         ),
     )
     if args.foreground:
@@ -451,6 +452,8 @@ def _mount_options(args: argparse.Namespace) -> bool:
             continue
         if option == "allow_other":
             allow_other = True
+        elif option == "xattr":
+            args.xattr = True
         elif name in MOUNT_OPTIONS and eq and value:
             parse = {"uid": whole_id, "gid": whole_id, "umask": umask_arg}.get(name)
             path_like = name in ("api_key_file", "cache_dir", "data_dir")
@@ -460,7 +463,7 @@ def _mount_options(args: argparse.Namespace) -> bool:
                 raise UsageError(f"mount option {option!r}: {exc}") from None
             setattr(args, MOUNT_OPTIONS[name], parsed)
         else:
-            known = ", ".join(["allow_other", *(f"{k}=" for k in MOUNT_OPTIONS)])
+            known = ", ".join(["allow_other", "xattr", *(f"{k}=" for k in MOUNT_OPTIONS)])
             raise UsageError(f"unsupported mount option {option!r} (supported: {known})")
     return allow_other
 
@@ -666,6 +669,12 @@ def build_parser() -> ArgumentParser:
         metavar="OPTIONS",
         help="mount options, comma-separated, as in fstab: allow_other (let other users in), "
         "api_url=, api_key_file=, cache_dir=, data_dir=, uid=, gid=, umask=",
+    )
+    mount.add_argument(
+        "--xattr",
+        action="store_true",
+        help="answer extended attributes (user.taskfs.*: CRC, method, sizes, ETag, project, "
+        "status); off by default: ls -l then asks two per file",
     )
     mount.add_argument("--uid", type=whole_id, help="owner of every node (default: you)")
     mount.add_argument("--gid", type=whole_id, help="group of every node (default: yours)")

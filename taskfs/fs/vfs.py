@@ -154,6 +154,8 @@ VIEWS: dict[str, Callable[[Task], object]] = {
     ".status": lambda task: task.status,
 }
 LINK_MODE = stat.S_IFLNK | 0o777
+# ZIP compression methods by number, as ``user.taskfs.method`` names them.
+METHODS = {0: "stored", 8: "deflate", 9: "deflate64", 12: "bzip2", 14: "lzma", 93: "zstd", 95: "xz"}
 # The mount's own directory: ``tasks/.taskfs/stats``.
 META = ".taskfs"
 META_FILES = ("stats",)
@@ -190,6 +192,9 @@ class VfsSettings:
     # indexes together (an archive larger than that alone is kept alone).
     max_archives: int = 32
     max_index_entries: int = 400_000
+    # Extended attributes (``user.taskfs.*``): off by default, since answering them makes
+    # ``ls -l`` ask for two more per file (``--xattr``).
+    xattr: bool = False
     # Time limit of one operation, all the remote calls it makes included (``--deadline``).
     deadline: float = 10.0
     # An archive that failed to open (corrupt, refused) is not tried again for this long.
@@ -616,6 +621,34 @@ class Vfs:
             live_connections=0 if self.live is None else self.live.connections(),
             known_tasks=len(self._listing),
         )
+
+    # -- extended attributes (``--xattr``) ------------------------------------------------------
+
+    async def xattrs(self, inode: Inode) -> dict[str, bytes]:
+        """The ``user.taskfs.*`` attributes of a node, from what is known already (no request
+        beyond the ones that found the node)."""
+        key = self._key(inode)
+        if key.kind == "task":
+            task = (await self._state(key.task_id)).task
+            found = {
+                "project": task.project or "",
+                "status": str(task.status),
+                "storage_path": task.storage_path or "",
+            }
+        elif key.kind == "outputs" and key.path:
+            node = await self._output_node(key)
+            archive = self._archives.get(_archive_slot(key.task_id, _is_inputs(key)))
+            if not isinstance(node, Entry) or archive is None:
+                return {}
+            found = {
+                "crc32": f"{node.crc:08x}",
+                "compressed_size": str(node.compressed_size),
+                "method": METHODS.get(node.method, str(node.method)),
+                "etag": archive.etag,
+            }
+        else:
+            return {}
+        return {f"user.taskfs.{name}": value.encode() for name, value in found.items() if value}
 
     # -- views ---------------------------------------------------------------------------------
 

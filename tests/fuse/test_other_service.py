@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import subprocess
 import time
+import zipfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -159,3 +162,49 @@ def test_stats_counts_what_the_mount_did(cloud: tuple[Mount, FakeApi]) -> None:
     text = (mount / ".taskfs" / "stats").read_text()
     assert "i4ir3kvv62odsfrhko4y8w2an" not in text and "token" not in text
     assert sorted(os.listdir(mount / ".taskfs")) == ["stats"]
+
+
+def test_extended_attributes_with_xattr(tmp_path: Path) -> None:
+    """--xattr: user.taskfs.* on output files (oracle: zipfile's record) and task
+    directories (the API's record); without it, no xattr requests reach the mount."""
+    fake = FakeApi()
+    data = artifacts_zip(FILES)
+    fake.add("i4ir3kvv62odsfrhko4y8w2an", S.SUCCESS, archive=data)
+    records = {
+        info.filename.removeprefix("artifacts/"): info
+        for info in zipfile.ZipFile(io.BytesIO(data)).infolist()
+    }
+    with cloud_mount(tmp_path, fake, "--xattr") as mount:
+        task = mount / "i4ir3kvv62odsfrhko4y8w2an"
+        assert os.getxattr(task, "user.taskfs.status") == b"success"
+        assert os.getxattr(task, "user.taskfs.project") == b"fake-project"
+        assert (
+            os.getxattr(task, "user.taskfs.storage_path")
+            == b"fake-bucket/i4ir3kvv62odsfrhko4y8w2an"
+        )
+        for name in ("log/SPH_log.txt", "vtk/ParticleData_Fluid_1.vtk"):
+            path = task / "outputs" / name
+            info = records[name]
+            assert sorted(os.listxattr(path)) == [
+                "user.taskfs.compressed_size",
+                "user.taskfs.crc32",
+                "user.taskfs.etag",
+                "user.taskfs.method",
+            ]
+            assert os.getxattr(path, "user.taskfs.crc32") == f"{info.CRC:08x}".encode()
+            assert int(os.getxattr(path, "user.taskfs.compressed_size")) == info.compress_size
+            method = {zipfile.ZIP_STORED: b"stored", zipfile.ZIP_DEFLATED: b"deflate"}
+            assert os.getxattr(path, "user.taskfs.method") == method[info.compress_type]
+            assert os.getxattr(path, "user.taskfs.etag")
+        with pytest.raises(OSError) as missing:
+            os.getxattr(task / "status", "user.taskfs.crc32")
+        assert missing.value.errno == errno.ENODATA
+        assert os.listxattr(task / "status") == []
+        with pytest.raises(OSError) as readonly:
+            os.setxattr(task / "status", "user.x", b"1")
+        assert readonly.value.errno in (errno.EROFS, errno.EPERM, errno.ENOTSUP)
+    (tmp_path / "plain").mkdir()
+    with cloud_mount(tmp_path / "plain", fake) as mount:
+        with pytest.raises(OSError) as off:
+            os.listxattr(mount / "i4ir3kvv62odsfrhko4y8w2an")
+        assert off.value.errno == errno.EOPNOTSUPP
