@@ -207,7 +207,7 @@ class Mount:
             subprocess.run(["fusermount3", "-u", "-z", str(self.path)], check=False)
 
 
-def start_mount(path: Path, cache: Path, api_url: str, key_file: Path) -> Mount:
+def start_mount(path: Path, cache: Path, api_url: str, key_file: Path, *extra: str) -> Mount:
     shutil.rmtree(cache, ignore_errors=True)
     path.mkdir(parents=True, exist_ok=True)
     log = cache.parent / f"{path.name}.log"
@@ -223,6 +223,7 @@ def start_mount(path: Path, cache: Path, api_url: str, key_file: Path) -> Mount:
                 str(key_file),
                 "--cache-dir",
                 str(cache),
+                *extra,
             ),
             stdout=out,
             stderr=out,
@@ -640,7 +641,7 @@ class Bench:
         self, service: Service, proxies: dict[str, Proxy], datasets: dict[str, Dataset]
     ) -> None:
         self.total_tasks = service.call(lambda api: api.list_page(1, 1)).total_size
-        key_file = self.work / "key"
+        key_file = self.key_file = self.work / "key"
         key_file.write_text(service.key + "\n")
         key_file.chmod(0o600)
         first = next(iter(proxies))
@@ -861,6 +862,24 @@ class Bench:
         )
         p1.ok = p1.counts_ok
         p1.notes = [f"repeat listing {again * 1000:.0f} ms"]
+
+        # P13: the same repeated ls -lR where extended attributes are answered (--xattr), side
+        # by side with the default (none: the kernel stops asking).
+        p13 = self.result(
+            "P13",
+            f"repeated ls -lR of {self.sizes.many_files} members: default vs --xattr",
+            "default: no more than without attributes (they are off unless --xattr)",
+        )
+        with_xattr = start_mount(
+            self.work / "mnt-xattr", self.work / "cache-xattr", proxy.url, self.key_file, "--xattr"
+        )
+        try:
+            listing = f"ls -lR {with_xattr.path}/{many.task_id}/outputs > /dev/null"
+            sh(listing)
+            p13.baselines.setdefault("--xattr", []).append(sh(listing))
+            p13.taskfs.append(sh(f"ls -lR {m}/{many.task_id}/outputs > /dev/null"))
+        finally:
+            with_xattr.stop()
         if run == 0:
             with ratarmount(many.urls[profile], self.work / "rm-p1") as rm:
                 if rm is not None:
