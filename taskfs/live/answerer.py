@@ -107,9 +107,6 @@ class LiveHub:
             await self.thread.run(self._close_all())
         self.thread.stop()
 
-    def peer_count(self) -> int:
-        return len(self._peers)
-
     # -- the asyncio side ----------------------------------------------------------------------
 
     async def _offer(self, task_id: str, sender: str, sdp: str) -> bool:
@@ -366,7 +363,3 @@ def _next(it: Iterator[T]) -> T | None:
 
 async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-
-
-def encode_answer(sdp: str) -> dict[str, str]:
-    return {"type": "answer", "sdp": sdp}

@@ -44,7 +44,7 @@ from taskfs.api.client import ApiClient
 from taskfs.api.models import TaskStatusCode
 from taskfs.errors import LiveError, LiveUnavailableError, NoLiveChannelError, TaskfsError
 from taskfs.live import protocol
-from taskfs.live.client import LiveConnection, LiveStream
+from taskfs.live.client import LiveConnection
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,6 @@ class Spool:
     grew: trio.Event = field(default_factory=trio.Event)
     caught_up: bool = False  # the file's text so far has arrived (a pause came after it)
     successor: Spool | None = None  # the file went on in another spool (truncated, replaced)
-    stream: LiveStream | None = None
 
     def append(self, data: bytes) -> None:
         if self.full or not data:
@@ -256,9 +255,8 @@ class LiveTask:
             self.connection = None
             self._starting = False
             self.connected = trio.Event()
-            for spool in self.spools.values():
-                spool.ended = True
-                spool.first.set()
+            # Each followed file's own stream ends with the connection: ``_follow`` decides
+            # whether the file ended with the task or is to be asked for again.
 
     def _fail(self, exc: Exception) -> None:
         error = exc if isinstance(exc, LiveError) else LiveError(str(exc))

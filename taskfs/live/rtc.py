@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import contextvars
 import ipaddress
-import math
 import os
 import threading
 import warnings
@@ -192,7 +191,3 @@ def trio_sender(
 def _send_nowait(send: trio.MemorySendChannel[T], item: T) -> None:
     with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
         send.send_nowait(item)
-
-
-def unbounded() -> tuple[trio.MemorySendChannel[Any], trio.MemoryReceiveChannel[Any]]:
-    return trio.open_memory_channel[Any](math.inf)
