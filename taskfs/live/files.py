@@ -31,7 +31,18 @@ from typing import Any, Final
 
 import psutil
 
-from taskfs.live.protocol import MAX_LISTING, TailArgs
+from taskfs.live.protocol import (
+    BAD_NAME,
+    CANNOT_OPEN,
+    MAX_LISTING,
+    NOT_A_FILE,
+    NOT_FOUND,
+    NOT_REGULAR,
+    NOT_TEXT,
+    OUTSIDE,
+    STARTED_AGAIN,
+    TailArgs,
+)
 from taskfs.packing import escape_name
 
 CHUNK: Final = 1 << 20
@@ -49,14 +60,14 @@ def resolve(root: Path, name: str) -> Path:
     """``name`` inside ``root`` (links resolved), or ``OperationError``."""
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if name.startswith("/") or ".." in parts or "\0" in name or not parts:
-        raise OperationError(f"Invalid file name: {name}")
+        raise OperationError(f"{BAD_NAME}: {name}")
     try:
         base = os.path.realpath(root)
         real = os.path.realpath(os.path.join(base, *parts))
     except (OSError, ValueError) as exc:  # a link loop, a name the system refuses
-        raise OperationError(f"Cannot open {name}: {exc}") from None
+        raise OperationError(f"{CANNOT_OPEN} {name}: {exc}") from None
     if not _inside(real, base):
-        raise OperationError(f"File is outside the task's directory: {name}")
+        raise OperationError(f"{OUTSIDE}: {name}")
     return Path(real)
 
 
@@ -73,17 +84,17 @@ def open_regular(root: Path, name: str) -> int:
     except FileNotFoundError:
         raise
     except IsADirectoryError:
-        raise OperationError(f"Not a file: {name}") from None
+        raise OperationError(f"{NOT_A_FILE}: {name}") from None
     except OSError as exc:
-        raise OperationError(f"Cannot open {name}: {exc.strerror}") from None
+        raise OperationError(f"{CANNOT_OPEN} {name}: {exc.strerror}") from None
     try:
         # What was opened, not what the name resolved to a moment ago: a directory on the
         # way swapped for a link out of the task between the two must not be read.
         opened = os.readlink(f"/proc/self/fd/{fd}")
         if not _inside(opened, os.path.realpath(root)):
-            raise OperationError(f"File is outside the task's directory: {name}")
+            raise OperationError(f"{OUTSIDE}: {name}")
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OperationError(f"Not a regular file: {name}")
+            raise OperationError(f"{NOT_REGULAR}: {name}")
     except BaseException:
         os.close(fd)
         raise
@@ -226,7 +237,7 @@ class Tail:
         except FileNotFoundError:
             if self.args.wait:
                 return False
-            raise OperationError(f"File not found: {self.args.filename}") from None
+            raise OperationError(f"{NOT_FOUND}: {self.args.filename}") from None
         return True
 
     def initial(self) -> Iterator[str]:
@@ -246,7 +257,7 @@ class Tail:
         ``ReplacedError`` when the file was truncated, or its name now is another file."""
         st = os.fstat(self.fd)
         if st.st_size < self.cursor or self._replaced(st):
-            raise ReplacedError(f"File was truncated or replaced: {self.args.filename}")
+            raise ReplacedError(f"{STARTED_AGAIN}: {self.args.filename}")
         if st.st_size == self.cursor:
             return []
         return list(self._lines_until(min(st.st_size, self.cursor + limit), final=False))
@@ -275,7 +286,7 @@ class Tail:
             try:
                 text = self._carry + self._decoder.decode(chunk)
             except UnicodeDecodeError:
-                raise OperationError(f"File is not a text file: {self.args.filename}") from None
+                raise OperationError(f"{NOT_TEXT}: {self.args.filename}") from None
             parts = text.split("\n")
             self._carry = parts.pop()
             yield from parts

@@ -54,7 +54,6 @@ MAX_SPOOL: Final = 256 << 20
 # The text a followed file had when asked arrives as a burst of messages, ended by an empty
 # one (taskfs's answering side); from a side that does not mark it, a pause this long.
 QUIET: Final = 1.0
-NOT_TEXT = "File is not a text file"
 # A followed file's stream is asked for again this many times in a row without an answer.
 MAX_RESUMES = 6
 
@@ -384,13 +383,13 @@ class LiveTask:
 
 
 _UNAVAILABLE = (
-    (NOT_TEXT, "not text, so the live channel cannot carry it"),
-    ("File not found", "gone from the running task"),
-    ("File is outside", "a link out of the task's directory"),
-    ("Not a regular file", "not a regular file"),
-    ("Not a file", "not a regular file"),
-    ("Invalid file name", "a name the live channel refuses"),
-    ("Cannot open", "the task's machine cannot open it"),
+    (protocol.NOT_TEXT, "not text, so the live channel cannot carry it"),
+    (protocol.NOT_FOUND, "gone from the running task"),
+    (protocol.OUTSIDE, "a link out of the task's directory"),
+    (protocol.NOT_REGULAR, "not a regular file"),
+    (protocol.NOT_A_FILE, "not a regular file"),
+    (protocol.BAD_NAME, "a name the live channel refuses"),
+    (protocol.CANNOT_OPEN, "the task's machine cannot open it"),
 )
 
 

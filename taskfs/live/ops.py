@@ -24,9 +24,6 @@ from taskfs.errors import LiveError
 from taskfs.live import protocol
 from taskfs.live.client import ANSWER_TIMEOUT, LiveConnection, LiveStream
 
-# The answering side ends a followed stream so when the file was truncated or replaced.
-STARTED_AGAIN = "File was truncated or replaced"
-
 
 async def ensure_computing(api: ApiClient, task_id: str) -> None:
     """``LiveError`` saying why, unless the task is computing now."""
@@ -78,7 +75,7 @@ async def tail(
                         on_lines(name, batch)
                     return
                 except LiveError as exc:
-                    if not (follow and str(exc).startswith(STARTED_AGAIN)):
+                    if not (follow and str(exc).startswith(protocol.STARTED_AGAIN)):
                         raise
                     # As GNU tail -F: say so, and follow the file from its start again.
                     on_error(name, LiveError(f"{exc}; following it from its start"))

@@ -42,6 +42,20 @@ MAX_LISTING: Final = 200_000
 MAX_DEPTH: Final = 256
 
 
+# How the answering side says why it cannot serve a file: the start of an ``error`` answer's
+# text (the cloud's runner says "File not found" and "File is not a text file" too). The
+# answering side writes them, taskfs's followers read them.
+BAD_NAME = "Invalid file name"
+CANNOT_OPEN = "Cannot open"
+OUTSIDE = "File is outside the task's directory"
+NOT_A_FILE = "Not a file"
+NOT_REGULAR = "Not a regular file"
+NOT_FOUND = "File not found"
+NOT_TEXT = "File is not a text file"
+# Not a refusal: the file was truncated or its name now is another file; ask again.
+STARTED_AGAIN = "File was truncated or replaced"
+
+
 class LiveProtocolError(ValueError):
     """A request or answer that breaks the protocol; the text is for the peer or the user."""
 
