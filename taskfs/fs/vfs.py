@@ -504,7 +504,7 @@ class Vfs:
             # ``outputs`` itself needs no archive: ``ls`` of a task never opens one, and a broken
             # or unreachable archive shows only inside. Its link count is unknown (1) until the
             # archive is open.
-            archive = self._archives.get(_archive_slot(key.task_id, _is_inputs(key)))
+            archive = self._archives.get(_slot(key))
             subdirs = len(archive.tree.dirs) if archive is not None else -1
             return self._attr(DIR_MODE, 0, changed, timeout, nlink=2 + subdirs)
         node = await self._output_node(key)
@@ -612,9 +612,8 @@ class Vfs:
 
     def _meta_content(self, key: NodeKey) -> bytes:
         """``.taskfs/stats``: the counters, and what is open now."""
-        cache = getattr(self.outputs, "cache", None)
         return self.stats.document(
-            cache=dict(getattr(cache, "counts", {})),
+            cache=dict(self.outputs.cache.counts),
             open_archives=len(self._archives),
             open_handles=len(self._handles),
             wait_readers=sum(waiter.readers for waiter in self._waiters.values()),
@@ -637,7 +636,7 @@ class Vfs:
             }
         elif key.kind == "outputs" and key.path:
             node = await self._output_node(key)
-            archive = self._archives.get(_archive_slot(key.task_id, _is_inputs(key)))
+            archive = self._archives.get(_slot(key))
             if not isinstance(node, Entry) or archive is None:
                 return {}
             found = {
@@ -697,20 +696,15 @@ class Vfs:
         live = self.live.get(key.task_id) if computing else self.live.find(key.task_id)
         if live is None:
             return None
-        try:
-            with trio.fail_after(self.settings.deadline):
+        with self._live_deadline(key.task_id, "list its files"):
+            try:
                 dirs = await live.tree(connect=computing)
-        except trio.TooSlowError:
-            raise LiveError(
-                f"the live channel of task {key.task_id} did not list its files within "
-                f"{self.settings.deadline:g} s"
-            ) from None
-        except NoLiveChannelError:
-            return None  # as before there was a live channel: empty until the task ends
-        except LiveError:
-            if not computing:
-                return None
-            raise
+            except NoLiveChannelError:
+                return None  # as before there was a live channel: empty until the task ends
+            except LiveError:
+                if not computing:
+                    return None
+                raise
         if not key.path:
             return _LiveDir(live, dirs, "")
         path = "/".join(key.path)
@@ -718,6 +712,19 @@ class Vfs:
         if is_dir is None:
             raise NotFoundError(path)
         return _LiveDir(live, dirs, path) if is_dir else _LiveFile(live, path)
+
+    @contextlib.contextmanager
+    def _live_deadline(self, task_id: str, what: str) -> Iterator[None]:
+        """A wait on a task's live channel, bounded by ``deadline``: ``LiveError`` saying
+        what it did not do in time."""
+        try:
+            with trio.fail_after(self.settings.deadline):
+                yield
+        except trio.TooSlowError:
+            raise LiveError(
+                f"the live channel of task {task_id} did not {what} within "
+                f"{self.settings.deadline:g} s"
+            ) from None
 
     def _followed(self, key: NodeKey) -> _LiveFile | None:
         """``key`` as a file of a running task that is being followed (a spool exists and
@@ -734,14 +741,8 @@ class Vfs:
         """The followed file, its first answer in; and, within half the deadline, the rest
         of the text it had (so that ``tail`` finds the end where the file's end is; a larger
         file goes on arriving while it is read)."""
-        try:
-            with trio.fail_after(self.settings.deadline):
-                spool = await node.live.spool(node.path)
-        except trio.TooSlowError:
-            raise LiveError(
-                f"the live channel of task {node.live.task_id} did not send {node.path} within "
-                f"{self.settings.deadline:g} s"
-            ) from None
+        with self._live_deadline(node.live.task_id, f"send {node.path}"):
+            spool = await node.live.spool(node.path)
         spool.hold()  # from here on it is read: kept while the rest arrives
         try:
             with trio.move_on_after(self.settings.deadline / 2):
@@ -804,13 +805,8 @@ class Vfs:
             return b""
         live = self.live.get(task.task_id)
         try:
-            with trio.fail_after(self.settings.deadline):
+            with self._live_deadline(task.task_id, "answer top"):
                 text = await live.request("top")
-        except trio.TooSlowError:
-            raise LiveError(
-                f"the live channel of task {task.task_id} did not answer top within "
-                f"{self.settings.deadline:g} s"
-            ) from None
         except NoLiveChannelError:
             return b""
         content = str(text).encode()
@@ -1006,7 +1002,7 @@ class Vfs:
                 self.drop_cached(handle.inode)
                 raise
             except StaleError:
-                self._forget_archive(_archive_slot(handle.key.task_id, _is_inputs(handle.key)))
+                self._forget_archive(_slot(handle.key))
                 self.drop_cached(handle.inode)
                 raise
         if handle.key.kind == "file" and _spec(handle.key).blocking and not handle.content:
@@ -1142,6 +1138,11 @@ def _is_inputs(key: NodeKey) -> bool:
 def _archive_slot(task_id: str, inputs: bool) -> str:
     """The key of a task's archive among the open ones (a task id holds no ``/``)."""
     return f"{task_id}/{INPUTS}" if inputs else task_id
+
+
+def _slot(key: NodeKey) -> str:
+    """The open-archive slot of an ``outputs``/``inputs`` node's archive."""
+    return _archive_slot(key.task_id, _is_inputs(key))
 
 
 def _link_target(key: NodeKey) -> str:
