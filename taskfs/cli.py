@@ -42,6 +42,7 @@ from taskfs.cli_tasks import (
     seconds_arg,
     settings_of,
     task_id_arg,
+    zero_or_more_arg,
 )
 from taskfs.config import (
     ENV_API_URL,
@@ -407,15 +408,27 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return 0
 
 
-# ``-o`` options as sshfs and rclone take them (an fstab line's options), and what they set.
-MOUNT_OPTIONS = {
-    "api_url": "api_url",
-    "api_key_file": "api_key_file",
-    "cache_dir": "cache_dir",
-    "data_dir": "data_dir",
-    "uid": "uid",
-    "gid": "gid",
-    "umask": "umask",
+def umask_arg(text: str) -> int:
+    """An argparse type: an octal permission mask, 000-777."""
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mask: {text!r}") from None
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"not a mask between 000 and 777: {text!r}")
+    return value
+
+
+# ``-o name=value`` options as sshfs and rclone take them (an fstab line's options): each sets
+# the argument of the same name, read by its type.
+MOUNT_OPTIONS: dict[str, Callable[[str], object]] = {
+    "api_url": str,
+    "api_key_file": Path,
+    "cache_dir": Path,
+    "data_dir": Path,
+    "uid": zero_or_more_arg,
+    "gid": zero_or_more_arg,
+    "umask": umask_arg,
 }
 # Options mount(8) passes to every filesystem; meaningless here (taskfs is read-only anyway).
 IGNORED_OPTIONS = frozenset(
@@ -455,35 +468,14 @@ def _mount_options(args: argparse.Namespace) -> bool:
         elif option == "xattr":
             args.xattr = True
         elif name in MOUNT_OPTIONS and eq and value:
-            parse = {"uid": whole_id, "gid": whole_id, "umask": umask_arg}.get(name)
-            path_like = name in ("api_key_file", "cache_dir", "data_dir")
             try:
-                parsed: object = parse(value) if parse else (Path(value) if path_like else value)
+                setattr(args, name, MOUNT_OPTIONS[name](value))
             except argparse.ArgumentTypeError as exc:
                 raise UsageError(f"mount option {option!r}: {exc}") from None
-            setattr(args, MOUNT_OPTIONS[name], parsed)
         else:
             known = ", ".join(["allow_other", "xattr", *(f"{k}=" for k in MOUNT_OPTIONS)])
             raise UsageError(f"unsupported mount option {option!r} (supported: {known})")
     return allow_other
-
-
-def whole_id(text: str) -> int:
-    """An argparse type: a user or group id."""
-    from taskfs.cli_tasks import whole_number
-
-    return whole_number(text, 0)
-
-
-def umask_arg(text: str) -> int:
-    """An argparse type: an octal permission mask, 000-777."""
-    try:
-        value = int(text, 8)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an octal mask: {text!r}") from None
-    if not 0 <= value <= 0o777:
-        raise argparse.ArgumentTypeError(f"not a mask between 000 and 777: {text!r}")
-    return value
 
 
 def _check_service(client: ClientSettings) -> None:
@@ -668,7 +660,7 @@ def build_parser() -> ArgumentParser:
         action="append",
         metavar="OPTIONS",
         help="mount options, comma-separated, as in fstab: allow_other (let other users in), "
-        "api_url=, api_key_file=, cache_dir=, data_dir=, uid=, gid=, umask=",
+        "xattr, " + ", ".join(f"{name}=" for name in MOUNT_OPTIONS),
     )
     mount.add_argument(
         "--xattr",
@@ -676,8 +668,8 @@ def build_parser() -> ArgumentParser:
         help="answer extended attributes (user.taskfs.*: CRC, method, sizes, ETag, project, "
         "status); off by default: ls -l then asks two per file",
     )
-    mount.add_argument("--uid", type=whole_id, help="owner of every node (default: you)")
-    mount.add_argument("--gid", type=whole_id, help="group of every node (default: yours)")
+    mount.add_argument("--uid", type=zero_or_more_arg, help="owner of every node (default: you)")
+    mount.add_argument("--gid", type=zero_or_more_arg, help="group of every node (default: yours)")
     mount.add_argument(
         "--umask",
         type=umask_arg,

@@ -19,16 +19,10 @@ from collections.abc import Callable
 from typing import Any
 
 from taskfs.api.client import ApiClient
+from taskfs.cli_tasks import settings_of, zero_or_more_arg
 from taskfs.errors import LiveError
 from taskfs.live import load_ops
 from taskfs.task import run_api
-
-
-def lines_arg(text: str) -> int:
-    """An argparse type: a number of lines, 0 or more."""
-    from taskfs.cli_tasks import whole_number  # noqa: PLC0415 - cli_tasks imports this module
-
-    return whole_number(text, 0)
 
 
 class _Printer:
@@ -55,8 +49,6 @@ class _Printer:
 
 
 def _tail(args: argparse.Namespace, names: list[str], lines: int, follow: bool) -> int:
-    from taskfs.cli_tasks import settings_of  # noqa: PLC0415 - cli_tasks imports this module
-
     ops = load_ops()
     printer = _Printer(names)
 
@@ -88,8 +80,6 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def _once(args: argparse.Namespace, kind: str, show: Callable[[Any], str]) -> int:
-    from taskfs.cli_tasks import settings_of  # noqa: PLC0415
-
     ops = load_ops()
 
     async def run(api: ApiClient) -> Any:
@@ -130,7 +120,7 @@ def add_task_parsers(
     )
     p.add_argument("id", type=task_id, metavar="ID")
     p.add_argument("filename", nargs="+", metavar="FILE")
-    p.add_argument("-l", "--lines", type=lines_arg, default=10, help="default: %(default)s")
+    p.add_argument("-l", "--lines", type=zero_or_more_arg, default=10, help="default: %(default)s")
     p.add_argument("-f", "--follow", action="store_true", help="print new lines as they come")
     p.add_argument("--wait", action="store_true", help="wait for a FILE that does not exist yet")
     p.set_defaults(func=cmd_tail, json=False)
@@ -176,7 +166,7 @@ def add_logs_parser(
     p.add_argument("id", type=task_id, metavar="ID")
     p.add_argument("--stdout", action="store_true", help="only stdout.txt")
     p.add_argument("--stderr", action="store_true", help="only stderr.txt")
-    p.add_argument("-l", "--lines", type=lines_arg, default=10, help="default: %(default)s")
+    p.add_argument("-l", "--lines", type=zero_or_more_arg, default=10, help="default: %(default)s")
     p.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
     add_api_options(p)
     p.set_defaults(func=cmd_logs, wait=True, json=False)

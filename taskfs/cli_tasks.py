@@ -34,7 +34,6 @@ from taskfs.api.models import (
     is_task_id,
     machine_type,
 )
-from taskfs.cli_live import add_task_parsers as add_live_parsers
 from taskfs.config import ClientSettings, resolve_client
 from taskfs.errors import NotFoundError, ServiceError, TaskEndedError, UsageError
 from taskfs.outputs import download, format_bytes, output_info
@@ -93,6 +92,11 @@ def whole_number(text: str, minimum: int) -> int:
 def count_arg(text: str) -> int:
     """An argparse type: a whole number of at least 1."""
     return whole_number(text, 1)
+
+
+def zero_or_more_arg(text: str) -> int:
+    """An argparse type: a whole number of at least 0 (lines, a user or group id)."""
+    return whole_number(text, 0)
 
 
 def port_arg(text: str) -> int:
@@ -516,4 +520,6 @@ def add_parsers(
     p.add_argument("--poll", type=seconds_arg, default=1.0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_wait)
 
-    add_live_parsers(leaf, task_id_arg)
+    from taskfs.cli_live import add_task_parsers  # noqa: PLC0415 - cli_live imports this module
+
+    add_task_parsers(leaf, task_id_arg)
