@@ -268,32 +268,28 @@ class Task:
     def list_files(self) -> tuple[str | None, int]:
         """The task's files now, one path per line (directories end in ``/``), and 0; or
         (None, 1) with the reason on stderr."""
-        ops = load_ops()
-
-        async def run(api: ApiClient) -> Any:
-            return await ops.once(api, self.id, "ls")
-
-        return self._live(run, lambda tree: (ops.format_listing(tree), 0))
+        return self._live_once("ls", lambda ops, tree: ops.format_listing(tree))
 
     def top(self) -> tuple[str | None, int]:
         """``top -b -H -n 1`` on the task's machine, and 0; or (None, 1)."""
-        ops = load_ops()
-
-        async def run(api: ApiClient) -> Any:
-            return await ops.once(api, self.id, "top")
-
-        return self._live(run, lambda text: (str(text), 0))
+        return self._live_once("top", lambda ops, text: str(text))
 
     _top = top  # the official class's name for it
 
     def last_modified_file(self) -> tuple[str | None, int]:
         """The most recently modified file, when, and how long ago, and 0; or (None, 1)."""
+        return self._live_once(
+            "last_modified_file", lambda ops, answer: ops.format_last_modified(answer)
+        )
+
+    def _live_once(self, kind: str, show: Callable[[Any, Any], str]) -> tuple[str | None, int]:
+        """The one answer of a live request, as ``show(ops, answer)`` gives it."""
         ops = load_ops()
 
         async def run(api: ApiClient) -> Any:
-            return await ops.once(api, self.id, "last_modified_file")
+            return await ops.once(api, self.id, kind)
 
-        return self._live(run, lambda answer: (ops.format_last_modified(answer), 0))
+        return self._live(run, lambda answer: (show(ops, answer), 0))
 
     def _live(
         self,
