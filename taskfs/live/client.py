@@ -148,13 +148,11 @@ class LiveConnection:
                     "service does not stream running tasks)"
                 )
             await self.thread.run(self._answer(answer))
-            with trio.move_on_after(CONNECT_TIMEOUT):
-                await stream.opened.wait()
-            if not stream.opened.is_set():
-                raise LiveError(
-                    f"could not connect to the live channel of task {self.task_id} "
-                    f"within {CONNECT_TIMEOUT:g} s"
-                )
+            await _opened(
+                stream,
+                f"could not connect to the live channel of task {self.task_id} "
+                f"within {CONNECT_TIMEOUT:g} s",
+            )
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self.aclose()
@@ -167,10 +165,7 @@ class LiveConnection:
             raise LiveError(f"the live channel of task {self.task_id} is closed")
         stream = LiveStream(self, request)
         await self.thread.run(self._channel(stream))
-        with trio.move_on_after(CONNECT_TIMEOUT):
-            await stream.opened.wait()
-        if not stream.opened.is_set():
-            raise LiveError(f"the live channel of task {self.task_id} did not open a stream")
+        await _opened(stream, f"the live channel of task {self.task_id} did not open a stream")
         return stream
 
     async def aclose(self) -> None:
@@ -228,3 +223,11 @@ class LiveConnection:
         def on_close() -> None:
             self._streams.discard(stream)
             stream.deliver(("close", None))
+
+
+async def _opened(stream: LiveStream, failure: str) -> None:
+    """Until ``stream``'s channel is open (``CONNECT_TIMEOUT``; else ``LiveError(failure)``)."""
+    with trio.move_on_after(CONNECT_TIMEOUT):
+        await stream.opened.wait()
+    if not stream.opened.is_set():
+        raise LiveError(failure)

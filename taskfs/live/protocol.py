@@ -196,7 +196,7 @@ def batches(lines: Iterable[str], budget: int = MESSAGE_BUDGET) -> Iterator[list
     size = 2
     for line in lines:
         for cut in split_long(line, budget):
-            cost = len(json.dumps(cut, ensure_ascii=False).encode()) + 2
+            cost = _json_size(cut) + 2
             if batch and size + cost > budget - 40:
                 yield batch
                 batch, size = [], 2
@@ -212,7 +212,7 @@ def last_fitting(lines: list[str], budget: int = MESSAGE_BUDGET) -> list[str]:
     kept: list[str] = []
     size = 2
     for cut in reversed(pieces):
-        cost = len(json.dumps(cut, ensure_ascii=False).encode()) + 2
+        cost = _json_size(cut) + 2
         if size + cost > budget - 40:
             break
         kept.append(cut)
@@ -230,7 +230,7 @@ def fit_text(text: str, budget: int = MESSAGE_BUDGET) -> str:
     kept: list[str] = []
     size = len(success("").encode()) + 40  # room for the last line
     for line in lines:
-        cost = len(json.dumps(line + "\n", ensure_ascii=False).encode()) - 2
+        cost = _json_size(line + "\n") - 2
         if size + cost > budget:
             break
         kept.append(line)
@@ -253,10 +253,10 @@ def fit_listing(tree: list[Any], budget: int) -> list[Any]:
             for item in node:
                 if isinstance(item, dict):
                     for name, children in item.items():
-                        cost += len(json.dumps(name, ensure_ascii=False).encode()) + 8
+                        cost += _json_size(name) + 8
                         below.append(children)
                 else:
-                    cost += len(json.dumps(item, ensure_ascii=False).encode()) + 2
+                    cost += _json_size(item) + 2
         costs.append(cost)
         level = below
     room = budget - len(success([]).encode()) - 64
@@ -267,7 +267,7 @@ def fit_listing(tree: list[Any], budget: int) -> list[Any]:
         kept, used = [], 0
         for item in tree:
             name = next(iter(item)) if isinstance(item, dict) else item
-            used += len(json.dumps(name, ensure_ascii=False).encode()) + 8
+            used += _json_size(name) + 8
             if used > room:
                 break
             kept.append({name: []} if isinstance(item, dict) else item)
