@@ -1,7 +1,8 @@
 # Shared setup for scripts/test, scripts/demo and scripts/bench (sourced, not run).
 #
 # Installs what is missing and nothing else, so a second run is fast:
-#   * Debian packages fuse3, libfuse3-dev, pkg-config (pyfuse3 builds against libfuse3);
+#   * Debian packages fuse3, libfuse3-dev, pkg-config (pyfuse3 builds against libfuse3), and
+#     the commands named in $TASKFS_TOOLS (each a package of that name);
 #   * a virtual environment in $ROOT/.venv (override with TASKFS_VENV);
 #   * the taskfs package, editable, with the extras in $TASKFS_EXTRAS (default: dev,bench,live),
 #     reinstalled only when pyproject.toml changed since the last install.
@@ -16,9 +17,13 @@ say() { printf '==> %s\n' "$*" >&2; }
 need_debs=()
 command -v fusermount3 >/dev/null 2>&1 || need_debs+=(fuse3)
 pkg-config --exists fuse3 2>/dev/null || need_debs+=(libfuse3-dev pkg-config)
+# Tools a caller needs besides (scripts/test: rsync, which a FUSE test runs over the mount).
+for tool in ${TASKFS_TOOLS:-}; do
+    command -v "$tool" >/dev/null 2>&1 || need_debs+=("$tool")
+done
 if ((${#need_debs[@]})); then
     if ! command -v apt-get >/dev/null 2>&1; then
-        say "missing ${need_debs[*]} and no apt-get: install libfuse3 development files by hand"
+        say "missing Debian packages ${need_debs[*]} and no apt-get: install them by hand"
         exit 1
     fi
     sudo=()
@@ -26,7 +31,7 @@ if ((${#need_debs[@]})); then
     say "installing Debian packages: ${need_debs[*]}"
     "${sudo[@]}" apt-get update -qq
     DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends \
-        fuse3 libfuse3-dev pkg-config >/dev/null
+        "${need_debs[@]}" >/dev/null
 fi
 
 python=""

@@ -11,14 +11,15 @@ Must stay true:
   entry) adds exactly one to its count (``ref``); ``forget(inode, n)`` takes ``n`` away and
   drops the entry at zero, after which the same node gets a new number on its next lookup.
 
-Nodes are hashable keys that say what they are (``NodeKey``); the table is FUSE-free.
+Nodes are any hashable keys that say what they are (the tree's are ``taskfs.fs.nodes``); the
+table is FUSE-free.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import NewType
+from collections.abc import Hashable
+from typing import Generic, NewType, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -26,39 +27,23 @@ Inode = NewType("Inode", int)
 ROOT_INODE = Inode(1)
 
 
-@dataclass(frozen=True, slots=True)
-class NodeKey:
-    """What a node is: ``kind`` plus the task and path it belongs to.
-
-    kinds: ``root``; ``task`` (a task directory); ``file`` (a virtual file: ``name`` is its
-    name); ``outputs`` (``path`` = () for the outputs directory itself, else a path inside it);
-    ``views`` (``name``: ``.projects`` or ``.status``), ``view`` (``path`` = (group,)) and
-    ``link`` (``path`` = (group, task id)): the root's views.
-    """
-
-    kind: str
-    task_id: str = ""
-    name: str = ""
-    path: tuple[str, ...] = ()
+Key = TypeVar("Key", bound=Hashable)
 
 
-ROOT = NodeKey("root")
+class InodeTable(Generic[Key]):
+    """Bidirectional map ``Inode <-> node`` with lookup counts; ``root`` is inode 1."""
 
-
-class InodeTable:
-    """Bidirectional map ``Inode <-> NodeKey`` with lookup counts."""
-
-    def __init__(self) -> None:
+    def __init__(self, root: Key) -> None:
         self._next = ROOT_INODE + 1
-        self._by_inode: dict[Inode, NodeKey] = {ROOT_INODE: ROOT}
-        self._by_key: dict[NodeKey, Inode] = {ROOT: ROOT_INODE}
+        self._by_inode: dict[Inode, Key] = {ROOT_INODE: root}
+        self._by_key: dict[Key, Inode] = {root: ROOT_INODE}
         self._counts: dict[Inode, int] = {}
 
     def __len__(self) -> int:
         """Inodes known besides the root."""
         return len(self._by_inode) - 1
 
-    def inode_for(self, key: NodeKey) -> Inode:
+    def inode_for(self, key: Key) -> Inode:
         """The inode of ``key``, assigning a new number if it has none (count unchanged)."""
         inode = self._by_key.get(key)
         if inode is None:
@@ -69,7 +54,7 @@ class InodeTable:
             self._counts[inode] = 0
         return inode
 
-    def key(self, inode: Inode) -> NodeKey | None:
+    def key(self, inode: Inode) -> Key | None:
         return self._by_inode.get(inode)
 
     def ref(self, inode: Inode) -> None:

@@ -19,6 +19,7 @@ import pytest
 import trio
 import trio.testing
 
+from taskfs.api import models
 from taskfs.api.client import ApiClient
 from taskfs.api.models import TaskStatusCode as S
 from taskfs.config import ClientSettings
@@ -32,6 +33,7 @@ from taskfs.errors import (
     ReadOnlyError,
     TaskEndedError,
 )
+from taskfs.fs import nodes
 from taskfs.fs.inodes import ROOT_INODE, Inode
 from taskfs.fs.vfs import Attr, Vfs, VfsSettings
 from taskfs.outputs import Outputs, make_cache
@@ -611,3 +613,71 @@ async def test_a_large_first_listing_reads_pages_side_by_side(
     assert len(names) == 3600 and names[0] == "task3599"
     assert peak == 4
     assert trio.current_time() - start == 3  # page 1, then pages 2-5, then 6-8
+
+
+async def test_a_new_kind_of_node_is_one_entry_or_one_class(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the nodes module's docstring promises: a file of every task, a file of
+    ``.taskfs``, a view and a directory of every task are each one entry, with nothing
+    else changed (listing, lookup, reads and errors follow)."""
+
+    @dataclass(frozen=True)
+    class Notes(nodes.Node):  # a directory of every task holding one fixed file
+        task_id: str
+
+        async def attr(self, vfs: Vfs) -> Attr:
+            return vfs.attr(nodes.DIR_MODE, 0, 0, 1.0, 2)
+
+        def describe(self) -> str:
+            return f"{self.task_id}/notes"
+
+        def child(self, name: str) -> nodes.Node:
+            if name != "readme":
+                raise NotFoundError(name)
+            return nodes.MetaFile("hello")
+
+        async def entries(self, vfs: Vfs) -> nodes.Entries:
+            return await self._listed(vfs, ["readme"])
+
+    owner = nodes.VirtualFile("owner", lambda vfs, s: f"{s.task.project}\n".encode())
+    monkeypatch.setitem(nodes.VIRTUAL, "owner", owner)
+    monkeypatch.setitem(nodes.META_FILES, "hello", lambda vfs: b"hi\n")
+    monkeypatch.setitem(nodes.VIEWS, ".machines", models.machine_type)
+    monkeypatch.setitem(nodes.TASK_DIRS, "notes", Notes)
+    env.fake.add("done", S.SUCCESS, archive=artifacts_zip(FILES))
+    task = await env.kernel.resolve("done")
+    names = [name for name, _ in await env.kernel.listdir(task.inode)]
+    assert names[-4:] == ["owner", "inputs", "outputs", "notes"]
+    project = env.fake.tasks["done"]["project"]
+    assert await env.kernel.read("done/owner") == f"{project}\n".encode()
+    assert (await env.kernel.resolve("done/owner")).size == len(project) + 1
+    with pytest.raises(ReadOnlyError):
+        await env.vfs.open((await env.kernel.resolve("done/owner")).inode, os.O_WRONLY)
+    assert await env.kernel.read(".taskfs/hello") == b"hi\n"
+    meta = await env.kernel.resolve(".taskfs")
+    assert [name for name, _ in await env.kernel.listdir(meta.inode)] == ["stats", "hello"]
+    link = await env.kernel.resolve(".machines/c2-standard-4/done")
+    assert await env.vfs.readlink(link.inode) == b"../../done"
+    assert await env.kernel.read("done/notes/readme") == b"hi\n"
+    with pytest.raises(NotFoundError):
+        await env.kernel.resolve("done/notes/other")
+
+
+async def test_a_tasks_mtime_holds_while_its_status_does(
+    env: Env, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The listing and the task's own record tell the time of its last change differently
+    (its times; its status history): the mtime must not flip between them while the status
+    stays, or tar says "file changed as we read it" and rsync copies again."""
+    env.fake.add("run", S.COMPUTATION_STARTED)
+    first = await env.kernel.resolve("run/status")  # the task's own record
+    for _ in range(3):
+        await trio.sleep(2.1)
+        await env.kernel.listdir(ROOT_INODE)  # the listing's record replaces it
+        assert (await env.vfs.getattr(first.inode)).mtime_ns == first.mtime_ns
+        await trio.sleep(1.1)
+        assert (await env.vfs.getattr(first.inode)).mtime_ns == first.mtime_ns
+    env.fake.set_status("run", S.SUCCESS)
+    await trio.sleep(1.1)
+    assert (await env.vfs.getattr(first.inode)).mtime_ns > first.mtime_ns
