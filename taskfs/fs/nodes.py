@@ -679,7 +679,7 @@ def live_attr(vfs: Vfs, node: LiveDir | LiveFile, changed_ns: int) -> Attr:
         subdirs = sum(node.names.values())
         return vfs.attr(DIR_MODE, 0, changed_ns, vfs.settings.live_timeout, 2 + subdirs)
     spool = node.live.spools.get(node.path)
-    size = 0 if spool is None else spool.size
+    size = 0 if spool is None else spool.shown_size
     mtime = changed_ns if spool is None or not spool.changed_ns else spool.changed_ns
     return vfs.attr(FILE_MODE, size, mtime, 0.0)
 
@@ -695,7 +695,7 @@ async def _live_spool(vfs: Vfs, node: LiveFile) -> Spool:
         with trio.move_on_after(vfs.settings.deadline / 2):
             await spool.settled()
     except BaseException:
-        spool.release()
+        spool.latest().release()  # it may have started again meanwhile
         raise
     return spool
 

@@ -460,6 +460,8 @@ class Vfs:
             spool.release()
             spool = handle.spool = spool.successor
             spool.hold()
+        if offset == 0:
+            spool.read_from_start()
         # The text the file had when it was opened is still arriving: wait for it.
         while offset >= spool.size and not (spool.caught_up or spool.ended):
             await spool.more()
@@ -480,7 +482,7 @@ class Vfs:
                 # The spool is not the start of the file as archived (a line cut in pieces,
                 # a change the protocol could not tell): from now on, the archive alone.
                 log.info("%s: the followed text differs from the archive", node.describe())
-                spool.release()
+                spool.latest().release()
                 handle.spool = None
                 return await handle.reader.read(offset, size)
         return await handle.reader.read(offset, size)

@@ -23,13 +23,15 @@ Must stay true:
   rest comes from the outputs archive when the task ends). (A file truncated while followed
   is sent again from its start by the answering side, and the protocol cannot say so: its
   spool then holds both; solvers append to their logs.)
-* a spool lives while a reader holds it (``handles``), even after its task was dropped.
+* a spool lives while a reader holds it (``handles``), even after its task was dropped; when
+  its file starts again, its readers' holds move to the new spool (``latest``) at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import tempfile
 import time
@@ -56,6 +58,11 @@ MAX_SPOOL: Final = 256 << 20
 QUIET: Final = 1.0
 # A followed file's stream is asked for again this many times in a row without an answer.
 MAX_RESUMES = 6
+# A file that started again (truncated, replaced) shows size 0 to ``stat`` until someone
+# reads it from its start, for at most this long (longer than GNU tail's poll of once a
+# second): a follower sees the file shrink, and prints it again from its start, even when the
+# new file is already longer than what it had read.
+RESTART_SHOWN: Final = 1.5
 
 
 @dataclass(eq=False)
@@ -76,6 +83,19 @@ class Spool:
     grew: trio.Event = field(default_factory=trio.Event)
     caught_up: bool = False  # the file's text so far has arrived (a pause came after it)
     successor: Spool | None = None  # the file went on in another spool (truncated, replaced)
+    restarted_at: float = -math.inf  # when it took over from a spool whose file started again
+
+    @property
+    def shown_size(self) -> int:
+        """The size ``stat`` shows: 0 after the file started again, until it is read from
+        its start (``read_from_start``) or ``RESTART_SHOWN`` has passed."""
+        restarting = trio.current_time() - self.restarted_at < RESTART_SHOWN
+        return 0 if restarting else self.size
+
+    def read_from_start(self) -> None:
+        """A reader went back to the start (``tail -f`` saw the file shrink): from now on
+        ``stat`` shows the size, so that its next poll does not see it shrink again."""
+        self.restarted_at = -math.inf
 
     def append(self, data: bytes) -> None:
         if self.full or not data:
@@ -112,6 +132,14 @@ class Spool:
         if offset >= end:
             return b""
         return os.pread(self.file.fileno(), end - offset, offset)
+
+    def latest(self) -> Spool:
+        """The spool the file goes on in: itself, or its last ``successor`` (the holds of
+        its readers moved there with the file)."""
+        spool = self
+        while spool.successor is not None:
+            spool = spool.successor
+        return spool
 
     def hold(self) -> None:
         self.handles += 1
@@ -350,18 +378,21 @@ class LiveTask:
 
     def _successor(self, old: Spool, keep: int) -> Spool:
         """A new spool for ``old``'s file, holding ``old``'s first ``keep`` bytes; readers of
-        ``old`` move to it."""
+        ``old`` move to it, their holds at once (``latest``), so that nothing closes it while
+        they have yet to read it; ``old`` is closed."""
         new = Spool(old.path, tempfile.TemporaryFile(dir=self.mirrors.spool_dir))  # noqa: SIM115
         for start in range(0, keep, 1 << 20):
             new.append(old.read(start, min(1 << 20, keep - start)))
         new.first.set()
+        new.restarted_at = new.last_used = trio.current_time()
+        new.handles, old.handles = old.handles, 0
+        new.orphan = old.orphan
         old.successor = new
         old.ended = True
         old.arrived()
         if self.spools.get(old.path) is old:
             self.spools[old.path] = new
-        if old.handles == 0:
-            old.close()
+        old.close()
         return new
 
     async def _still_computing(self) -> bool:

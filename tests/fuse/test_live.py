@@ -270,6 +270,20 @@ def test_a_file_truncated_or_replaced_while_followed(live_mount: Mount) -> None:
     assert b"old line 6\n" in printed
 
 
+def test_a_file_replaced_by_a_longer_one_while_followed(live_mount: Mount) -> None:
+    """tail -f polls once a second and sees only sizes: a file replaced by a longer one must
+    still look truncated to it, or the new file's start is never printed."""
+    task_id = computing(
+        live_mount.service,
+        'for i in 1 2 3; do echo "old $i" >> log.txt; sleep 0.3; done; sleep 2; '
+        'seq -f "replacement line %g" 1 50 > t; mv t log.txt; sleep 3',
+    )
+    printed, expected, err = follow_to_end(live_mount, task_id, "log.txt")
+    assert expected.startswith(b"replacement line 1\n") and expected.endswith(b" 50\n")
+    assert "file truncated" in err
+    assert printed == b"old 1\nold 2\nold 3\n" + expected, printed
+
+
 def test_a_running_task_with_hostile_names_and_links(live_mount: Mount, tmp_path: Path) -> None:
     secret = tmp_path / "secret.txt"
     secret.write_text("OUTSIDE\n")
