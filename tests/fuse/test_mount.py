@@ -489,6 +489,52 @@ def test_mount_8_mounts_it_as_an_fstab_line_would(service: Service, tmp_path: Pa
         subprocess.run(taskfs_cmd("unmount", str(path)), timeout=60, check=False)
 
 
+def test_mount_8_mounts_the_fuse_taskfs_type_and_an_fstab_line(
+    service: Service, tmp_path: Path
+) -> None:
+    """``mount -t fuse.taskfs`` and an fstab line of that type (``mount -T FSTAB DIR``: a
+    table of the test's own), with ``taskfs`` where mount(8)'s PATH finds it: in
+    /usr/local/bin, here bind-mounted in a private mount namespace, so that the machine is
+    left as it was."""
+    if os.geteuid() != 0:
+        pytest.skip("mount(8) of a FUSE type needs root (CI runs as root)")
+    task_id = service.submit("true")
+    ended(service, task_id)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "taskfs").symlink_to(Path(sys.executable).parent / "taskfs")
+    by_type, by_fstab = tmp_path / "by-type", tmp_path / "by-fstab"
+    by_type.mkdir()
+    by_fstab.mkdir()
+    options = f"data_dir={service.data_dir},cache_dir={tmp_path / 'cache'}"
+    fstab = tmp_path / "fstab"
+    fstab.write_text(f"taskfs  {by_fstab}  fuse.taskfs  {options},noauto  0 0\n")
+    status = f"{task_id}/status"
+    script = f"""
+        set -e
+        trap 'rc=$?; set +e; umount -l {by_type} {by_fstab} 2>/dev/null; exit $rc' EXIT
+        mount --bind {bin_dir} /usr/local/bin
+        mount -t fuse.taskfs taskfs {by_type} -o {options}
+        grep " {by_type} fuse.taskfs " /proc/self/mounts
+        cat {by_type}/{status}
+        mount -T {fstab} {by_fstab}
+        grep " {by_fstab} fuse.taskfs " /proc/self/mounts
+        cat {by_fstab}/{status}
+        /usr/local/bin/taskfs unmount {by_type}
+        /usr/local/bin/taskfs unmount {by_fstab}
+        ! grep -q " {tmp_path}/by-" /proc/self/mounts
+    """
+    done = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("success\n") == 2, done.stdout
+
+
 def test_the_readme_systemd_unit_runs(service: Service, tmp_path: Path) -> None:
     """The README's unit, started as systemd would start it (its ExecStart in the foreground,
     then its ExecStop), with this machine's paths and the local service for the cloud's."""
