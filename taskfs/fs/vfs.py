@@ -454,17 +454,17 @@ class Vfs:
     async def _read_live(self, handle: Handle, offset: int, size: int) -> bytes:
         """A followed file: its spool, then (once the task has ended and its archive is
         there) the archive member from where the spool stops, through the same handle."""
-        spool, node = handle.spool, handle.node
-        assert spool is not None and isinstance(node, OutputTree)
-        while spool.successor is not None:  # the file started again (truncated, replaced)
-            spool.release()
-            spool = handle.spool = spool.successor
-            spool.hold()
-        if offset == 0:
-            spool.read_from_start()
+        node = handle.node
+        assert handle.spool is not None and isinstance(node, OutputTree)
+        # ``latest``: the file may have started again (truncated, replaced) meanwhile.
+        spool = handle.spool.latest()
         # The text the file had when it was opened is still arriving: wait for it.
         while offset >= spool.size and not (spool.caught_up or spool.ended):
             await spool.more()
+            spool = spool.latest()
+        handle.spool = spool
+        if offset == 0:
+            spool.read_from_start()
         if offset < spool.size or not spool.ended:
             return spool.read(offset, size)
         task_id = node.task_id
@@ -573,7 +573,7 @@ class Vfs:
     def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
         if isinstance(handle, Handle) and handle.spool is not None:
-            handle.spool.release()
+            handle.spool.latest().release()
         if not isinstance(handle, Handle) or handle.reader is None:
             return
         if not handle.reader.close():

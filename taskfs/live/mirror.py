@@ -146,6 +146,8 @@ class Spool:
 
     def release(self) -> None:
         self.handles -= 1
+        if self.handles < 0:  # a reader released a spool it did not hold
+            log.warning("spool of %s released more often than held", self.path)
         self.last_used = trio.current_time()
         if self.handles <= 0 and self.orphan:
             self.close()
