@@ -11,8 +11,9 @@ Must stay true:
   inode (the inode table's key), so a node holds no state of its own;
 * ``child`` asks nothing remote: a name that cannot be there (not a task id, not in a table)
   is ENOENT at once; every failure is a ``TaskfsError`` (the errno table is ``taskfs.errors``);
-* virtual files are ``direct_io`` and their ``st_size`` is their content now; output files
-  of ended tasks are cached by the kernel only where a strong ETag vouches for them.
+* virtual files are ``direct_io`` and their ``st_size`` is their content now (0 where it is
+  made at each open: ``top``); output files of ended tasks are cached by the kernel only
+  where a strong ETag vouches for them.
 
 How to add:
 * a file to every task directory: one ``VirtualFile`` entry in ``VIRTUAL`` (its content from
@@ -334,9 +335,9 @@ class ViewLink(Node):
 @dataclass(frozen=True)
 class VirtualFile:
     """One file of every task directory (``VIRTUAL``). ``content`` is what ``stat`` sizes and
-    a read gives; ``fetch`` (if any) makes it afresh at each ``open`` (``top``); ``blocking``:
-    a read waits until the task has ended (``wait``); ``writable``: commands go to
-    ``control.run`` (``control``); ``full``: needs the task's whole record (``info.json``);
+    a read gives; ``fetch`` (if any) makes what a read gives afresh at each ``open`` (``top``);
+    ``blocking``: a read waits until the task has ended (``wait``); ``writable``: commands go
+    to ``control.run`` (``control``); ``full``: needs the task's whole record (``info.json``);
     ``listed``: shown by ``readdir`` (else reachable by name only)."""
 
     name: str
@@ -362,7 +363,6 @@ def _info_content(vfs: Vfs, state: TaskState) -> bytes:
 async def _fetch_top(vfs: Vfs, task: Task) -> bytes:
     """``top`` of a computing task's machine (empty for any other task)."""
     if vfs.live is None or task.status != TaskStatusCode.COMPUTATION_STARTED:
-        vfs.top_texts.pop(task.task_id, None)
         return b""
     live = vfs.live.get(task.task_id)
     try:
@@ -373,7 +373,6 @@ async def _fetch_top(vfs: Vfs, task: Task) -> bytes:
     content = str(text).encode()
     if content and not content.endswith(b"\n"):
         content += b"\n"
-    vfs.top_texts[task.task_id] = content
     return content
 
 
@@ -392,7 +391,9 @@ VIRTUAL: dict[str, VirtualFile] = {
         # cp -r, find -exec cat, rsync).
         VirtualFile("wait", _wait_content, listed=False, blocking=True),
         VirtualFile("info.json", _info_content, full=True),
-        VirtualFile("top", lambda vfs, s: vfs.top_texts.get(s.task.task_id, b""), fetch=_fetch_top),
+        # A snapshot made at each open, which ``stat`` cannot know: size 0, as /proc's files
+        # (tar and rsync, which trust the size, copy it empty and say nothing changed).
+        VirtualFile("top", lambda vfs, s: b"", fetch=_fetch_top),
     )
 }
 

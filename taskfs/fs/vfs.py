@@ -12,7 +12,7 @@ Must stay true:
 * a live task's state is at most ``live_timeout`` old when shown, and its nodes carry that
   timeout; a terminal task never changes, so its nodes carry ``final_timeout`` and its output
   files the kernel page cache (``keep_cache``); virtual files are always ``direct_io`` with
-  ``st_size`` equal to their current content;
+  ``st_size`` equal to their current content (0 for content made at open: ``top``);
 * every reply that hands an inode to the kernel adds one to its lookup count, and readdir adds
   one only for entries the kernel accepted (``emit`` returned True);
 * readdir offsets index a snapshot taken at ``opendir``, so they stay valid while tasks come and
@@ -158,7 +158,6 @@ class Vfs:
         # Running tasks' files over the live channel (None: aiortc is missing; their
         # ``outputs`` stay empty until they end).
         self.live = live
-        self.top_texts: dict[str, bytes] = {}
         # The counters of ``.taskfs/stats`` (the mount hooks them to its HTTP clients).
         self.stats = MountStats()
         self.outputs = outputs

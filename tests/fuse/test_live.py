@@ -184,6 +184,7 @@ def test_listing_top_and_files_the_channel_cannot_carry(live_mount: Mount) -> No
     assert live_mount.run(f"cat {outputs}/nope").returncode == 1
     top = (live_mount / task_id / "top").read_text()
     assert "PID" in top and "COMMAND" in top
+    assert (live_mount / task_id / "top").stat().st_size == 0  # a snapshot per open
     # ls, cat, top: one live connection for the task.
     assert udp_sockets(live_mount.proc.pid) == 1
 
