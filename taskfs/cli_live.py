@@ -32,15 +32,14 @@ class _Printer:
         self.headers = len(names) > 1
         self.current: str | None = None
 
-    def lines(self, name: str, lines: list[str]) -> None:
-        if not lines and not (self.headers and self.current is None):
+    def text(self, name: str, text: str) -> None:
+        if not text and not (self.headers and self.current is None):
             return
         out = sys.stdout
         if self.headers and name != self.current:
             out.write(f"{'' if self.current is None else chr(10)}==> {name} <==\n")
             self.current = name
-        for line in lines:
-            out.write(line + "\n")
+        out.write(text)
         out.flush()
 
     @staticmethod
@@ -59,7 +58,7 @@ def _tail(args: argparse.Namespace, names: list[str], lines: int, follow: bool) 
             names,
             lines=lines,
             follow=follow,
-            on_lines=printer.lines,
+            on_text=printer.text,
             on_error=printer.error,
             wait=args.wait,
         )

@@ -240,11 +240,11 @@ class Task:
         several = len(tail_files) > 1
         current: list[str] = []
 
-        def on_lines(name: str, batch: list[str]) -> None:
-            if several and batch and current != [name]:
+        def on_text(name: str, text: str) -> None:
+            if several and text and current != [name]:
                 fout.write(f"==> {name} <==\n")
                 current[:] = [name]
-            fout.write("".join(f"{line}\n" for line in batch))
+            fout.write(text)
             fout.flush()
 
         def on_error(name: str, error: LiveError) -> None:
@@ -257,7 +257,7 @@ class Task:
                 list(tail_files),
                 lines=lines,
                 follow=follow,
-                on_lines=on_lines,
+                on_text=on_text,
                 on_error=on_error,
                 wait=wait,
             )

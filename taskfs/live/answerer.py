@@ -317,7 +317,7 @@ class LiveHub:
                 return
             batches = protocol.batches(tail.initial(), budget)
             while (batch := await _in_thread(_next, batches)) is not None:
-                await self._send(channel, protocol.success(batch))
+                await self._send(channel, protocol.lines_answer(batch))
             # An empty answer: what the file had is all sent (a follower that rebuilds the
             # file knows where "now" is; the official client prints nothing for it).
             await self._send(channel, protocol.success([]))
@@ -327,13 +327,13 @@ class LiveHub:
                 while True:  # a burst is read and sent a CHUNK at a time (bounded memory)
                     lines = await _in_thread(tail.appended)
                     for batch in protocol.batches(lines, budget):
-                        await self._send(channel, protocol.success(batch))
+                        await self._send(channel, protocol.lines_answer(batch))
                     if not await _in_thread(tail.behind):
                         break
                 if ended:
                     if args.last_partial:  # the task is over: its unterminated last line too
                         for batch in protocol.batches(tail.rest(), budget):
-                            await self._send(channel, protocol.success(batch))
+                            await self._send(channel, protocol.lines_answer(batch))
                     return
         finally:
             tail.close()

@@ -61,9 +61,9 @@ def shared_thread() -> AsyncioThread:
 
 
 class LiveStream:
-    """The answers of one request: ``async for message in stream`` yields each answer's
-    ``message`` while the status is ``success``; an ``error``/``invalid`` answer raises
-    ``LiveError`` with the peer's text; the iteration ends when the channel closes."""
+    """The answers of one request: ``async for answer in stream`` yields each ``Answer``
+    while the status is ``success``; an ``error``/``invalid`` answer raises ``LiveError``
+    with the peer's text; the iteration ends when the channel closes."""
 
     def __init__(self, connection: LiveConnection, request: protocol.Request) -> None:
         self.connection = connection
@@ -79,7 +79,7 @@ class LiveStream:
     def __aiter__(self) -> LiveStream:
         return self
 
-    async def __anext__(self) -> Any:
+    async def __anext__(self) -> protocol.Answer:
         # A class rather than an async generator: a stream left half-read needs no finalizer.
         if self._done:
             raise StopAsyncIteration
@@ -97,13 +97,13 @@ class LiveStream:
             raise LiveError(str(answer.message))
         if not self.request.follow:
             self._done = True
-        return answer.message
+        return answer
 
     async def first(self) -> Any:
-        """The one answer of a one-shot request (``ANSWER_TIMEOUT``)."""
+        """The message of a one-shot request's one answer (``ANSWER_TIMEOUT``)."""
         with trio.move_on_after(ANSWER_TIMEOUT):
-            async for message in self:
-                return message
+            async for answer in self:
+                return answer.message
             raise LiveError("the task's live channel closed without answering")
         raise LiveError(f"the task's live channel did not answer within {ANSWER_TIMEOUT:g} s")
 

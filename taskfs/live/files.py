@@ -10,7 +10,7 @@ Must stay true:
   opened, non-blocking (a FIFO never hangs a reader);
 * memory is bounded whatever the file: ``tail`` of any number of lines of any file reads it in
   ``CHUNK`` pieces, backwards to find where the lines start and then forwards, and holds at
-  most one answer's worth of lines (a line longer than ``LONG_LINE`` is cut);
+  most one answer's worth of lines (a line longer than ``LONG_LINE`` is cut: ``Cut`` pieces);
 * a followed file that is truncated, or whose name comes to mean another file (``mv new
   stdout.txt``), ends the stream with "File was truncated or replaced" (the protocol cannot
   say "start again"; the follower asks again); text that is not UTF-8 ends it with "File is
@@ -41,6 +41,7 @@ from taskfs.live.protocol import (
     NOT_TEXT,
     OUTSIDE,
     STARTED_AGAIN,
+    Cut,
     TailArgs,
 )
 from taskfs.packing import escape_name
@@ -291,7 +292,7 @@ class Tail:
             self._carry = parts.pop()
             yield from parts
             while len(self._carry) > LONG_LINE:
-                yield self._carry[:LONG_LINE]
+                yield Cut(self._carry[:LONG_LINE])  # continued by what follows
                 self._carry = self._carry[LONG_LINE:]
         if final and self._carry:
             yield self._carry

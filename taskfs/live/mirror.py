@@ -270,8 +270,8 @@ class LiveTask:
                 stream = await connection.connect(protocol.Request("ls", True, {}))
                 self.connection = connection
                 self.connected.set()
-                async for tree in stream:
-                    self.listing = by_directory(protocol.listing_paths(tree))
+                async for answer in stream:
+                    self.listing = by_directory(protocol.listing_paths(answer.message))
                     self.listed.set()
         except (LiveError, protocol.LiveProtocolError) as exc:
             self._fail(exc)
@@ -352,10 +352,11 @@ class LiveTask:
         check = spool.size  # bytes the spool holds already: compared, not appended
         got = False
         try:
-            async for lines in stream:
+            async for answer in stream:
+                lines = answer.message
                 if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
                     raise LiveError("the task's live channel sent no lines")
-                data = "".join(f"{line}\n" for line in lines).encode()
+                data = protocol.text_of(lines, answer.continued).encode()
                 if seen < check:
                     same = min(len(data), check - seen)
                     if spool.read(seen, same) == data[:same]:

@@ -52,12 +52,14 @@ async def tail(
     *,
     lines: int,
     follow: bool,
-    on_lines: Callable[[str, list[str]], None],
+    on_text: Callable[[str, str], None],
     on_error: Callable[[str, LiveError], None],
     wait: bool = False,
 ) -> int:
-    """Tail ``filenames`` of the task; each batch of lines goes to ``on_lines(name, lines)``.
-    Returns how many files failed. Followed, returns when the task stops computing."""
+    """Tail ``filenames`` of the task; the text of each answer goes to ``on_text(name,
+    text)`` (its lines, each with its newline but the pieces of a cut line: see ``protocol``;
+    empty for the answer that says the file's text so far is all sent). Returns how many
+    files failed. Followed, returns when the task stops computing."""
     await ensure_computing(api, task_id)
     connection = LiveConnection(api, task_id)
     failed = 0
@@ -67,12 +69,13 @@ async def tail(
         try:
             while True:
                 try:
-                    async for batch in stream:
+                    async for answer in stream:
+                        batch = answer.message
                         if not isinstance(batch, list) or not all(
                             isinstance(x, str) for x in batch
                         ):
                             raise LiveError(f"the task's live channel sent no lines for {name}")
-                        on_lines(name, batch)
+                        on_text(name, protocol.text_of(batch, answer.continued))
                     return
                 except LiveError as exc:
                     if not (follow and str(exc).startswith(protocol.STARTED_AGAIN)):

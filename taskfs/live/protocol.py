@@ -20,7 +20,11 @@ What this side adds, within that protocol (so the official client reads it uncha
 * no message is larger than the peer accepts (``a=max-message-size``: 256 KiB for aiortc;
   peers that say nothing get ``MESSAGE_BUDGET``): a long answer goes out as several messages
   when following, and a one-shot one keeps its last lines that fit; a line too long for one
-  message is cut into the longest pieces that fit, each sent as a line of its own.
+  message is cut into the longest pieces that fit, each sent as a line of its own;
+* a followed ``tail`` answer says which of its lines are such pieces, continued by the next
+  line (in it or in the next answer), not ended: ``"continued": [indices]`` beside
+  ``message`` (``Cut`` pieces; the official client reads only ``status`` and ``message``), so
+  that a follower rebuilds a file with long lines byte for byte (``text_of``).
 """
 
 from __future__ import annotations
@@ -143,10 +147,28 @@ def invalid(message: str) -> str:
     return answer("invalid", message)
 
 
+class Cut(str):
+    """A piece of a line, continued by the next piece: not the end of its line."""
+
+    __slots__ = ()
+
+
+def lines_answer(lines: list[str]) -> str:
+    """A followed ``tail`` answer: ``lines``, and which of them are ``Cut`` pieces."""
+    continued = [index for index, line in enumerate(lines) if isinstance(line, Cut)]
+    if not continued:
+        return success(lines)
+    return json.dumps(
+        {"status": "success", "message": lines, "continued": continued}, ensure_ascii=False
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Answer:
     ok: bool
     message: Any
+    # The lines of ``message`` that its next line continues (taskfs's answering side).
+    continued: frozenset[int] = frozenset()
 
 
 def parse_answer(raw: str | bytes) -> Answer:
@@ -157,7 +179,15 @@ def parse_answer(raw: str | bytes) -> Answer:
         raise LiveProtocolError("the task's live channel sent something that is not JSON") from None
     if not isinstance(data, dict) or data.get("status") not in ("success", "invalid", "error"):
         raise LiveProtocolError("the task's live channel sent an answer without a status")
-    return Answer(data["status"] == "success", data.get("message"))
+    continued = data.get("continued", [])
+    if not isinstance(continued, list) or not all(type(i) is int for i in continued):
+        raise LiveProtocolError("the task's live channel sent a bad list of continued lines")
+    return Answer(data["status"] == "success", data.get("message"), frozenset(continued))
+
+
+def text_of(lines: list[str], continued: frozenset[int] = frozenset()) -> str:
+    """The text ``lines`` stand for: each ends with a newline, but those ``continued``."""
+    return "".join(line if index in continued else f"{line}\n" for index, line in enumerate(lines))
 
 
 def piece_for(budget: int) -> int:
@@ -168,7 +198,8 @@ def piece_for(budget: int) -> int:
 
 def split_long(line: str, budget: int = MESSAGE_BUDGET) -> Iterator[str]:
     """A line as it is sent: whole when its JSON fits a message of ``budget`` bytes, else in
-    the longest pieces that do (at least ``piece_for(budget)`` characters each)."""
+    the longest pieces that do (at least ``piece_for(budget)`` characters each), every piece
+    but the last a ``Cut`` (the last too, if ``line`` is one)."""
     room = budget - 64
     if len(line) <= piece_for(budget) or _json_size(line) <= room:
         yield line
@@ -182,8 +213,9 @@ def split_long(line: str, budget: int = MESSAGE_BUDGET) -> Iterator[str]:
                 low = mid
             else:
                 high = mid - 1
-        yield line[pos : pos + low]
+        piece = line[pos : pos + low]
         pos += low
+        yield Cut(piece) if pos < len(line) or isinstance(line, Cut) else piece
 
 
 def _json_size(text: str) -> int:
@@ -196,8 +228,8 @@ def batches(lines: Iterable[str], budget: int = MESSAGE_BUDGET) -> Iterator[list
     size = 2
     for line in lines:
         for cut in split_long(line, budget):
-            cost = _json_size(cut) + 2
-            if batch and size + cost > budget - 40:
+            cost = _json_size(cut) + 2 + (len(str(len(batch))) + 2 if isinstance(cut, Cut) else 0)
+            if batch and size + cost > budget - 60:
                 yield batch
                 batch, size = [], 2
             batch.append(cut)

@@ -255,6 +255,19 @@ def test_tail_f_across_the_end_of_lines_longer_than_a_message(live_mount: Mount)
     assert expected.endswith(b"mid\n0123456789END")
 
 
+def test_tail_f_across_the_end_of_a_line_the_channel_cuts(live_mount: Mount) -> None:
+    """A line longer than one message arrives in pieces, which the answers mark as continued:
+    tail -f prints the file byte for byte, across the task's end too."""
+    task_id = computing(
+        live_mount.service,
+        f"sleep 1.5; {sys.executable} -c 'print(\"0123456789\" * 70_000)'; echo mid; "
+        "sleep 2; printf 'after the end'",
+    )
+    printed, expected, err = follow_to_end(live_mount, task_id, "stdout.txt")
+    assert expected.endswith(b"mid\nafter the end"), expected[-50:]
+    assert printed == expected, err
+
+
 def test_a_file_truncated_or_replaced_while_followed(live_mount: Mount) -> None:
     """GNU tail -f through the mount sees what it would see on a local disk: "file
     truncated", then the file from its start; what it prints last is the file as it ends."""

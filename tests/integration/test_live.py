@@ -60,8 +60,8 @@ async def follow_all(api: ApiClient, task_id: str, request: Request) -> list[Any
     try:
         with trio.fail_after(60):
             stream = await connection.connect(request)
-            async for message in stream:
-                got.append(message)
+            async for answer in stream:
+                got.append(answer.message)
     finally:
         await connection.aclose()
     return got
@@ -231,8 +231,8 @@ async def test_kill_ends_a_followed_stream(api: ApiClient) -> None:
     try:
         with trio.fail_after(30):
             stream = await connection.connect(tail("stdout.txt", follow=True))
-            async for batch in stream:
-                got += len(batch)
+            async for answer in stream:
+                got += len(answer.message)
                 if got >= 5:
                     await api.kill(task_id)
                     got = -(1 << 20)  # count on; the stream must still end

@@ -23,16 +23,46 @@ def test_batches_fit_the_budget_and_keep_every_piece() -> None:
     lines = ['"\\' * 20_000, "é" * 30_000, "", *[f"line {i}" for i in range(20_000)]]
     sent = list(protocol.batches(lines))
     for batch in sent:
-        assert len(protocol.success(batch).encode()) <= protocol.MESSAGE_BUDGET
+        assert len(protocol.lines_answer(batch).encode()) <= protocol.MESSAGE_BUDGET
     pieces = [piece for batch in sent for piece in batch]
     assert pieces == [p for line in lines for p in protocol.split_long(line)]
     assert "".join(protocol.split_long('"\\' * 20_000)) == '"\\' * 20_000
     # A peer that takes larger messages gets larger pieces and messages.
     for batch in protocol.batches(lines, 262_144 - 1024):
-        assert len(protocol.success(batch).encode()) <= 262_144 - 1024
+        assert len(protocol.lines_answer(batch).encode()) <= 262_144 - 1024
     assert next(protocol.batches(["x" * 40_000], 262_144 - 1024)) == ["x" * 40_000]
     long = "a" * 20_000 + "é" * 30_000  # 80 KB: one piece between aiortc peers
     assert list(protocol.split_long(long, 262_144 - 1024)) == [long]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    text=st.lists(
+        st.one_of(
+            TEXT, st.builds(lambda c, n: c * n, st.sampled_from('a€"\x01'), st.integers(0, 900))
+        ),
+        max_size=12,
+    ).map("".join),
+    budget=st.sampled_from([300, 700, 4_000, protocol.MESSAGE_BUDGET]),
+)
+def test_a_follower_rebuilds_the_text_of_cut_lines_byte_for_byte(text: str, budget: int) -> None:
+    """Lines too long for one message go in pieces; the answers say which pieces continue, so
+    that joining them gives the text itself, and every answer still fits the budget."""
+    lines = text.split("\n")[:-1]  # the complete lines, as a followed tail sends them
+    rebuilt = ""
+    for batch in protocol.batches(lines, budget):
+        raw = protocol.lines_answer(batch)
+        assert len(raw.encode()) <= budget
+        answer = protocol.parse_answer(raw)
+        assert answer.message == batch  # what the official client reads is unchanged
+        rebuilt += protocol.text_of(answer.message, answer.continued)
+    assert rebuilt == text[: text.rfind("\n") + 1]
+
+
+def test_an_answer_with_a_bad_list_of_continued_lines_is_refused() -> None:
+    for bad in ('"x"', "[1.5]", '["1"]', "[true]"):
+        with pytest.raises(LiveProtocolError, match="continued"):
+            protocol.parse_answer(f'{{"status": "success", "message": [], "continued": {bad}}}')
 
 
 def test_one_shot_answer_keeps_the_last_lines_that_fit() -> None:
@@ -155,6 +185,34 @@ def test_followed_appends_rebuild_the_file(
     tail.close()
     text = written.decode()
     assert got == text[: text.rfind("\n") + 1].split("\n")[:-1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(pieces=st.lists(TEXT, max_size=12), long_line=st.integers(1, 6))
+def test_lines_longer_than_the_answering_side_holds_come_as_cut_pieces(
+    tmp_path_factory: pytest.TempPathFactory, pieces: list[str], long_line: int
+) -> None:
+    """A line longer than ``LONG_LINE`` is sent in ``Cut`` pieces (bounded memory), which a
+    follower joins into the file's text byte for byte."""
+    root = tmp_path_factory.mktemp("long")
+    path = root / "f.txt"
+    path.write_bytes(b"")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(files, "LONG_LINE", long_line)
+        tail = files.Tail(root, TailArgs("f.txt", 10, False), follow=True)
+        assert tail.open()
+        got = list(tail.initial())
+        with open(path, "ab", buffering=0) as out:
+            for piece in pieces:
+                out.write(piece.encode())
+                got += tail.appended()
+        tail.close()
+    text = "".join(pieces)
+    cut = frozenset(i for i, line in enumerate(got) if isinstance(line, protocol.Cut))
+    rebuilt = protocol.text_of(got, cut)
+    assert text.startswith(rebuilt)  # all but the line being written, and some of it
+    assert rebuilt.endswith("\n") or cut or not rebuilt
+    assert text[len(rebuilt) :].count("\n") == 0
 
 
 def test_a_followed_file_truncated_or_replaced_ends_the_stream(tmp_path: Path) -> None:
