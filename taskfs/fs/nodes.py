@@ -370,6 +370,10 @@ async def _fetch_top(vfs: Vfs, task: Task) -> bytes:
             text = await live.request("top")
     except NoLiveChannelError:
         return b""
+    except LiveError:
+        if await vfs.stopped_computing(task.task_id):
+            return b""  # it stopped computing meanwhile: no machine to show
+        raise
     content = str(text).encode()
     if content and not content.endswith(b"\n"):
         content += b"\n"
@@ -523,10 +527,16 @@ class OutputTree(Node):
         return dataclasses.replace(self, path=(*self.path, name))
 
     async def find(self, vfs: Vfs) -> DirNode | Entry | LiveDir | LiveFile:
-        """What this node is now: in the archive, or over the live channel."""
+        """What this node is now: in the archive, or over the live channel (which ends as
+        the task stops computing: then, once it has ended, in the archive)."""
         archive = await vfs.archive(self.task_id, self.inputs)
         if archive is None:
-            live = await self._live(vfs)
+            try:
+                live = await self._live(vfs)
+            except LiveError:
+                if not await vfs.stopped_computing(self.task_id):
+                    raise
+                return await self.find(vfs)  # as the task is now: no live channel is asked
             if live is not None:
                 return live
             if self.path:
@@ -593,12 +603,17 @@ class OutputTree(Node):
             entries.append((name, self.child(name), attr))
         return entries
 
-    async def open(self, vfs: Vfs, writing: bool) -> Handle:
+    async def open(self, vfs: Vfs, writing: bool, again: bool = False) -> Handle:
         if writing:
             raise ReadOnlyError(f"{self.name} are read-only")
         node = await self.find(vfs)
         if isinstance(node, LiveFile):
-            return Handle(self, spool=await _live_spool(vfs, node))  # held
+            try:
+                return Handle(self, spool=await _live_spool(vfs, node))  # held
+            except LiveError:
+                if again or not await vfs.stopped_computing(self.task_id):
+                    raise
+                return await self.open(vfs, writing, again=True)  # as the task is now
         archive = await vfs.archive(self.task_id, self.inputs)
         if archive is None or not isinstance(node, Entry):
             raise IsDirError(self.describe())

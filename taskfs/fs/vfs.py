@@ -330,6 +330,21 @@ class Vfs:
         """The task's state as last seen (listing or fetch), without asking."""
         return self._states.get(task_id)
 
+    async def stopped_computing(self, task_id: str) -> bool:
+        """After the task's live channel failed: whether the task has stopped computing (asked
+        afresh), and if so, within half the deadline, until it has ended (then its archive
+        takes over from the channel, which ends as the task stops computing)."""
+        self.refetch(task_id)
+        task = (await self.task_state(task_id)).task
+        if task.status == TaskStatusCode.COMPUTATION_STARTED:
+            return False
+        with trio.move_on_after(self.settings.deadline / 2):
+            while not task.is_terminated:
+                await trio.sleep(0.25)
+                self.refetch(task_id)
+                task = (await self.task_state(task_id)).task
+        return True
+
     def refetch(self, task_id: str) -> None:
         """The task changed (a command was sent): refetched on the next look, still listed
         meanwhile."""

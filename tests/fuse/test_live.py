@@ -268,6 +268,23 @@ def test_tail_f_across_the_end_of_a_line_the_channel_cuts(live_mount: Mount) -> 
     assert printed == expected, err
 
 
+def test_a_task_ending_under_its_readers_never_answers_eio(live_mount: Mount) -> None:
+    """The live channel ends as the task stops computing; the state the mount holds may say
+    it computes for up to a second more: whatever is asked in between (its outputs listed,
+    a file opened, top) waits for the archive instead of failing."""
+    failures = []
+    for i in range(8):
+        task_id = computing(live_mount.service, "echo hi; sleep 1")
+        time.sleep(0.85 + i * 0.04)  # around the task's end
+        task = live_mount / task_id
+        done = live_mount.run(
+            f"ls {task}/outputs >/dev/null; cat {task}/outputs/stdout.txt; cat {task}/top >&2"
+        )
+        if done.returncode != 0 or done.stdout != "hi\n":
+            failures.append((i, done.stdout, done.stderr))
+    assert not failures, failures
+
+
 def test_a_file_truncated_or_replaced_while_followed(live_mount: Mount) -> None:
     """GNU tail -f through the mount sees what it would see on a local disk: "file
     truncated", then the file from its start; what it prints last is the file as it ends."""
