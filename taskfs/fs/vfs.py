@@ -104,7 +104,7 @@ class VfsSettings:
     max_waiters: int = 512
     # Open output archives kept (their indexes stay in memory), and the entries of all their
     # indexes together (an archive larger than that alone is kept alone).
-    max_archives: int = 32
+    max_archives: int = 256
     max_index_entries: int = 400_000
     # Extended attributes (``user.taskfs.*``): off by default, since answering them makes
     # ``ls -l`` ask for two more per file (``--xattr``).

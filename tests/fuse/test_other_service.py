@@ -208,3 +208,23 @@ def test_extended_attributes_with_xattr(tmp_path: Path) -> None:
         with pytest.raises(OSError) as off:
             os.listxattr(mount / "i4ir3kvv62odsfrhko4y8w2an")
         assert off.value.errno == errno.EOPNOTSUPP
+
+
+def test_listing_many_tasks_inputs_and_outputs_again_asks_nothing(tmp_path: Path) -> None:
+    """outputs/ and inputs/ each open an archive: ``ls */outputs */inputs`` of 40 tasks (80
+    archives) a second time is served from the archives kept open."""
+    fake = FakeApi()
+    for i in range(40):
+        task_id = f"many{i:02d}"
+        record = fake.add(task_id, S.SUCCESS, archive=artifacts_zip({"stdout.txt": b"x\n"}))
+        record["storage_input_path"] = f"fake-bucket/{task_id}/input.zip"
+        inputs = artifacts_zip({}, outside={"sim_dir/params.txt": b"steps=3\n"})
+        fake.objects.put(f"fake-bucket/{task_id}/input.zip", inputs)
+    with cloud_mount(tmp_path, fake) as mount:
+        command = f"cd {mount.path} && ls -d many*/outputs/* many*/inputs/* | wc -l"
+        assert mount.run(command).stdout.split() == ["80"]
+        asked, got = sum(fake.calls.values()), fake.objects.gets()
+        for _ in range(2):
+            assert mount.run(command).stdout.split() == ["80"]
+        assert fake.objects.gets() == got
+        assert sum(fake.calls.values()) - asked <= 2  # at most the root's listing, refreshed
