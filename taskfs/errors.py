@@ -25,7 +25,8 @@ catches a foreign exception type. The filesystem maps exceptions to errno throug
     └── ArchiveError                EIO      corrupt or truncated archive
         ├── ChecksumError           EIO      CRC-32 mismatch: never return the bytes
         └── UnsupportedError        ENOTSUP  a compression method taskfs cannot read
-    UsageError                      (CLI)    bad command-line input; one line, exit status 2
+    UsageError                      (CLI)    bad command-line input (or bytes that are not UTF-8
+                                             where the API takes text); one line, exit status 2
     LocalError                      (errno)  a local file operation failed (the OSError's errno)
 """
 
@@ -170,6 +171,8 @@ def as_taskfs_error(exc: BaseException) -> TaskfsError | None:
             converted.append(leaf)
         elif isinstance(leaf, OSError) and not isinstance(leaf, BrokenPipeError):
             converted.append(LocalError(leaf))
+        elif isinstance(leaf, UnicodeEncodeError) and leaf.reason == "surrogates not allowed":
+            converted.append(_not_text(leaf))
         else:
             return None
     if not converted:
@@ -178,6 +181,17 @@ def as_taskfs_error(exc: BaseException) -> TaskfsError | None:
     if len(converted) > 1 and not isinstance(exc, TaskfsError):
         first.add_note(f"({len(converted) - 1} more errors)")
     return first
+
+
+def _not_text(exc: UnicodeEncodeError) -> UsageError:
+    """Bytes that are not UTF-8 (the OS hands them over as surrogates) in a value that goes
+    to the API, which takes text: the user's input, shown around the bad byte."""
+    text = str(exc.object)
+    around = text[max(0, exc.start - 30) : exc.end + 30]
+    shown = around.encode("utf-8", "backslashreplace").decode()
+    error = UsageError(f"not UTF-8 text, which the API needs: ...{shown}...")
+    error.__cause__ = exc
+    return error
 
 
 class single_errors:  # noqa: N801 - used like contextlib's lower-case context managers

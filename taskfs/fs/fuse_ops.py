@@ -59,7 +59,8 @@ def handler(
         try:
             with self.vfs.operation():
                 return await fn(self, *args, **kwargs)
-        except pyfuse3.FUSEError:
+        except pyfuse3.FUSEError as exc:
+            self.vfs.stats.error(exc.errno)  # answered here (ENODATA of an absent xattr)
             raise
         except TaskfsError as exc:
             code = errno_of(exc)
@@ -103,8 +104,6 @@ def entry(attr: Attr) -> pyfuse3.EntryAttributes:
     return out
 
 
-def _read_only() -> pyfuse3.FUSEError:
-    return pyfuse3.FUSEError(errno.EROFS)
 
 
 class Operations(pyfuse3.Operations):
@@ -223,7 +222,7 @@ class Operations(pyfuse3.Operations):
         if not self.vfs.settings.xattr:
             raise pyfuse3.FUSEError(errno.ENOSYS)
         if not name.startswith(b"user.taskfs."):
-            raise pyfuse3.FUSEError(errno.ENODATA)  # security.*, ACLs: none, and no request
+            raise self._refuse(errno.ENODATA)  # security.*, ACLs: none, and no request
         return await self._getxattr(inode, os.fsdecode(name))
 
     @handler
@@ -244,32 +243,38 @@ class Operations(pyfuse3.Operations):
 
     # Everything that would change the tree is refused: taskfs is read-only but for control.
 
+    def _refuse(self, code: int) -> pyfuse3.FUSEError:
+        """An error answered without the vfs, counted as ``handler`` counts the others
+        (ENOSYS, which only tells the kernel what is not implemented, is not an error)."""
+        self.vfs.stats.error(code)
+        return pyfuse3.FUSEError(code)
+
     async def create(self, *args: Any) -> Any:
-        raise _read_only()
+        raise self._refuse(errno.EROFS)
 
     async def mkdir(self, *args: Any) -> Any:
-        raise _read_only()
+        raise self._refuse(errno.EROFS)
 
     async def mknod(self, *args: Any) -> Any:
-        raise _read_only()
+        raise self._refuse(errno.EROFS)
 
     async def symlink(self, *args: Any) -> Any:
-        raise _read_only()
+        raise self._refuse(errno.EROFS)
 
     async def link(self, *args: Any) -> Any:
-        raise _read_only()
+        raise self._refuse(errno.EROFS)
 
     async def unlink(self, *args: Any) -> None:
-        raise _read_only()
+        raise self._refuse(errno.EROFS)
 
     async def rmdir(self, *args: Any) -> None:
-        raise _read_only()
+        raise self._refuse(errno.EROFS)
 
     async def rename(self, *args: Any) -> None:
-        raise _read_only()
+        raise self._refuse(errno.EROFS)
 
     async def setxattr(self, *args: Any) -> None:
-        raise _read_only()
+        raise self._refuse(errno.EROFS)
 
     async def removexattr(self, *args: Any) -> None:
-        raise _read_only()
+        raise self._refuse(errno.EROFS)

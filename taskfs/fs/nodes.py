@@ -249,9 +249,16 @@ async def _groups(vfs: Vfs, view: str) -> dict[str, list[str]]:
         state = vfs.known(task_id)
         value = None if state is None else VIEWS[view](state.task)
         name = str(value) if value is not None else ""
-        if name and name not in (".", "..") and "/" not in name and "\0" not in name:
+        if _file_name(name):
             groups.setdefault(name, []).append(task_id)
     return groups
+
+
+def _file_name(name: str) -> bool:
+    """Whether ``name`` can be a file's name: not empty, ``.`` or ``..``, without ``/`` or
+    NUL, at most ``NAME_MAX`` (255) bytes."""
+    size = len(name.encode("utf-8", "surrogateescape"))
+    return name not in ("", ".", "..") and "/" not in name and "\0" not in name and size <= 255
 
 
 @dataclass(frozen=True)

@@ -104,10 +104,12 @@ def test_views_by_project_and_status_cost_no_request(tmp_path: Path) -> None:
     fake.add("broke0", S.FAILED)
     fake.add("queued", S.SUBMITTED)
     fake.tasks["broke0"]["project"] = "other/project"  # not a name: left out of .projects
+    fake.add("long00", S.SUCCESS)
+    fake.tasks["long00"]["project"] = "é" * 128  # 256 bytes: longer than a name may be
     with cloud_mount(tmp_path, fake) as mount:
         assert sorted(p.name for p in mount.path.iterdir())[:2] == [".projects", ".status"]
         assert mount.run(f"cd {mount.path} && echo *").stdout.split() == sorted(
-            ["done00", "broke0", "queued"]
+            ["done00", "broke0", "queued", "long00"]
         )  # dot names stay out of globs
         lists = fake.calls["GET tasks"]
         assert lists > 0
@@ -156,6 +158,19 @@ def test_stats_counts_what_the_mount_did(cloud: tuple[Mount, FakeApi]) -> None:
         assert 1 <= count <= fake.calls[name], (name, count, fake.calls)
     assert stats["storage_gets"] >= 1 and stats["storage_bytes"] > 0
     assert stats["errors"]["ENOENT"] >= 1
+    # Refusals answered without the vfs are counted too: one EROFS each.
+    before = stats["errors"].get("EROFS", 0)
+    refused = [
+        f"mkdir {done}/x",
+        f"touch {done}/y",
+        f"rm -f {done}/status",
+        f"mv {done}/status {done}/z",
+        f"ln -s a {done}/l",
+    ]
+    for command in refused:
+        assert "Read-only file system" in mount.run(command).stderr, command
+    stats = json.loads((mount / ".taskfs" / "stats").read_text())
+    assert stats["errors"]["EROFS"] == before + len(refused), stats["errors"]
     assert stats["open_archives"] == 1
     assert set(stats["cache"]) == {"memory_hits", "disk_hits", "misses"}
     assert stats["peak_rss_bytes"] > 10 << 20
@@ -196,9 +211,12 @@ def test_extended_attributes_with_xattr(tmp_path: Path) -> None:
             method = {zipfile.ZIP_STORED: b"stored", zipfile.ZIP_DEFLATED: b"deflate"}
             assert os.getxattr(path, "user.taskfs.method") == method[info.compress_type]
             assert os.getxattr(path, "user.taskfs.etag")
+        counted = json.loads((mount / ".taskfs" / "stats").read_text())["errors"]
         with pytest.raises(OSError) as missing:
             os.getxattr(task / "status", "user.taskfs.crc32")
         assert missing.value.errno == errno.ENODATA
+        errors = json.loads((mount / ".taskfs" / "stats").read_text())["errors"]
+        assert errors.get("ENODATA", 0) == counted.get("ENODATA", 0) + 1
         assert os.listxattr(task / "status") == []
         with pytest.raises(OSError) as readonly:
             os.setxattr(task / "status", "user.x", b"1")

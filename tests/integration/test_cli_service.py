@@ -154,6 +154,11 @@ def test_submit_packs_input_by_the_same_rules_as_outputs(background: Path, tmp_p
         (["submit", "--input", "x" * 300, "--", "true"], "File name too long"),
         (["submit", "--bogus"], "unrecognized arguments"),
         (["serve", "--port", "eighty"], "not a port number"),
+        # Bytes that are not UTF-8 (the OS hands them over as surrogates) where the API
+        # takes text.
+        (["submit", "--project", "bad\udcffbyte", "--", "true"], "not UTF-8 text"),
+        (["submit", "--", "echo", "\udcff"], "not UTF-8 text"),
+        (["tasks", "list", "--project", "\udcff"], "not UTF-8 text"),
     ],
 )
 def test_usage_errors_are_one_line(background: Path, args: list[str], message: str) -> None:
@@ -162,6 +167,8 @@ def test_usage_errors_are_one_line(background: Path, args: list[str], message: s
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+    listed = taskfs("tasks", "list", "--json", data=background)
+    assert listed.returncode == 0 and json.loads(listed.stdout) == []  # nothing half-made
 
 
 def test_no_service_is_a_clear_error(tmp_path: Path) -> None:
