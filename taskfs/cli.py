@@ -348,7 +348,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from taskfs.fs.vfs import VfsSettings
 
     mountpoint = Path(args.mountpoint).absolute()
-    allow_other = _mount_options(args)
+    fuse_options = _mount_options(args)
     cache_size = parse_size(args.cache_size)
     check_mountpoint(mountpoint)
     local = not (args.api_url or os.environ.get(ENV_API_URL))
@@ -367,7 +367,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         client=client,
         cache_dir=args.cache_dir,
         cache_size=cache_size,
-        allow_other=allow_other,
+        allow_other="allow_other" in fuse_options,
+        kernel_options=fuse_options - {"allow_other"},
         debug=args.debug,
         live_idle=args.live_idle,
         vfs=VfsSettings(
@@ -430,17 +431,17 @@ MOUNT_OPTIONS: dict[str, Callable[[str], object]] = {
     "gid": zero_or_more_arg,
     "umask": umask_arg,
 }
-# Options mount(8) passes to every filesystem; meaningless here (taskfs is read-only anyway).
+# Options mount(8) takes from fstab that restrict the mount: the kernel applies them (ro:
+# control refuses commands too; noexec: nothing runs from the mount).
+KERNEL_OPTIONS = frozenset({"ro", "noexec", "nosuid", "nodev"})
+# Options mount(8) passes to every filesystem that mean nothing more here (FUSE mounts are
+# nosuid and nodev already, and their opposites are not given to a remote filesystem).
 IGNORED_OPTIONS = frozenset(
     {
         "rw",
-        "ro",
         "dev",
-        "nodev",
         "suid",
-        "nosuid",
         "exec",
-        "noexec",
         "auto",
         "noauto",
         "user",
@@ -456,15 +457,16 @@ IGNORED_OPTIONS = frozenset(
 )
 
 
-def _mount_options(args: argparse.Namespace) -> bool:
-    """Apply ``-o`` options to ``args``; whether ``allow_other`` was given."""
-    allow_other = False
+def _mount_options(args: argparse.Namespace) -> frozenset[str]:
+    """Apply ``-o`` options to ``args``; the FUSE mount options among them (``allow_other``
+    and ``KERNEL_OPTIONS``)."""
+    fuse: set[str] = set()
     for option in ",".join(args.options or []).split(","):
         name, eq, value = option.partition("=")
         if not option or (name in IGNORED_OPTIONS and not eq):
             continue
-        if option == "allow_other":
-            allow_other = True
+        if option == "allow_other" or option in KERNEL_OPTIONS:
+            fuse.add(option)
         elif option == "xattr":
             args.xattr = True
         elif name in MOUNT_OPTIONS and eq and value:
@@ -473,9 +475,11 @@ def _mount_options(args: argparse.Namespace) -> bool:
             except argparse.ArgumentTypeError as exc:
                 raise UsageError(f"mount option {option!r}: {exc}") from None
         else:
-            known = ", ".join(["allow_other", "xattr", *(f"{k}=" for k in MOUNT_OPTIONS)])
+            known = ", ".join(
+                ["allow_other", "xattr", *sorted(KERNEL_OPTIONS), *(f"{k}=" for k in MOUNT_OPTIONS)]
+            )
             raise UsageError(f"unsupported mount option {option!r} (supported: {known})")
-    return allow_other
+    return frozenset(fuse)
 
 
 def _check_service(client: ClientSettings) -> None:
@@ -660,7 +664,8 @@ def build_parser() -> ArgumentParser:
         action="append",
         metavar="OPTIONS",
         help="mount options, comma-separated, as in fstab: allow_other (let other users in), "
-        "xattr, " + ", ".join(f"{name}=" for name in MOUNT_OPTIONS),
+        "xattr, ro (control refuses commands too), noexec, "
+        + ", ".join(f"{name}=" for name in MOUNT_OPTIONS),
     )
     mount.add_argument(
         "--xattr",

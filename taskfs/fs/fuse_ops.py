@@ -104,8 +104,6 @@ def entry(attr: Attr) -> pyfuse3.EntryAttributes:
     return out
 
 
-
-
 class Operations(pyfuse3.Operations):
     """The taskfs request handlers."""
 

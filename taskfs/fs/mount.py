@@ -56,6 +56,8 @@ class MountSettings:
     cache_dir: Path
     cache_size: int = 10 << 30
     allow_other: bool = False
+    # Mount flags from fstab for the kernel to apply: ro, noexec, nosuid, nodev.
+    kernel_options: frozenset[str] = frozenset()
     debug: bool = False
     connections: int = 8
     # Kernel read-ahead of the mount (KiB); the kernel's default of 128 KiB means one FUSE
@@ -115,6 +117,7 @@ def fuse_options(settings: MountSettings) -> set[str]:
     options = {"fsname=taskfs", "subtype=taskfs", "default_permissions", "noatime"}
     if settings.allow_other:
         options.add("allow_other")
+    options |= settings.kernel_options
     if settings.debug:
         options.add("debug")
     return options

@@ -415,7 +415,8 @@ class TaskDir(Node):
 
     @staticmethod
     def attr_of(vfs: Vfs, state: TaskState) -> Attr:
-        return vfs.attr(DIR_MODE, 0, state.changed_ns, vfs.timeout(state.task), nlink=3)
+        nlink = 2 + len(TASK_DIRS)  # its subdirectories' ``..`` links too
+        return vfs.attr(DIR_MODE, 0, state.changed_ns, vfs.timeout(state.task), nlink=nlink)
 
     async def attr(self, vfs: Vfs) -> Attr:
         return self.attr_of(vfs, await vfs.task_state(self.task_id))

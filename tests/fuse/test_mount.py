@@ -417,8 +417,8 @@ def test_inputs_show_the_input_archive(mounted: Mount, tmp_path: Path) -> None:
 
 
 def test_mount_options_as_fstab_gives_them(service: Service, tmp_path: Path) -> None:
-    """-o takes what an fstab line holds (mount(8)'s own rw/nosuid/... are ignored); uid, gid
-    and umask set every node's owner and mode."""
+    """-o takes what an fstab line holds (mount(8)'s rw, exec, ... mean nothing more; ro and
+    noexec the kernel applies); uid, gid and umask set every node's owner and mode."""
     task_id = service.submit("true")
     ended(service, task_id)
     path = tmp_path / "opts"
@@ -436,6 +436,18 @@ def test_mount_options_as_fstab_gives_them(service: Service, tmp_path: Path) -> 
         assert oct((mount / task_id / "control").stat().st_mode & 0o777) == "0o600"
     finally:
         stop_mount(mount)
+    running = service.submit("sleep 60")
+    mount = start_mount(None, path, tmp_path / "cache", "-o", f"{options},ro,noexec")
+    try:
+        mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+        flags = next(fields[3] for fields in mounts if fields[1] == str(path))
+        assert {"ro", "noexec"} <= set(flags.split(",")), flags
+        refused = mount.run(f"echo kill > {mount / running / 'control'}")
+        assert "Read-only file system" in refused.stderr
+        assert service.call(lambda api: api.get_status(running)).status != S.KILLED
+    finally:
+        stop_mount(mount)
+        service.call(lambda api: api.kill(running))
     bad = subprocess.run(
         taskfs_cmd("mount", str(path), "-o", "colour=blue"), capture_output=True, text=True
     )
