@@ -29,7 +29,6 @@ How to add:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import stat
 from collections.abc import Awaitable, Callable
@@ -532,7 +531,7 @@ class OutputTree(Node):
         return "/".join((self.task_id, self.name, *self.path))
 
     def child(self, name: str) -> Node:
-        return dataclasses.replace(self, path=(*self.path, name))
+        return type(self)(self.task_id, (*self.path, name))  # replace() costs 5x: ls -lR
 
     async def find(self, vfs: Vfs) -> DirNode | Entry | LiveDir | LiveFile:
         """What this node is now: in the archive, or over the live channel (which ends as
