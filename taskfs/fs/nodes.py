@@ -533,7 +533,7 @@ class OutputTree(Node):
     def child(self, name: str) -> Node:
         return type(self)(self.task_id, (*self.path, name))  # replace() costs 5x: ls -lR
 
-    async def find(self, vfs: Vfs) -> DirNode | Entry | LiveDir | LiveFile:
+    async def find(self, vfs: Vfs, again: bool = False) -> DirNode | Entry | LiveDir | LiveFile:
         """What this node is now: in the archive, or over the live channel (which ends as
         the task stops computing: then, once it has ended, in the archive)."""
         archive = await vfs.archive(self.task_id, self.inputs)
@@ -541,11 +541,13 @@ class OutputTree(Node):
             try:
                 live = await self._live(vfs)
             except LiveError:
-                if not await vfs.stopped_computing(self.task_id):
+                if again or not await vfs.stopped_computing(self.task_id):
                     raise
-                return await self.find(vfs)  # as the task is now: no live channel is asked
+                return await self.find(vfs, again=True)  # as the task is now
             if live is not None:
                 return live
+            if not again and not self.inputs and await vfs.ending(self.task_id):
+                return await self.find(vfs, again=True)  # ended meanwhile, or empty
             if self.path:
                 raise NotFoundError("/".join(self.path))
             return DirNode()

@@ -76,6 +76,10 @@ log = logging.getLogger(__name__)
 LIST_PARALLEL = 4
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+# A task that stopped computing this recently (seconds) is about to end: its outputs wait
+# for the archive (half the deadline at most) rather than show empty.
+ENDING = 10.0
+ENDING_STATUSES = frozenset({TaskStatusCode.COMPUTATION_ENDED, TaskStatusCode.PENDING_KILL})
 # A followed file continued from its compressed archive member is checked at the junction
 # when the spool is at most this large (the check inflates the member up to there).
 LIVE_CHECK = 16 << 20
@@ -338,12 +342,29 @@ class Vfs:
         task = (await self.task_state(task_id)).task
         if task.status == TaskStatusCode.COMPUTATION_STARTED:
             return False
+        await self._until_ended(task)
+        return True
+
+    async def ending(self, task_id: str) -> bool:
+        """Whether the task stopped computing moments ago (``ENDING``: its outputs are being
+        stored, or it is being killed), and then, within half the deadline, until it has
+        ended: what it wrote is asked for as it ends, and its archive is moments away."""
+        state = await self.task_state(task_id)
+        if state.task.status not in ENDING_STATUSES:
+            return False
+        if now_ns() - state.changed_ns > ENDING * 1e9:
+            return False  # a task that takes long to store its outputs: empty until then
+        await self._until_ended(state.task)
+        return True
+
+    async def _until_ended(self, task: Task) -> None:
+        """Until ``task`` has ended (its state asked again every 0.25 s), for at most half
+        the deadline."""
         with trio.move_on_after(self.settings.deadline / 2):
             while not task.is_terminated:
                 await trio.sleep(0.25)
-                self.refetch(task_id)
-                task = (await self.task_state(task_id)).task
-        return True
+                self.refetch(task.task_id)
+                task = (await self.task_state(task.task_id)).task
 
     def refetch(self, task_id: str) -> None:
         """The task changed (a command was sent): refetched on the next look, still listed

@@ -681,3 +681,30 @@ async def test_a_tasks_mtime_holds_while_its_status_does(
     env.fake.set_status("run", S.SUCCESS)
     await trio.sleep(1.1)
     assert (await env.vfs.getattr(first.inode)).mtime_ns > first.mtime_ns
+
+
+async def test_outputs_of_a_task_that_just_stopped_computing_wait_for_its_archive(
+    env: Env, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Between computing and ended its outputs are being stored: what is asked of outputs/
+    moments after it stopped computing waits (half the deadline at most) for the archive; a
+    task that has been storing for long shows an empty outputs/ at once."""
+    env.fake.add("ending", S.COMPUTATION_STARTED)
+    env.fake.set_status("ending", S.COMPUTATION_ENDED)  # just now
+
+    async def store_and_end() -> None:
+        await trio.sleep(1.5)
+        env.fake.objects.put("fake-bucket/ending/output.zip", artifacts_zip(FILES))
+        env.fake.set_status("ending", S.SUCCESS)
+
+    nursery.start_soon(store_and_end)
+    started = trio.current_time()
+    assert await env.kernel.read("ending/outputs/stdout.txt") == FILES["stdout.txt"]
+    assert 1.5 <= trio.current_time() - started <= 2.5
+    env.fake.add("storing", S.COMPUTATION_ENDED)  # its last change: long ago
+    started = trio.current_time()
+    outputs = await env.kernel.resolve("storing/outputs")
+    assert await env.kernel.listdir(outputs.inode) == []
+    with pytest.raises(NotFoundError):
+        await env.kernel.resolve("storing/outputs/stdout.txt")
+    assert trio.current_time() - started < 0.5
