@@ -105,6 +105,9 @@ class Handle:
     reader: MemberReader | None = None
     spool: Spool | None = None
     wait_for: str = ""
+    # A followed file found not to be its archive's start at the task's end: the spool it
+    # was, until this reader reads the file anew from its start.
+    rereading: Spool | None = None
     direct_io: bool = True
     keep_cache: bool = False
     inode: Inode = ROOT_INODE
@@ -582,7 +585,17 @@ class OutputTree(Node):
             return live_attr(vfs, node, changed)
         if isinstance(node, DirNode):
             return vfs.attr(DIR_MODE, 0, int(node.mtime * NS), timeout, nlink=2 + len(node.dirs))
+        if self._restarting(vfs, self.path):
+            return vfs.attr(node.mode, 0, int(node.mtime * NS), 0.0)
         return vfs.attr(node.mode, node.size, int(node.mtime * NS), timeout)
+
+    def _restarting(self, vfs: Vfs, path: tuple[str, ...]) -> bool:
+        """Whether the file at ``path`` started again just before the task ended and its
+        followers have yet to read it anew: then the archive's file, too, shows size 0 for
+        a moment (uncached), for them to see it shrink (``Spool.restarting``)."""
+        if vfs.live is None or self.inputs or not vfs.live.restarts:
+            return False
+        return vfs.live.restarting(self.task_id, "/".join(path))
 
     async def entries(self, vfs: Vfs) -> Entries:
         node = await self.find(vfs)
@@ -608,7 +621,10 @@ class OutputTree(Node):
                 assert archive is not None
                 index = archive.entries
                 mtime = int(index.mtimes[item] * NS)
-                attr = vfs.attr(index.modes[item], index.sizes[item], mtime, timeout)
+                if self._restarting(vfs, (*self.path, name)):
+                    attr = vfs.attr(index.modes[item], 0, mtime, 0.0)
+                else:
+                    attr = vfs.attr(index.modes[item], index.sizes[item], mtime, timeout)
             entries.append((name, self.child(name), attr))
         return entries
 

@@ -497,9 +497,9 @@ class Vfs:
         while offset >= spool.size and not (spool.caught_up or spool.ended):
             await spool.more()
             spool = spool.latest()
-        handle.spool = spool
-        if offset == 0:
+        if offset == 0 and handle.spool is not spool:  # moved here: reads it anew
             spool.read_from_start()
+        handle.spool = spool
         if offset < spool.size or not spool.ended:
             return spool.read(offset, size)
         task_id = node.task_id
@@ -514,12 +514,18 @@ class Vfs:
                 return b""
             handle.reader = archive.open_member(entry)
             if not await self._continues(handle.reader, spool, entry):
-                # The spool is not the start of the file as archived (a line cut in pieces,
-                # a change the protocol could not tell): from now on, the archive alone.
+                # The spool is not the start of the file as archived: it started again as
+                # the task ended (too late for the live channel to say), or changed in a way
+                # the protocol could not tell. As for a file that starts again while
+                # followed: end-of-file here, size 0 until its readers read it anew from
+                # the start (``restarting``), then the archive alone.
                 log.info("%s: the followed text differs from the archive", node.describe())
+                if self.live is not None:
+                    self.live.restarted_at_end(node.task_id, "/".join(node.path), spool)
+                handle.rereading = spool
                 spool.latest().release()
                 handle.spool = None
-                return await handle.reader.read(offset, size)
+                return b""
         return await handle.reader.read(offset, size)
 
     @staticmethod
@@ -588,6 +594,9 @@ class Vfs:
         if handle.spool is not None:
             return await self._read_live(handle, offset, size)
         if handle.reader is not None:
+            if handle.rereading is not None and offset == 0:  # went back to the start
+                handle.rereading.read_from_start()
+                handle.rereading = None
             try:
                 return await handle.reader.read(offset, size)
             except ChecksumError:

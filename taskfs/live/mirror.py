@@ -84,18 +84,24 @@ class Spool:
     caught_up: bool = False  # the file's text so far has arrived (a pause came after it)
     successor: Spool | None = None  # the file went on in another spool (truncated, replaced)
     restarted_at: float = -math.inf  # when it took over from a spool whose file started again
+    rereaders: int = 0  # readers of the file before it started again, yet to read it anew
+
+    @property
+    def restarting(self) -> bool:
+        """The file started again moments ago (``RESTART_SHOWN``) and some of its readers
+        have yet to read it from its start: ``stat`` shows size 0 (its followers poll, and
+        must see it shrink even when the new file is already longer than what they read)."""
+        return self.rereaders > 0 and trio.current_time() - self.restarted_at < RESTART_SHOWN
 
     @property
     def shown_size(self) -> int:
-        """The size ``stat`` shows: 0 after the file started again, until it is read from
-        its start (``read_from_start``) or ``RESTART_SHOWN`` has passed."""
-        restarting = trio.current_time() - self.restarted_at < RESTART_SHOWN
-        return 0 if restarting else self.size
+        return 0 if self.restarting else self.size
 
     def read_from_start(self) -> None:
-        """A reader went back to the start (``tail -f`` saw the file shrink): from now on
-        ``stat`` shows the size, so that its next poll does not see it shrink again."""
-        self.restarted_at = -math.inf
+        """One of the readers from before the file started again went back to its start
+        (``tail -f`` saw it shrink); when all have, ``stat`` shows the size again, so that
+        their next polls do not see it shrink once more. (A new reader changes nothing.)"""
+        self.rereaders -= 1
 
     def append(self, data: bytes) -> None:
         if self.full or not data:
@@ -388,7 +394,9 @@ class LiveTask:
             new.append(old.read(start, min(1 << 20, keep - start)))
         new.first.set()
         new.restarted_at = new.last_used = trio.current_time()
+        new.rereaders = old.handles
         new.handles, old.handles = old.handles, 0
+        self.mirrors.restarts[(self.task_id, old.path)] = new
         new.orphan = old.orphan
         old.successor = new
         old.ended = True
@@ -476,6 +484,9 @@ class LiveMirrors:
         self.spool_dir = spool_dir
         self.connect_timeout = connect_timeout
         self.tasks: dict[str, LiveTask] = {}
+        # Files that started again, by (task, path), kept past their task's end: until their
+        # followers have read them anew, the archive's file shows size 0 too (``restarting``).
+        self.restarts: dict[tuple[str, str], Spool] = {}
         try:
             spool_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # an unusable cache dir: spools are unlinked, /tmp will do
@@ -498,6 +509,27 @@ class LiveMirrors:
         if task is not None:
             task.close()
 
+    def restarted_at_end(self, task_id: str, path: str, spool: Spool) -> None:
+        """``spool`` (of ``path``) turned out not to be the start of the file as archived:
+        the file started again as the task ended. Its readers get ``restarting`` as if the
+        live channel had said so (the first of them to find out tells for all)."""
+        if self.restarts.get((task_id, path)) is spool:
+            return
+        spool.restarted_at = trio.current_time()
+        spool.rereaders = spool.latest().handles
+        self.restarts[(task_id, path)] = spool
+
+    def restarting(self, task_id: str, path: str) -> bool:
+        """Whether ``path`` of the task started again moments ago and is yet to be read
+        anew by its followers (see ``Spool.restarting``)."""
+        spool = self.restarts.get((task_id, path))
+        if spool is None:
+            return False
+        if spool.restarting:
+            return True
+        del self.restarts[(task_id, path)]
+        return False
+
     def connections(self) -> int:
         return sum(task.connection is not None for task in self.tasks.values())
 
@@ -505,6 +537,9 @@ class LiveMirrors:
         while True:
             await trio.sleep(every)
             now = trio.current_time()
+            for key, spool in list(self.restarts.items()):
+                if not spool.restarting:
+                    del self.restarts[key]
             for task_id, task in list(self.tasks.items()):
                 if task.idle(now):
                     log.debug("closing the idle live channel of task %s", task_id)

@@ -301,18 +301,31 @@ def test_a_file_truncated_or_replaced_while_followed(live_mount: Mount) -> None:
     assert b"old line 6\n" in printed
 
 
-def test_a_file_replaced_by_a_longer_one_while_followed(live_mount: Mount) -> None:
+@pytest.mark.parametrize("case", ["alone", "another reader", "just before the end"])
+def test_a_file_replaced_by_a_longer_one_while_followed(live_mount: Mount, case: str) -> None:
     """tail -f polls once a second and sees only sizes: a file replaced by a longer one must
-    still look truncated to it, or the new file's start is never printed."""
+    still look truncated to it, or the new file's start is never printed; also while another
+    process reads the file now and then, and when the task ends right after."""
+    after = "0.2" if case == "just before the end" else "3"
     task_id = computing(
         live_mount.service,
         'for i in 1 2 3; do echo "old $i" >> log.txt; sleep 0.3; done; sleep 2; '
-        'seq -f "replacement line %g" 1 50 > t; mv t log.txt; sleep 3',
+        f'seq -f "replacement line %g" 1 500 > t; mv t log.txt; sleep {after}',
     )
-    printed, expected, err = follow_to_end(live_mount, task_id, "log.txt")
-    assert expected.startswith(b"replacement line 1\n") and expected.endswith(b" 50\n")
+    path = live_mount / task_id / "outputs" / "log.txt"
+    reader = None
+    if case == "another reader":
+        loop = f"while sleep 0.3; do cat {path} > /dev/null 2>&1; done"
+        reader = subprocess.Popen(["sh", "-c", loop])
+    try:
+        printed, expected, err = follow_to_end(live_mount, task_id, "log.txt")
+    finally:
+        if reader is not None:
+            reader.kill()
+            reader.wait()
+    assert expected.startswith(b"replacement line 1\n") and expected.endswith(b" 500\n")
     assert "file truncated" in err
-    assert printed == b"old 1\nold 2\nold 3\n" + expected, printed
+    assert printed == b"old 1\nold 2\nold 3\n" + expected, printed[:200]
 
 
 def test_a_running_task_with_hostile_names_and_links(live_mount: Mount, tmp_path: Path) -> None:
