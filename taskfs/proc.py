@@ -1,11 +1,56 @@
-"""Facts about local processes (liveness), shared by the CLI and the filesystem.
+"""Facts about local processes (liveness), shared by the CLI and the filesystem; the helper
+processes a service runs for itself.
 
-Must stay true: a zombie (exited, not yet reaped) counts as gone.
+Must stay true: a zombie (exited, not yet reaped) counts as gone; a helper (``top`` for the
+live channel) is known to ``helpers()`` from before it exists until it is reaped, so that the
+service's sweep of the orphans it adopted (it is a child subreaper) leaves it alone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import threading
+from collections.abc import Iterator
+from typing import Any
+
 import psutil
+
+_helpers_lock = threading.Lock()
+_helpers: set[int] = set()
+_helpers_starting = 0
+
+
+@contextlib.contextmanager
+def helper(args: list[str], **popen: Any) -> Iterator[subprocess.Popen[bytes]]:
+    """A short-lived helper process of this one (any thread): killed if still running, and
+    reaped, on the way out."""
+    global _helpers_starting  # noqa: PLW0603 - one registry per process
+    with _helpers_lock:
+        _helpers_starting += 1
+    try:
+        child = subprocess.Popen(args, **popen)
+        with _helpers_lock:
+            _helpers.add(child.pid)
+    finally:
+        with _helpers_lock:
+            _helpers_starting -= 1
+    try:
+        with child:
+            yield child
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+        with _helpers_lock:
+            _helpers.discard(child.pid)
+
+
+def helpers() -> frozenset[int] | None:
+    """The pids of this process's helpers now; None while one is being started (its pid is
+    not known yet: a sweep must wait)."""
+    with _helpers_lock:
+        return None if _helpers_starting else frozenset(_helpers)
 
 
 def pid_alive(pid: int) -> bool:

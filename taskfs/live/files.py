@@ -45,6 +45,7 @@ from taskfs.live.protocol import (
     TailArgs,
 )
 from taskfs.packing import escape_name
+from taskfs.proc import helper
 
 CHUNK: Final = 1 << 20
 LONG_LINE: Final = 1 << 20
@@ -169,19 +170,22 @@ def top() -> str:
     """``top -b -H -n 1`` of this machine (a short psutil summary where top is missing)."""
     exe = shutil.which("top")
     if exe is not None:
+        env = {"PATH": os.defpath, "LC_ALL": "C", "COLUMNS": "200", "TERM": "dumb"}
         try:
-            done = subprocess.run(
+            # A helper: the service's sweep of orphaned task processes must not take it
+            # for one.
+            with helper(
                 [exe, "-b", "-H", "-n", "1"],
-                capture_output=True,
-                timeout=TOP_TIMEOUT,
-                env={"PATH": os.defpath, "LC_ALL": "C", "COLUMNS": "200", "TERM": "dumb"},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
                 stdin=subprocess.DEVNULL,
-                check=False,
-            )
+                env=env,
+            ) as child:
+                out, _ = child.communicate(timeout=TOP_TIMEOUT)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise OperationError(f"top failed: {exc}") from None
-        if done.returncode == 0:
-            return done.stdout.decode("utf-8", "replace")
+        if child.returncode == 0:
+            return out.decode("utf-8", "replace")
     return _psutil_top()
 
 

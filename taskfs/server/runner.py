@@ -56,6 +56,7 @@ import trio
 from taskfs.api.models import KILLABLE, TaskStatusCode, format_time, now_utc
 from taskfs.config import ServiceSettings
 from taskfs.packing import REPORT_NAME, PackingCancelled, mount_points_under
+from taskfs.proc import helpers
 from taskfs.server.reaper import children, freeze
 from taskfs.server.storage import OutputStats, Storage
 from taskfs.server.store import Store
@@ -473,10 +474,12 @@ class Runner:
 
     def _sweep(self) -> None:
         """Kill and reap the processes this service adopted (it is a child subreaper): what
-        is left of a command whose supervisor was killed. Nothing else is our child."""
-        if self._spawning:
-            return  # a supervisor whose pid we do not know yet may be among our children
-        supervisors = {r.supervisor for r in self._running.values() if r.supervisor}
+        is left of a command whose supervisor was killed. Our other children are the commands'
+        supervisors and the live channel's helpers (``top``: ``proc.helpers``)."""
+        own = helpers()
+        if self._spawning or own is None:
+            return  # a child whose pid we do not know yet may be among our children
+        supervisors = {r.supervisor for r in self._running.values() if r.supervisor} | own
         for _ in range(100):
             adopted = [pid for pid in children(os.getpid()) if pid not in supervisors]
             if not adopted:

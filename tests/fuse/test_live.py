@@ -285,6 +285,18 @@ def test_a_task_ending_under_its_readers_never_answers_eio(live_mount: Mount) ->
     assert not failures, failures
 
 
+def test_top_while_tasks_end_kills_nothing(live_mount: Mount) -> None:
+    """``top`` runs a helper process of the service's; tasks that end meanwhile sweep the
+    orphans the service adopted (it is a child subreaper) and must leave the helper alone."""
+    log = live_mount.service.data_dir / "test-service.log"
+    before = log.read_text().count("left behind")
+    tops = " ".join(
+        str(live_mount / computing(live_mount.service, "sleep 2") / "top") for _ in range(2)
+    )
+    live_mount.run(f"for i in $(seq 50); do cat {tops} > /dev/null 2>&1; sleep 0.05; done")
+    assert log.read_text().count("left behind") == before, log.read_text()[-2000:]
+
+
 def test_a_file_truncated_or_replaced_while_followed(live_mount: Mount) -> None:
     """GNU tail -f through the mount sees what it would see on a local disk: "file
     truncated", then the file from its start; what it prints last is the file as it ends."""
