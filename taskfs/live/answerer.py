@@ -313,7 +313,8 @@ class LiveHub:
             budget = _budget(peer)
             if not request.follow:
                 lines = await _in_thread(lambda: list(tail.initial()))
-                await self._send(channel, protocol.success(protocol.last_fitting(lines, budget)))
+                last = protocol.last_fitting(lines, budget)
+                await self._send(channel, protocol.lines_answer(last))
                 return
             batches = protocol.batches(tail.initial(), budget)
             while (batch := await _in_thread(_next, batches)) is not None:

@@ -273,7 +273,7 @@ class Tail:
     def rest(self) -> list[str]:
         """The text after the last newline (the last line, unterminated), once."""
         rest, self._carry = self._carry, ""
-        return [rest] if rest else []
+        return [Cut(rest)] if rest else []  # not ended by a newline
 
     def _replaced(self, st: os.stat_result) -> bool:
         try:
@@ -299,7 +299,7 @@ class Tail:
                 yield Cut(self._carry[:LONG_LINE])  # continued by what follows
                 self._carry = self._carry[LONG_LINE:]
         if final and self._carry:
-            yield self._carry
+            yield Cut(self._carry)  # the last line, not ended by a newline
             self._carry = ""
 
     def _line_start_after(self, pos: int, end: int) -> int:

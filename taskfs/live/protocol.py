@@ -21,10 +21,11 @@ What this side adds, within that protocol (so the official client reads it uncha
   peers that say nothing get ``MESSAGE_BUDGET``): a long answer goes out as several messages
   when following, and a one-shot one keeps its last lines that fit; a line too long for one
   message is cut into the longest pieces that fit, each sent as a line of its own;
-* a followed ``tail`` answer says which of its lines are such pieces, continued by the next
-  line (in it or in the next answer), not ended: ``"continued": [indices]`` beside
-  ``message`` (``Cut`` pieces; the official client reads only ``status`` and ``message``), so
-  that a follower rebuilds a file with long lines byte for byte (``text_of``).
+* a ``tail`` answer says which of its lines are not ended by a newline: such pieces, each
+  continued by the next line (in it or in the next answer), and a file's unterminated last
+  line: ``"continued": [indices]`` beside ``message`` (``Cut`` lines; the official client
+  reads only ``status`` and ``message``), so that a follower rebuilds a file byte for byte
+  (``text_of``).
 """
 
 from __future__ import annotations
@@ -244,8 +245,8 @@ def last_fitting(lines: list[str], budget: int = MESSAGE_BUDGET) -> list[str]:
     kept: list[str] = []
     size = 2
     for cut in reversed(pieces):
-        cost = _json_size(cut) + 2
-        if size + cost > budget - 40:
+        cost = _json_size(cut) + 2 + (len(str(len(pieces))) + 2 if isinstance(cut, Cut) else 0)
+        if size + cost > budget - 60:
             break
         kept.append(cut)
         size += cost

@@ -294,6 +294,13 @@ async def test_cli_live_commands(api: ApiClient, service: Service) -> None:
     )
     follow = await cli(service, "tasks", "tail", ticking, "stdout.txt", "-f")
     assert follow.stdout == "".join(f"out {i}\n" for i in range(1, 11))
+    # A last line without a newline is printed without one, as the file has it.
+    partial = await computing(api, "seq 1 3; printf 'no newline'; sleep 3")
+    await trio.sleep(0.5)
+    once = await cli(service, "tasks", "tail", partial, "stdout.txt", "-l", "2")
+    assert once.stdout == "3\nno newline", once.stderr
+    follow = await cli(service, "tasks", "tail", partial, "stdout.txt", "-f")
+    assert follow.stdout == "1\n2\n3\nno newline", follow.stderr
     ticking = await computing(
         api, "sleep 1; for i in $(seq 1 10); do echo out $i; echo err $i >&2; sleep 0.1; done"
     )
