@@ -737,14 +737,15 @@ def helper_form(raw: list[str], commands: Sequence[str]) -> list[str]:
 def _main(argv: Sequence[str] | None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     raw = helper_form(raw, COMMANDS)
-    debug = "--debug" in (raw[: raw.index("--")] if "--" in raw else raw)
+    options = raw[: raw.index("--")] if "--" in raw else raw  # not a command's own
+    debug = "--debug" in options
     try:
-        args = build_parser().parse_args(raw)
-        args.raw_argv = raw[raw.index("mount") + 1 :] if "mount" in raw else []
-        if args.command_name in ("tasks", "logs"):
+        if raw[:1] in (["tasks"], ["logs"]) or {"-h", "--help"} & set(options):
             # Like cat or ls: output into a closed pipe (| head) ends the process quietly.
             # (Not ``submit``: its one line is the id of a task it created; see ``emit``.)
             signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        args = build_parser().parse_args(raw)
+        args.raw_argv = raw[raw.index("mount") + 1 :] if "mount" in raw else []
         if args.command_name in ("tasks", "logs"):
             setup_logging(args.debug)
         func: Callable[[argparse.Namespace], int] = args.func

@@ -187,9 +187,12 @@ def _not_text(exc: UnicodeEncodeError) -> UsageError:
     """Bytes that are not UTF-8 (the OS hands them over as surrogates) in a value that goes
     to the API, which takes text: the user's input, shown around the bad byte."""
     text = str(exc.object)
-    around = text[max(0, exc.start - 30) : exc.end + 30]
-    shown = around.encode("utf-8", "backslashreplace").decode()
-    error = UsageError(f"not UTF-8 text, which the API needs: ...{shown}...")
+    # The value it is in: from the quote before to the quote after (JSON), else around it.
+    start = text.rfind('"', 0, exc.start) + 1
+    end = text.find('"', exc.end)
+    value = text[start : end if end >= 0 else len(text)][:200]
+    shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    error = UsageError(f"not UTF-8 text, which the API needs: {shown}")
     error.__cause__ = exc
     return error
 

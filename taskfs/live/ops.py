@@ -66,6 +66,7 @@ async def tail(
 
     async def pump(name: str, stream: LiveStream) -> None:
         nonlocal failed
+        again = False  # the file started again and is followed anew
         try:
             while True:
                 try:
@@ -76,15 +77,22 @@ async def tail(
                         ):
                             raise LiveError(f"the task's live channel sent no lines for {name}")
                         on_text(name, protocol.text_of(batch, answer.continued))
+                        again = False
                     return
                 except LiveError as exc:
                     if not (follow and str(exc).startswith(protocol.STARTED_AGAIN)):
+                        if again:  # asked anew just as the task stopped computing
+                            raise _ended_as_restarted(name, task_id) from None
                         raise
                     # As GNU tail -F: say so, and follow the file from its start again.
                     on_error(name, LiveError(f"{exc}; following it from its start"))
                     await stream.aclose()
-                    again = tail_request(name, protocol.MAX_LINES, True, wait)
-                    stream = await connection.request(again)
+                    again = True
+                    request = tail_request(name, protocol.MAX_LINES, True, wait)
+                    try:
+                        stream = await connection.request(request)
+                    except LiveError:
+                        raise _ended_as_restarted(name, task_id) from None
         except LiveError as exc:
             failed += 1
             on_error(name, exc)
@@ -110,6 +118,13 @@ async def tail(
         with trio.CancelScope(shield=True):
             await connection.aclose()
     return failed
+
+
+def _ended_as_restarted(name: str, task_id: str) -> LiveError:
+    return LiveError(
+        f"the task stopped computing as {name} started again: it is whole in the task's "
+        f"outputs (taskfs tasks download {task_id})"
+    )
 
 
 async def once(api: ApiClient, task_id: str, kind: str) -> Any:

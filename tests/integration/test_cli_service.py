@@ -156,8 +156,8 @@ def test_submit_packs_input_by_the_same_rules_as_outputs(background: Path, tmp_p
         (["serve", "--port", "eighty"], "not a port number"),
         # Bytes that are not UTF-8 (the OS hands them over as surrogates) where the API
         # takes text.
-        (["submit", "--project", "bad\udcffbyte", "--", "true"], "not UTF-8 text"),
-        (["submit", "--", "echo", "\udcff"], "not UTF-8 text"),
+        (["submit", "--project", "bad\udcffbyte", "--", "true"], "API needs: bad\\xffbyte"),
+        (["submit", "--", "echo", "\udcff"], "not UTF-8 text, which the API needs: echo"),
         (["tasks", "list", "--project", "\udcff"], "not UTF-8 text"),
     ],
 )
@@ -210,3 +210,25 @@ def test_unreachable_service_fails_within_the_deadline(tmp_path: Path, how: str)
     assert len(result.stderr.strip().splitlines()) == 1
     assert "k\n" not in result.stderr
     assert elapsed < 2 + 10, f"the command took {elapsed:.1f} s with --deadline 2"
+
+
+@pytest.mark.parametrize("args", [["logs", "--help"], ["--help"], ["tasks", "list", "--help"]])
+def test_help_into_a_closed_pipe_ends_quietly(args: list[str]) -> None:
+    """``taskfs logs --help | head -1``: output into a pipe nobody reads ends quietly, as
+    cat's does (the reading end is closed before the command starts: EPIPE every time)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "taskfs", *args],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+            env=clean_env(),
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert done.stderr == ""
+    assert done.returncode in (0, -13)  # -13: SIGPIPE, as for cat
