@@ -459,14 +459,21 @@ def test_mount_options_as_fstab_gives_them(service: Service, tmp_path: Path) -> 
     assert bad.returncode == 2 and "not an octal mask" in bad.stderr
 
 
-def test_mount_8_mounts_it_as_an_fstab_line_would(service: Service, tmp_path: Path) -> None:
-    """mount(8) through mount.fuse3: ``mount -t fuse /path/to/taskfs#taskfs DIR -o ...`` (the
-    fstab line ``/path/to/taskfs#taskfs DIR fuse data_dir=...,cache_dir=... 0 0``) runs
-    ``taskfs taskfs DIR -o rw,...,data_dir=...`` with mount(8)'s clean environment."""
+def ended_task_for_mount_8(service: Service) -> str:
+    """A task that has ended, to be seen through a mount made by mount(8), which needs root
+    for a FUSE type (CI runs as root)."""
     if os.geteuid() != 0:
         pytest.skip("mount(8) of a FUSE type needs root (CI runs as root)")
     task_id = service.submit("true")
     ended(service, task_id)
+    return task_id
+
+
+def test_mount_8_mounts_it_as_an_fstab_line_would(service: Service, tmp_path: Path) -> None:
+    """mount(8) through mount.fuse3: ``mount -t fuse /path/to/taskfs#taskfs DIR -o ...`` (the
+    fstab line ``/path/to/taskfs#taskfs DIR fuse data_dir=...,cache_dir=... 0 0``) runs
+    ``taskfs taskfs DIR -o rw,...,data_dir=...`` with mount(8)'s clean environment."""
+    task_id = ended_task_for_mount_8(service)
     path = tmp_path / "fstab"
     path.mkdir()
     program = Path(sys.executable).parent / "taskfs"
@@ -501,10 +508,7 @@ def test_mount_8_mounts_the_fuse_taskfs_type_and_an_fstab_line(
     table of the test's own), with ``taskfs`` where mount(8)'s PATH finds it: in
     /usr/local/bin, here bind-mounted in a private mount namespace, so that the machine is
     left as it was."""
-    if os.geteuid() != 0:
-        pytest.skip("mount(8) of a FUSE type needs root (CI runs as root)")
-    task_id = service.submit("true")
-    ended(service, task_id)
+    task_id = ended_task_for_mount_8(service)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "taskfs").symlink_to(Path(sys.executable).parent / "taskfs")
