@@ -543,10 +543,12 @@ class OutputTree(Node):
         if archive is None:
             try:
                 live = await self._live(vfs)
-            except LiveError:
-                if again or not await vfs.stopped_computing(self.task_id):
+            except LiveError as exc:
+                if not again and await vfs.stopped_computing(self.task_id):
+                    return await self.find(vfs, again=True)  # as the task is now
+                if not isinstance(exc, NoLiveChannelError):
                     raise
-                return await self.find(vfs, again=True)  # as the task is now
+                live = None  # no live channel after all: empty until the task ends
             if live is not None:
                 return live
             if not again and not self.inputs and await vfs.ending(self.task_id):
@@ -675,6 +677,8 @@ class OutputTree(Node):
             try:
                 dirs = await live.tree(connect=computing)
             except NoLiveChannelError:
+                if computing and vfs.live.answered:
+                    raise  # a service with live channels: the task has just stopped
                 return None  # as before there was a live channel: empty until the task ends
             except LiveError:
                 if not computing:

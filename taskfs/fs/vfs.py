@@ -504,7 +504,11 @@ class Vfs:
             return spool.read(offset, size)
         task_id = node.task_id
         if not (await self.task_state(task_id)).task.is_terminated:
-            return b""
+            # The stream ended: the task stopped computing (then its archive is moments
+            # away: wait for it, up to half the deadline), or the channel failed.
+            await self.stopped_computing(task_id)
+            if not (await self.task_state(task_id)).task.is_terminated:
+                return b""
         archive = await self.archive(task_id)
         if archive is None:
             return b""

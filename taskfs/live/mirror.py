@@ -276,6 +276,7 @@ class LiveTask:
                 stream = await connection.connect(protocol.Request("ls", True, {}))
                 self.connection = connection
                 self.connected.set()
+                self.mirrors.answered = True
                 async for answer in stream:
                     self.listing = by_directory(protocol.listing_paths(answer.message))
                     self.listed.set()
@@ -484,6 +485,9 @@ class LiveMirrors:
         self.spool_dir = spool_dir
         self.connect_timeout = connect_timeout
         self.tasks: dict[str, LiveTask] = {}
+        # The service gave a live channel once: it has them, so "no live channel" (204) for a
+        # task the mount thought computing means that it has just stopped.
+        self.answered = False
         # Files that started again, by (task, path), kept past their task's end: until their
         # followers have read them anew, the archive's file shows size 0 too (``restarting``).
         self.restarts: dict[tuple[str, str], Spool] = {}
