@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import stat
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, ClassVar
 
@@ -587,17 +587,19 @@ class OutputTree(Node):
             return live_attr(vfs, node, changed)
         if isinstance(node, DirNode):
             return vfs.attr(DIR_MODE, 0, int(node.mtime * NS), timeout, nlink=2 + len(node.dirs))
-        if self._restarting(vfs, self.path):
-            return vfs.attr(node.mode, 0, int(node.mtime * NS), 0.0)
-        return vfs.attr(node.mode, node.size, int(node.mtime * NS), timeout)
+        attr = vfs.attr(node.mode, node.size, int(node.mtime * NS), timeout)
+        return self._shown(vfs, attr)
 
-    def _restarting(self, vfs: Vfs, path: tuple[str, ...]) -> bool:
-        """Whether the file at ``path`` started again just before the task ended and its
-        followers have yet to read it anew: then the archive's file, too, shows size 0 for
-        a moment (uncached), for them to see it shrink (``Spool.restarting``)."""
-        if vfs.live is None or self.inputs or not vfs.live.restarts:
-            return False
-        return vfs.live.restarting(self.task_id, "/".join(path))
+    def _shown(self, vfs: Vfs, attr: Attr, name: str | None = None) -> Attr:
+        """An archived file's attributes (``name``: of this directory's file of that name):
+        size 0 and uncached while it is one that started again just before the task ended
+        and its followers have yet to read it anew, for them to see it shrink
+        (``Spool.restarting``)."""
+        live = vfs.live
+        if live is None or self.inputs or not live.restarts:
+            return attr
+        path = "/".join(self.path if name is None else (*self.path, name))
+        return replace(attr, size=0, timeout=0.0) if live.restarting(self.task_id, path) else attr
 
     async def entries(self, vfs: Vfs) -> Entries:
         node = await self.find(vfs)
@@ -623,10 +625,8 @@ class OutputTree(Node):
                 assert archive is not None
                 index = archive.entries
                 mtime = int(index.mtimes[item] * NS)
-                if self._restarting(vfs, (*self.path, name)):
-                    attr = vfs.attr(index.modes[item], 0, mtime, 0.0)
-                else:
-                    attr = vfs.attr(index.modes[item], index.sizes[item], mtime, timeout)
+                attr = vfs.attr(index.modes[item], index.sizes[item], mtime, timeout)
+                attr = self._shown(vfs, attr, name)
             entries.append((name, self.child(name), attr))
         return entries
 

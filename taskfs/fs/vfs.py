@@ -367,8 +367,8 @@ class Vfs:
                 task = (await self.task_state(task.task_id)).task
 
     def refetch(self, task_id: str) -> None:
-        """The task changed (a command was sent): refetched on the next look, still listed
-        meanwhile."""
+        """The task's state is to be asked for again on the next look (a command was sent,
+        or its end is awaited); it is still listed meanwhile."""
         state = self._states.get(task_id)
         if state is not None:
             self._states[task_id] = replace(state, fetched=-math.inf)

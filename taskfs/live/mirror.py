@@ -58,10 +58,10 @@ MAX_SPOOL: Final = 256 << 20
 QUIET: Final = 1.0
 # A followed file's stream is asked for again this many times in a row without an answer.
 MAX_RESUMES = 6
-# A file that started again (truncated, replaced) shows size 0 to ``stat`` until someone
-# reads it from its start, for at most this long (longer than GNU tail's poll of once a
-# second): a follower sees the file shrink, and prints it again from its start, even when the
-# new file is already longer than what it had read.
+# A file that started again (truncated, replaced) shows size 0 to ``stat`` until its readers
+# from before have read it from its start, for at most this long (longer than GNU tail's poll
+# of once a second): a follower sees the file shrink, and prints it again from its start, even
+# when the new file is already longer than what it had read.
 RESTART_SHOWN: Final = 1.5
 
 
@@ -527,12 +527,7 @@ class LiveMirrors:
         """Whether ``path`` of the task started again moments ago and is yet to be read
         anew by its followers (see ``Spool.restarting``)."""
         spool = self.restarts.get((task_id, path))
-        if spool is None:
-            return False
-        if spool.restarting:
-            return True
-        del self.restarts[(task_id, path)]
-        return False
+        return spool is not None and spool.restarting  # the reaper forgets the others
 
     def connections(self) -> int:
         return sum(task.connection is not None for task in self.tasks.values())

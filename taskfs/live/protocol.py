@@ -149,13 +149,14 @@ def invalid(message: str) -> str:
 
 
 class Cut(str):
-    """A piece of a line, continued by the next piece: not the end of its line."""
+    """A line not ended by a newline: a piece of a long line, continued by the next piece,
+    or a file's unterminated last line."""
 
     __slots__ = ()
 
 
 def lines_answer(lines: list[str]) -> str:
-    """A followed ``tail`` answer: ``lines``, and which of them are ``Cut`` pieces."""
+    """A ``tail`` answer: ``lines``, and which of them are ``Cut`` (not ended)."""
     continued = [index for index, line in enumerate(lines) if isinstance(line, Cut)]
     if not continued:
         return success(lines)
@@ -219,6 +220,13 @@ def split_long(line: str, budget: int = MESSAGE_BUDGET) -> Iterator[str]:
         yield Cut(piece) if pos < len(line) or isinstance(line, Cut) else piece
 
 
+def _line_cost(line: str, index: int) -> int:
+    """Bytes ``line`` adds to a ``lines_answer`` where it is at most at ``index``: its JSON
+    and separator, and its index in ``continued`` if it is a ``Cut`` (60 bytes of each
+    budget are kept for the braces and keys)."""
+    return _json_size(line) + 2 + (len(str(index)) + 2 if isinstance(line, Cut) else 0)
+
+
 def _json_size(text: str) -> int:
     return len(json.dumps(text, ensure_ascii=False).encode())
 
@@ -229,7 +237,7 @@ def batches(lines: Iterable[str], budget: int = MESSAGE_BUDGET) -> Iterator[list
     size = 2
     for line in lines:
         for cut in split_long(line, budget):
-            cost = _json_size(cut) + 2 + (len(str(len(batch))) + 2 if isinstance(cut, Cut) else 0)
+            cost = _line_cost(cut, len(batch))
             if batch and size + cost > budget - 60:
                 yield batch
                 batch, size = [], 2
@@ -245,7 +253,7 @@ def last_fitting(lines: list[str], budget: int = MESSAGE_BUDGET) -> list[str]:
     kept: list[str] = []
     size = 2
     for cut in reversed(pieces):
-        cost = _json_size(cut) + 2 + (len(str(len(pieces))) + 2 if isinstance(cut, Cut) else 0)
+        cost = _line_cost(cut, len(pieces))
         if size + cost > budget - 60:
             break
         kept.append(cut)
