@@ -38,6 +38,7 @@ from taskfs.cli_tasks import add_parsers as add_task_parsers
 from taskfs.cli_tasks import (
     count_arg,
     grace_arg,
+    path_arg,
     port_arg,
     seconds_arg,
     settings_of,
@@ -168,6 +169,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         emit(url, done=f"the service runs at {url}")
         return 0
     setup_logging(args.debug, quiet_default=False)
+    os.chdir("/")  # its paths are absolute; a service pins no directory (it may be detached)
     try:
         return trio.run(_serve_main, settings, args.debug)
     except BaseException as exc:
@@ -248,8 +250,11 @@ def _spawn_detached(
     passes (it is then terminated), ``TaskfsError`` says ``what`` with the log's last lines.
     """
     with open(log_path, "ab") as log_file:
+        written = log_file.tell()  # what earlier runs wrote there
         proc = subprocess.Popen(
-            [sys.executable, "-m", "taskfs", *args],
+            # -P: the import path is not where the user stands (a folder there named taskfs,
+            # a clone of it, say, would be imported instead of the installed package).
+            [sys.executable, "-P", "-m", "taskfs", *args],
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=log_file,
@@ -261,11 +266,27 @@ def _spawn_detached(
         if answer is not None:
             return answer, proc.pid
         if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
-            raise TaskfsError(f"{what}: " + (" | ".join(tail) or f"exit {proc.returncode}"))
+            raise TaskfsError(f"{what}: {_last_words(log_path, written, proc.returncode)}")
         time.sleep(0.05)
     proc.terminate()
     raise TaskfsError(f"{what} within {timeout:g} s (see {log_path})")
+
+
+def _last_words(log_path: Path, start: int, status: int) -> str:
+    """Why a detached process exited, from what it logged (from ``start`` on): its own error
+    line (``taskfs: error: ...``), else its last line (of a traceback: the exception), with
+    the log's name."""
+    try:
+        with open(log_path, "rb") as log_file:
+            log_file.seek(start)
+            lines = log_file.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        lines = []
+    for line in reversed(lines):
+        if line.startswith("taskfs: error: "):
+            return line.removeprefix("taskfs: error: ")
+    last = lines[-1].strip() if lines else f"exit status {status}"
+    return f"{last} (see {log_path})"
 
 
 def running_service_url(data_dir: Path) -> str | None:
@@ -380,6 +401,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     )
     if args.foreground:
         setup_logging(args.debug, quiet_default=False)
+        if args.foreground_child:
+            os.chdir("/")  # a daemon: its paths are absolute; it pins no directory
         trio.run(run_mount, settings)
         return 0
     log_path = _mount_log(args.cache_dir, mountpoint)
@@ -424,9 +447,9 @@ def umask_arg(text: str) -> int:
 # the argument of the same name, read by its type.
 MOUNT_OPTIONS: dict[str, Callable[[str], object]] = {
     "api_url": str,
-    "api_key_file": Path,
-    "cache_dir": Path,
-    "data_dir": Path,
+    "api_key_file": path_arg,
+    "cache_dir": path_arg,
+    "data_dir": path_arg,
     "uid": zero_or_more_arg,
     "gid": zero_or_more_arg,
     "umask": umask_arg,
@@ -537,13 +560,13 @@ def _add_api_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--api-key-file",
-        type=Path,
+        type=path_arg,
         help="file holding the API key (default: "
         "$INDUCTIVA_API_KEY, ~/.inductiva/api_key, or the local service's key)",
     )
     group.add_argument(
         "--data-dir",
-        type=Path,
+        type=path_arg,
         default=default_data_dir(),
         help="data directory of the embedded local service (default: %(default)s)",
     )
@@ -581,7 +604,7 @@ def build_parser() -> ArgumentParser:
     )
     serve.add_argument(
         "--data-dir",
-        type=Path,
+        type=path_arg,
         default=default_data_dir(),
         help="state, storage and key files (default: %(default)s)",
     )
@@ -615,7 +638,7 @@ def build_parser() -> ArgumentParser:
         description="Submit a task through the REST API (submit, upload input, mark uploaded) "
         "and print its id. Example: taskfs submit --input ./sim -- python run.py --steps 100",
     )
-    submit.add_argument("--input", type=Path, help="directory whose files the task runs in")
+    submit.add_argument("--input", type=path_arg, help="directory whose files the task runs in")
     submit.add_argument("--project", help="project name (default: the service's default)")
     submit.add_argument("--ttl", help="time to live, e.g. 90s, 10m, 2h (default: none)")
     submit.add_argument(
@@ -649,7 +672,7 @@ def build_parser() -> ArgumentParser:
     )
     mount.add_argument(
         "--cache-dir",
-        type=Path,
+        type=path_arg,
         default=default_cache_dir(),
         help="disk cache of archive data (default: %(default)s)",
     )

@@ -62,6 +62,12 @@ def task_id_arg(value: str) -> str:
     return value
 
 
+def path_arg(text: str) -> Path:
+    """An argparse type: a path, made absolute where it was given (the background processes
+    that get it do not stay in the directory the user was in)."""
+    return Path(text).absolute()
+
+
 def seconds_arg(text: str) -> float:
     """An argparse type: a finite, positive number of seconds."""
     try:

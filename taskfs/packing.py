@@ -44,7 +44,6 @@ import errno
 import json
 import math
 import os
-import re
 import stat
 import struct
 import time
@@ -56,6 +55,8 @@ from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import BinaryIO
+
+from taskfs.mounts import mount_points_under
 
 CHUNK = 1 << 20
 # The first chunk decides deflate or stored: stored when it shrinks by less than 3%.
@@ -500,26 +501,6 @@ def _percent(exc: UnicodeError) -> tuple[str, int]:
 
 
 codecs.register_error("taskfs-percent", _percent)
-
-
-def mount_points_under(root: str) -> set[str]:
-    """Paths below ``root`` (as ``realpath`` spells it) where a filesystem is mounted, from
-    ``/proc/self/mountinfo`` (bind mounts of the same filesystem included: their ``st_dev``
-    does not tell them apart)."""
-    prefix = os.fsencode(root.rstrip("/")) + b"/"
-    found: set[str] = set()
-    try:
-        with open("/proc/self/mountinfo", "rb") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return found
-    for line in lines:
-        fields = line.split()
-        if len(fields) > 4:
-            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
-            if point.startswith(prefix):
-                found.add(os.fsdecode(point))
-    return found
 
 
 def _kind(mode: int) -> str:

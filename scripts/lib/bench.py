@@ -61,6 +61,7 @@ from taskfs.archive.zipindex import (
     parse_directory,
 )
 from taskfs.config import ClientSettings
+from taskfs.mounts import mounted_at
 
 try:
     from remotezip import RemoteZip
@@ -184,10 +185,7 @@ def start_service(data: Path) -> Service:
 
 
 def mountinfo_has(path: Path) -> bool:
-    return any(
-        line.split()[4] == str(path)
-        for line in Path("/proc/self/mountinfo").read_text().splitlines()
-    )
+    return mounted_at(path) is not None
 
 
 @dataclass

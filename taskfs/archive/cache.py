@@ -1,4 +1,4 @@
-"""Caches of archive bytes: an on-disk block cache, a small memory tier, single-flight fetches.
+"""Caches of archive bytes: an on-disk block cache and a small memory tier.
 
 Owns: where fetched bytes are kept so that nothing is fetched twice.
 
@@ -11,7 +11,6 @@ Owns: where fetched bytes are kept so that nothing is fetched twice.
   removed only once the process that wrote it is gone; any ``OSError`` (full disk, read-only,
   quota) disables nothing and fails nothing: that extent is simply not cached.
 * ``MemoryCache``: a byte-bounded LRU of recent extents shared by all open archives.
-* ``SingleFlight``: concurrent requests for one key run the fetch once; the others wait for it.
 
 Must stay true: a cache never returns bytes other than those stored under the exact key (ETag
 included, so a replaced archive can never be served from old blocks), never grows past its
@@ -30,17 +29,15 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Generic, NamedTuple, TypeVar
+from typing import NamedTuple
 
 import trio
 from zlib_ng import zlib_ng
 
 log = logging.getLogger(__name__)
 
-K = TypeVar("K", bound=Hashable)
-V = TypeVar("V")
 
 FORMAT_DIR = "blocks-v1"
 MAGIC = b"TFSB"
@@ -388,43 +385,3 @@ class Tiered:
             for key, data, _ in items:
                 if self._writing.get(key) is data:
                     del self._writing[key]
-
-
-class _Flight(Generic[V]):
-    __slots__ = ("done", "error", "value")
-
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        self.value: V | None = None
-        self.error: BaseException | None = None
-
-
-class SingleFlight(Generic[K, V]):
-    """Run one fetch per key at a time; concurrent callers share its result or error."""
-
-    def __init__(self) -> None:
-        self._flights: dict[K, _Flight[V]] = {}
-
-    async def run(self, key: K, fetch: Callable[[], Awaitable[V]]) -> V:
-        while True:
-            flight = self._flights.get(key)
-            if flight is None:
-                break
-            await flight.done.wait()
-            if isinstance(flight.error, Exception):
-                raise flight.error
-            if flight.error is None:
-                assert flight.value is not None
-                return flight.value
-            # The leader was cancelled: its cancellation is not ours; try again.
-        flight = _Flight[V]()
-        self._flights[key] = flight
-        try:
-            flight.value = await fetch()
-            return flight.value
-        except BaseException as exc:
-            flight.error = exc
-            raise
-        finally:
-            del self._flights[key]
-            flight.done.set()

@@ -9,7 +9,8 @@ Fetch rules:
 
 * blocks are ``BLOCK`` bytes aligned in the archive; missing consecutive blocks are fetched in
   one GET (at most ``MAX_REQUEST``); different runs go in parallel under the pool's limiter;
-* a block or member being fetched is fetched once: later readers wait for that fetch;
+* a block or member being fetched is fetched once: later readers wait for that fetch (its
+  ``Flight``: the bytes it landed, not the cache's, which may have evicted them since);
 * a small member costs exactly one GET the first time (its local header and data, with a small
   margin for the local extra field, and a few neighbours in the same request) and none after;
   once members are read in archive order, up to ``BATCH_MAX`` bytes of the following members
@@ -27,6 +28,7 @@ prefetch is simply fetched again on demand). A large member's verifier outlives 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from array import array
 from collections import OrderedDict
@@ -63,6 +65,7 @@ from taskfs.archive.zipindex import (
     parse_local_header,
 )
 from taskfs.errors import ArchiveError, StaleError, TaskfsError
+from taskfs.flight import Abandoned, Flight
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +118,7 @@ class RemoteArchive:
         self.tree = tree
         self._nursery = nursery
         self._limiter = limiter
-        self._pending: dict[CacheKey, _Flight] = {}
+        self._pending: dict[CacheKey, Flight[bytes]] = {}
         self._starts: dict[int, int] = {}
         self._indexes: OrderedDict[int, DeflateIndex] = OrderedDict()
         # Members in archive order, for batching neighbours (built on first use).
@@ -361,7 +364,7 @@ class RemoteArchive:
         start: int,
         end: int,
         parts: list[tuple[CacheKey, int, int]],
-        flights: dict[CacheKey, _Flight],
+        flights: dict[CacheKey, Flight[bytes]],
         members: tuple[Entry, ...] = (),
     ) -> None:
         """Fetch ``[start, end)``, put each part in memory and hand it to its waiters, then
@@ -385,14 +388,15 @@ class RemoteArchive:
             for key, part, _ in landed:
                 self.cache.memory.put(key, part)
                 if key in flights:
-                    flights[key].data = part
+                    flights[key].land(part)
         except Exception as exc:  # handed to every waiter below
             error = exc
         finally:
             for key, flight in flights.items():
                 self._pending.pop(key, None)
-                flight.error = error
-                flight.event.set()
+                if error is not None:
+                    flight.fail(error)
+                flight.abandon()  # cancelled: its waiters ask again
         if error is None:
             if members:
                 await self._predecode(members, data, start)
@@ -445,10 +449,10 @@ class RemoteArchive:
         members: tuple[Entry, ...] = (),
     ) -> None:
         """Fetch ``[start, end)`` in the background for the parts not already in flight."""
-        mine: dict[CacheKey, _Flight] = {}
+        mine: dict[CacheKey, Flight[bytes]] = {}
         for key, _, _ in parts:
             if key not in self._pending:
-                mine[key] = self._pending[key] = _Flight()
+                mine[key] = self._pending[key] = Flight()
         if mine:
             self._nursery.start_soon(self._land, start, end, parts, mine, members)
 
@@ -466,12 +470,12 @@ class RemoteArchive:
                 # Even a lone miss takes a few neighbours along (cheap: same request).
                 self._start_batch(rank, min(BATCH_START << self._streak, BATCH_MAX))
                 flight = self._pending[key]
-            await flight.event.wait()
-            if flight.error is not None:
-                raise flight.error
-            if flight.data is not None:
-                self._maybe_prefetch_batch(rank)
-                return flight.data
+            try:
+                data = await flight.wait()
+            except Abandoned:
+                continue  # its fetch was cancelled: ask again
+            self._maybe_prefetch_batch(rank)
+            return data
 
     def expect_sequential(self) -> None:
         """A reader will go through members in archive order (a download): batches start at
@@ -605,11 +609,8 @@ class RemoteArchive:
                 if n not in found and (flight := self._pending.get(self._key("b", n)))
             }
             for n, flight in flights.items():
-                await flight.event.wait()
-                if flight.error is not None:
-                    raise flight.error
-                if flight.data is not None:
-                    found[n] = flight.data
+                with contextlib.suppress(Abandoned):  # its fetch was cancelled: ask again
+                    found[n] = await flight.wait()
         return [found[n] for n in range(first, last + 1)]
 
     def _prefetch(self, first: int, last: int) -> None:
@@ -652,18 +653,6 @@ class RemoteArchive:
     async def _fetch(self, start: int, end: int) -> bytes | bytearray:
         async with self._limiter:
             return await self.source.fetch(start, end)
-
-
-class _Flight:
-    """One fetch in progress: waiters wait on ``event``, then take ``data`` or see ``error``
-    (taking the bytes from the flight, not the cache, which may have evicted them since)."""
-
-    __slots__ = ("data", "error", "event")
-
-    def __init__(self) -> None:
-        self.event = trio.Event()
-        self.error: Exception | None = None
-        self.data: bytes | None = None
 
 
 def _runs(numbers: list[int], longest: int) -> list[tuple[int, int]]:

@@ -35,6 +35,7 @@ from taskfs.config import ClientSettings, runtime_dir
 from taskfs.errors import TaskfsError, UsageError
 from taskfs.fs.fuse_ops import Operations
 from taskfs.fs.vfs import Vfs, VfsSettings
+from taskfs.mounts import mounted_at
 from taskfs.outputs import Outputs, make_cache
 from taskfs.retry import Breaker
 
@@ -123,32 +124,17 @@ def fuse_options(settings: MountSettings) -> set[str]:
     return options
 
 
-def _mountinfo(mountpoint: Path) -> list[str] | None:
-    """The fields of the last /proc/self/mountinfo line for ``mountpoint``."""
-    target = os.path.abspath(mountpoint)
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return None
-    found = None
-    for line in lines:
-        fields = line.split()
-        if fields[4].encode().decode("unicode_escape") == target:
-            found = fields  # the last mount on top wins
-    return found
-
-
 def tune_readahead(mountpoint: Path, kb: int) -> bool:
     """Raise the kernel read-ahead of the mount's backing device (root only).
 
     Reads the device number from /proc/self/mountinfo: the mount process must never stat its
     own mountpoint (the kernel would ask this very process, which is not serving yet).
     """
-    fields = _mountinfo(mountpoint)
-    if fields is None or kb <= 0:
+    found = mounted_at(mountpoint)
+    if found is None or kb <= 0:
         return False
     try:
-        Path(f"/sys/class/bdi/{fields[2]}/read_ahead_kb").write_text(f"{kb}\n")
+        Path(f"/sys/class/bdi/{found.device}/read_ahead_kb").write_text(f"{kb}\n")
     except OSError as exc:
         log.debug("kernel read-ahead left at its default: %s", exc.strerror)
         return False
@@ -158,11 +144,8 @@ def tune_readahead(mountpoint: Path, kb: int) -> bool:
 
 def mount_entry(mountpoint: Path) -> tuple[str, str] | None:
     """``(fstype, source)`` of the mount at ``mountpoint`` from /proc/self/mountinfo."""
-    fields = _mountinfo(mountpoint)
-    if fields is None:
-        return None
-    sep = fields.index("-")
-    return fields[sep + 1], fields[sep + 2]
+    found = mounted_at(mountpoint)
+    return None if found is None else (found.fstype, found.source)
 
 
 def check_mountpoint(mountpoint: Path) -> None:

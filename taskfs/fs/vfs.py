@@ -42,7 +42,6 @@ import trio
 
 from taskfs.api.client import PAGE_SIZE, ApiClient
 from taskfs.api.models import Task, TaskPage, TaskStatusCode, TaskWithStatusHistory
-from taskfs.archive.cache import SingleFlight
 from taskfs.archive.member import MemberReader
 from taskfs.archive.remote import RemoteArchive
 from taskfs.archive.zipindex import Entry
@@ -58,6 +57,7 @@ from taskfs.errors import (
     TaskfsError,
     UnmountingError,
 )
+from taskfs.flight import SingleFlight
 from taskfs.fs.inodes import ROOT_INODE, Inode, InodeTable
 from taskfs.fs.nodes import NS, Attr, Handle, Node, OutputTree, Root, archive_slot, now_ns
 from taskfs.fs.stats import MountStats

@@ -55,7 +55,8 @@ import trio
 
 from taskfs.api.models import KILLABLE, TaskStatusCode, format_time, now_utc
 from taskfs.config import ServiceSettings
-from taskfs.packing import REPORT_NAME, PackingCancelled, mount_points_under
+from taskfs.mounts import mount_points_under
+from taskfs.packing import REPORT_NAME, PackingCancelled
 from taskfs.proc import helpers
 from taskfs.server.reaper import children, freeze
 from taskfs.server.storage import OutputStats, Storage

@@ -19,6 +19,7 @@ import pytest
 
 from taskfs.api.models import TaskStatusCode as S
 from taskfs.fs.mount import mount_entry
+from taskfs.mounts import mounted_at
 from tests.fuse.conftest import (
     Mount,
     Service,
@@ -311,6 +312,53 @@ def test_background_mount_and_unmount_command(service: Service, tmp_path: Path) 
     time.sleep(0.1)
 
 
+@pytest.mark.parametrize(
+    ("shadow", "name"),
+    [("taskfs", "café"), ("taskfs.py", "a b\\c")],
+    ids=["in-a-clone-at-a-utf8-name", "beside-a-module-at-an-escaped-name"],
+)
+def test_a_background_mount_from_any_directory_at_any_name(
+    service: Service, tmp_path: Path, shadow: str, name: str
+) -> None:
+    """Where the user stands changes nothing (the folder they cloned taskfs into holds a
+    ``taskfs`` folder; a ``taskfs.py`` would be imported as well), and a mountpoint named in
+    UTF-8 or with what /proc/self/mountinfo escapes (a space, a backslash) comes up, answers
+    and unmounts; the detached processes keep no hold on the user's directory."""
+    here = tmp_path / "work"
+    here.mkdir()
+    if shadow.endswith(".py"):
+        (here / shadow).write_text('raise SystemExit("the wrong taskfs was imported")\n')
+    else:
+        (here / shadow).mkdir()  # a namespace package: it hides an editable install
+    (here / name).mkdir()
+    command = str(Path(sys.executable).with_name("taskfs"))
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [command, *args], cwd=here, capture_output=True, text=True, timeout=60, check=False
+        )
+
+    started = run("mount", name, "--data-dir", str(service.data_dir), "--cache-dir", "cache")
+    assert started.returncode == 0, started.stderr
+    assert (here / "cache").is_dir()  # relative paths are the user's, not the daemon's
+    pid = int(re.search(r"\(pid (\d+),", started.stdout).group(1))  # type: ignore[union-attr]
+    try:
+        assert os.readlink(f"/proc/{pid}/cwd") == "/"
+        found = mounted_at(here / name)
+        assert found is not None and found.fstype == "fuse.taskfs"
+        assert ".taskfs" in os.listdir(here / name)
+        assert (here / name / ".taskfs" / "stats").read_bytes().startswith(b"{")
+    finally:
+        done = run("unmount", name)
+    assert done.returncode == 0, done.stderr
+    wait_until(lambda: mounted_at(here / name) is None)
+    served = run("serve", "--background", "--data-dir", "data", "--port", "0")
+    assert served.returncode == 0, served.stderr
+    assert served.stdout.startswith("http://127.0.0.1:")
+    stopped = run("serve", "--stop", "--data-dir", "data")
+    assert stopped.returncode == 0, stopped.stderr
+
+
 def test_unmount_recovers_a_mount_whose_process_died(service: Service, tmp_path: Path) -> None:
     from taskfs.fs.mount import mount_entry
 
@@ -439,9 +487,8 @@ def test_mount_options_as_fstab_gives_them(service: Service, tmp_path: Path) -> 
     running = service.submit("sleep 60")
     mount = start_mount(None, path, tmp_path / "cache", "-o", f"{options},ro,noexec")
     try:
-        mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
-        flags = next(fields[3] for fields in mounts if fields[1] == str(path))
-        assert {"ro", "noexec"} <= set(flags.split(",")), flags
+        found = mounted_at(path)
+        assert found is not None and {"ro", "noexec"} <= found.options, found
         refused = mount.run(f"echo kill > {mount / running / 'control'}")
         assert "Read-only file system" in refused.stderr
         assert service.call(lambda api: api.get_status(running)).status != S.KILLED

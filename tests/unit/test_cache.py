@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from taskfs.archive.cache import CacheKey, DiskCache, MemoryCache, SingleFlight, Tiered
+from taskfs.archive.cache import CacheKey, DiskCache, MemoryCache, Tiered
 
 
 def key(n: int, etag: str = '"e1"') -> CacheKey:
@@ -122,72 +122,6 @@ async def test_tiered_reads_through(tmp_path: Path) -> None:
     assert tiered.memory.get(key(1)) == b"on disk"
     await tiered.put(key(2), b"both")
     assert disk.get(key(2)) == b"both" and tiered.contains(key(2))
-
-
-async def test_single_flight_runs_once() -> None:
-    flights: SingleFlight[str, bytes] = SingleFlight()
-    calls = 0
-    results: list[bytes] = []
-
-    async def fetch() -> bytes:
-        nonlocal calls
-        calls += 1
-        await trio.sleep(0.01)
-        return b"value"
-
-    async def user() -> None:
-        results.append(await flights.run("k", fetch))
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(10):
-            nursery.start_soon(user)
-    assert calls == 1 and results == [b"value"] * 10
-
-
-async def test_single_flight_shares_errors_and_survives_cancel() -> None:
-    flights: SingleFlight[str, bytes] = SingleFlight()
-
-    async def fail() -> bytes:
-        await trio.sleep(0.01)
-        raise ValueError("boom")
-
-    errors: list[BaseException] = []
-
-    async def user() -> None:
-        try:
-            await flights.run("k", fail)
-        except ValueError as exc:
-            errors.append(exc)
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(3):
-            nursery.start_soon(user)
-    assert len(errors) == 3
-
-    async def slow() -> bytes:
-        await trio.sleep(10)
-        return b"never"
-
-    async def quick() -> bytes:
-        return b"second"
-
-    got: list[bytes] = []
-    async with trio.open_nursery() as nursery:
-        leader = trio.CancelScope()
-
-        async def lead() -> None:
-            with leader:
-                await flights.run("j", slow)
-
-        async def follow() -> None:
-            await trio.sleep(0.01)
-            got.append(await flights.run("j", quick))
-
-        nursery.start_soon(lead)
-        nursery.start_soon(follow)
-        await trio.sleep(0.05)
-        leader.cancel()
-    assert got == [b"second"]
 
 
 def test_the_limit_holds_for_every_process_sharing_the_directory(tmp_path: Path) -> None:

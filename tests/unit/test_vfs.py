@@ -303,6 +303,26 @@ async def test_task_without_archive_has_empty_outputs(env: Env) -> None:
     assert await env.kernel.listdir(outputs.inode) == []
 
 
+async def test_concurrent_readers_of_a_task_without_an_archive_all_see_it_empty(
+    env: Env,
+) -> None:
+    """Readers that come while the first looks for the archive share its answer, "none"
+    included (they got EIO from an assertion once)."""
+    env.fake.add("noarchive", S.FAILED)
+    env.fake.objects.fault = lambda seen, answer: replace(answer, delay=0.05)
+    outputs = await env.kernel.resolve("noarchive/outputs")
+    listed: list[list[tuple[str, Attr]]] = []
+
+    async def ls() -> None:
+        listed.append(await env.kernel.listdir(outputs.inode))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(ls)
+    assert listed == [[], [], []]
+    assert len(env.fake.objects.seen) == 1  # one look for the archive
+
+
 async def test_a_missing_archive_is_asked_for_again_after_a_while(
     env: Env, autojump_clock: trio.testing.MockClock
 ) -> None:
