@@ -12,7 +12,7 @@ Must stay true:
 * ``child`` asks nothing remote: a name that cannot be there (not a task id, not in a table)
   is ENOENT at once; every failure is a ``TaskfsError`` (the errno table is ``taskfs.errors``);
 * virtual files are ``direct_io`` and their ``st_size`` is their content now (0 where it is
-  made at each open: ``top``); output files of ended tasks are cached by the kernel only
+  made at each open: ``top``, ``.taskfs/stats``); output files of ended tasks are cached by the kernel only
   where a strong ETag vouches for them.
 
 How to add:
@@ -195,6 +195,10 @@ class Root(Node):
 # -- the mount's own files: tasks/.taskfs ----------------------------------------------------
 
 # The files of ``tasks/.taskfs``, in listing order: name -> content. A new one is one entry.
+# Their content is a snapshot made at each open (the counters move with every request, the
+# reads of the file itself included), which ``stat`` cannot know: size 0 and the mount's
+# time, as /proc's files (``cat`` and ``cp`` read it whole; ``tar`` and ``rsync``, which trust
+# the size, store it empty and see nothing change while they read).
 META_FILES: dict[str, Callable[[Vfs], bytes]] = {
     "stats": lambda vfs: vfs.stats_document(),
 }
@@ -222,7 +226,7 @@ class MetaFile(Node):
     name: str
 
     async def attr(self, vfs: Vfs) -> Attr:
-        return vfs.attr(FILE_MODE, len(META_FILES[self.name](vfs)), now_ns(), 0.0)
+        return vfs.attr(FILE_MODE, 0, vfs.mount_time_ns, 0.0)
 
     def describe(self) -> str:
         return f"{META}/{self.name}"

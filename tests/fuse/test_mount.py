@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import filecmp
 import io
+import json
 import os
 import re
 import shlex
@@ -405,6 +406,40 @@ def test_recursive_tools_finish_over_a_running_task(mounted: Mount, tmp_path: Pa
     assert not (tmp_path / "copy" / "wait").exists()
     assert (tmp_path / "synced" / "status").read_text() == "computation-started\n"
     mounted.service.call(lambda api: api.kill(task_id))
+
+
+def test_tar_rsync_and_cp_of_the_whole_mount_exit_0(tmp_path: Path) -> None:
+    """The mount's root as a whole, its own ``.taskfs/stats`` (a snapshot per open, which
+    changes as it is read) and views included: every tool finishes without a complaint."""
+    service = start_service(tmp_path / "data")
+    mount = None
+    try:
+        done = service.submit("mkdir -p a/b; echo one > a/b/one.txt; echo out")
+        failed = service.submit("echo err >&2; exit 3")
+        for task_id in (done, failed):
+            service.wait_for(task_id, lambda s: s.is_terminated)
+        mount = start_mount(service, tmp_path / "tasks", tmp_path / "cache")
+        for command in (
+            f"tar -cf {tmp_path / 'all.tar'} -C {mount.path} .",
+            f"rsync -a {mount.path}/ {tmp_path / 'synced'}",
+            f"cp -r {mount.path} {tmp_path / 'copy'}",
+        ):
+            ran = mount.run(f"timeout 60 {command}", timeout=90)
+            assert ran.returncode == 0, f"{command}: {ran.stderr}"
+        listed = subprocess.run(
+            ["tar", "-tvf", str(tmp_path / "all.tar")], capture_output=True, text=True, check=True
+        ).stdout
+        assert f"./{done}/outputs/a/b/one.txt" in listed and "./.taskfs/stats" in listed
+        copied = json.loads((tmp_path / "copy" / ".taskfs" / "stats").read_text())
+        assert copied["api_requests"]  # cp reads the snapshot whole
+        assert (tmp_path / "synced" / failed / "status").read_text() == "failed\n"
+        assert (tmp_path / "synced" / done / "outputs" / "a" / "b" / "one.txt").read_text() == (
+            "one\n"
+        )
+    finally:
+        if mount is not None:
+            stop_mount(mount)
+        stop(service.proc)
 
 
 def test_a_busy_unmount_says_it_was_lazy(service: Service, tmp_path: Path) -> None:
