@@ -255,10 +255,12 @@ class Vfs:
 
     async def _fetch_listing(self) -> list[str]:
         """The task ids, newest first. The first listing reads every page. A refresh reads
-        pages from the newest until one where nothing is new and every task has ended (the
-        API lists newest first, so what follows is what the last listing saw): an unchanged
-        root costs one request. The previous listing's rest follows the pages read; if the
-        count does not add up to the API's total (tasks were deleted), every page is read."""
+        pages from the newest until one that brings nothing new, once every task that had not
+        ended has been seen (its state comes with its page; the API lists newest first, so
+        what follows is what the last listing saw): an unchanged root costs one request,
+        running tasks on page 1 included. The previous listing's rest follows the pages read;
+        if the count does not add up to the API's total (tasks were deleted), every page is
+        read."""
         ids = await self._list_pages(refresh=bool(self.listing))
         if ids is None:
             ids = await self._list_pages(refresh=False)
@@ -269,6 +271,8 @@ class Vfs:
 
     async def _list_pages(self, refresh: bool) -> list[str] | None:
         known = set(self.listing) if refresh else set()
+        # Tasks to see again (their states come with their pages): those not ended.
+        running = {task_id for task_id in known if not self._ended(task_id)}
         seen: set[str] = set()
         fresh: list[str] = []
         page = 1
@@ -278,10 +282,10 @@ class Vfs:
                 rest = await self._other_pages(result.total_size)
                 if rest is not None:  # every page, read side by side
                     return self._note_pages([result, *rest], seen, known)[0]
-            changed = self._note_pages([result], seen, known, fresh)[1]
+            new = self._note_pages([result], seen, known, fresh)[1]
             if len(result.tasks) < PAGE_SIZE or page * PAGE_SIZE >= result.total_size:
                 return fresh  # every page read
-            if refresh and not changed:
+            if refresh and not new and running <= seen:
                 ids = fresh + [task_id for task_id in self.listing if task_id not in seen]
                 return ids if len(ids) == result.total_size else None
             page += 1
@@ -315,20 +319,24 @@ class Vfs:
         ids: list[str] | None = None,
     ) -> tuple[list[str], bool]:
         """Take the tasks of ``pages`` (in order) into the listing ``ids`` and the states;
-        whether any of them is new to ``known`` or still running."""
+        whether any of them is new to ``known``."""
         ids = [] if ids is None else ids
-        changed = False
+        new = False
         for result in pages:
             for task in result.tasks:
                 if task.task_id in seen:
                     continue  # shifted onto this page by a newer task
                 seen.add(task.task_id)
                 ids.append(task.task_id)
-                changed = changed or task.task_id not in known or not task.is_terminated
-                state = self._states.get(task.task_id)
-                if state is None or not state.task.is_terminated:
+                new = new or task.task_id not in known
+                if not self._ended(task.task_id):
                     self._remember(task)
-        return ids, changed
+        return ids, new
+
+    def _ended(self, task_id: str) -> bool:
+        """Whether the task is known to have ended (its state never changes again)."""
+        state = self._states.get(task_id)
+        return state is not None and state.task.is_terminated
 
     def known(self, task_id: str) -> TaskState | None:
         """The task's state as last seen (listing or fetch), without asking."""

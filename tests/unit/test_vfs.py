@@ -544,8 +544,9 @@ async def test_root_listing_pages_of_500(env: Env) -> None:
 async def test_root_refresh_reads_pages_until_nothing_changed(
     env: Env, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """The API lists newest first: a refresh stops at the first page with nothing new and
-    nothing running, and keeps the rest of the previous listing."""
+    """The API lists newest first: a refresh stops at the first page with nothing new once
+    every task that had not ended has been seen, and keeps the rest of the previous
+    listing."""
 
     async def listing() -> tuple[list[str], int]:
         before = env.fake.calls["GET tasks"]
@@ -562,18 +563,24 @@ async def test_root_refresh_reads_pages_until_nothing_changed(
     # nothing (the shifted task was seen), so two requests.
     env.fake.add("new1", S.SUCCESS)
     assert await listing() == (["new1", *expected], 2)
-    # A running task keeps the refresh reading: its page changed.
+    # A new running task: page 1 brought it, page 2 nothing new.
     env.fake.add("running", S.COMPUTATION_STARTED)
     names, requests = await listing()
     assert names == ["running", "new1", *expected] and requests == 2
     names, requests = await listing()
-    assert requests == 2  # still running: page 1 counts as changed, page 2 does not
+    assert requests == 1  # still running, seen again on page 1: nothing more to read
     # Enough new tasks to fill a page: every page that has one is read.
     for i in range(600):
         env.fake.add(f"more{i:03}", S.SUCCESS)
     names, requests = await listing()
     assert names[:600] == [f"more{i:03}" for i in reversed(range(600))]
     assert len(names) == 1802 and requests == 3
+    # Nothing new, but the running task is on page 2 now: its state comes with page 2.
+    assert (await listing())[1] == 2
+    env.fake.set_status("running", S.SUCCESS)
+    assert (await listing())[1] == 2  # it ended: seen on page 2 as it is now
+    assert (await env.vfs.task_state("running")).task.status == S.SUCCESS
+    assert (await listing())[1] == 1  # nothing running any more
     # A deleted task makes the count disagree with the API's total: every page again.
     deleted = expected[-1]
     env.fake.order.remove(deleted)
