@@ -12,8 +12,8 @@ Must stay true:
 * ``child`` asks nothing remote: a name that cannot be there (not a task id, not in a table)
   is ENOENT at once; every failure is a ``TaskfsError`` (the errno table is ``taskfs.errors``);
 * virtual files are ``direct_io`` and their ``st_size`` is their content now (0 where it is
-  made at each open: ``top``, ``.taskfs/stats``); output files of ended tasks are cached by the kernel only
-  where a strong ETag vouches for them.
+  made at each open: ``top``, ``.taskfs/stats``); output files of ended tasks are cached by
+  the kernel only where a strong ETag vouches for them.
 
 How to add:
 * a file to every task directory: one ``VirtualFile`` entry in ``VIRTUAL`` (its content from
@@ -130,6 +130,10 @@ class Node:
     def child(self, name: str) -> Node:
         """The node called ``name`` in this directory (without asking whether it exists)."""
         raise NotFoundError(f"{self.describe()}/{name}")  # files have no children
+
+    def parent(self) -> Node:
+        """The directory this node is in (``..``; the root's is the root)."""
+        return Root()
 
     async def entries(self, vfs: Vfs) -> Entries:
         """What ``ls`` shows, with attributes (a snapshot: readdir's offsets index it)."""
@@ -308,6 +312,9 @@ class ViewGroup(Node):
 
     def describe(self) -> str:
         return f"{self.view}/{self.group}"
+
+    def parent(self) -> Node:
+        return View(self.view)
 
     def child(self, name: str) -> Node:
         if not is_task_id(name):
@@ -539,6 +546,9 @@ class OutputTree(Node):
 
     def child(self, name: str) -> Node:
         return type(self)(self.task_id, (*self.path, name))  # replace() costs 5x: ls -lR
+
+    def parent(self) -> Node:
+        return type(self)(self.task_id, self.path[:-1]) if self.path else TaskDir(self.task_id)
 
     async def find(self, vfs: Vfs, again: bool = False) -> DirNode | Entry | LiveDir | LiveFile:
         """What this node is now: in the archive, or over the live channel (which ends as

@@ -59,7 +59,17 @@ from taskfs.errors import (
 )
 from taskfs.flight import SingleFlight
 from taskfs.fs.inodes import ROOT_INODE, Inode, InodeTable
-from taskfs.fs.nodes import NS, Attr, Handle, Node, OutputTree, Root, archive_slot, now_ns
+from taskfs.fs.nodes import (
+    DIR_MODE,
+    NS,
+    Attr,
+    Handle,
+    Node,
+    OutputTree,
+    Root,
+    archive_slot,
+    now_ns,
+)
 from taskfs.fs.stats import MountStats
 from taskfs.outputs import Outputs
 from taskfs.proc import wants_out
@@ -76,6 +86,7 @@ log = logging.getLogger(__name__)
 LIST_PARALLEL = 4
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+DOTS = frozenset({".", ".."})
 # A task that stopped computing this recently (seconds) is about to end: its outputs wait
 # for the archive (half the deadline at most) rather than show empty.
 ENDING = 10.0
@@ -577,20 +588,32 @@ class Vfs:
         return replace(await self._node(inode).attr(self), inode=inode)
 
     async def opendir(self, inode: Inode) -> int:
-        return self._new_handle(_DirHandle(await self._node(inode).entries(self)))
+        node = self._node(inode)
+        entries = await node.entries(self)
+        # ``.`` and ``..`` first, as every file system lists them (``ls -a``); the kernel
+        # takes no attributes and no lookup count from them.
+        dot = self.attr(DIR_MODE, 0, self.mount_time_ns, 0.0)
+        return self._new_handle(
+            _DirHandle([(".", node, dot), ("..", node.parent(), dot), *entries])
+        )
 
     async def readdir(self, fh: int, start: int, emit: Callable[[str, Attr, int], bool]) -> None:
-        """Emit entries from offset ``start``; stop when ``emit`` returns False."""
+        """Emit entries from offset ``start``; stop when ``emit`` returns False. Each one the
+        kernel accepted counts as a lookup, but ``.`` and ``..`` (readdirplus does not count
+        them)."""
         handle = self._handles.get(fh)
         if not isinstance(handle, _DirHandle):
             raise NotFoundError(f"no open directory {fh}")
         for index in range(start, len(handle.entries)):
             name, node, attr = handle.entries[index]
             inode = self.inodes.inode_for(node)
-            if not emit(name, replace(attr, inode=inode), index + 1):
+            accepted = emit(name, replace(attr, inode=inode), index + 1)
+            if not accepted or name in DOTS:
                 self.inodes.drop_unreferenced(inode)
+            else:
+                self.inodes.ref(inode)
+            if not accepted:
                 return
-            self.inodes.ref(inode)
 
     def releasedir(self, fh: int) -> None:
         self._handles.pop(fh, None)

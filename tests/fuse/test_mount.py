@@ -75,6 +75,36 @@ def test_ls_of_root_and_task_dirs(mounted: Mount) -> None:
     assert mounted.run(f"ls -l {mounted / task_id / 'wait'}").returncode == 0
 
 
+def test_ls_a_lists_dot_and_dot_dot_everywhere(mounted: Mount) -> None:
+    """As on ext4 or sshfs: every directory lists ``.`` and ``..`` first, ``..`` with the
+    parent's inode number; ``find`` and ``ls -R`` do not walk into them."""
+    service = mounted.service
+    task_id = service.submit("mkdir -p sub/deeper; echo x > sub/deeper/x.txt")
+    ended(service, task_id)
+    root = mounted.path
+    task = root / task_id
+    for directory in (
+        root,
+        root / ".taskfs",
+        root / ".status",
+        task,
+        task / "outputs",
+        task / "outputs" / "sub",
+        task / "outputs" / "sub" / "deeper",
+    ):
+        lines = mounted.run(f"ls -a -i -1 -U {shlex.quote(str(directory))}").stdout.split("\n")
+        dot, dotdot = (line.split() for line in lines[:2])
+        assert (dot[1], dotdot[1]) == (".", ".."), (directory, lines)
+        assert int(dot[0]) == directory.stat().st_ino, directory
+        if directory != root:
+            assert int(dotdot[0]) == directory.parent.stat().st_ino, directory
+    found = mounted.run(f"find {task}/outputs").stdout.split()
+    assert sorted(found) == sorted(
+        str(task / "outputs" / p)
+        for p in ("", "sub", "sub/deeper", "sub/deeper/x.txt", "stdout.txt", "stderr.txt")
+    )
+
+
 def test_virtual_files_through_the_lifecycle(tmp_path: Path) -> None:
     service = start_service(tmp_path / "data", slots=1)
     mount = start_mount(service, tmp_path / "mnt", tmp_path / "cache")

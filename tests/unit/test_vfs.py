@@ -92,9 +92,14 @@ class Kernel:
                 break
             for name, attr, next_id in got:
                 seen.append((name, attr))
-                self.refs[attr.inode] += 1
+                if name not in (".", ".."):  # readdirplus counts no lookup for these
+                    self.refs[attr.inode] += 1
                 offset = next_id
         self.vfs.releasedir(fh)
+        # Every directory lists itself and its parent first (ls -a).
+        assert [name for name, _ in seen[:2]] == [".", ".."]
+        assert seen[0][1].inode == inode
+        seen = seen[2:]
         if inode == ROOT_INODE and not views:
             return [(name, attr) for name, attr in seen if not name.startswith(".")]
         return seen
@@ -159,6 +164,34 @@ async def test_root_lists_tasks_and_finds_unlisted_ones(env: Env) -> None:
     assert stat.S_ISDIR(hidden.mode)
     with pytest.raises(NotFoundError):
         await env.kernel.lookup(ROOT_INODE, "nope")
+
+
+async def test_every_directory_lists_dot_and_dot_dot_with_their_inodes(env: Env) -> None:
+    env.fake.add("aaa", S.SUCCESS, archive=artifacts_zip(FILES))
+    parents = {
+        "": "",
+        ".taskfs": "",
+        ".status": "",
+        ".status/success": ".status",
+        "aaa": "",
+        "aaa/inputs": "aaa",
+        "aaa/outputs": "aaa",
+        "aaa/outputs/vtk": "aaa/outputs",
+    }
+    for path, parent in parents.items():
+        directory = await env.kernel.resolve(path)
+        parent_inode = (await env.kernel.resolve(parent)).inode
+        fh = await env.vfs.opendir(directory.inode)
+        got: list[tuple[str, Attr]] = []
+        await env.vfs.readdir(fh, 0, lambda name, attr, _: got.append((name, attr)) or True)
+        env.vfs.releasedir(fh)
+        counted = {name: attr for name, attr in got if name not in (".", "..")}
+        env.kernel.refs.update(attr.inode for attr in counted.values())
+        assert [(n, a.inode) for n, a in got[:2]] == [
+            (".", directory.inode),
+            ("..", parent_inode),
+        ], path
+        assert stat.S_ISDIR(got[1][1].mode)
 
 
 async def test_root_views_come_first_and_group_the_listing(env: Env) -> None:
@@ -371,7 +404,8 @@ async def test_readdir_offsets_survive_changes(env: Env) -> None:
             if len(batch) == 2:
                 return False
             batch.append((name, next_id))
-            env.kernel.refs[attr.inode] += 1
+            if name not in (".", ".."):
+                env.kernel.refs[attr.inode] += 1
             return True
 
         return emit
@@ -386,7 +420,14 @@ async def test_readdir_offsets_survive_changes(env: Env) -> None:
         offset = batch[-1][1]
         env.fake.add(f"new{offset}", S.SUBMITTED)  # tasks keep arriving meanwhile
     env.vfs.releasedir(fh)
-    assert names == [".taskfs", ".projects", ".status", *(f"t{i}" for i in reversed(range(7)))]
+    assert names == [
+        ".",
+        "..",
+        ".taskfs",
+        ".projects",
+        ".status",
+        *(f"t{i}" for i in reversed(range(7))),
+    ]
 
 
 async def test_unaccepted_readdir_entries_take_no_reference(env: Env) -> None:
