@@ -183,7 +183,12 @@ async def test_every_directory_lists_dot_and_dot_dot_with_their_inodes(env: Env)
         parent_inode = (await env.kernel.resolve(parent)).inode
         fh = await env.vfs.opendir(directory.inode)
         got: list[tuple[str, Attr]] = []
-        await env.vfs.readdir(fh, 0, lambda name, attr, _: got.append((name, attr)) or True)
+
+        def emit(name: str, attr: Attr, next_id: int) -> bool:
+            got.append((name, attr))
+            return True
+
+        await env.vfs.readdir(fh, 0, emit)
         env.vfs.releasedir(fh)
         counted = {name: attr for name, attr in got if name not in (".", "..")}
         env.kernel.refs.update(attr.inode for attr in counted.values())
