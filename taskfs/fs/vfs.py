@@ -449,6 +449,7 @@ class Vfs:
                 return None
             self._no_archive.pop(slot, None)
             if self.live is not None and not inputs:
+                await self._hand_over(task_id, archive)
                 self.live.drop(task_id)  # the archive takes over from the live channel
             self._archives[slot] = archive
             self._index_entries += len(archive.entries)
@@ -506,50 +507,81 @@ class Vfs:
             ) from None
 
     async def _read_live(self, handle: Handle, offset: int, size: int) -> bytes:
-        """A followed file: its spool, then (once the task has ended and its archive is
-        there) the archive member from where the spool stops, through the same handle."""
+        """A followed file: its spool while the task computes; once the task has ended, its
+        archive member, through the same handle, at every offset (what a local file shows a
+        reader that holds it: the file as it ended, never text it no longer holds)."""
         node = handle.node
         assert handle.spool is not None and isinstance(node, OutputTree)
-        # ``latest``: the file may have started again (truncated, replaced) meanwhile.
-        spool = handle.spool.latest()
-        # The text the file had when it was opened is still arriving: wait for it.
-        while offset >= spool.size and not (spool.caught_up or spool.ended):
-            await spool.more()
-            spool = spool.latest()
-        if offset == 0 and handle.spool is not spool:  # moved here: reads it anew
-            spool.read_from_start()
-        handle.spool = spool
-        if offset < spool.size or not spool.ended:
-            return spool.read(offset, size)
         task_id = node.task_id
-        if not (await self.task_state(task_id)).task.is_terminated:
+        if not self._ended(task_id):
+            # ``latest``: the file may have started again (truncated, replaced) meanwhile.
+            spool = handle.spool.latest()
+            # The text the file had when it was opened is still arriving: wait for it.
+            while offset >= spool.size and not (spool.caught_up or spool.ended):
+                await spool.more()
+                spool = spool.latest()
+            if offset == 0 and handle.spool is not spool:  # moved here: reads it anew
+                spool.read_from_start()
+            handle.spool = spool
+            if not spool.ended:
+                return spool.read(offset, size)
             # The stream ended: the task stopped computing (then its archive is moments
             # away: wait for it, up to half the deadline), or the channel failed.
-            await self.stopped_computing(task_id)
             if not (await self.task_state(task_id)).task.is_terminated:
-                return b""
-        archive = await self.archive(task_id)
-        if archive is None:
+                if offset < spool.size:
+                    return spool.read(offset, size)  # what the failed channel brought
+                await self.stopped_computing(task_id)
+                if not (await self.task_state(task_id)).task.is_terminated:
+                    return b""
+        return await self._read_archived(handle, offset, size)
+
+    async def _read_archived(self, handle: Handle, offset: int, size: int) -> bytes:
+        """The task of a followed file has ended: the handle reads its archive member from
+        now on (the spool goes). A file the archive does not hold ends here."""
+        node = handle.node
+        assert handle.spool is not None and isinstance(node, OutputTree)
+        archive = await self.archive(node.task_id)  # compares the spools: ``_hand_over``
+        entry = None if archive is None else archive.find(node.path)
+        if archive is None or not isinstance(entry, Entry):
             return b""
-        if handle.reader is None:
-            entry = archive.find(node.path)
-            if not isinstance(entry, Entry):
-                return b""
-            handle.reader = archive.open_member(entry)
-            if not await self._continues(handle.reader, spool, entry):
-                # The spool is not the start of the file as archived: it started again as
-                # the task ended (too late for the live channel to say), or changed in a way
-                # the protocol could not tell. As for a file that starts again while
-                # followed: end-of-file here, size 0 until its readers read it anew from
-                # the start (``restarting``), then the archive alone.
-                log.info("%s: the followed text differs from the archive", node.describe())
-                if self.live is not None:
-                    self.live.restarted_at_end(node.task_id, "/".join(node.path), spool)
-                handle.rereading = spool
-                spool.latest().release()
-                handle.spool = None
-                return b""
-        return await handle.reader.read(offset, size)
+        spool = handle.spool.latest()
+        if self.live is not None and self.live.restarts.get(self._live_key(node)) is spool:
+            handle.rereading = spool  # it started again: this reader is yet to go back
+        handle.reader = archive.open_member(entry)
+        handle.spool = None
+        spool.release()
+        return await self._read_member(handle, offset, size)
+
+    @staticmethod
+    def _live_key(node: OutputTree) -> tuple[str, str]:
+        return node.task_id, "/".join(node.path)
+
+    async def _hand_over(self, task_id: str, archive: RemoteArchive) -> None:
+        """The archive takes over from the live channel as the task ended. A followed file
+        whose archived text does not go on from what was followed (it shrank or was replaced
+        as the task ended, too late for the channel to say) is marked as started again
+        before anyone is answered from the archive: ``stat`` shows its followers size 0 for
+        a moment (``tail -f`` says "file truncated"), and they read it anew from its start.
+        Where the check cannot be made (storage fails), the file is taken as it is: every
+        byte comes from the archive either way."""
+        live = None if self.live is None else self.live.find(task_id)
+        if live is None:
+            return
+        for path, spool in list(live.spools.items()):
+            entry = archive.find(path.split("/"))
+            if spool.handles <= 0 or not isinstance(entry, Entry):
+                continue
+            reader = archive.open_member(entry)
+            try:
+                same = await self._continues(reader, spool, entry)
+            except TaskfsError as exc:
+                log.info("%s/outputs/%s: not compared with the archive: %s", task_id, path, exc)
+                same = True
+            finally:
+                reader.close()
+            if not same:
+                log.info("%s/outputs/%s: the followed text differs from the archive", task_id, path)
+                live.mirrors.restarted_at_end(task_id, path, spool)
 
     @staticmethod
     async def _continues(reader: MemberReader, spool: Spool, entry: Entry) -> bool:
@@ -629,22 +661,26 @@ class Vfs:
         if handle.spool is not None:
             return await self._read_live(handle, offset, size)
         if handle.reader is not None:
-            if handle.rereading is not None and offset == 0:  # went back to the start
-                handle.rereading.read_from_start()
-                handle.rereading = None
-            try:
-                return await handle.reader.read(offset, size)
-            except ChecksumError:
-                self.drop_cached(handle.inode)
-                raise
-            except StaleError:
-                if isinstance(handle.node, OutputTree):
-                    self._forget_archive(handle.node.slot)
-                self.drop_cached(handle.inode)
-                raise
+            return await self._read_member(handle, offset, size)
         if handle.wait_for and not handle.content:
             handle.content = await self._wait(handle.wait_for, handle.pid)
         return handle.content[offset : offset + size]
+
+    async def _read_member(self, handle: Handle, offset: int, size: int) -> bytes:
+        assert handle.reader is not None
+        if handle.rereading is not None and offset == 0:  # went back to the start
+            handle.rereading.read_from_start()
+            handle.rereading = None
+        try:
+            return await handle.reader.read(offset, size)
+        except ChecksumError:
+            self.drop_cached(handle.inode)
+            raise
+        except StaleError:
+            if isinstance(handle.node, OutputTree):
+                self._forget_archive(handle.node.slot)
+            self.drop_cached(handle.inode)
+            raise
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         return await self._file(fh).node.write(self, data)

@@ -514,9 +514,9 @@ class LiveMirrors:
             task.close()
 
     def restarted_at_end(self, task_id: str, path: str, spool: Spool) -> None:
-        """``spool`` (of ``path``) turned out not to be the start of the file as archived:
-        the file started again as the task ended. Its readers get ``restarting`` as if the
-        live channel had said so (the first of them to find out tells for all)."""
+        """``spool`` (of ``path``) turned out not to be the start of the file as archived
+        (found as the archive takes over): the file started again as the task ended. Its
+        readers get ``restarting`` as if the live channel had said so."""
         if self.restarts.get((task_id, path)) is spool:
             return
         spool.restarted_at = trio.current_time()
