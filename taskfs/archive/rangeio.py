@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from typing import BinaryIO
 
 import httpx
 
@@ -97,10 +98,25 @@ class RangeSource:
             raise ValueError(f"range {start}-{end} outside 0-{self.size}")
         return await self._get(f"bytes={start}-{end - 1}", (start, end), first=False)
 
+    async def fetch_to(self, start: int, end: int, file: BinaryIO) -> None:
+        """Bytes ``[start, end)`` of the object written to ``file`` from where it stands (a
+        large range that is read back piece by piece: it costs no memory while it arrives).
+        A retry writes from the same place again."""
+        if self.size is None:
+            raise RuntimeError("open_tail() must come first")
+        if not 0 <= start < end <= self.size:
+            raise ValueError(f"range {start}-{end} outside 0-{self.size}")
+        await self._get(f"bytes={start}-{end - 1}", (start, end), first=False, file=file)
+
     async def _get(
-        self, range_header: str, want: tuple[int, int] | None, first: bool
+        self,
+        range_header: str,
+        want: tuple[int, int] | None,
+        first: bool,
+        file: BinaryIO | None = None,
     ) -> bytes | bytearray:
         refreshed = False
+        origin = None if file is None else file.tell()
 
         async def attempt() -> bytes | bytearray:
             nonlocal refreshed
@@ -112,6 +128,12 @@ class RangeSource:
                 async with self._http.stream("GET", url, headers=headers) as response:
                     self._check_status(response, first, refreshed)
                     expected = self._check_range(response, want, first)
+                    if file is not None:
+                        assert origin is not None
+                        file.seek(origin)
+                        file.truncate()
+                        await _write_body(response, expected, self.name, file)
+                        return b""
                     return await _read_body(response, expected, self.name, want is not None)
             except _UrlRefusedError:
                 refreshed = True
@@ -182,6 +204,18 @@ class RangeSource:
 
 class _UrlRefusedError(Exception):
     """A 403 on the first try: the signed URL may have expired."""
+
+
+async def _write_body(response: httpx.Response, expected: int, name: str, file: BinaryIO) -> None:
+    """Exactly ``expected`` bytes of body into ``file``, or ``Retryable`` for a short one."""
+    got = 0
+    async for chunk in response.aiter_bytes():
+        got += len(chunk)
+        if got > expected:
+            raise ProtocolError(f"{name}: body longer than its Content-Range ({expected} bytes)")
+        file.write(chunk)  # page cache: microseconds, not worth a thread
+    if got != expected:
+        raise Retryable(f"short body: {got} of {expected} bytes")
 
 
 async def _read_body(

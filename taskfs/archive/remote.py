@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 from array import array
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
+from typing import BinaryIO
 
 import trio
 from zlib_ng import zlib_ng
@@ -54,6 +56,8 @@ from taskfs.archive.verify import Verifier
 from taskfs.archive.zipindex import (
     LOCAL,
     TAIL_SIZE,
+    Directory,
+    DirectoryParser,
     DirNode,
     Entry,
     Index,
@@ -80,6 +84,10 @@ BATCH_MAX = 8 << 20
 BATCH_PART = 1 << 20
 # Parse the central directory in a thread above this size.
 THREAD_PARSE = 256 << 10
+# A central directory more than this beyond the tail goes through a file, read back in pieces
+# of ``SPILL_PIECE`` (its bytes and its index are never in memory together).
+SPILL = 4 << 20
+SPILL_PIECE = 1 << 20
 # Deflate members of one archive whose checkpoints are kept (their number is budgeted).
 MAX_DEFLATE_INDEXES = 8
 # Verifiers of large members kept per archive (what was read of a member not yet verified).
@@ -172,22 +180,31 @@ class RemoteArchive:
             tail_start = location.start
             location = locate_directory(tail, tail_start, size)
         end = location.start + location.size
-        if location.start < tail_start:
-            # A directory larger than the tail: its bytes are fetched into one buffer and the
-            # tail's part appended in place (one copy of the directory alive, not three).
-            async with limiter:
-                data = await source.fetch(location.start, tail_start)
-            if not isinstance(data, bytearray):
-                data = bytearray(data)
-            data += memoryview(tail)[: end - tail_start]
-            del tail
+        head = memoryview(tail)[max(0, location.start - tail_start) : end - tail_start]
+        if location.start < tail_start - SPILL:
+            # A large directory (a million members: 80 MB): its bytes go to an unlinked file
+            # as they arrive (one GET, as before) and are parsed from there a piece at a time
+            # in a worker thread, so that they are never in memory at once beside the index
+            # they become. The file's pages are the kernel's to drop, not the mount's RSS.
+            with tempfile.TemporaryFile() as spill:
+                async with limiter:
+                    await source.fetch_to(location.start, tail_start, spill)
+                entries = await trio.to_thread.run_sync(_parse_spilled, spill, head, location)
         else:
-            data = tail[location.start - tail_start : end - tail_start]
+            data: bytes | bytearray | memoryview = head
+            if location.start < tail_start:  # the rest of a directory larger than the tail
+                async with limiter:
+                    data = await source.fetch(location.start, tail_start) + head
+            if location.size > THREAD_PARSE:
+                entries = await trio.to_thread.run_sync(parse_directory, data, location)
+            else:
+                entries = parse_directory(data, location)
+            del data
+        head.release()
+        del tail
         if location.size > THREAD_PARSE:
-            entries = await trio.to_thread.run_sync(parse_directory, data, location)
             tree = await trio.to_thread.run_sync(build_tree, entries, prefix)
         else:
-            entries = parse_directory(data, location)
             tree = build_tree(entries, prefix)
         log.debug("opened %s: %d entries, %d bytes", object_id, len(entries), size)
         return cls(
@@ -653,6 +670,17 @@ class RemoteArchive:
     async def _fetch(self, start: int, end: int) -> bytes | bytearray:
         async with self._limiter:
             return await self.source.fetch(start, end)
+
+
+def _parse_spilled(spill: BinaryIO, head: memoryview, location: Directory) -> Index:
+    """The central directory from ``spill`` (its start, fetched) and ``head`` (its end, from
+    the tail already in memory), parsed ``SPILL_PIECE`` bytes at a time."""
+    parser = DirectoryParser(location)
+    spill.seek(0)
+    while piece := spill.read(SPILL_PIECE):
+        parser.feed(piece)
+    parser.feed(head)
+    return parser.finish()
 
 
 def _runs(numbers: list[int], longest: int) -> list[tuple[int, int]]:

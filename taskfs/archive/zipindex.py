@@ -56,7 +56,7 @@ STORED, DEFLATED, BZIP2, LZMA = 0, 8, 12, 14
 FLAG_ENCRYPTED = 0x1
 FLAG_UTF8 = 0x800
 UNIX = 3
-DOS_EPOCH = 315532800.0  # 1980-01-01T00:00:00Z
+DOS_EPOCH = 315532800  # 1980-01-01T00:00:00Z
 
 
 class Names(Sequence[str]):
@@ -75,6 +75,10 @@ class Names(Sequence[str]):
     def append_utf8(self, raw: bytes | bytearray) -> None:
         self._blob += raw
         self._ends.append(len(self._blob))
+
+    def compact(self) -> None:
+        """Done appending: ends in 4 bytes each where the names fit in 4 GiB."""
+        self._ends = _narrowed(self._ends)
 
     def __len__(self) -> int:
         return len(self._ends)
@@ -160,11 +164,21 @@ class Index(Sequence[Entry]):
         self.flags = array("H")
         self.name_lens = array("H")
         self.extra_lens = array("H")
-        self.mtimes = array("d")
-        self.modes = array("I")
+        self.mtimes = array("q")  # whole seconds: DOS times and extended timestamps are
+        self.modes = array("H")  # DIR_MODE, FILE_MODE or EXEC_MODE
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def compact(self) -> None:
+        """Done appending: offsets, sizes and times in 4 bytes each where they fit (they
+        do in archives under 4 GiB with times before 2038: 16 bytes an entry less)."""
+        self.names.compact()
+        self.offsets = _narrowed(self.offsets)
+        self.csizes = _narrowed(self.csizes)
+        self.sizes = _narrowed(self.sizes)
+        if not self.mtimes or -(1 << 31) <= min(self.mtimes) <= max(self.mtimes) < 1 << 31:
+            self.mtimes = array("i", self.mtimes)
 
     @overload
     def __getitem__(self, i: int) -> Entry: ...
@@ -191,6 +205,13 @@ class Index(Sequence[Entry]):
             name_len=self.name_lens[i],
             extra_len=self.extra_lens[i],
         )
+
+
+def _narrowed(column: array[int]) -> array[int]:
+    """``column`` (non-negative) in 4-byte items if they fit, else as it is."""
+    if column.typecode == "I" or (column and max(column) >= 1 << 32):
+        return column
+    return array("I", column)
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,7 +306,7 @@ def _find_eocd(tail: bytes | bytearray) -> int:
     return fallback
 
 
-def parse_directory(data: bytes | bytearray, directory: Directory) -> Index:
+def parse_directory(data: bytes | bytearray | memoryview, directory: Directory) -> Index:
     """Parse the central directory bytes ``data`` (exactly ``directory.size`` long).
 
     A member whose data would lie outside the data area (before the directory) is still
@@ -293,77 +314,113 @@ def parse_directory(data: bytes | bytearray, directory: Directory) -> Index:
     """
     if len(data) != directory.size:
         raise ArchiveError("central directory buffer has the wrong size")
-    entries = Index()
-    dos_times: dict[int, float] = {}  # archives hold few distinct times
-    pos = 0
-    end = len(data)
-    while pos < end:
-        if end - pos < CENTRAL.size:
-            raise ArchiveError(f"central directory truncated at record {len(entries)}")
-        fields = CENTRAL.unpack_from(data, pos)
-        if fields[0] != CENTRAL_SIG:
-            raise ArchiveError(f"bad central directory record {len(entries)} at +{pos}")
-        (
-            _,
-            _ver,
-            system,
-            _need,
-            flags,
-            method,
-            dtime,
-            ddate,
-            crc,
-            csize,
-            usize,
-            name_len,
-            extra_len,
-            comment_len,
-            disk_start,
-            _iattr,
-            eattr,
-            offset,
-        ) = fields
-        name_start = pos + CENTRAL.size
-        extra_start = name_start + name_len
-        next_pos = extra_start + extra_len + comment_len
-        if next_pos > end:
-            raise ArchiveError(f"central directory record {len(entries)} runs past its end")
-        raw_name = data[name_start:extra_start]
-        mtime: float | None = None
-        if extra_len:
-            extra = data[extra_start : extra_start + extra_len]
-            usize, csize, offset, mtime = _apply_extra(extra, usize, csize, offset, disk_start)
-        offset += directory.shift
-        if max(usize, csize, offset) >= MAX_MEMBER_BYTES:
-            raise ArchiveError(f"member {len(entries)} claims an impossible size or offset")
-        if raw_name.isascii():  # the same text in UTF-8 and CP437: no decoding needed
-            entries.names.append_utf8(raw_name)
-        else:
-            entries.names.append(_decode(raw_name, flags))
-        entries.offsets.append(offset)
-        entries.csizes.append(csize)
-        entries.sizes.append(usize)
-        entries.crcs.append(crc)
-        entries.methods.append(method)
-        entries.flags.append(flags)
-        entries.name_lens.append(name_len)
-        entries.extra_lens.append(extra_len)
-        if mtime is None:
-            mtime = dos_times.get((ddate << 16) | dtime)
+    parser = DirectoryParser(directory)
+    parser.feed(data)
+    return parser.finish()
+
+
+class DirectoryParser:
+    """The central directory parsed as its bytes arrive, in pieces of any size (a record cut
+    between two pieces waits for the next): the whole directory never has to be held at once,
+    only the ``Index`` it becomes (a 1,000,000-member archive's directory is 80 MB; its index
+    about as much again).
+
+    ``feed`` the bytes in order, then ``finish`` (which checks the size and the count)."""
+
+    def __init__(self, directory: Directory) -> None:
+        self.directory = directory
+        self.entries = Index()
+        self._dos_times: dict[int, int] = {}  # archives hold few distinct times
+        self._rest = b""  # the start of a record cut by the end of the last piece
+        self._fed = 0
+
+    def feed(self, piece: bytes | bytearray | memoryview) -> None:
+        self._fed += len(piece)
+        if self._fed > self.directory.size:
+            raise ArchiveError("central directory is longer than its end record says")
+        data = self._rest + piece if self._rest else piece
+        self._rest = bytes(data[self._parse(data) :])
+
+    def finish(self) -> Index:
+        if self._fed != self.directory.size:
+            raise ArchiveError("central directory buffer has the wrong size")
+        if self._rest:
+            count = len(self.entries)
+            if len(self._rest) < CENTRAL.size:
+                raise ArchiveError(f"central directory truncated at record {count}")
+            raise ArchiveError(f"central directory record {count} runs past its end")
+        count, found = self.directory.count, len(self.entries)
+        if found != count and found % 0x10000 != count % 0x10000:
+            raise ArchiveError(f"end record says {count} entries, central directory holds {found}")
+        self.entries.compact()
+        return self.entries
+
+    def _parse(self, data: bytes | bytearray | memoryview) -> int:
+        """Parse the whole records at the start of ``data``; where the first cut one starts."""
+        entries, directory, dos_times = self.entries, self.directory, self._dos_times
+        pos = 0
+        end = len(data)
+        while end - pos >= CENTRAL.size:
+            fields = CENTRAL.unpack_from(data, pos)
+            if fields[0] != CENTRAL_SIG:
+                raise ArchiveError(f"bad central directory record {len(entries)}")
+            (
+                _,
+                _ver,
+                system,
+                _need,
+                flags,
+                method,
+                dtime,
+                ddate,
+                crc,
+                csize,
+                usize,
+                name_len,
+                extra_len,
+                comment_len,
+                disk_start,
+                _iattr,
+                eattr,
+                offset,
+            ) = fields
+            name_start = pos + CENTRAL.size
+            extra_start = name_start + name_len
+            next_pos = extra_start + extra_len + comment_len
+            if next_pos > end:
+                break  # cut: the rest comes with the next piece
+            raw_name = bytes(data[name_start:extra_start])
+            mtime: int | None = None
+            if extra_len:
+                extra = data[extra_start : extra_start + extra_len]
+                usize, csize, offset, mtime = _apply_extra(extra, usize, csize, offset, disk_start)
+            offset += directory.shift
+            if max(usize, csize, offset) >= MAX_MEMBER_BYTES:
+                raise ArchiveError(f"member {len(entries)} claims an impossible size or offset")
+            if raw_name.isascii():  # the same text in UTF-8 and CP437: no decoding needed
+                entries.names.append_utf8(raw_name)
+            else:
+                entries.names.append(_decode(raw_name, flags))
+            entries.offsets.append(offset)
+            entries.csizes.append(csize)
+            entries.sizes.append(usize)
+            entries.crcs.append(crc)
+            entries.methods.append(method)
+            entries.flags.append(flags)
+            entries.name_lens.append(name_len)
+            entries.extra_lens.append(extra_len)
             if mtime is None:
-                mtime = dos_times[(ddate << 16) | dtime] = _dos_time(ddate, dtime)
-        entries.mtimes.append(mtime)
-        if raw_name.endswith(b"/"):
-            entries.modes.append(DIR_MODE)
-        else:
-            executable = system == UNIX and (eattr >> 16) & 0o111
-            entries.modes.append(EXEC_MODE if executable else FILE_MODE)
-        pos = next_pos
-    if len(entries) != directory.count and len(entries) % 0x10000 != directory.count % 0x10000:
-        raise ArchiveError(
-            f"end record says {directory.count} entries, central directory holds {len(entries)}"
-        )
-    return entries
+                mtime = dos_times.get((ddate << 16) | dtime)
+                if mtime is None:
+                    mtime = dos_times[(ddate << 16) | dtime] = _dos_time(ddate, dtime)
+            entries.mtimes.append(mtime)
+            if raw_name.endswith(b"/"):
+                entries.modes.append(DIR_MODE)
+            else:
+                executable = system == UNIX and (eattr >> 16) & 0o111
+                entries.modes.append(EXEC_MODE if executable else FILE_MODE)
+            pos = next_pos
+        return pos
 
 
 def _decode(raw: bytes | bytearray, flags: int) -> str:
@@ -373,10 +430,10 @@ def _decode(raw: bytes | bytearray, flags: int) -> str:
 
 
 def _apply_extra(
-    extra: bytes | bytearray, usize: int, csize: int, offset: int, disk: int
-) -> tuple[int, int, int, float | None]:
+    extra: bytes | bytearray | memoryview, usize: int, csize: int, offset: int, disk: int
+) -> tuple[int, int, int, int | None]:
     """Zip64 sizes/offset (0x0001) and the extended timestamp (0x5455) from an extra field."""
-    mtime: float | None = None
+    mtime: int | None = None
     pos = 0
     while pos + 4 <= len(extra):
         tag, length = struct.unpack_from("<HH", extra, pos)
@@ -397,14 +454,14 @@ def _apply_extra(
             except StopIteration:
                 raise ArchiveError("zip64 extra field is too short") from None
         elif tag == 0x5455 and length >= 5 and body[0] & 1:
-            mtime = float(struct.unpack_from("<i", body, 1)[0])
+            mtime = struct.unpack_from("<i", body, 1)[0]
         pos += 4 + length
     if disk not in (0, 0xFFFF):
         raise ArchiveError("multi-disk archives are not supported")
     return usize, csize, offset, mtime
 
 
-def _dos_time(ddate: int, dtime: int) -> float:
+def _dos_time(ddate: int, dtime: int) -> int:
     """DOS date/time to epoch seconds, read as UTC; invalid -> 1980.
 
     A DOS time has no time zone. Zip tools write the packer's local time, which a reader
@@ -418,7 +475,7 @@ def _dos_time(ddate: int, dtime: int) -> float:
     if not (1 <= month <= 12 and 1 <= day <= 31 and hour < 24 and minute < 60 and second < 62):
         return DOS_EPOCH
     try:
-        return float(calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0)))
+        return calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
     except (OverflowError, ValueError):
         return DOS_EPOCH
 
@@ -622,7 +679,7 @@ def build_tree(entries: Index, prefix: str = "artifacts/") -> DirNode:
     return root
 
 
-def _settle_mtimes(root: DirNode, mtimes: array[float]) -> None:
+def _settle_mtimes(root: DirNode, mtimes: array[int]) -> None:
     """Implicit directories take the newest mtime below them (iteratively, no recursion)."""
     order: list[DirNode] = []
     stack = [root]

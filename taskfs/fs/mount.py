@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -219,13 +220,13 @@ def start_live(
 ) -> LiveMirrors | None:
     """Running tasks' files over the live channel, or None where aiortc is missing (their
     ``outputs`` then stay empty until they end)."""
-    try:
-        from taskfs.live.mirror import LiveMirrors  # noqa: PLC0415 - aiortc is optional
-    except ImportError:
+    if importlib.util.find_spec("aiortc") is None:  # found, not loaded: see ``LiveTask``
         log.warning(
             "aiortc is not installed: running tasks' outputs show once they end (taskfs[live])"
         )
         return None
+    from taskfs.live.mirror import LiveMirrors  # noqa: PLC0415 - only where there is aiortc
+
     return LiveMirrors(api, nursery, spool_dir, idle=idle)
 
 

@@ -30,6 +30,7 @@ Must stay true:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import math
 import os
@@ -38,7 +39,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
@@ -46,11 +47,14 @@ from taskfs.api.client import ApiClient
 from taskfs.api.models import TaskStatusCode
 from taskfs.errors import LiveError, LiveUnavailableError, NoLiveChannelError, TaskfsError
 from taskfs.live import protocol
-from taskfs.live.client import LiveConnection
+
+if TYPE_CHECKING:
+    from taskfs.live.client import LiveConnection
 
 log = logging.getLogger(__name__)
 
 IDLE: Final = 30.0
+LIVE_CLIENT: Final = "taskfs.live.client"
 RETRY: Final = 10.0
 MAX_SPOOL: Final = 256 << 20
 # The text a followed file had when asked arrives as a burst of messages, ended by an empty
@@ -270,9 +274,13 @@ class LiveTask:
         self.mirrors.nursery.start_soon(self._run)
 
     async def _run(self) -> None:
-        connection = LiveConnection(self.mirrors.api, self.task_id)
+        connection: LiveConnection | None = None
         try:
             with self._scope():
+                # The WebRTC stack (aiortc, PyAV: about 35 MB resident, 0.5 s to load) is
+                # loaded when the mount first follows a running task, in a worker thread.
+                client = await trio.to_thread.run_sync(importlib.import_module, LIVE_CLIENT)
+                connection = client.LiveConnection(self.mirrors.api, self.task_id)
                 stream = await connection.connect(protocol.Request("ls", True, {}))
                 self.connection = connection
                 self.connected.set()
@@ -286,8 +294,9 @@ class LiveTask:
             log.warning("live channel of task %s failed: %r", self.task_id, exc)
             self._fail(exc)
         finally:
-            with trio.CancelScope(shield=True):
-                await connection.aclose()
+            if connection is not None:
+                with trio.CancelScope(shield=True):
+                    await connection.aclose()
             self.connection = None
             self._starting = False
             self.connected = trio.Event()

@@ -44,6 +44,33 @@ def live_mount(service: Service, tmp_path_factory: pytest.TempPathFactory) -> It
     assert " WARNING " not in log and " ERROR " not in log, log
 
 
+def webrtc_loaded(pid: int) -> bool:
+    """Whether the WebRTC stack (PyAV's libraries) is mapped into process ``pid``."""
+    return "libavcodec" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_the_webrtc_stack_loads_when_a_running_task_is_first_followed(
+    service: Service, tmp_path: Path
+) -> None:
+    """An idle mount, and one that lists and reads ended tasks, has not loaded aiortc and
+    PyAV (about 35 MB resident): the first look at a running task's outputs loads them."""
+    mount = start_mount(service, tmp_path / "tasks", tmp_path / "cache")
+    try:
+        ended = service.submit("echo done")
+        service.wait_for(ended, lambda s: s.is_terminated)
+        assert (mount / ended / "outputs" / "stdout.txt").read_bytes() == b"done\n"
+        rss = psutil.Process(mount.proc.pid).memory_info().rss
+        print(f"\nresident memory of a mount before it follows a running task: {rss >> 20} MiB")
+        assert not webrtc_loaded(mount.proc.pid)
+        task_id = computing(service, "echo hi; sleep 30")
+        wait_until(lambda: "stdout.txt" in os.listdir(mount / task_id / "outputs"))
+        assert webrtc_loaded(mount.proc.pid)
+        service.call(lambda api: api.kill(task_id))
+    finally:
+        stop_mount(mount)
+    assert mount.proc.returncode == 0, mount.log.read_text()
+
+
 def computing(service: Service, *commands: str) -> str:
     task_id = service.submit(*commands)
     status = service.wait_for(
