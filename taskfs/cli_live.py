@@ -7,7 +7,8 @@ work). Output is plain text for pipes: ``tail`` prints the file's lines as they 
 decorates each line with a box.
 
 Must stay true: these commands need the ``live`` extra (aiortc) and say so when it is
-missing; a file that fails is one line on stderr and exit status 1, the others go on.
+missing; a file that fails is one line on stderr and exit status 1, the others go on; a line
+of one file is never cut by another file's header (``Printer``).
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
-from typing import Any
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+import trio
 
 from taskfs.api.client import ApiClient
 from taskfs.cli_tasks import settings_of, zero_or_more_arg
@@ -25,43 +29,99 @@ from taskfs.live import load_ops
 from taskfs.task import run_api
 
 
-class _Printer:
-    """Lines of several files on stdout, with a header whenever the file changes."""
+class Printer:
+    """Lines of several files on ``out``, with a header whenever the file changes.
 
-    def __init__(self, names: list[str]) -> None:
+    A line longer than one message of the live channel arrives in pieces (each marked as
+    continued), and another file's answer may come between two of them: its header would
+    cut the line in two. So while a file's line is open (its text so far does not end with a
+    newline), the others' text waits until that line ends, or no piece of it came for
+    ``HOLD`` seconds (a file's last line without a newline stays open until more comes), or
+    it has been open for ``MAX_HOLD`` (a progress bar drawn with carriage returns); ``tick``
+    lets it go."""
+
+    HOLD = 0.5
+    MAX_HOLD = 5.0
+
+    def __init__(self, names: Sequence[str], out: TextIO | None = None) -> None:
         self.headers = len(names) > 1
+        self.out = out or sys.stdout
         self.current: str | None = None
+        # When the current file's line was left open, and when its last piece came.
+        self.open_since: float | None = None
+        self.last_piece = 0.0
+        self.waiting: list[tuple[str, str]] = []
 
     def text(self, name: str, text: str) -> None:
+        if self.open_since is not None and name != self.current:
+            self.waiting.append((name, text))
+            return
+        self._write(name, text)
+        self._release()
+
+    def tick(self, now: float) -> None:
+        """Let the others' text go once the open line has waited long enough."""
+        if self.open_since is None:
+            return
+        if now - self.last_piece >= self.HOLD or now - self.open_since >= self.MAX_HOLD:
+            self.open_since = None
+            self._release()
+
+    def finish(self) -> None:
+        self.open_since = None
+        self._release()
+
+    def _release(self) -> None:
+        while self.waiting and self.open_since is None:
+            self._write(*self.waiting.pop(0))
+
+    def _write(self, name: str, text: str) -> None:
         if not text and not (self.headers and self.current is None):
             return
-        out = sys.stdout
         if self.headers and name != self.current:
-            out.write(f"{'' if self.current is None else chr(10)}==> {name} <==\n")
+            self.out.write(f"{'' if self.current is None else chr(10)}==> {name} <==\n")
             self.current = name
-        out.write(text)
-        out.flush()
+        self.out.write(text)
+        self.out.flush()
+        if text:
+            self.last_piece = time.monotonic()
+            ends = text.endswith("\n")
+            self.open_since = None if ends else (self.open_since or self.last_piece)
 
     @staticmethod
     def error(name: str, exc: LiveError) -> None:
-        print(f"taskfs: {name}: {exc}", file=sys.stderr, flush=True)
+        # The answering side's reasons may name the file already ("File not found: x").
+        said = str(exc).removesuffix(f": {name}")
+        print(f"taskfs: {name}: {said}", file=sys.stderr, flush=True)
 
 
 def _tail(args: argparse.Namespace, names: list[str], lines: int, follow: bool) -> int:
     ops = load_ops()
-    printer = _Printer(names)
+    printer = Printer(names)
 
     async def run(api: ApiClient) -> int:
-        failed: int = await ops.tail(
-            api,
-            args.id,
-            names,
-            lines=lines,
-            follow=follow,
-            on_text=printer.text,
-            on_error=printer.error,
-            wait=args.wait,
-        )
+        async with trio.open_nursery() as nursery:
+
+            async def ticks() -> None:
+                while True:
+                    await trio.sleep(0.1)
+                    printer.tick(time.monotonic())
+
+            nursery.start_soon(ticks)
+            try:
+                failed: int = await ops.tail(
+                    api,
+                    args.id,
+                    names,
+                    lines=lines,
+                    follow=follow,
+                    on_text=printer.text,
+                    on_error=printer.error,
+                    wait=args.wait,
+                )
+            finally:
+                printer.finish()
+                nursery.cancel_scope.cancel()
         return failed
 
     return 1 if run_api(settings_of(args), run) else 0

@@ -231,8 +231,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 # -- kill ----------------------------------------------------------------------------------------
 
 
-def confirm(ids: Sequence[str]) -> bool:
-    """Ask at the terminal; no terminal means no."""
+def refusal(ids: Sequence[str]) -> str | None:
+    """Ask at the terminal: None if the answer is yes, else why nothing is to be killed (no
+    terminal means no)."""
     if len(ids) > MANY:
         print(f"You are about to kill {len(ids)} task(s).")
     else:
@@ -240,16 +241,12 @@ def confirm(ids: Sequence[str]) -> bool:
         for task_id in ids:
             print(f"  - {task_id}")
     if not sys.stdin.isatty():
-        print(
-            "No terminal to confirm on: nothing killed (use -y to kill without asking).",
-            file=sys.stderr,
-        )
-        return False
+        return "No terminal to confirm on: nothing killed (use -y to kill without asking)."
     try:
         answer = input("Are you sure you want to proceed (y/[N])? ")
     except EOFError:
-        return False
-    return answer.strip().lower() in YES
+        answer = ""
+    return None if answer.strip().lower() in YES else "Aborted: nothing killed."
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
@@ -271,8 +268,9 @@ def cmd_kill(args: argparse.Namespace) -> int:
         if not ids:
             print("No queued or running tasks to kill.")
             return 0
-    if not args.yes and not confirm(ids):
-        print("Aborted: nothing killed.", file=sys.stderr)
+    refused = None if args.yes else refusal(ids)
+    if refused is not None:
+        print(refused, file=sys.stderr)
         return 1
 
     async def kill_all(api: ApiClient) -> int:

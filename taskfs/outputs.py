@@ -11,10 +11,12 @@ Must stay true: the API key goes only to the API; storage requests carry the sig
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import os
 import secrets
+import stat
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -218,12 +220,7 @@ async def download(
                 selected = files
             if on_start is not None:
                 on_start(sum(entry.size for entry in selected.values()))
-            await trio.Path(dest).mkdir(parents=True, exist_ok=True)
-            root_fd = await trio.to_thread.run_sync(os.open, dest, _DIR_FLAGS)
-            try:
-                dest_fd = await trio.to_thread.run_sync(_open_dirs, root_fd, below)
-            finally:
-                os.close(root_fd)
+            dest_fd = await trio.to_thread.run_sync(_open_destination, dest, below)
             target = dest.joinpath(*below)
             writer = _TreeWriter(dest_fd)
             written: list[str] = []
@@ -413,16 +410,49 @@ def _relative(name: str) -> str:
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
-def _open_dirs(dest_fd: int, parts: Sequence[str]) -> int:
+def _is_link(name: str, dir_fd: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode)
+    except OSError:
+        return False
+
+
+def _open_destination(dest: Path, below: Sequence[str]) -> int:
+    """``dest`` (made where missing) and ``below`` inside it, opened as ``_open_dirs`` opens
+    them. An error names the whole path it is about: ``dest`` a file is "Not a directory"."""
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # exist_ok covers directories only
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(dest)) from None
+    root_fd = os.open(dest, _DIR_FLAGS)
+    try:
+        return _open_dirs(root_fd, below, dest)
+    finally:
+        os.close(root_fd)
+
+
+def _open_dirs(dest_fd: int, parts: Sequence[str], where: Path | None = None) -> int:
     """The directory ``parts`` below ``dest_fd``, made where missing and opened one component
     at a time without following links (a link planted under the destination cannot send a
-    file elsewhere; paths longer than ``PATH_MAX`` work). A new descriptor."""
+    file elsewhere; paths longer than ``PATH_MAX`` work). A new descriptor. An error says
+    which directory it could not make or open (below ``where``, the path of ``dest_fd``)."""
     fd = os.dup(dest_fd)
+    done: list[str] = []
     try:
         for part in parts:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(part, 0o755, dir_fd=fd)
-            child = os.open(part, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+            doing = "make"
+            try:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                doing = "open"
+                child = os.open(part, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as exc:
+                path = os.path.join(where or ".", *done, part)
+                why = exc.strerror or str(exc)
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_link(part, fd):
+                    why = "a symbolic link is in the way (links below it are not followed)"
+                raise OSError(exc.errno, f"cannot {doing} the directory {path}: {why}") from exc
+            done.append(part)
             os.close(fd)
             fd = child
     except BaseException:

@@ -273,7 +273,7 @@ async def test_cli_live_commands(api: ApiClient, service: Service) -> None:
     got = await cli(service, "tasks", "tail", steady, "stderr.txt", "nope.txt", "stdout.txt")
     assert got.returncode == 1
     assert got.stdout.startswith("==> stderr.txt <==\noops\n\n==> stdout.txt <==\n11\n")
-    assert got.stderr == "taskfs: nope.txt: File not found: nope.txt\n"
+    assert got.stderr == "taskfs: nope.txt: File not found\n"  # the name once
     got = await cli(service, "tasks", "list-files", steady)
     assert got.stdout == "d/\nd/e/\nd/e/f.dat\nstderr.txt\nstdout.txt\n", got.stderr
     got = await cli(service, "tasks", "list-files", steady, "--json")
@@ -310,6 +310,32 @@ async def test_cli_live_commands(api: ApiClient, service: Service) -> None:
     errs = [x for x in logs.stdout.splitlines() if x.startswith("err")]
     assert outs == [f"out {i}" for i in range(1, 11)]
     assert errs == [f"err {i}" for i in range(1, 11)]
+
+
+LONG_LINE = """
+import sys, time
+time.sleep(1)
+for i in range(3):
+    sys.stdout.write("%d" % i + "x" * 2_200_000 + "\\n"); sys.stdout.flush()
+    for j in range(20):
+        sys.stderr.write("tick %d %d\\n" % (i, j)); sys.stderr.flush(); time.sleep(0.005)
+"""
+
+
+async def test_followed_files_keep_a_long_line_of_one_whole(
+    api: ApiClient, service: Service
+) -> None:
+    """A line longer than one message arrives in pieces; another followed file's lines that
+    come between two pieces wait, so the line is printed whole (it was cut by the other file's
+    header, seen once with a 2,200,000-character line beside a ticking stderr)."""
+    task_id = await computing(api, f"{PY} -c {shlex.quote(LONG_LINE)}")
+    got = await cli(service, "tasks", "tail", task_id, "stdout.txt", "stderr.txt", "-f")
+    assert got.returncode == 0, got.stderr
+    lines = got.stdout.split("\n")
+    long = [line for line in lines if len(line) > 1000]
+    assert long == [f"{i}" + "x" * 2_200_000 for i in range(3)]
+    ticks = [line for line in lines if line.startswith("tick")]
+    assert ticks == [f"tick {i} {j}" for i in range(3) for j in range(20)]
 
 
 async def test_task_live_methods(api: ApiClient, service: Service) -> None:

@@ -117,10 +117,13 @@ def test_kill_prompt_yes_no_and_no_terminal(service: Service) -> None:
     no_tty = cli(service, "tasks", "kill", victim)
     assert no_tty.returncode == 1
     assert "You are about to kill the following tasks:\n  - " + victim in no_tty.stdout
-    assert "nothing killed" in no_tty.stderr
+    assert no_tty.stderr == (  # one message, not two
+        "No terminal to confirm on: nothing killed (use -y to kill without asking).\n"
+    )
     said_no = with_terminal(service, "tasks", "kill", victim, answer="n")
     assert said_no.returncode == 1
     assert "Are you sure you want to proceed (y/[N])? " in said_no.stdout
+    assert said_no.stderr == "Aborted: nothing killed.\n"
     assert service.status(victim).status == S.COMPUTATION_STARTED
     said_yes = with_terminal(service, "tasks", "kill", victim, answer="y")
     assert said_yes.returncode == 0, said_yes.stderr
@@ -572,12 +575,35 @@ def test_a_link_planted_at_the_task_or_outputs_directory_is_not_followed(
         result = cli(service, "tasks", "download", task_id, "--dir", str(root))
         assert result.returncode == 1, result.stdout
         _one_line(result)
+        assert f"cannot open the directory {root / planted}: a symbolic link" in result.stderr
         assert list(outside.rglob("*")) == []
     # --dir itself is the user's choice: a link there is followed.
     (tmp_path / "via-link").symlink_to(outside)
     result = cli(service, "tasks", "download", task_id, "--dir", str(tmp_path / "via-link"))
     assert result.returncode == 0, result.stderr
     assert (outside / task_id / "outputs" / "f.txt").read_text() == "x\n"
+
+
+def test_download_into_what_cannot_hold_it_says_why(service: Service, tmp_path: Path) -> None:
+    """--dir a file, or a directory where nothing can be made (/proc/1): one line naming the
+    path it is about, with the reason."""
+    task_id = service.submit("echo x > f.txt")
+    service.wait_for(task_id, lambda s: s.is_terminated)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine\n")
+    for where, said in (
+        (a_file, f"taskfs: error: Not a directory: {a_file}\n"),
+        (a_file / "below", f"taskfs: error: Not a directory: {a_file / 'below'}\n"),
+        (
+            Path("/proc/1"),
+            f"taskfs: error: cannot make the directory /proc/1/{task_id}: No such file or "
+            "directory\n",
+        ),
+    ):
+        result = cli(service, "tasks", "download", task_id, "--dir", str(where))
+        assert result.returncode == 1, result.stdout
+        assert result.stderr == said
+    assert a_file.read_text() == "mine\n"
 
 
 def test_download_keeps_the_exec_bits(service: Service, tmp_path: Path) -> None:

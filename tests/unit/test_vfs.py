@@ -178,16 +178,17 @@ async def test_every_directory_lists_dot_and_dot_dot_with_their_inodes(env: Env)
         "aaa/outputs": "aaa",
         "aaa/outputs/vtk": "aaa/outputs",
     }
+    got: list[tuple[str, Attr]] = []
+
+    def emit(name: str, attr: Attr, next_id: int) -> bool:
+        got.append((name, attr))
+        return True
+
     for path, parent in parents.items():
         directory = await env.kernel.resolve(path)
         parent_inode = (await env.kernel.resolve(parent)).inode
         fh = await env.vfs.opendir(directory.inode)
-        got: list[tuple[str, Attr]] = []
-
-        def emit(name: str, attr: Attr, next_id: int) -> bool:
-            got.append((name, attr))
-            return True
-
+        got.clear()
         await env.vfs.readdir(fh, 0, emit)
         env.vfs.releasedir(fh)
         counted = {name: attr for name, attr in got if name not in (".", "..")}
