@@ -1,7 +1,7 @@
-"""Facts about local processes (liveness), shared by the CLI and the filesystem; the helper
-processes a service runs for itself.
+"""Facts about local processes, shared by the CLI and the filesystem (whether a reader
+wants out of a blocked request); the helper processes a service runs for itself.
 
-Must stay true: a zombie (exited, not yet reaped) counts as gone; a helper (``top`` for the
+Must stay true: a process that is gone counts as wanting out; a helper (``top`` for the
 live channel) is known to ``helpers()`` from before it exists until it is reaped, so that the
 service's sweep of the orphans it adopted (it is a child subreaper) leaves it alone.
 """
@@ -13,8 +13,6 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from typing import Any
-
-import psutil
 
 _helpers_lock = threading.Lock()
 _helpers: set[int] = set()
@@ -51,14 +49,6 @@ def helpers() -> frozenset[int] | None:
     not known yet: a sweep must wait)."""
     with _helpers_lock:
         return None if _helpers_starting else frozenset(_helpers)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` runs; a zombie waiting to be reaped counts as gone."""
-    try:
-        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
-    except psutil.Error:
-        return False
 
 
 def _mask(status: dict[str, str], field: str) -> int:

@@ -314,9 +314,6 @@ class RemoteArchive:
             del self._verifiers[entry.index]
         return verifier.good is True
 
-    def is_verified(self, entry: Entry) -> bool:
-        return entry.index in self._verified
-
     def deflate_index(self, entry: Entry) -> DeflateIndex:
         index = self._indexes.get(entry.index)
         if index is None:

@@ -26,7 +26,7 @@ import struct
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -108,25 +108,6 @@ class Storage:
         return None
 
     # -- objects -------------------------------------------------------------------------------
-
-    def write_atomic(self, path: str, chunks: Iterator[bytes]) -> int:
-        """Write an object from chunks to a temp file, fsync and rename; returns its size."""
-        target = self.resolve(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".upload-")
-        size = 0
-        try:
-            with os.fdopen(fd, "wb") as out:
-                for chunk in chunks:
-                    out.write(chunk)
-                    size += len(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return size
 
     def sweep_temporaries(self) -> int:
         """Remove what writes interrupted by a crash left (``.upload-*``, ``.output-*``); only
