@@ -130,7 +130,7 @@ class RemoteArchive:
         self._starts: dict[int, int] = {}
         self._indexes: OrderedDict[int, DeflateIndex] = OrderedDict()
         # Members in archive order, for batching neighbours (built on first use).
-        self._order_cache: tuple[array[int], array[int]] | None = None
+        self._order_cache: tuple[Sequence[int], Sequence[int]] | None = None
         self._last_rank = -2
         self._streak = 0
         self._frontier = -1  # highest rank fetched or being fetched by a batch
@@ -235,23 +235,31 @@ class RemoteArchive:
         return node if isinstance(node, DirNode) else self.entries[node]
 
     @property
-    def _order(self) -> array[int]:
+    def _order(self) -> Sequence[int]:
         """Record numbers in archive order."""
         return self._orders()[0]
 
     @property
-    def _rank(self) -> array[int]:
+    def _rank(self) -> Sequence[int]:
         """The position of each record in archive order."""
         return self._orders()[1]
 
-    def _orders(self) -> tuple[array[int], array[int]]:
+    def _orders(self) -> tuple[Sequence[int], Sequence[int]]:
+        """Built on first use. A directory in archive order (what zip tools write) needs no
+        table: the order is the records' own (no memory; a sort of a million records would
+        cost about 70 MB of Python integers on the way, and 8 bytes a record kept)."""
         if self._order_cache is None:
             offsets = self.entries.offsets
-            order = array("l", sorted(range(len(offsets)), key=offsets.__getitem__))
-            rank = array("l", bytes(order.itemsize * len(order)))
-            for position, index in enumerate(order):
-                rank[index] = position
-            self._order_cache = (order, rank)
+            count = len(offsets)
+            if all(offsets[i] <= offsets[i + 1] for i in range(count - 1)):
+                identity = range(count)
+                self._order_cache = (identity, identity)
+            else:
+                order = array("i", sorted(range(count), key=offsets.__getitem__))
+                rank = array("i", bytes(order.itemsize * count))
+                for position, index in enumerate(order):
+                    rank[index] = position
+                self._order_cache = (order, rank)
         return self._order_cache
 
     def lookup(self, relative: str) -> DirNode | Entry | None:

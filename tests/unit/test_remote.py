@@ -135,6 +135,26 @@ async def test_members_read_in_a_row_are_fetched_together(
     assert objects.gets() <= 15, objects.gets()
 
 
+async def test_members_listed_out_of_archive_order_are_still_fetched_together(
+    opener: tuple[Objects, Opener],
+) -> None:
+    """A central directory in another order than the data (most are in the same: those need
+    no order table): read in the data's order, neighbours still come in shared requests."""
+    objects, open_archive = opener
+    files = [(f"d/f{i:03}.txt", text(3000, seed=i)) for i in range(200)]
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, body in files:
+            zf.writestr(f"artifacts/{name}", body)
+        zf.filelist.reverse()  # the directory lists the last member first
+    archive = await open_archive(buf.getvalue())
+    assert archive.entries[0].name == "artifacts/d/f199.txt"
+    objects.reset()
+    for name, body in files:
+        assert await read_all(archive, member(archive, name)) == body
+    assert objects.gets() <= 15, objects.gets()
+
+
 async def test_large_stored_member_streams_and_is_cached(
     opener: tuple[Objects, Opener],
 ) -> None:
