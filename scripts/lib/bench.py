@@ -935,8 +935,10 @@ class Bench:
             unit="MB",
         )
         sh(f"ls {m}/{big.task_id}/outputs > /dev/null")
+        before = psutil.Process(mount.proc.pid).memory_info().rss
         with PeakRss(mount.proc.pid) as rss:
             sh(f"cat {m}/{big.task_id}/outputs/{big.member} > /dev/null")
+        p9.notes.append(f"RSS before the stream {before / 1e6:.0f} MB")
         p9.taskfs.append(rss.peak / 1e6)
         p9.peak_rss = rss.peak
         p9.ok = p9.ok is not False and rss.peak <= 200e6
@@ -1063,7 +1065,7 @@ class Bench:
         row = self.result(
             "P11",
             f"open a {self.sizes.million:,}-member archive, ls the top, cat one member",
-            "<= 3 GETs; <= 150 bytes per entry",
+            "<= 3 GETs; mount RSS grows <= 150 bytes per entry",
         )
         mount = start_mount(self.work / "mnt", self.work / "cache", proxy.url, key_file)
         try:
@@ -1090,7 +1092,8 @@ class Bench:
             f"mount RSS grew {grown / self.sizes.million:.0f} bytes per entry",
         ]
         row.counts_ok = counts["storage_gets"] <= 3
-        row.ok = row.counts_ok and per_entry <= 150
+        # The target is the mount's resident memory (what a user pays), not the live objects.
+        row.ok = row.counts_ok and grown / self.sizes.million <= 150
         url = dataset.urls[profile]
         row.baselines.setdefault("download + unzip -l", []).append(
             sh(f"curl -s -o {self.work}/million.zip '{url}' && unzip -l {self.work}/million.zip")
