@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import io
 import json
 import logging
 import os
@@ -53,6 +54,7 @@ from taskfs.config import (
     default_data_dir,
     local_service_pid,
     local_service_url,
+    make_dirs,
     parse_duration,
     parse_size,
     runtime_dir,
@@ -101,11 +103,38 @@ def _drop_stdout() -> None:
         os.close(devnull)
 
 
+class _ClosedStream(io.TextIOBase):
+    """Standard output that the caller closed (``>&-``): writing to it fails, as it would
+    for a C program (EBADF), so a command's result is never lost without a word."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EBADF, "standard output is closed")
+
+
+def _guard_closed_streams() -> None:
+    """Standard streams the caller closed: their descriptors are held on /dev/null, so no file
+    or socket opened later takes their number (and gets output meant for them); a closed
+    standard output fails every write (``_ClosedStream``)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.open(os.devnull, os.O_RDWR)  # the lowest free number: ``fd``
+            if fd == 1:
+                sys.stdout = _ClosedStream()
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that raises ``UsageError`` instead of exiting, so errors print one way."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message}")
+        # "taskfs: error: mount: argument ...", not "taskfs: error: taskfs mount: ...".
+        command = self.prog.removeprefix("taskfs").strip()
+        raise UsageError(f"{command}: {message}" if command else message)
 
     def print_help(self, file: SupportsWrite[str] | None = None) -> None:
         # argparse ignores a failing standard output; --help > /dev/full must not succeed.
@@ -159,7 +188,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.print_key:
         from taskfs.server.app import ensure_secret_file, valid_api_key
 
-        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_dirs(settings.data_dir, 0o700)
         emit(ensure_secret_file(settings.key_file, valid_api_key))
         return 0
     if args.stop:
@@ -228,7 +257,7 @@ def start_service_background(
     url = running_service_url(data_dir)
     if url is not None:
         return url
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_dirs(data_dir, 0o700)
     started, _ = _spawn_detached(
         ["serve", "--data-dir", str(data_dir), *extra],
         data_dir / "service.log",
@@ -368,7 +397,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     )
     from taskfs.fs.vfs import VfsSettings
 
-    mountpoint = Path(args.mountpoint).absolute()
+    mountpoint = mountpoint_arg(args.mountpoint)
     fuse_options = _mount_options(args)
     cache_size = parse_size(args.cache_size)
     check_mountpoint(mountpoint)
@@ -432,6 +461,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return 0
 
 
+def mountpoint_arg(text: str) -> Path:
+    """A mountpoint as the kernel's table names it: absolute, links resolved (as mount(8)
+    and umount(8) take it; a mount through a link would otherwise never be found). Only the
+    CLI resolves it: the mount process must never touch its own mountpoint."""
+    return Path(os.path.realpath(text))
+
+
 def umask_arg(text: str) -> int:
     """An argparse type: an octal permission mask, 000-777."""
     try:
@@ -492,6 +528,8 @@ def _mount_options(args: argparse.Namespace) -> frozenset[str]:
             fuse.add(option)
         elif option == "xattr":
             args.xattr = True
+        elif name in MOUNT_OPTIONS and eq and not value:
+            raise UsageError(f"mount option {option!r} needs a value ({name}=...)")
         elif name in MOUNT_OPTIONS and eq and value:
             try:
                 setattr(args, name, MOUNT_OPTIONS[name](value))
@@ -543,7 +581,7 @@ def _mount_log(cache_dir: Path, mountpoint: Path) -> Path:
 def cmd_unmount(args: argparse.Namespace) -> int:
     from taskfs.fs.mount import unmount
 
-    note = unmount(Path(args.mountpoint).absolute())
+    note = unmount(mountpoint_arg(args.mountpoint))
     if note:
         print(f"taskfs: {note}", file=sys.stderr)
     return 0
@@ -737,6 +775,7 @@ COMMANDS = ("serve", "submit", "mount", "unmount", "umount", "tasks", "logs")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _guard_closed_streams()
     status = _main(argv)
     try:
         sys.stdout.flush()  # what is still buffered fails here, not silently at exit

@@ -128,7 +128,8 @@ def _tail(args: argparse.Namespace, names: list[str], lines: int, follow: bool) 
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    return _tail(args, args.filename, args.lines, args.follow)
+    # A file named twice is followed once (one stream, one header).
+    return _tail(args, list(dict.fromkeys(args.filename)), args.lines, args.follow)
 
 
 def cmd_logs(args: argparse.Namespace) -> int:

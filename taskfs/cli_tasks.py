@@ -233,15 +233,19 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def refusal(ids: Sequence[str]) -> str | None:
     """Ask at the terminal: None if the answer is yes, else why nothing is to be killed (no
-    terminal means no)."""
+    terminal means no, said in one line: there is no one to show the list to)."""
+    if sys.stdin is None or not sys.stdin.isatty():
+        many = f"{len(ids)} tasks" if len(ids) > 1 else f"task {ids[0]}"
+        return (
+            f"taskfs: error: no terminal to confirm the kill of {many} on: nothing killed "
+            "(use -y to kill without asking)"
+        )
     if len(ids) > MANY:
         print(f"You are about to kill {len(ids)} task(s).")
     else:
         print("You are about to kill the following tasks:")
         for task_id in ids:
             print(f"  - {task_id}")
-    if not sys.stdin.isatty():
-        return "No terminal to confirm on: nothing killed (use -y to kill without asking)."
     try:
         answer = input("Are you sure you want to proceed (y/[N])? ")
     except EOFError:

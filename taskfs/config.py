@@ -11,12 +11,14 @@ is read from files or the environment only (never from process arguments) and ne
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from taskfs.errors import AuthError, ServiceError, UsageError
 
@@ -168,6 +170,36 @@ def local_service_url(data_dir: Path) -> str | None:
     return info["url"] if pid is not None and pid == info.get("pid") else None
 
 
+def make_dirs(path: Path, mode: int = 0o777) -> None:
+    """``path`` and its parents, made where missing (``mkdir -p``); something else there
+    than a directory is "Not a directory", naming it (``mkdir`` says "File exists")."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=mode)
+    except FileExistsError:  # exist_ok covers directories only
+        why = os.strerror(errno.ENOTDIR)
+        if path.is_symlink():
+            why += " (a symbolic link to nothing)"
+        raise NotADirectoryError(errno.ENOTDIR, why, str(path)) from None
+
+
+def api_url_arg(text: str) -> str:
+    """An API base URL as given (``--api-url``, ``$INDUCTIVA_API_URL``, ``-o api_url=``),
+    checked: http(s), a host, a port that can be one; ``UsageError`` saying what is wrong."""
+    url = text.strip().rstrip("/")
+    if not re.match(r"https?://", url):
+        raise UsageError(f"API URL must start with http:// or https://: {text!r}")
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises for a port that cannot be one
+    except ValueError as exc:
+        raise UsageError(f"not a valid API URL: {text!r} ({exc})") from None
+    if not parts.hostname:
+        raise UsageError(f"not a valid API URL: {text!r} (no host)")
+    if port == 0:
+        raise UsageError(f"not a valid API URL: {text!r} (port 0)")
+    return url
+
+
 def resolve_client(
     api_url: str | None = None,
     api_key_file: Path | None = None,
@@ -182,9 +214,7 @@ def resolve_client(
     data_dir = data_dir or default_data_dir()
     url = api_url or os.environ.get(ENV_API_URL)
     if url:
-        url = url.rstrip("/")
-        if not re.match(r"https?://", url):
-            raise UsageError(f"API URL must start with http:// or https://: {url!r}")
+        url = api_url_arg(url)
         if api_key_file is not None:
             key = read_key_file(api_key_file)
         elif env_key := os.environ.get(ENV_API_KEY):

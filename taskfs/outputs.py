@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import stat
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,10 +29,12 @@ import trio
 from taskfs.api.client import ApiClient
 from taskfs.api.models import Task
 from taskfs.archive.cache import DiskCache, MemoryCache, Tiered
+from taskfs.archive.fetch import BulkTransport, HttpTransport
 from taskfs.archive.member import CheckpointBudget, ReadBudget, is_small, read_whole
 from taskfs.archive.rangeio import RangeSource, Transport, data_client
 from taskfs.archive.remote import RemoteArchive
 from taskfs.archive.zipindex import Entry, clean_path, walk, walk_dirs
+from taskfs.config import make_dirs
 from taskfs.errors import ArchiveError, NotFoundError, single_errors
 from taskfs.retry import Breaker, RetryPolicy
 
@@ -58,11 +61,20 @@ class Outputs:
         connections: int = 8,
         deadline: float = 10.0,
         transport: Transport | None = None,
+        bulk: BulkTransport | None = None,
         breaker: Breaker | None = None,
     ) -> None:
         self.api = api
         self.cache = cache
+        # Storage: small requests over httpx (``transport``: tests inject one), the bodies of
+        # blocks received into their buffers in worker threads (``bulk``: likewise).
         self.http = data_client(max_connections=connections * 2, transport=transport)
+        if transport is not None and bulk is None:
+            raise ValueError("a storage transport for tests needs its bulk twin (no sockets)")
+        self._own_bulk = bulk is None
+        self.bulk = bulk or HttpTransport(timeout=deadline)
+        # Told of every bulk response's length (the mount's stats count them).
+        self.bulk_observers: list[Callable[[int], None]] = []
         self.limiter = trio.CapacityLimiter(connections)
         self.policy = RetryPolicy(deadline=deadline)
         self.breaker = breaker
@@ -70,11 +82,17 @@ class Outputs:
         self.read_budget = ReadBudget()
         self.checkpoints = CheckpointBudget()
 
+    def _observed(self, length: int) -> None:
+        for observer in self.bulk_observers:
+            observer(length)
+
     async def __aenter__(self) -> Outputs:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.http.aclose()
+        if self._own_bulk:
+            self.bulk.close()
 
     async def open(
         self, task: Task, nursery: trio.Nursery, inputs: bool = False
@@ -91,7 +109,13 @@ class Outputs:
             return await self.api.download_url(path, region)
 
         source = RangeSource(
-            self.http, url, self.policy, name=f"{what} of {task.task_id}", breaker=self.breaker
+            self.http,
+            url,
+            self.policy,
+            name=f"{what} of {task.task_id}",
+            breaker=self.breaker,
+            bulk=self.bulk,
+            on_bulk=self._observed,
         )
         try:
             return await RemoteArchive.open(
@@ -222,7 +246,7 @@ async def download(
                 on_start(sum(entry.size for entry in selected.values()))
             dest_fd = await trio.to_thread.run_sync(_open_destination, dest, below)
             target = dest.joinpath(*below)
-            writer = _TreeWriter(dest_fd)
+            writer = _TreeWriter(dest_fd, target)
             written: list[str] = []
 
             def done(name: str, entry: Entry) -> None:
@@ -283,7 +307,7 @@ async def _download_in_order(
     async def large(name: str, entry: Entry) -> None:
         async with limiter:
             parts = name.split("/")
-            await _write_member(archive, entry, writer.dest_fd, parts, name, progress=progress)
+            await _write_member(archive, entry, writer, parts, name, progress=progress)
             done(name, entry)
 
     async with trio.open_nursery() as workers:
@@ -312,13 +336,17 @@ async def _download_in_order(
 class _TreeWriter:
     """Files written below ``dest_fd`` from a worker thread: directories are made and opened
     one component at a time without following links (as ``_open_dirs``), and the most recent
-    ``MAX_OPEN`` of them stay open for the files that follow."""
+    ``MAX_OPEN`` of them stay open for the files that follow. Used from several worker threads
+    (the batch writer, large members): one at a time (a directory's descriptor is closed
+    when it leaves the most recent, so never while another thread writes in it)."""
 
     MAX_OPEN = 64
 
-    def __init__(self, dest_fd: int) -> None:
+    def __init__(self, dest_fd: int, where: Path | None = None) -> None:
         self.dest_fd = dest_fd
+        self.where = where  # the path of ``dest_fd``, for messages
         self._dirs: OrderedDict[tuple[str, ...], int] = OrderedDict()
+        self._lock = threading.Lock()
 
     def _dir(self, parts: tuple[str, ...]) -> int:
         if not parts:
@@ -328,33 +356,37 @@ class _TreeWriter:
             self._dirs.move_to_end(parts)
             return fd
         parent = self._dir(parts[:-1])
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(parts[-1], 0o755, dir_fd=parent)
-        fd = self._dirs[parts] = os.open(parts[-1], _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=parent)
+        fd = self._dirs[parts] = _subdir(parent, parts, self.where)
         while len(self._dirs) > self.MAX_OPEN:
             os.close(self._dirs.popitem(last=False)[1])
         return fd
 
+    def open_dir(self, parts: tuple[str, ...]) -> int:
+        """The directory ``parts`` below the destination, made where missing (a new
+        descriptor, the caller's to close)."""
+        with self._lock:
+            return os.dup(self._dir(parts))
+
     def write_all(self, batch: Sequence[tuple[str, Entry, bytes]]) -> None:
         for name, entry, data in batch:
             parts = tuple(name.split("/"))
-            try:
-                _write_file(self._dir(parts[:-1]), parts[-1], entry, data)
-            except OSError as exc:  # named after the member, not a temporary file
-                raise OSError(exc.errno, exc.strerror, name) from None
+            with self._lock:
+                parent = self._dir(parts[:-1])
+                try:
+                    _write_file(parent, parts[-1], entry, data)
+                except OSError as exc:  # named after the member, not a temporary file
+                    raise OSError(exc.errno, exc.strerror, name) from None
 
     def make_dirs(self, dirs: Sequence[tuple[tuple[str, ...], float]]) -> None:
         """Make ``dirs`` (paths below the destination) and give them their times, deepest
         first (making a subdirectory changes its parent's time)."""
-        for parts, _ in dirs:
-            try:
+        with self._lock:
+            for parts, _ in dirs:
                 self._dir(parts)
-            except OSError as exc:
-                raise OSError(exc.errno, exc.strerror, "/".join(parts)) from None
-        for parts, mtime in sorted(dirs, key=lambda item: -len(item[0])):
-            with contextlib.suppress(OSError):
-                parent = self._dir(parts[:-1])
-                os.utime(parts[-1], (mtime, mtime), dir_fd=parent, follow_symlinks=False)
+            for parts, mtime in sorted(dirs, key=lambda item: -len(item[0])):
+                with contextlib.suppress(OSError):
+                    parent = self._dir(parts[:-1])
+                    os.utime(parts[-1], (mtime, mtime), dir_fd=parent, follow_symlinks=False)
 
     def close(self) -> None:
         for fd in self._dirs.values():
@@ -420,10 +452,7 @@ def _is_link(name: str, dir_fd: int) -> bool:
 def _open_destination(dest: Path, below: Sequence[str]) -> int:
     """``dest`` (made where missing) and ``below`` inside it, opened as ``_open_dirs`` opens
     them. An error names the whole path it is about: ``dest`` a file is "Not a directory"."""
-    try:
-        dest.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:  # exist_ok covers directories only
-        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(dest)) from None
+    make_dirs(dest)
     root_fd = os.open(dest, _DIR_FLAGS)
     try:
         return _open_dirs(root_fd, below, dest)
@@ -434,25 +463,11 @@ def _open_destination(dest: Path, below: Sequence[str]) -> int:
 def _open_dirs(dest_fd: int, parts: Sequence[str], where: Path | None = None) -> int:
     """The directory ``parts`` below ``dest_fd``, made where missing and opened one component
     at a time without following links (a link planted under the destination cannot send a
-    file elsewhere; paths longer than ``PATH_MAX`` work). A new descriptor. An error says
-    which directory it could not make or open (below ``where``, the path of ``dest_fd``)."""
+    file elsewhere; paths longer than ``PATH_MAX`` work). A new descriptor."""
     fd = os.dup(dest_fd)
-    done: list[str] = []
     try:
-        for part in parts:
-            doing = "make"
-            try:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(part, 0o755, dir_fd=fd)
-                doing = "open"
-                child = os.open(part, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
-            except OSError as exc:
-                path = os.path.join(where or ".", *done, part)
-                why = exc.strerror or str(exc)
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_link(part, fd):
-                    why = "a symbolic link is in the way (links below it are not followed)"
-                raise OSError(exc.errno, f"cannot {doing} the directory {path}: {why}") from exc
-            done.append(part)
+        for i in range(len(parts)):
+            child = _subdir(fd, tuple(parts[: i + 1]), where)
             os.close(fd)
             fd = child
     except BaseException:
@@ -461,18 +476,38 @@ def _open_dirs(dest_fd: int, parts: Sequence[str], where: Path | None = None) ->
     return fd
 
 
+def _subdir(parent_fd: int, parts: tuple[str, ...], where: Path | None) -> int:
+    """The last of ``parts`` in ``parent_fd`` (the directory of the others), made where
+    missing and opened without following a link (a new descriptor). An error says which
+    directory (below ``where``, the destination's path) it could not make or open, and why:
+    a symbolic link in the way is named as one."""
+    name = parts[-1]
+    doing = "make"
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o755, dir_fd=parent_fd)
+        doing = "open"
+        return os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=parent_fd)
+    except OSError as exc:
+        path = os.path.join(where or ".", *parts)
+        why = exc.strerror or str(exc)
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_link(name, parent_fd):
+            why = "a symbolic link is in the way (links below it are not followed)"
+        raise OSError(exc.errno, f"cannot {doing} the directory {path}: {why}") from exc
+
+
 async def _write_member(
     archive: RemoteArchive,
     entry: Entry,
-    dest_fd: int,
+    writer: _TreeWriter,
     parts: Sequence[str],
     name: str,
     *,
     progress: ProgressFn | None,
 ) -> None:
-    """Write one member below ``dest_fd`` under a short temporary name (any file name fits),
-    rename it into place and give it the archive's time, as ``unzip`` does."""
-    dir_fd = await trio.to_thread.run_sync(_open_dirs, dest_fd, parts[:-1])
+    """Write one member below the destination under a short temporary name (any file name
+    fits), rename it into place and give it the archive's time, as ``unzip`` does."""
+    dir_fd = await trio.to_thread.run_sync(writer.open_dir, tuple(parts[:-1]))
     tmp = _temporary_name()
     reader = archive.open_member(entry)
     try:

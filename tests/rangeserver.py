@@ -15,15 +15,19 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import httpx
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
+
+from taskfs.archive.fetch import Accept, BodyLengthError, Stop
 
 RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
@@ -105,6 +109,9 @@ class Objects:
     def transport(self) -> httpx.MockTransport:
         return mock_transport(self)
 
+    def bulk(self, threaded: bool = False) -> AnswerTransport:
+        return AnswerTransport(self, threaded)
+
 
 def mock_transport(app: Answerer) -> httpx.MockTransport:
     """An httpx transport that answers with ``app`` (no sockets)."""
@@ -121,6 +128,52 @@ def mock_transport(app: Answerer) -> httpx.MockTransport:
         return httpx.Response(answer.status, headers=answer.headers, content=answer.body)
 
     return httpx.MockTransport(handler)
+
+
+class AnswerTransport:
+    """A ``BulkTransport`` (``taskfs.archive.fetch``) that answers with ``app`` (no sockets):
+    the archive reader's large transfers in unit tests, called in place on trio's clock
+    (``blocking`` False), or in a worker thread as the real one (``threaded``: for stalls,
+    a real wait that the reader's ``Stop`` ends). Injected faults: ``delay``/``stall``
+    (threaded only), ``cut_after`` writes that much and resets, ``stall_after`` stalls part
+    way."""
+
+    def __init__(self, app: Answerer, threaded: bool = False) -> None:
+        self.app = app
+        self.blocking = threaded
+
+    def close(self) -> None:
+        pass
+
+    def get(self, url: str, headers: Mapping[str, str], accept: Accept, stop: Stop) -> None:
+        parts = urlsplit(url)
+        lower = {k.lower(): v for k, v in headers.items()}
+        answer = self.app.answer("GET", parts.path, lower, parts.query)
+        waited = answer.delay + (answer.stall if answer.stall_after is None else 0.0)
+        if waited or answer.stall_after is not None:
+            assert self.blocking, "a stalled answer needs AnswerTransport(app, threaded=True)"
+        _wait(waited, stop)
+        view = accept(answer.status, {k.lower(): v for k, v in answer.headers.items()})
+        body = answer.body
+        if answer.cut_after is not None:
+            view[: min(len(view), answer.cut_after)] = body[: min(len(view), answer.cut_after)]
+            raise ConnectionResetError("connection reset (injected)")
+        if answer.stall_after is not None:
+            _wait(answer.stall, stop)
+        if len(body) != len(view):
+            got = min(len(body), len(view))
+            view[:got] = body[:got]
+            raise BodyLengthError(len(body), len(view), short=len(body) < len(view))
+        view[:] = body
+
+
+def _wait(seconds: float, stop: Stop) -> None:
+    """Sleep ``seconds`` in a worker thread, or until ``stop`` is pressed."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if stop.pressed:
+            raise ConnectionAbortedError("the transfer was stopped")
+        time.sleep(min(0.01, max(0.0, deadline - time.monotonic())))
 
 
 def _answer(method: str, body: bytes | None, etag: str, headers: dict[str, str]) -> Answer:

@@ -38,6 +38,10 @@ from zlib_ng import zlib_ng
 
 log = logging.getLogger(__name__)
 
+Buffer = bytes | bytearray | memoryview
+"""Bytes as the caches hold them: a block is a view of the buffer its request was received
+into (the socket's bytes, never copied), an extent read from disk its own ``bytes``."""
+
 
 FORMAT_DIR = "blocks-v1"
 MAGIC = b"TFSB"
@@ -90,6 +94,10 @@ class DiskCache:
         self._dirs: set[str] = set()  # subdirectories known to exist
         self.total = 0
         self._pending = 0  # bytes written since the last accounting
+        # Entries written while an accounting scans the directory (another thread's): the
+        # scan may have passed their subdirectory, and must not forget them.
+        self._scanning = False
+        self._fresh: set[str] = set()
         self._slice = max(1 << 20, min(64 << 20, limit_bytes // 16))
         self.enabled = limit_bytes > 0
         if self.enabled:
@@ -104,6 +112,9 @@ class DiskCache:
         """Under the directory's lock: learn every file, evict down to the limit."""
         with open(self.root.with_name(FORMAT_DIR + ".lock"), "a+b") as lock_file:
             fcntl.flock(lock_file, fcntl.LOCK_EX)
+            with self._lock:
+                self._scanning = True
+                self._fresh.clear()
             found: list[tuple[float, str, int]] = []
             with os.scandir(self.root) as subs:
                 dirs = [sub.path for sub in subs if sub.is_dir()]
@@ -121,9 +132,16 @@ class DiskCache:
                         found.append((st.st_mtime, item.name, st.st_size))
             found.sort()
             with self._lock:
-                self._index = OrderedDict((name, size) for _, name, size in found)
-                self.total = sum(size for _, _, size in found)
+                index = OrderedDict((name, size) for _, name, size in found)
+                for name in self._fresh:  # written meanwhile: the newest
+                    if name in self._index:
+                        index.pop(name, None)
+                        index[name] = self._index[name]
+                self._index = index
+                self.total = sum(index.values())
                 self._pending = 0
+                self._scanning = False
+                self._fresh.clear()
                 self._evict()
 
     def _path(self, name: str) -> str:
@@ -169,7 +187,7 @@ class DiskCache:
         with self._lock:
             return self.enabled and key.digest().hex() in self._index
 
-    def put(self, key: CacheKey, data: bytes | memoryview, crc: int | None = None) -> bool:
+    def put(self, key: CacheKey, data: Buffer, crc: int | None = None) -> bool:
         """Store ``data`` (whose CRC-32 is ``crc``, if the caller has it); ``False`` if it
         could not be (the read goes on regardless)."""
         if not self.enabled or len(data) + HEADER.size > self.limit:
@@ -202,6 +220,8 @@ class DiskCache:
         with self._lock:
             self.total += size - self._index.pop(name, 0)
             self._index[name] = size
+            if self._scanning:
+                self._fresh.add(name)
             self._pending += size
             due = self._pending >= self._slice
             self._evict()
@@ -262,15 +282,15 @@ class MemoryCache:
     def __init__(self, limit_bytes: int) -> None:
         self.limit = limit_bytes
         self.total = 0
-        self._items: OrderedDict[CacheKey, bytes] = OrderedDict()
+        self._items: OrderedDict[CacheKey, Buffer] = OrderedDict()
 
-    def get(self, key: CacheKey) -> bytes | None:
+    def get(self, key: CacheKey) -> Buffer | None:
         data = self._items.get(key)
         if data is not None:
             self._items.move_to_end(key)
         return data
 
-    def put(self, key: CacheKey, data: bytes) -> None:
+    def put(self, key: CacheKey, data: Buffer) -> None:
         if len(data) > self.limit:
             return
         self.total += len(data) - len(self._items.pop(key, b""))
@@ -292,18 +312,18 @@ class Tiered:
         self._drained = trio.Event()  # set (and replaced) whenever the backlog shrinks
         # Extents on their way to disk: found here while the memory tier may have let them go
         # (a read in between would otherwise fetch them again).
-        self._writing: dict[CacheKey, bytes | memoryview] = {}
+        self._writing: dict[CacheKey, Buffer] = {}
         # Lookups answered by each tier, and missed (the mount's ``.taskfs/stats``).
         self.counts = {"memory_hits": 0, "disk_hits": 0, "misses": 0}
 
     async def get(
         self, key: CacheKey, admit: Callable[[bytes, int], None] | None = None
-    ) -> bytes | None:
+    ) -> Buffer | None:
         """The bytes under ``key`` from memory, else from disk; ``admit(data, crc)`` sees
         what comes from disk first (and may refuse it by raising)."""
         data = self.memory.get(key)
         if data is None and (writing := self._writing.get(key)) is not None:
-            data = bytes(writing)
+            data = writing
             self.memory.put(key, data)
         if data is not None:
             self.counts["memory_hits"] += 1
@@ -337,13 +357,11 @@ class Tiered:
             or (self.disk is not None and self.disk.contains(key))
         )
 
-    async def put(self, key: CacheKey, data: bytes) -> None:
+    async def put(self, key: CacheKey, data: Buffer) -> None:
         self.memory.put(key, data)
         await self.put_disk_many([(key, data, None)])
 
-    async def put_disk_many(
-        self, items: list[tuple[CacheKey, bytes | memoryview, int | None]]
-    ) -> None:
+    async def put_disk_many(self, items: list[tuple[CacheKey, Buffer, int | None]]) -> None:
         """Write several extents in one worker-thread call (one handoff, not one each).
 
         Writes waiting for the disk hold their bytes. Past ``DISK_BACKLOG`` of them, a write

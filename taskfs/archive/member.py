@@ -48,6 +48,7 @@ from typing import Protocol, cast
 import trio
 from zlib_ng import zlib_ng
 
+from taskfs.archive.cache import Buffer
 from taskfs.archive.verify import Verifier
 from taskfs.archive.zipindex import BZIP2, DEFLATED, LZMA, STORED, Entry
 from taskfs.errors import ArchiveError, ChecksumError, TaskfsError, UnsupportedError
@@ -189,15 +190,16 @@ class Block:
     """Archive bytes from ``start``, as fetched, and their CRC-32."""
 
     start: int
-    data: bytes
+    data: Buffer
     crc: int
 
 
-def join_blocks(blocks: list[Block], start: int, end: int) -> bytes:
-    """Archive bytes ``[start, end)`` out of consecutive ``blocks`` (one copy)."""
+def join_blocks(blocks: list[Block], start: int, end: int) -> Buffer:
+    """Archive bytes ``[start, end)`` out of consecutive ``blocks``: a view of one block's,
+    else a copy."""
     if len(blocks) == 1:
         first = blocks[0]
-        return first.data[start - first.start : end - first.start]
+        return memoryview(first.data)[start - first.start : end - first.start]
     return b"".join(
         memoryview(b.data)[max(0, start - b.start) : max(0, end - b.start)] for b in blocks
     )
@@ -208,7 +210,7 @@ class ArchiveBytes(Protocol):
 
     budget: ReadBudget
 
-    async def read_range(self, start: int, end: int, ahead: int = 0) -> bytes:
+    async def read_range(self, start: int, end: int, ahead: int = 0) -> Buffer:
         """Archive bytes ``[start, end)``; ``ahead`` bytes after ``end`` may be prefetched."""
         ...
 
@@ -246,7 +248,10 @@ class ArchiveBytes(Protocol):
 
 
 class MemberReader(Protocol):
-    async def read(self, offset: int, size: int) -> bytes: ...
+    async def read(self, offset: int, size: int) -> Buffer:
+        """Up to ``size`` bytes from ``offset`` (a view of a cached block where they lie in
+        one: the FUSE reply is cut from it, no copy)."""
+        ...
 
     def close(self) -> bool:
         """The handle is done; True when every byte it could have returned was verified."""
@@ -377,7 +382,7 @@ class StoredMember:
         self._ahead = _ReadAhead()
         self._closed = False
 
-    async def read(self, offset: int, size: int) -> bytes:
+    async def read(self, offset: int, size: int) -> Buffer:
         size = _clamp(self.entry, offset, size)
         if size == 0:
             return b""
@@ -474,7 +479,7 @@ class _Step:
     point: tuple[int, int, Inflater] | None = None
 
 
-def _inflate(state: Inflater, data: bytes, limit: int, due_at: int) -> _Step:
+def _inflate(state: Inflater, data: Buffer, limit: int, due_at: int) -> _Step:
     """Inflate ``data`` until ``limit`` bytes come out, ``INFLATE_PIECE`` at a time; snapshot
     the state at the first piece boundary at least ``due_at`` bytes of output in where zlib has
     no input left over (so the snapshot holds nothing but zlib's own state), else at the end."""
@@ -502,7 +507,7 @@ class _Decoder(Protocol):
     eof: bool
     needs_input: bool
 
-    def decompress(self, data: bytes, max_length: int = -1) -> bytes: ...
+    def decompress(self, data: Buffer, max_length: int = -1) -> bytes: ...
 
 
 class _Codec(Protocol):
@@ -515,7 +520,7 @@ class _Codec(Protocol):
 
     def wants_input(self) -> bool: ...
 
-    def run(self, data: bytes, limit: int, due_at: int) -> _Step: ...
+    def run(self, data: Buffer, limit: int, due_at: int) -> _Step: ...
 
 
 class _DeflateCodec:
@@ -531,7 +536,7 @@ class _DeflateCodec:
     def wants_input(self) -> bool:
         return True  # zlib's leftover input stays with the cursor, not in zlib
 
-    def run(self, data: bytes, limit: int, due_at: int) -> _Step:
+    def run(self, data: Buffer, limit: int, due_at: int) -> _Step:
         try:
             return _inflate(self.state, data, limit, due_at)
         except INFLATE_ERROR as exc:
@@ -553,7 +558,7 @@ class _StreamCodec:
     def wants_input(self) -> bool:
         return self.decoder.needs_input
 
-    def run(self, data: bytes, limit: int, due_at: int) -> _Step:
+    def run(self, data: Buffer, limit: int, due_at: int) -> _Step:
         try:
             out = self.decoder.decompress(data, limit)
         except DECODE_ERRORS as exc:
@@ -570,7 +575,7 @@ class _LzmaZip:
         self.eof = False
         self.needs_input = True
 
-    def decompress(self, data: bytes, max_length: int = -1) -> bytes:
+    def decompress(self, data: Buffer, max_length: int = -1) -> bytes:
         if self._inner is None:
             self._head += data
             if len(self._head) < 4:
@@ -601,7 +606,7 @@ class _Bz2:
         self.eof = False
         self.needs_input = True
 
-    def decompress(self, data: bytes, max_length: int = -1) -> bytes:
+    def decompress(self, data: Buffer, max_length: int = -1) -> bytes:
         out = self._inner.decompress(data, max_length)
         self.eof = self._inner.eof
         self.needs_input = self._inner.needs_input
@@ -616,7 +621,7 @@ class _Zlib:
         self.eof = False
         self.needs_input = True
 
-    def decompress(self, data: bytes, max_length: int = -1) -> bytes:
+    def decompress(self, data: Buffer, max_length: int = -1) -> bytes:
         out = self._inner.decompress(self._inner.unconsumed_tail + data, max(0, max_length))
         self.eof = self._inner.eof
         self.needs_input = not self._inner.unconsumed_tail
@@ -684,7 +689,7 @@ class CursorMember:
         self._codec: _Codec | None = None
         self._in_pos = 0
         self._out_pos = 0
-        self._tail = b""
+        self._tail: Buffer = b""
         self._window = _Window(0)
         self._ahead = _ReadAhead()
         self._last_end = -1

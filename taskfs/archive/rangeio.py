@@ -16,13 +16,18 @@ Must stay true:
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import logging
 import re
-from collections.abc import Awaitable, Callable
-from typing import BinaryIO
+import socket
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from typing import BinaryIO, cast
 
 import httpx
+import trio
 
+from taskfs.archive.fetch import BodyLengthError, BulkTransport, HttpTransport, Stop
 from taskfs.errors import ArchiveError, AuthError, NotFoundError, ProtocolError, StaleError
 from taskfs.retry import (
     RETRY_STATUSES,
@@ -68,9 +73,18 @@ class RangeSource:
         url: UrlProvider,
         policy: RetryPolicy | None = None,
         name: str = "archive",
+        *,
         breaker: Breaker | None = None,
+        bulk: BulkTransport | None = None,
+        on_bulk: Callable[[int], None] | None = None,
     ) -> None:
         self._http = http
+        # Told of every bulk response (its promised length), as httpx's hooks are of the rest.
+        self._on_bulk = on_bulk
+        # Large bodies (``fetch_into``): received into the caller's buffer in a worker thread
+        # (a transport of its own unless given one: ``close`` closes it).
+        self._own_bulk = bulk is None
+        self._bulk = bulk or HttpTransport(policy.deadline if policy else RetryPolicy().deadline)
         self.breaker = breaker
         self._url_provider = url
         self._url: str | None = None
@@ -78,6 +92,11 @@ class RangeSource:
         self.name = name
         self.size: int | None = None
         self.etag: str | None = None
+
+    def close(self) -> None:
+        """Close the bulk transport's connections, if it is this source's own."""
+        if self._own_bulk:
+            self._bulk.close()
 
     async def _current_url(self, refresh: bool) -> str:
         if self._url is None or refresh:
@@ -97,6 +116,65 @@ class RangeSource:
         if not 0 <= start < end <= self.size:
             raise ValueError(f"range {start}-{end} outside 0-{self.size}")
         return await self._get(f"bytes={start}-{end - 1}", (start, end), first=False)
+
+    async def fetch_into(self, start: int, view: memoryview) -> None:
+        """Bytes ``[start, start + len(view))`` of the object into ``view``, received in a
+        worker thread with no copy but the socket's (``taskfs.archive.fetch``). A cancelled
+        fetch (deadline, unmount) stops its transfer at once; its buffer is then the
+        caller's to drop, never to reuse (the thread may have written part of it)."""
+        end = start + len(view)
+        if self.size is None:
+            raise RuntimeError("open_tail() must come first")
+        if not 0 <= start < end <= self.size:
+            raise ValueError(f"range {start}-{end} outside 0-{self.size}")
+        refreshed = False
+
+        async def attempt() -> None:
+            nonlocal refreshed
+            url = await self._current_url(False)
+            headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
+            if self.etag is not None:
+                headers["If-Match"] = self.etag
+
+            answered: list[int] = []  # the response's promised length, once it came
+
+            def accept(status: int, answer: Mapping[str, str]) -> memoryview:
+                length = answer.get("content-length", "")
+                answered.append(int(length) if length.isdigit() else 0)
+                self._check_status(status, answer, False, refreshed)
+                self._check_range(answer, (start, end), False)
+                return view
+
+            stop = Stop()
+            done = False
+            try:
+                if self._bulk.blocking:
+                    await trio.to_thread.run_sync(
+                        self._bulk.get, url, headers, accept, stop, abandon_on_cancel=True
+                    )
+                else:
+                    self._bulk.get(url, headers, accept, stop)
+                done = True
+            except _UrlRefusedError:
+                refreshed = True
+                log.debug("%s: signed URL refused (403); asking for a fresh one", self.name)
+                await self._current_url(True)
+                raise Retryable("signed URL expired", retry_after=0.0) from None
+            except BodyLengthError as exc:
+                if exc.short:
+                    raise Retryable(str(exc)) from exc
+                raise ProtocolError(f"{self.name}: {exc}") from exc
+            except (OSError, http.client.HTTPException) as exc:
+                if isinstance(exc, (ConnectionRefusedError, socket.gaierror)):
+                    self._url = None  # ask for the URL again: the server may have moved
+                raise Retryable(f"{type(exc).__name__}: {exc or 'connection failed'}") from exc
+            finally:
+                if not done:
+                    stop.press()  # a cancelled transfer ends now, not when the peer says
+                if answered and self._on_bulk is not None:
+                    self._on_bulk(answered[0])
+
+        await with_retries(attempt, self.policy, f"reading {self.name}", self.breaker)
 
     async def fetch_to(self, start: int, end: int, file: BinaryIO) -> None:
         """Bytes ``[start, end)`` of the object written to ``file`` from where it stands (a
@@ -126,8 +204,8 @@ class RangeSource:
                 headers["If-Match"] = self.etag
             try:
                 async with self._http.stream("GET", url, headers=headers) as response:
-                    self._check_status(response, first, refreshed)
-                    expected = self._check_range(response, want, first)
+                    self._check_status(response.status_code, response.headers, first, refreshed)
+                    expected = self._check_range(response.headers, want, first)
                     if file is not None:
                         assert origin is not None
                         file.seek(origin)
@@ -151,9 +229,10 @@ class RangeSource:
 
         return await with_retries(attempt, self.policy, f"reading {self.name}", self.breaker)
 
-    def _check_status(self, response: httpx.Response, first: bool, refreshed: bool) -> None:
+    def _check_status(
+        self, status: int, headers: Mapping[str, str], first: bool, refreshed: bool
+    ) -> None:
         """Raise for any answer but 206 (before a byte of the body is read)."""
-        status = response.status_code
         if status == 403 and not refreshed:
             raise _UrlRefusedError
         if status == 403:
@@ -167,26 +246,24 @@ class RangeSource:
         if status == 416 and first:
             raise ArchiveError(f"{self.name} is empty: not a ZIP archive")
         if status in RETRY_STATUSES:
-            raise Retryable(
-                f"HTTP {status}", retry_after_seconds(response.headers.get("retry-after"))
-            )
+            raise Retryable(f"HTTP {status}", retry_after_seconds(headers.get("retry-after")))
         if status == 200:
             raise ProtocolError(f"{self.name}: the server ignored the Range header (200)")
         if status != 206:
             raise ProtocolError(f"{self.name}: unexpected HTTP {status} for a range request")
 
     def _check_range(
-        self, response: httpx.Response, want: tuple[int, int] | None, first: bool
+        self, headers: Mapping[str, str], want: tuple[int, int] | None, first: bool
     ) -> int:
         """Validate a 206's headers; returns the body length they promise."""
-        if response.headers.get("content-encoding", "identity") != "identity":
+        if headers.get("content-encoding", "identity") != "identity":
             raise ProtocolError(f"{self.name}: the server compressed a range response")
-        match = CONTENT_RANGE.fullmatch(response.headers.get("content-range", "").strip())
+        match = CONTENT_RANGE.fullmatch(headers.get("content-range", "").strip())
         if match is None or match.group(3) == "*":
             raise ProtocolError(f"{self.name}: 206 without a usable Content-Range")
         start, last, total = int(match.group(1)), int(match.group(2)), int(match.group(3))
         if first:
-            etag = response.headers.get("etag")
+            etag = headers.get("etag")
             self.etag = etag if etag and not etag.startswith("W/") else None
             self.size = total
             if last != total - 1 or start > last:
@@ -202,6 +279,12 @@ class RangeSource:
         return last - start + 1
 
 
+def _body(response: httpx.Response) -> contextlib.aclosing[AsyncGenerator[bytes, None]]:
+    """The body's chunks, closed on the way out even when a check ends the loop early (an
+    unclosed one is finished by the garbage collector, with a warning)."""
+    return contextlib.aclosing(cast("AsyncGenerator[bytes, None]", response.aiter_bytes()))
+
+
 class _UrlRefusedError(Exception):
     """A 403 on the first try: the signed URL may have expired."""
 
@@ -209,11 +292,14 @@ class _UrlRefusedError(Exception):
 async def _write_body(response: httpx.Response, expected: int, name: str, file: BinaryIO) -> None:
     """Exactly ``expected`` bytes of body into ``file``, or ``Retryable`` for a short one."""
     got = 0
-    async for chunk in response.aiter_bytes():
-        got += len(chunk)
-        if got > expected:
-            raise ProtocolError(f"{name}: body longer than its Content-Range ({expected} bytes)")
-        file.write(chunk)  # page cache: microseconds, not worth a thread
+    async with _body(response) as chunks:
+        async for chunk in chunks:
+            got += len(chunk)
+            if got > expected:
+                raise ProtocolError(
+                    f"{name}: body longer than its Content-Range ({expected} bytes)"
+                )
+            file.write(chunk)  # page cache: microseconds, not worth a thread
     if got != expected:
         raise Retryable(f"short body: {got} of {expected} bytes")
 
@@ -235,25 +321,29 @@ async def _read_body(
         view = memoryview(buffer)
         got = 0
         try:
-            async for chunk in response.aiter_bytes():
-                if got + len(chunk) > expected:
-                    raise ProtocolError(
-                        f"{name}: body longer than its Content-Range ({expected} bytes)"
-                    )
-                view[got : got + len(chunk)] = chunk
-                got += len(chunk)
+            async with _body(response) as chunks:
+                async for chunk in chunks:
+                    if got + len(chunk) > expected:
+                        raise ProtocolError(
+                            f"{name}: body longer than its Content-Range ({expected} bytes)"
+                        )
+                    view[got : got + len(chunk)] = chunk
+                    got += len(chunk)
         finally:
             view.release()
         if got != expected:
             raise Retryable(f"short body: {got} of {expected} bytes")
         return buffer
-    chunks: list[bytes] = []
+    parts: list[bytes] = []
     got = 0
-    async for chunk in response.aiter_bytes():
-        got += len(chunk)
-        if got > expected:
-            raise ProtocolError(f"{name}: body longer than its Content-Range ({expected} bytes)")
-        chunks.append(chunk)
+    async with _body(response) as chunks:
+        async for chunk in chunks:
+            got += len(chunk)
+            if got > expected:
+                raise ProtocolError(
+                    f"{name}: body longer than its Content-Range ({expected} bytes)"
+                )
+            parts.append(chunk)
     if got != expected:
         raise Retryable(f"short body: {got} of {expected} bytes")
-    return b"".join(chunks)
+    return b"".join(parts)

@@ -40,7 +40,7 @@ from typing import BinaryIO
 import trio
 from zlib_ng import zlib_ng
 
-from taskfs.archive.cache import CacheKey, Tiered
+from taskfs.archive.cache import Buffer, CacheKey, Tiered
 from taskfs.archive.member import (
     Block,
     CheckpointBudget,
@@ -126,7 +126,7 @@ class RemoteArchive:
         self.tree = tree
         self._nursery = nursery
         self._limiter = limiter
-        self._pending: dict[CacheKey, Flight[bytes]] = {}
+        self._pending: dict[CacheKey, Flight[Buffer]] = {}
         self._starts: dict[int, int] = {}
         self._indexes: OrderedDict[int, DeflateIndex] = OrderedDict()
         # Members in archive order, for batching neighbours (built on first use).
@@ -365,7 +365,7 @@ class RemoteArchive:
         self._check_bounds(entry)
         extent = await self._member_extent(entry)
         header = parse_local_header(extent, entry)
-        data = extent[header : header + entry.compressed_size]
+        data = bytes(extent[header : header + entry.compressed_size])
         if len(data) < entry.compressed_size:
             # The local extra field was longer than the margin: fetch the rest.
             start = entry.header_offset + header + len(data)
@@ -386,7 +386,7 @@ class RemoteArchive:
         start: int,
         end: int,
         parts: list[tuple[CacheKey, int, int]],
-        flights: dict[CacheKey, Flight[bytes]],
+        flights: dict[CacheKey, Flight[Buffer]],
         members: tuple[Entry, ...] = (),
     ) -> None:
         """Fetch ``[start, end)``, put each part in memory and hand it to its waiters, then
@@ -394,19 +394,21 @@ class RemoteArchive:
 
         Runs in the archive's nursery: it never raises; waiters get the error.
         """
-        data: bytes | bytearray = b""
+        data = bytearray()
         error: Exception | None = None
-        landed: list[tuple[CacheKey, bytes, int | None]] = []
+        landed: list[tuple[CacheKey, Buffer, int | None]] = []
         try:
             data = await self._fetch(start, end)
             view = memoryview(data)
             for key, p_start, p_end in parts:
+                part: Buffer = view[p_start - start : p_end - start]
                 crc = None
                 if key.kind == "b":  # a block fetched again must be the block seen before
-                    crc = zlib_ng.crc32(view[p_start - start : p_end - start])
+                    crc = zlib_ng.crc32(part)
                     self._admit_block(key.number, crc)
-                landed.append((key, bytes(view[p_start - start : p_end - start]), crc))
-            view.release()
+                else:  # a small member's extent: a copy (its batch's buffer can go)
+                    part = bytes(part)
+                landed.append((key, part, crc))
             for key, part, _ in landed:
                 self.cache.memory.put(key, part)
                 if key in flights:
@@ -422,7 +424,7 @@ class RemoteArchive:
         if error is None:
             if members:
                 await self._predecode(members, data, start)
-            del data  # the parts are copies: the request's buffer goes now
+            del data  # blocks keep their request's buffer alive; the rest goes now
             await self.cache.put_disk_many(list(landed))
 
     async def _predecode(
@@ -471,14 +473,14 @@ class RemoteArchive:
         members: tuple[Entry, ...] = (),
     ) -> None:
         """Fetch ``[start, end)`` in the background for the parts not already in flight."""
-        mine: dict[CacheKey, Flight[bytes]] = {}
+        mine: dict[CacheKey, Flight[Buffer]] = {}
         for key, _, _ in parts:
             if key not in self._pending:
                 mine[key] = self._pending[key] = Flight()
         if mine:
             self._nursery.start_soon(self._land, start, end, parts, mine, members)
 
-    async def _member_extent(self, entry: Entry) -> bytes:
+    async def _member_extent(self, entry: Entry) -> Buffer:
         key = self._key("m", entry.header_offset)
         rank = self._rank[entry.index]
         self._note_rank(rank)
@@ -569,7 +571,7 @@ class RemoteArchive:
 
     # -- blocks --------------------------------------------------------------------------------
 
-    async def read_range(self, start: int, end: int, ahead: int = 0) -> bytes:
+    async def read_range(self, start: int, end: int, ahead: int = 0) -> Buffer:
         """Archive bytes ``[start, end)`` through the block caches."""
         if start == end and 0 <= start <= self.size:
             return b""
@@ -590,7 +592,7 @@ class RemoteArchive:
             for n, data in zip(range(first, last + 1), blocks, strict=True)
         ]
 
-    def _block_crc(self, number: int, data: bytes) -> int:
+    def _block_crc(self, number: int, data: Buffer) -> int:
         """Block ``number``'s CRC-32, as noted when it arrived (or now, for a block another
         instance of this archive left in the memory cache)."""
         if self._block_seen is not None and self._block_seen[number]:
@@ -612,8 +614,8 @@ class RemoteArchive:
             parts = self._block_parts(run_start, run_end)
             self._start(parts[0][1], parts[-1][2], parts)
 
-    async def _blocks(self, first: int, last: int) -> list[bytes]:
-        found: dict[int, bytes] = {}
+    async def _blocks(self, first: int, last: int) -> list[Buffer]:
+        found: dict[int, Buffer] = {}
         while len(found) < last - first + 1:
             missing: list[int] = []
             for n in range(first, last + 1):
@@ -672,9 +674,12 @@ class RemoteArchive:
     def _admit_disk(self, number: int, data: bytes, crc: int) -> None:
         self._admit_block(number, crc)
 
-    async def _fetch(self, start: int, end: int) -> bytes | bytearray:
+    async def _fetch(self, start: int, end: int) -> bytearray:
+        """Archive bytes ``[start, end)`` in a new buffer, received straight into it."""
+        buffer = bytearray(end - start)
         async with self._limiter:
-            return await self.source.fetch(start, end)
+            await self.source.fetch_into(start, memoryview(buffer))
+        return buffer
 
 
 def _parse_spilled(spill: BinaryIO, head: memoryview, location: Directory) -> Index:

@@ -68,7 +68,9 @@ class Verifier:
             self._check_complete()
         self.check()
 
-    def feed_crc(self, offset: int, length: int, crc: int, data: bytes) -> None:
+    def feed_crc(
+        self, offset: int, length: int, crc: int, data: bytes | bytearray | memoryview
+    ) -> None:
         """``feed(offset, data)`` where ``crc`` is already known to be ``crc32(data)`` (the
         usual case, a stretch not seen yet, costs no pass over the bytes)."""
         end = min(self.size, offset + length)

@@ -485,7 +485,7 @@ FILE_MODE = stat.S_IFREG | 0o444
 EXEC_MODE = stat.S_IFREG | 0o555
 
 
-def parse_local_header(data: bytes | memoryview, entry: Entry) -> int:
+def parse_local_header(data: bytes | bytearray | memoryview, entry: Entry) -> int:
     """Length of ``entry``'s local header at the start of ``data``.
 
     The signature and the name must match the central directory (as ``zipfile`` checks): a

@@ -20,6 +20,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
+from taskfs.archive.cache import Buffer
 from taskfs.errors import TaskfsError
 from taskfs.fs.inodes import Inode
 from taskfs.fs.vfs import Attr, Vfs
@@ -131,7 +132,7 @@ class Operations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return entry(await self.vfs.lookup(Inode(parent_inode), os.fsdecode(name)))
+        return entry(await self.vfs.lookup(Inode(parent_inode), os.fsdecode(name), ctx.pid))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         try:
@@ -141,7 +142,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return entry(await self.vfs.getattr(Inode(inode)))
+        return entry(await self.vfs.getattr(Inode(inode), ctx.pid))
 
     @handler
     async def setattr(
@@ -164,7 +165,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        return await self.vfs.opendir(Inode(inode))
+        return await self.vfs.opendir(Inode(inode), ctx.pid)
 
     @handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -183,7 +184,9 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=info.fh, direct_io=info.direct_io, keep_cache=info.keep_cache)
 
     @handler
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    # pyfuse3 replies with any buffer (``PyObject_GetBuffer``; its stubs say ``bytes``): a view
+    # of a cached block goes to the kernel with no copy.
+    async def read(self, fh: int, off: int, size: int) -> Buffer:  # type: ignore[override]
         return await self.vfs.read(fh, off, size)
 
     @handler

@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import signal
 import stat
@@ -195,7 +196,7 @@ async def run_mount(
         live = start_live(api, nursery, settings.cache_dir / "live", settings.live_idle)
         vfs = Vfs(api, outputs, nursery, replace(settings.vfs, deadline=deadline), live)
         vfs.stats.hook_api(api.http)
-        vfs.stats.hook_storage(outputs.http)
+        vfs.stats.hook_storage(outputs.http, outputs.bulk_observers)
         pyfuse3.init(Operations(vfs), str(settings.mountpoint), fuse_options(settings))
         pid_file = _pid_file(settings.mountpoint)
         try:
@@ -288,17 +289,18 @@ def unmount(mountpoint: Path, timeout: float = 10.0) -> str | None:
     is busy). Returns a note for the user when the unmount was lazy (processes still had
     files or their working directory in it)."""
     found = mount_entry(mountpoint)
+    named = printable(mountpoint)
     if found is None:
-        raise UsageError(f"{mountpoint} is not mounted")
+        raise UsageError(f"{named} is not mounted")
     if found[0] != FSTYPE:
-        raise UsageError(f"{mountpoint} is a {found[0]} mount, not taskfs")
+        raise UsageError(f"{named} is a {found[0]} mount, not taskfs")
     users = mount_users(mountpoint)
     note = None
     if users:
         shown = ", ".join(f"{pid} ({name})" for pid, name in users[:5])
         more = f" and {len(users) - 5} more" if len(users) > 5 else ""
         note = (
-            f"{mountpoint} was busy (in use by {shown}{more}): unmounted lazily; it is gone "
+            f"{named} was busy (in use by {shown}{more}): unmounted lazily; it is gone "
             "from the tree, and those processes get errors until they let go of it"
         )
     pid = _mount_process(mountpoint)
@@ -325,8 +327,13 @@ def unmount(mountpoint: Path, timeout: float = 10.0) -> str | None:
         [tool, "-u", "-z", str(mountpoint)], capture_output=True, text=True, check=False
     )
     if lazy.returncode != 0:
-        raise TaskfsError(f"cannot unmount {mountpoint}: {lazy.stderr.strip() or first.stderr}")
-    return note or f"{mountpoint} was busy: unmounted lazily"
+        raise TaskfsError(f"cannot unmount {named}: {lazy.stderr.strip() or first.stderr}")
+    return note or f"{named} was busy: unmounted lazily"
+
+
+def printable(path: Path) -> str:
+    """``path`` for a one-line message: control characters (a newline in a name) escaped."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], str(path))
 
 
 def mount_users(mountpoint: Path) -> list[tuple[int, str]]:

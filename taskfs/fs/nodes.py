@@ -605,15 +605,21 @@ class OutputTree(Node):
         return self._shown(vfs, attr)
 
     def _shown(self, vfs: Vfs, attr: Attr, name: str | None = None) -> Attr:
-        """An archived file's attributes (``name``: of this directory's file of that name):
-        size 0 and uncached while it is one that started again just before the task ended
-        and its followers have yet to read it anew, for them to see it shrink
-        (``Spool.restarting``)."""
+        """An archived file's attributes (``name``: of this directory's file of that name),
+        while it is one that started again just before the task ended and its followers have
+        yet to read it anew: size 0 for them, to see it shrink, the real size for everyone
+        else (a fresh ``cat`` reads it whole), and uncached (``Spool.restarting_for``)."""
         live = vfs.live
         if live is None or self.inputs or not live.restarts:
             return attr
         path = "/".join(self.path if name is None else (*self.path, name))
-        return replace(attr, size=0, timeout=0.0) if live.restarting(self.task_id, path) else attr
+        spool = live.restarting(self.task_id, path)
+        if spool is None:
+            return attr
+        # Uncached for everyone (the kernel keeps one size per file, whoever asked);
+        # size 0 only for those who are to read it anew.
+        size = 0 if spool.restarting_for(vfs.requester) else attr.size
+        return replace(attr, size=size, timeout=0.0)
 
     async def entries(self, vfs: Vfs) -> Entries:
         node = await self.find(vfs)
@@ -738,7 +744,7 @@ def live_attr(vfs: Vfs, node: LiveDir | LiveFile, changed_ns: int) -> Attr:
         subdirs = sum(node.names.values())
         return vfs.attr(DIR_MODE, 0, changed_ns, vfs.settings.live_timeout, 2 + subdirs)
     spool = node.live.spools.get(node.path)
-    size = 0 if spool is None else spool.shown_size
+    size = 0 if spool is None else spool.shown_size(vfs.requester)
     mtime = changed_ns if spool is None or not spool.changed_ns else spool.changed_ns
     return vfs.attr(FILE_MODE, size, mtime, 0.0)
 
@@ -749,12 +755,12 @@ async def _live_spool(vfs: Vfs, node: LiveFile) -> Spool:
     on arriving while it is read)."""
     with vfs.live_deadline(node.live.task_id, f"send {node.path}"):
         spool = await node.live.spool(node.path)
-    spool.hold()  # from here on it is read: kept while the rest arrives
+    spool.hold(vfs.requester)  # from here on it is read: kept while the rest arrives
     try:
         with trio.move_on_after(vfs.settings.deadline / 2):
             await spool.settled()
     except BaseException:
-        spool.latest().release()  # it may have started again meanwhile
+        spool.latest().release(vfs.requester)  # it may have started again meanwhile
         raise
     return spool
 

@@ -18,6 +18,7 @@ import json
 import resource
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the hooks only use what every request and response has
@@ -46,14 +47,23 @@ class MountStats:
 
         client.event_hooks["request"].append(count)
 
-    def hook_storage(self, client: httpx.AsyncClient) -> None:
-        async def count(response: httpx.Response) -> None:
+    def hook_storage(
+        self, client: httpx.AsyncClient, bulk: list[Callable[[int], None]] | None = None
+    ) -> None:
+        """Count storage GETs and their bytes: httpx's responses, and those of the bulk
+        transport (``bulk``: where it reports each response's length)."""
+
+        def counted(length: int) -> None:
             self.storage_gets += 1
+            self.storage_bytes += length
+
+        async def count(response: httpx.Response) -> None:
             length = response.headers.get("content-length", "")
-            if length.isdigit():
-                self.storage_bytes += int(length)
+            counted(int(length) if length.isdigit() else 0)
 
         client.event_hooks["response"].append(count)
+        if bulk is not None:
+            bulk.append(counted)
 
     def error(self, code: int) -> None:
         self.errors[errno.errorcode.get(code, str(code))] += 1

@@ -29,6 +29,7 @@ changes.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import math
@@ -42,6 +43,7 @@ import trio
 
 from taskfs.api.client import PAGE_SIZE, ApiClient
 from taskfs.api.models import Task, TaskPage, TaskStatusCode, TaskWithStatusHistory
+from taskfs.archive.cache import Buffer
 from taskfs.archive.member import MemberReader
 from taskfs.archive.remote import RemoteArchive
 from taskfs.archive.zipindex import Entry
@@ -61,6 +63,7 @@ from taskfs.flight import SingleFlight
 from taskfs.fs.inodes import ROOT_INODE, Inode, InodeTable
 from taskfs.fs.nodes import (
     DIR_MODE,
+    FILE_MODE,
     NS,
     Attr,
     Handle,
@@ -203,6 +206,12 @@ class Vfs:
         self._inflight: set[trio.CancelScope] = set()
         self._wait_slots = trio.CapacityLimiter(self.settings.max_waiters)
         self.mount_time_ns = now_ns()
+
+    @property
+    def requester(self) -> int:
+        """The process whose request is being answered (0: unknown). Followers of a file that
+        started again see it otherwise than everyone else (``Spool.restarting_for``)."""
+        return _REQUESTER.get()
 
     @contextlib.contextmanager
     def operation(self) -> Iterator[None]:
@@ -506,7 +515,7 @@ class Vfs:
                 f"{self.settings.deadline:g} s"
             ) from None
 
-    async def _read_live(self, handle: Handle, offset: int, size: int) -> bytes:
+    async def _read_live(self, handle: Handle, offset: int, size: int) -> Buffer:
         """A followed file: its spool while the task computes; once the task has ended, its
         archive member, through the same handle, at every offset (what a local file shows a
         reader that holds it: the file as it ended, never text it no longer holds)."""
@@ -521,7 +530,7 @@ class Vfs:
                 await spool.more()
                 spool = spool.latest()
             if offset == 0 and handle.spool is not spool:  # moved here: reads it anew
-                spool.read_from_start()
+                spool.read_from_start(handle.pid)
             handle.spool = spool
             if not spool.ended:
                 return spool.read(offset, size)
@@ -535,7 +544,7 @@ class Vfs:
                     return b""
         return await self._read_archived(handle, offset, size)
 
-    async def _read_archived(self, handle: Handle, offset: int, size: int) -> bytes:
+    async def _read_archived(self, handle: Handle, offset: int, size: int) -> Buffer:
         """The task of a followed file has ended: the handle reads its archive member from
         now on (the spool goes). A file the archive does not hold ends here."""
         node = handle.node
@@ -549,7 +558,7 @@ class Vfs:
             handle.rereading = spool  # it started again: this reader is yet to go back
         handle.reader = archive.open_member(entry)
         handle.spool = None
-        spool.release()
+        spool.release(handle.pid)
         return await self._read_member(handle, offset, size)
 
     @staticmethod
@@ -608,20 +617,40 @@ class Vfs:
             raise NotFoundError(f"inode {inode} is not known")
         return node
 
-    async def lookup(self, parent: Inode, name: str) -> Attr:
+    async def lookup(self, parent: Inode, name: str, pid: int = 0) -> Attr:
         node = self._node(parent).child(name)
-        return self._ref(node, await node.attr(self))
+        with _requested_by(pid):
+            return self._ref(node, await node.attr(self))
 
     def forget(self, items: list[tuple[Inode, int]]) -> None:
         for inode, count in items:
             self.inodes.forget(inode, count)
 
-    async def getattr(self, inode: Inode) -> Attr:
-        return replace(await self._node(inode).attr(self), inode=inode)
+    async def getattr(self, inode: Inode, pid: int = 0) -> Attr:
+        with _requested_by(pid):
+            try:
+                return replace(await self._node(inode).attr(self), inode=inode)
+            except NotFoundError:
+                unlinked = self._unlinked_attr(inode)
+                if unlinked is None:
+                    raise
+                return unlinked
 
-    async def opendir(self, inode: Inode) -> int:
+    def _unlinked_attr(self, inode: Inode) -> Attr | None:
+        """A followed file held open whose name is gone (deleted in the running task, or not
+        in its archive): what ``fstat`` of a local file deleted under its reader shows, its
+        attributes with link count 0 (the reader reads on what it had)."""
+        for handle in self._handles.values():
+            if isinstance(handle, Handle) and handle.inode == inode and handle.spool is not None:
+                spool = handle.spool.latest()
+                attr = self.attr(FILE_MODE, spool.size, spool.changed_ns, 0.0, nlink=0)
+                return replace(attr, inode=inode)
+        return None
+
+    async def opendir(self, inode: Inode, pid: int = 0) -> int:
         node = self._node(inode)
-        entries = await node.entries(self)
+        with _requested_by(pid):
+            entries = await node.entries(self)
         # ``.`` and ``..`` first, as every file system lists them (``ls -a``); the kernel
         # takes no attributes and no lookup count from them.
         dot = self.attr(DIR_MODE, 0, self.mount_time_ns, 0.0)
@@ -651,12 +680,13 @@ class Vfs:
         self._handles.pop(fh, None)
 
     async def open(self, inode: Inode, flags: int, pid: int = 0) -> OpenInfo:
-        handle = await self._node(inode).open(self, writing=bool(flags & WRITE_FLAGS))
+        with _requested_by(pid):
+            handle = await self._node(inode).open(self, writing=bool(flags & WRITE_FLAGS))
         handle.inode, handle.pid = inode, pid
         fh = self._new_handle(handle)
         return OpenInfo(fh, direct_io=handle.direct_io, keep_cache=handle.keep_cache)
 
-    async def read(self, fh: int, offset: int, size: int) -> bytes:
+    async def read(self, fh: int, offset: int, size: int) -> Buffer:
         handle = self._file(fh)
         if handle.spool is not None:
             return await self._read_live(handle, offset, size)
@@ -666,10 +696,10 @@ class Vfs:
             handle.content = await self._wait(handle.wait_for, handle.pid)
         return handle.content[offset : offset + size]
 
-    async def _read_member(self, handle: Handle, offset: int, size: int) -> bytes:
+    async def _read_member(self, handle: Handle, offset: int, size: int) -> Buffer:
         assert handle.reader is not None
         if handle.rereading is not None and offset == 0:  # went back to the start
-            handle.rereading.read_from_start()
+            handle.rereading.read_from_start(handle.pid)
             handle.rereading = None
         try:
             return await handle.reader.read(offset, size)
@@ -688,7 +718,7 @@ class Vfs:
     def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
         if isinstance(handle, Handle) and handle.spool is not None:
-            handle.spool.latest().release()
+            handle.spool.latest().release(handle.pid)
         if not isinstance(handle, Handle) or handle.reader is None:
             return
         if not handle.reader.close():
@@ -800,6 +830,18 @@ class Vfs:
 
     def open_handles(self) -> int:
         return len(self._handles)
+
+
+_REQUESTER: contextvars.ContextVar[int] = contextvars.ContextVar("taskfs_requester", default=0)
+
+
+@contextlib.contextmanager
+def _requested_by(pid: int) -> Iterator[None]:
+    token = _REQUESTER.set(pid)
+    try:
+        yield
+    finally:
+        _REQUESTER.reset(token)
 
 
 def last_change_ns(task: Task) -> int:

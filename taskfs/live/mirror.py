@@ -36,6 +36,7 @@ import math
 import os
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,7 @@ class Spool:
     ended: bool = False  # the stream closed: nothing more will come
     full: bool = False  # reached MAX_SPOOL
     handles: int = 0
+    holders: Counter[int] = field(default_factory=Counter)  # the handles by process
     changed_ns: int = 0  # wall clock of the last growth (the file's mtime as shown)
     orphan: bool = False  # its task was dropped: close it when the last reader goes
     last_used: float = 0.0
@@ -88,24 +90,36 @@ class Spool:
     caught_up: bool = False  # the file's text so far has arrived (a pause came after it)
     successor: Spool | None = None  # the file went on in another spool (truncated, replaced)
     restarted_at: float = -math.inf  # when it took over from a spool whose file started again
-    rereaders: int = 0  # readers of the file before it started again, yet to read it anew
+    # The processes that read the file before it started again and have yet to read it anew
+    # (their handles' count each).
+    rereaders: Counter[int] = field(default_factory=Counter)
 
     @property
     def restarting(self) -> bool:
         """The file started again moments ago (``RESTART_SHOWN``) and some of its readers
-        have yet to read it from its start: ``stat`` shows size 0 (its followers poll, and
-        must see it shrink even when the new file is already longer than what they read)."""
-        return self.rereaders > 0 and trio.current_time() - self.restarted_at < RESTART_SHOWN
+        have yet to read it from its start."""
+        return bool(self.rereaders) and trio.current_time() - self.restarted_at < RESTART_SHOWN
 
-    @property
-    def shown_size(self) -> int:
-        return 0 if self.restarting else self.size
+    def restarting_for(self, pid: int) -> bool:
+        """Whether process ``pid`` is one of those readers: ``stat`` shows it size 0 (its
+        followers poll, and must see it shrink even when the new file is already longer than
+        what they read); any other process sees the file as it is."""
+        return self.rereaders[pid] > 0 and self.restarting
 
-    def read_from_start(self) -> None:
-        """One of the readers from before the file started again went back to its start
-        (``tail -f`` saw it shrink); when all have, ``stat`` shows the size again, so that
-        their next polls do not see it shrink once more. (A new reader changes nothing.)"""
-        self.rereaders -= 1
+    def shown_size(self, pid: int) -> int:
+        return 0 if self.restarting_for(pid) else self.size
+
+    def restart(self, holders: Counter[int]) -> None:
+        """The file started again: ``holders``' processes are to read it anew."""
+        self.restarted_at = trio.current_time()
+        self.rereaders = +holders
+
+    def read_from_start(self, pid: int) -> None:
+        """A reader of process ``pid`` from before the file started again went back to its
+        start (``tail -f`` saw it shrink); when all of a process's have, ``stat`` shows it the
+        size again, so that its next polls do not see it shrink once more."""
+        self.rereaders[pid] -= 1
+        self.rereaders = +self.rereaders  # drop those at 0
 
     def append(self, data: bytes) -> None:
         if self.full or not data:
@@ -151,11 +165,13 @@ class Spool:
             spool = spool.successor
         return spool
 
-    def hold(self) -> None:
+    def hold(self, pid: int = 0) -> None:
         self.handles += 1
+        self.holders[pid] += 1
 
-    def release(self) -> None:
+    def release(self, pid: int = 0) -> None:
         self.handles -= 1
+        self.holders[pid] -= 1
         if self.handles < 0:  # a reader released a spool it did not hold
             log.warning("spool of %s released more often than held", self.path)
         self.last_used = trio.current_time()
@@ -403,9 +419,10 @@ class LiveTask:
         for start in range(0, keep, 1 << 20):
             new.append(old.read(start, min(1 << 20, keep - start)))
         new.first.set()
-        new.restarted_at = new.last_used = trio.current_time()
-        new.rereaders = old.handles
+        new.last_used = trio.current_time()
+        new.restart(old.holders)
         new.handles, old.handles = old.handles, 0
+        new.holders, old.holders = old.holders, Counter()
         self.mirrors.restarts[(self.task_id, old.path)] = new
         new.orphan = old.orphan
         old.successor = new
@@ -528,15 +545,14 @@ class LiveMirrors:
         readers get ``restarting`` as if the live channel had said so."""
         if self.restarts.get((task_id, path)) is spool:
             return
-        spool.restarted_at = trio.current_time()
-        spool.rereaders = spool.latest().handles
+        spool.restart(spool.latest().holders)
         self.restarts[(task_id, path)] = spool
 
-    def restarting(self, task_id: str, path: str) -> bool:
-        """Whether ``path`` of the task started again moments ago and is yet to be read
-        anew by its followers (see ``Spool.restarting``)."""
+    def restarting(self, task_id: str, path: str) -> Spool | None:
+        """The spool of ``path`` of the task if the file started again moments ago and is
+        yet to be read anew by some of its readers (see ``Spool.restarting``)."""
         spool = self.restarts.get((task_id, path))
-        return spool is not None and spool.restarting  # the reaper forgets the others
+        return spool if spool is not None and spool.restarting else None  # the reaper forgets
 
     def connections(self) -> int:
         return sum(task.connection is not None for task in self.tasks.values())

@@ -61,6 +61,7 @@ from taskfs.config import (
     ServiceSettings,
     local_service_pid,
     local_service_url,
+    make_dirs,
 )
 from taskfs.errors import UsageError
 from taskfs.live.protocol import LiveBusyError, OfferError
@@ -852,7 +853,7 @@ async def serve(
 
     ``runner_hook`` is awaited after each status change of the runner (see ``Runner``).
     """
-    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_dirs(settings.data_dir, 0o700)
     lock = DataDirLock(settings.data_dir)
     lock.acquire()
     if settings.adopt_orphans and not become_subreaper():

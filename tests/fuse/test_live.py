@@ -378,6 +378,68 @@ def test_a_file_that_shrinks_as_the_task_ends(live_mount: Mount) -> None:
     assert path.read_bytes() == expected
 
 
+def test_a_file_cut_at_the_end_reads_whole_for_everyone_but_its_follower(
+    live_mount: Mount,
+) -> None:
+    """While ``tail -f`` is shown the cut file as size 0 (to make it start over), a fresh
+    ``cat`` or ``stat`` right after the end (once the mount shows the task ended: until then
+    it shows the file as the live channel last saw it) sees the file as archived, never
+    empty."""
+    service = live_mount.service
+    task_id = computing(
+        service,
+        'for i in $(seq 1 20); do echo "old line $i" >> log.txt; sleep 0.1; done; '
+        "echo 'final text' > log.txt",
+    )
+    path = live_mount / task_id / "outputs" / "log.txt"
+    wait_until(path.exists, timeout=10)
+    tail = subprocess.Popen(["tail", "-f", str(path)], stdout=subprocess.DEVNULL)
+    try:
+        service.wait_for(task_id, lambda s: s.is_terminated, timeout=30)
+        expected = archive_member(service, task_id, "log.txt")
+        status = live_mount / task_id / "status"
+        wait_until(lambda: status.read_text() == "success\n", timeout=5, step=0.02)
+        seen: set[tuple[int, bytes]] = set()
+        until = time.monotonic() + 2  # longer than a restart is shown
+        while time.monotonic() < until:
+            seen.add((path.stat().st_size, path.read_bytes()))
+    finally:
+        tail.terminate()
+        tail.wait()
+    assert seen == {(len(expected), expected)}
+
+
+def test_a_followed_file_deleted_in_the_task_stays_readable_to_its_holder(
+    live_mount: Mount,
+) -> None:
+    """As a local file deleted under its reader: ``fstat`` of the open descriptor works
+    (link count 0) and it reads what it had; ``tail -f`` does not give up, neither while the
+    task runs nor after it ended."""
+    service = live_mount.service
+    task_id = computing(service, "echo one > log.txt; sleep 2; rm log.txt; sleep 2")
+    path = live_mount / task_id / "outputs" / "log.txt"
+    wait_until(path.exists, timeout=10)
+    held = os.open(path, os.O_RDONLY)
+    tail = subprocess.Popen(
+        ["tail", "-f", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        assert os.pread(held, 100, 0) == b"one\n"
+        wait_until(lambda: not path.exists(), timeout=10)
+        gone = os.fstat(held)
+        assert (gone.st_nlink, gone.st_size) == (0, 4)
+        assert os.pread(held, 100, 0) == b"one\n"
+        service.wait_for(task_id, lambda s: s.is_terminated, timeout=30)
+        time.sleep(1.5)
+        assert os.fstat(held).st_nlink == 0
+        assert tail.poll() is None, "tail -f gave up"
+    finally:
+        os.close(held)
+        tail.terminate()
+        out, err = tail.communicate()
+    assert out == b"one\n", err
+
+
 @pytest.mark.parametrize("case", ["another reader", "just before the end"])
 def test_a_file_replaced_by_a_longer_one_while_followed(live_mount: Mount, case: str) -> None:
     """tail -f polls once a second and sees only sizes: a file replaced by a longer one must

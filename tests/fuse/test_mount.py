@@ -390,6 +390,38 @@ def test_a_background_mount_from_any_directory_at_any_name(
     assert stopped.returncode == 0, stopped.stderr
 
 
+def test_a_mountpoint_named_through_a_link_and_a_closed_output(
+    service: Service, tmp_path: Path
+) -> None:
+    """A mountpoint reached through a symbolic link is the directory it leads to (as mount(8)
+    and umount(8) take it): the mount comes up and unmounts by either name. A mount whose
+    one line cannot be written (standard output closed) is taken back, in one line."""
+    real = tmp_path / "real" / "mnt"
+    real.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    via = tmp_path / "link" / "mnt"
+    data = ["--data-dir", str(service.data_dir), "--cache-dir", str(tmp_path / "cache")]
+    started = subprocess.run(
+        taskfs_cmd("mount", str(via), *data), capture_output=True, text=True, timeout=60
+    )
+    assert started.returncode == 0, started.stderr
+    assert mounted_at(real) is not None and f"at {real} " in started.stdout
+    assert unmount_cmd(via).returncode == 0
+    wait_until(lambda: mounted_at(real) is None)
+    closed = subprocess.run(
+        ["sh", "-c", " ".join([*taskfs_cmd("mount", str(via), *data), ">&-"])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert closed.returncode == 1
+    assert closed.stderr == (
+        "taskfs: error: cannot write to standard output: standard output is closed; "
+        "unmounted it again\n"
+    )
+    assert mounted_at(real) is None
+
+
 def test_unmount_recovers_a_mount_whose_process_died(service: Service, tmp_path: Path) -> None:
     from taskfs.fs.mount import mount_entry
 
@@ -569,6 +601,10 @@ def test_mount_options_as_fstab_gives_them(service: Service, tmp_path: Path) -> 
         taskfs_cmd("mount", str(path), "-o", "umask=999"), capture_output=True, text=True
     )
     assert bad.returncode == 2 and "not an octal mask" in bad.stderr
+    bad = subprocess.run(
+        taskfs_cmd("mount", str(path), "-o", "api_url="), capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "mount option 'api_url=' needs a value" in bad.stderr
 
 
 def ended_task_for_mount_8(service: Service) -> str:

@@ -88,8 +88,10 @@ async def check(
 
     async with httpx.AsyncClient() as http, trio.open_nursery() as nursery:
         cache = Tiered(MemoryCache(1 << 20), DiskCache(cache_dir, 4 << 20))
+        source = RangeSource(http, url)  # blocks over its own HttpTransport: real sockets
+        nursery.start_soon(_closed_at_the_end, source)
         archive = await RemoteArchive.open(
-            RangeSource(http, url),
+            source,
             cache,
             path,
             nursery=nursery,
@@ -106,6 +108,13 @@ async def check(
                 offset = int(fraction * len(body))
                 assert await fresh.read(offset, size) == body[offset : offset + size]
         nursery.cancel_scope.cancel()
+
+
+async def _closed_at_the_end(source: RangeSource) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        source.close()
 
 
 def expected_files(data: bytes) -> dict[tuple[str, ...], bytes]:

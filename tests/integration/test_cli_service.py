@@ -159,6 +159,11 @@ def test_submit_packs_input_by_the_same_rules_as_outputs(background: Path, tmp_p
         (["submit", "--project", "bad\udcffbyte", "--", "true"], "API needs: bad\\xffbyte"),
         (["submit", "--", "echo", "\udcff"], "not UTF-8 text, which the API needs: echo"),
         (["tasks", "list", "--project", "\udcff"], "not UTF-8 text"),
+        # A URL that cannot be one, wherever it comes from.
+        (["tasks", "list", "--api-url", "http://[::1"], "not a valid API URL"),
+        (["tasks", "list", "--api-url", "http://127.0.0.1:99999"], "Port out of range"),
+        (["submit", "--api-url", "http://:80", "--", "true"], "(no host)"),
+        (["submit", "--deadline", "soon", "--", "true"], "error: submit: argument --deadline"),
     ],
 )
 def test_usage_errors_are_one_line(background: Path, args: list[str], message: str) -> None:
@@ -210,6 +215,42 @@ def test_unreachable_service_fails_within_the_deadline(tmp_path: Path, how: str)
     assert len(result.stderr.strip().splitlines()) == 1
     assert "k\n" not in result.stderr
     assert elapsed < 2 + 10, f"the command took {elapsed:.1f} s with --deadline 2"
+
+
+def test_a_data_dir_that_is_a_file_is_not_a_directory(tmp_path: Path) -> None:
+    a_file = tmp_path / "taskfs.py"
+    a_file.write_text("mine\n")
+    result = taskfs("serve", "--background", "--port", "0", "--data-dir", str(a_file), data=a_file)
+    assert result.returncode == 1
+    assert result.stderr == f"taskfs: error: Not a directory: {a_file}\n"
+    assert a_file.read_text() == "mine\n"
+
+
+def test_a_closed_standard_output_is_one_error_and_undone_or_said(background: Path) -> None:
+    """``taskfs ... >&-``: no traceback; a result that cannot be shown is an error, and what
+    the command did anyway is said (the id of a task it submitted) or taken back."""
+    env = {**clean_env(), "TASKFS_DATA_DIR": str(background)}
+
+    def closed(*args: str) -> subprocess.CompletedProcess[str]:
+        command = " ".join([sys.executable, "-m", "taskfs", *args]) + " >&-"
+        return subprocess.run(
+            ["sh", "-c", command], capture_output=True, text=True, env=env, timeout=60
+        )
+
+    version = closed("--version")
+    assert version.returncode == 1
+    assert version.stderr == (
+        "taskfs: error: cannot write to standard output: standard output is closed\n"
+    )
+    submitted = closed("submit", "--data-dir", str(background), "--", "true")
+    assert submitted.returncode == 1 and "Traceback" not in submitted.stderr
+    said = submitted.stderr.split("; task ")[1].split()[0]  # "...; task <id> was submitted"
+    listed = taskfs("tasks", "list", "--json", data=background)
+    assert [t["task_id"] for t in json.loads(listed.stdout)] == [said]
+    listing = closed("tasks", "list", "--data-dir", str(background))
+    assert listing.returncode == 1
+    assert listing.stderr.startswith("taskfs: error: ") and "closed" in listing.stderr
+    assert len(listing.stderr.splitlines()) == 1
 
 
 @pytest.mark.parametrize("args", [["logs", "--help"], ["--help"], ["tasks", "list", "--help"]])

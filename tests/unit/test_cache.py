@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from taskfs.archive.cache import CacheKey, DiskCache, MemoryCache, Tiered
+from taskfs.archive.cache import Buffer, CacheKey, DiskCache, MemoryCache, Tiered
 
 
 def key(n: int, etag: str = '"e1"') -> CacheKey:
@@ -174,7 +174,7 @@ async def test_an_extent_waiting_for_the_disk_is_found_meanwhile(
     disk = DiskCache(tmp_path / "c", 1 << 20)
     tiered = Tiered(MemoryCache(0), disk)  # nothing stays in memory
     release = hold_disk_writes(disk, monkeypatch)
-    items: list[tuple[CacheKey, bytes | memoryview, int | None]] = [(key(1), b"block one", None)]
+    items: list[tuple[CacheKey, Buffer, int | None]] = [(key(1), b"block one", None)]
     async with trio.open_nursery() as nursery:
         nursery.start_soon(tiered.put_disk_many, items)
         await trio.testing.wait_all_tasks_blocked()
@@ -194,8 +194,8 @@ async def test_a_burst_past_the_backlog_waits_for_the_disk_instead_of_going_unca
     disk = DiskCache(tmp_path / "c", 1 << 20)
     tiered = Tiered(MemoryCache(0), disk)
     release = hold_disk_writes(disk, monkeypatch)
-    first: list[tuple[CacheKey, bytes | memoryview, int | None]] = [(key(1), b"8 bytes!", None)]
-    second: list[tuple[CacheKey, bytes | memoryview, int | None]] = [(key(2), b"8 more..", None)]
+    first: list[tuple[CacheKey, Buffer, int | None]] = [(key(1), b"8 bytes!", None)]
+    second: list[tuple[CacheKey, Buffer, int | None]] = [(key(2), b"8 more..", None)]
     async with trio.open_nursery() as nursery:
         nursery.start_soon(tiered.put_disk_many, first)
         await trio.testing.wait_all_tasks_blocked()
@@ -204,3 +204,36 @@ async def test_a_burst_past_the_backlog_waits_for_the_disk_instead_of_going_unca
         assert tiered.pending_writes == 2 and await tiered.get(key(2)) == b"8 more.."
         release.set()
     assert disk.get(key(1)) == b"8 bytes!" and disk.get(key(2)) == b"8 more.."
+
+
+def test_an_accounting_never_forgets_what_was_written_while_it_scanned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another thread writes a block while the accounting lists the directory: the block
+    stays known (it was forgotten, so read again from storage, though its file was there)."""
+    cache = DiskCache(tmp_path, 1 << 30)
+    assert cache.put(key(1), b"one")
+    real = os.scandir
+    calls = 0
+
+    class Listed(list[os.DirEntry[str]]):
+        def __enter__(self) -> Listed:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    def scandir(path: str) -> Listed:
+        nonlocal calls
+        calls += 1
+        with real(path) as items:
+            listed = Listed(items)
+        if calls == 2:  # the block's directory was listed: now the write lands
+            assert cache.put(key(2), b"two")
+        return listed
+
+    monkeypatch.setattr("taskfs.archive.cache.os.scandir", scandir)
+    cache._account()
+    assert calls == 2
+    assert cache.contains(key(2)) and cache.get(key(2)) == b"two"
+    assert cache.contains(key(1))

@@ -25,7 +25,7 @@ from taskfs.fs.mount import MountSettings, fuse_options
 from taskfs.fs.vfs import Vfs, VfsSettings
 from taskfs.outputs import Outputs, make_cache
 from tests.fakeapi import KEY, FakeApi
-from tests.rangeserver import mock_transport
+from tests.rangeserver import AnswerTransport, mock_transport
 from tests.support import artifacts_zip
 from tests.unit.test_vfs import FILES
 
@@ -48,7 +48,12 @@ async def ops(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[tuple[Oper
     settings = ClientSettings(api_url=fake.base_url, api_key=KEY, deadline=5)
     async with (
         ApiClient.open(settings, transport=mock_transport(fake)) as api,
-        Outputs(api, make_cache(None, 0), transport=mock_transport(fake)) as outputs,
+        Outputs(
+            api,
+            make_cache(None, 0),
+            transport=mock_transport(fake),
+            bulk=AnswerTransport(fake),
+        ) as outputs,
     ):
         operations = Operations(Vfs(api, outputs, nursery, VfsSettings()))
         yield operations, fake

@@ -38,7 +38,7 @@ async def opener(nursery: trio.Nursery) -> AsyncIterator[Opener]:
 
             cache = Tiered(MemoryCache(8 << 20), None)
             return await RemoteArchive.open(
-                RangeSource(http, url), cache, f"a{count}", nursery=nursery
+                RangeSource(http, url, bulk=objects.bulk()), cache, f"a{count}", nursery=nursery
             )
 
         yield open_archive

@@ -25,7 +25,7 @@ from taskfs.outputs import (
     output_info,
 )
 from tests.fakeapi import KEY, FakeApi
-from tests.rangeserver import mock_transport
+from tests.rangeserver import AnswerTransport, mock_transport
 from tests.support import artifacts_zip
 
 
@@ -86,6 +86,7 @@ async def test_listing_reads_only_the_directory(
         return data_client(max_connections=4, transport=mock_transport(fake))
 
     monkeypatch.setattr("taskfs.outputs.data_client", routed)  # storage goes to the fake too
+    monkeypatch.setattr("taskfs.outputs.HttpTransport", lambda **kwargs: AnswerTransport(fake))
     async with ApiClient.open(settings, transport=mock_transport(fake)) as api:
         info = await output_info(api, await api.get_task("t1"))
         assert str(info) == (

@@ -1,6 +1,13 @@
-"""Ranged GETs: validation of every answer, ETag pinning, URL refresh, retries, deadlines."""
+"""Ranged GETs: validation of every answer, ETag pinning, URL refresh, retries, deadlines,
+on both ways a body is received: over httpx (``fetch``: the tail, the directory) and into the
+caller's buffer in a worker thread (``fetch_into``: blocks), the two sharing one set of
+rules."""
 
 from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any
 
 import httpx
 import pytest
@@ -10,7 +17,7 @@ import trio.testing
 from taskfs.archive.rangeio import RangeSource
 from taskfs.errors import ArchiveError, AuthError, ProtocolError, ServiceError, StaleError
 from taskfs.retry import RetryPolicy
-from tests.rangeserver import Answer, Objects, Seen
+from tests.rangeserver import Answer, AnswerTransport, Objects, Seen
 
 BODY = bytes(range(256)) * 64  # 16 KiB
 
@@ -24,17 +31,31 @@ def setup(objects: Objects, deadline: float = 5.0) -> tuple[RangeSource, list[bo
         return f"http://storage{path}"
 
     http = httpx.AsyncClient(transport=objects.transport())
-    return RangeSource(http, url, RetryPolicy(deadline=deadline), "a.zip"), refreshes
+    source = RangeSource(http, url, RetryPolicy(deadline=deadline), "a.zip", bulk=objects.bulk())
+    return source, refreshes
 
 
-async def test_tail_and_ranges() -> None:
+async def fetch(source: RangeSource, start: int, end: int, path: str) -> bytes:
+    """``[start, end)`` over httpx (``path`` "httpx") or into a buffer ("bulk")."""
+    if path == "httpx":
+        return bytes(await source.fetch(start, end))
+    buffer = bytearray(end - start)
+    await source.fetch_into(start, memoryview(buffer))
+    return bytes(buffer)
+
+
+PATHS = pytest.mark.parametrize("path", ["httpx", "bulk"])
+
+
+@PATHS
+async def test_tail_and_ranges(path: str) -> None:
     objects = Objects()
     source, _ = setup(objects)
     tail = await source.open_tail(1000)
     assert tail == BODY[-1000:] and source.size == len(BODY)
     assert source.etag == objects.etags["a.zip"]
-    assert await source.fetch(10, 20) == BODY[10:20]
-    assert await source.fetch(0, len(BODY)) == BODY
+    assert await fetch(source, 10, 20, path) == BODY[10:20]
+    assert await fetch(source, 0, len(BODY), path) == BODY
     assert objects.seen[0].if_match is None
     assert all(s.if_match == source.etag for s in objects.seen[1:])
     small = Objects()
@@ -93,25 +114,38 @@ def _fault(status: int | None = None, **changes: object) -> object:
         (_fault(416), ProtocolError, "416"),
     ],
 )
-async def test_bad_answers(fault: object, error: type[Exception], message: str) -> None:
+@PATHS
+async def test_bad_answers(fault: object, error: type[Exception], message: str, path: str) -> None:
     objects = Objects()
     source, _ = setup(objects)
     await source.open_tail(100)
     objects.fault = fault  # type: ignore[assignment]
     with pytest.raises(error, match=message):
-        await source.fetch(10, 20)
+        await fetch(source, 10, 20, path)
 
 
-async def test_changed_etag_is_stale() -> None:
+@PATHS
+async def test_changed_etag_is_stale(path: str) -> None:
     objects = Objects()
     source, _ = setup(objects)
     await source.open_tail(100)
     objects.put("a.zip", BODY[::-1])  # replaced: new ETag
     with pytest.raises(StaleError):
-        await source.fetch(0, 10)
+        await fetch(source, 0, 10, path)
 
 
-async def test_expired_url_is_refreshed_once() -> None:
+@PATHS
+async def test_a_body_longer_than_promised_is_refused(path: str) -> None:
+    objects = Objects()
+    source, _ = setup(objects)
+    await source.open_tail(100)
+    objects.fault = _fault(body=BODY[10:30])  # type: ignore[assignment] # 20 where 10 promised
+    with pytest.raises(ProtocolError, match="longer"):
+        await fetch(source, 10, 20, path)
+
+
+@PATHS
+async def test_expired_url_is_refreshed_once(path: str) -> None:
     objects = Objects()
     source, refreshes = setup(objects)
     await source.open_tail(100)
@@ -123,14 +157,16 @@ async def test_expired_url_is_refreshed_once() -> None:
         return Answer(403, {}, b"expired") if calls == 1 else None
 
     objects.fault = expired_once
-    assert await source.fetch(0, 10) == BODY[:10]
+    assert await fetch(source, 0, 10, path) == BODY[:10]
     assert refreshes == [False, True]
     objects.fault = lambda seen, answer: Answer(403, {}, b"no")
     with pytest.raises(AuthError, match="403"):
-        await source.fetch(0, 10)
+        await fetch(source, 0, 10, path)
 
 
-async def test_transient_failures_recover(autojump_clock: trio.testing.MockClock) -> None:
+@PATHS
+async def test_transient_failures_recover(path: str) -> None:
+    """(On trio's real clock: a worker thread's wait is real time.)"""
     objects = Objects()
     source, _ = setup(objects)
     await source.open_tail(100)
@@ -150,22 +186,48 @@ async def test_transient_failures_recover(autojump_clock: trio.testing.MockClock
 
     objects.fault = flaky
     start = trio.current_time()
-    assert await source.fetch(100, 200) == BODY[100:200]
+    assert await fetch(source, 100, 200, path) == BODY[100:200]
     assert objects.gets() == 1 + 5
     assert trio.current_time() - start >= 1.0  # Retry-After was honoured
 
 
-async def test_dead_server_fails_within_the_deadline(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
+@PATHS
+async def test_dead_server_fails_within_the_deadline(path: str) -> None:
     objects = Objects()
-    source, _ = setup(objects, deadline=3.0)
+    source, _ = setup(objects, deadline=1.0)
     await source.open_tail(100)
     objects.fault = lambda seen, answer: Answer(503, {}, b"down")
     start = trio.current_time()
     with pytest.raises(ServiceError, match="gave up"):
-        await source.fetch(0, 10)
-    assert trio.current_time() - start <= 3.0
+        await fetch(source, 0, 10, path)
+    assert trio.current_time() - start <= 1.0
+
+
+async def test_a_stalled_transfer_in_a_thread_is_stopped_at_the_deadline() -> None:
+    """The body stalls half way: the read fails at its deadline, and the worker thread's
+    transfer is stopped then (its ``Stop``), not when the peer wakes up."""
+    objects = Objects()
+    source, _ = setup(objects, deadline=1.0)
+    await source.open_tail(100)
+    stopped: list[float] = []
+
+    class Watched(AnswerTransport):
+        def get(self, *args: Any) -> None:
+            try:
+                super().get(*args)
+            finally:
+                stopped.append(time.monotonic())
+
+    source._bulk = Watched(objects, threaded=True)
+    objects.fault = lambda seen, answer: replace(answer, stall_after=5, stall=3600)
+    start = time.monotonic()
+    with pytest.raises(ServiceError, match="no answer within 1 s"):
+        await fetch(source, 0, 10, "bulk")
+    assert time.monotonic() - start == pytest.approx(1.0, abs=0.3)
+    with trio.fail_after(2):
+        while not stopped:
+            await trio.sleep(0.01)
+    assert stopped[0] - start < 1.5
 
 
 async def test_stalled_server_fails_at_the_deadline(

@@ -38,7 +38,7 @@ from taskfs.fs.inodes import ROOT_INODE, Inode
 from taskfs.fs.vfs import Attr, Vfs, VfsSettings
 from taskfs.outputs import Outputs, make_cache
 from tests.fakeapi import KEY, FakeApi
-from tests.rangeserver import mock_transport
+from tests.rangeserver import AnswerTransport, mock_transport
 from tests.support import artifacts_zip
 
 FILES = {
@@ -141,7 +141,10 @@ async def env(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Env]:
     async with (
         ApiClient.open(settings, transport=mock_transport(fake)) as api,
         Outputs(
-            api, make_cache(tmp_path / "cache", 1 << 30), transport=mock_transport(fake)
+            api,
+            make_cache(tmp_path / "cache", 1 << 30),
+            transport=mock_transport(fake),
+            bulk=AnswerTransport(fake),
         ) as outputs,
     ):
         vfs = Vfs(api, outputs, nursery, VfsSettings(uid=1234, gid=5678, max_waiters=4))
@@ -511,7 +514,7 @@ async def test_wait_uses_one_poller_per_task(
 
     async def waiter() -> None:
         info = await env.vfs.open(attr.inode, os.O_RDONLY, pid=os.getpid())
-        results.append(await env.vfs.read(info.fh, 0, 100))
+        results.append(bytes(await env.vfs.read(info.fh, 0, 100)))
         assert await env.vfs.read(info.fh, len(results[-1]), 100) == b""
         env.vfs.release(info.fh)
 
