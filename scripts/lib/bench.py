@@ -363,8 +363,13 @@ def generate(
             status = await until(partial(api.get_status, task_id), lambda s: s.is_terminated)
             if status.status != "success":
                 raise RuntimeError(f"dataset {name} failed: {status.status}")
-        await until(lambda: api.list_page(1, 1, status="submitted"), lambda p: not p.total_size)
-        fillers = [t.task_id async for t in api.iter_tasks(project="filler")]
+        # Every filler ended (its archive written): some of theirs are replaced below.
+        while True:
+            tasks = [t async for t in api.iter_tasks(project="filler")]
+            if all(t.is_terminated for t in tasks):
+                break
+            await trio.sleep(0.2)
+        fillers = [t.task_id for t in tasks]
         return {name: Dataset(ids[name], jobs[name][1]) for name in jobs}, fillers
 
     datasets, fillers = service.call(make)
