@@ -153,18 +153,21 @@ class AnswerTransport:
         if waited or answer.stall_after is not None:
             assert self.blocking, "a stalled answer needs AnswerTransport(app, threaded=True)"
         _wait(waited, stop)
-        view = accept(answer.status, {k.lower(): v for k, v in answer.headers.items()})
+        views = accept(answer.status, {k.lower(): v for k, v in answer.headers.items()})
         body = answer.body
+        expected = sum(len(view) for view in views)
+        cut = len(body) if answer.cut_after is None else min(len(body), answer.cut_after)
+        pos = 0
+        for view in views:  # one after another, as the socket's bytes would fill them
+            piece = body[pos : min(cut, pos + len(view))]
+            view[: len(piece)] = piece
+            pos += len(piece)
         if answer.cut_after is not None:
-            view[: min(len(view), answer.cut_after)] = body[: min(len(view), answer.cut_after)]
             raise ConnectionResetError("connection reset (injected)")
         if answer.stall_after is not None:
             _wait(answer.stall, stop)
-        if len(body) != len(view):
-            got = min(len(body), len(view))
-            view[:got] = body[:got]
-            raise BodyLengthError(len(body), len(view), short=len(body) < len(view))
-        view[:] = body
+        if len(body) != expected:
+            raise BodyLengthError(len(body), expected, short=len(body) < expected)
 
 
 def _wait(seconds: float, stop: Stop) -> None:

@@ -277,27 +277,45 @@ def _unlink(path: str) -> None:
 
 
 class MemoryCache:
-    """A byte-bounded LRU of extents (the hot tier above the disk)."""
+    """A byte-bounded LRU of extents (the hot tier above the disk), with extents a sequential
+    reader has passed (``demote``) kept apart and let go first, oldest first: by recency
+    alone, the blocks fetched ahead of a reader and not read yet would go before those it
+    has just read and will not read again."""
 
     def __init__(self, limit_bytes: int) -> None:
         self.limit = limit_bytes
         self.total = 0
         self._items: OrderedDict[CacheKey, Buffer] = OrderedDict()
+        self._passed: OrderedDict[CacheKey, Buffer] = OrderedDict()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items or key in self._passed  # a look, not a use
+
+    def demote(self, key: CacheKey) -> None:
+        """A sequential reader has passed ``key``: it goes before the others."""
+        data = self._items.pop(key, None)
+        if data is not None:
+            self._passed[key] = data
 
     def get(self, key: CacheKey) -> Buffer | None:
         data = self._items.get(key)
         if data is not None:
             self._items.move_to_end(key)
+            return data
+        data = self._passed.pop(key, None)
+        if data is not None:  # read again: in use after all
+            self._items[key] = data
         return data
 
     def put(self, key: CacheKey, data: Buffer) -> None:
         if len(data) > self.limit:
             return
-        self.total += len(data) - len(self._items.pop(key, b""))
+        old = self._items.pop(key, None) or self._passed.pop(key, None)
+        self.total += len(data) - (len(old) if old is not None else 0)
         self._items[key] = data
         while self.total > self.limit:
-            _, old = self._items.popitem(last=False)
-            self.total -= len(old)
+            _, gone = (self._passed or self._items).popitem(last=False)
+            self.total -= len(gone)
 
 
 class Tiered:
@@ -350,12 +368,16 @@ class Tiered:
         return len(self._writing)
 
     def contains(self, key: CacheKey) -> bool:
-        """Whether ``key`` is cached (memory or disk index; no I/O)."""
-        return (
-            self.memory.get(key) is not None
-            or key in self._writing
-            or (self.disk is not None and self.disk.contains(key))
-        )
+        """Whether ``key`` is cached (memory or disk index; no I/O, no change of recency)."""
+        return key in self.memory or key in self._writing or self.on_disk(key)
+
+    def writing(self, key: CacheKey) -> Buffer | None:
+        """The bytes of ``key`` while they are on their way to disk (the memory tier may have
+        let them go already)."""
+        return self._writing.get(key)
+
+    def on_disk(self, key: CacheKey) -> bool:
+        return self.disk is not None and self.disk.contains(key)
 
     async def put(self, key: CacheKey, data: Buffer) -> None:
         self.memory.put(key, data)

@@ -4,7 +4,8 @@ Owns: the transport of the archive reader's large transfers (blocks of members b
 one GET, its status and headers handed to the caller's ``accept`` before a byte of the body is
 read, and the body received with ``http.client``'s ``readinto`` into the buffer ``accept``
 returned (the socket's bytes land there, one copy; the GIL is released while the socket is
-read). One keep-alive connection per worker thread and host; proxies from the environment,
+read), or into several buffers one after another (a block each). Keep-alive connections
+pooled per host, taken by whichever worker thread runs a transfer; proxies from the environment,
 as httpx takes them (``HTTPS_PROXY``, ``HTTP_PROXY``, ``NO_PROXY``); TLS verified against
 certifi's bundle (httpx's), or ``SSL_CERT_FILE``/``SSL_CERT_DIR`` where set.
 
@@ -29,14 +30,14 @@ import socket
 import ssl
 import threading
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 from urllib.parse import urlsplit
 
-Accept = Callable[[int, Mapping[str, str]], memoryview]
+Accept = Callable[[int, Mapping[str, str]], Sequence[memoryview]]
 """Called in the worker thread with the status and the headers (lower-case names) before the
-body is read: returns the buffer the body must fill exactly, or raises (the body is not
-read)."""
+body is read: returns the buffers the body must fill exactly, one after another, or raises
+(the body is not read)."""
 
 
 class BodyLengthError(Exception):
@@ -93,41 +94,40 @@ class BulkTransport(Protocol):
         ...
 
 
+_Key = tuple[str, str, int | None]
+
+
 class HttpTransport:
-    """``BulkTransport`` over ``http.client``: keep-alive connections per thread and host."""
+    """``BulkTransport`` over ``http.client``: keep-alive connections pooled per host (at
+    most ``keep`` idle ones each), whichever worker thread takes one (trio hands a transfer
+    to any of its threads: connections kept per thread were mostly new ones, a round trip
+    each)."""
 
     blocking = True
 
-    def __init__(self, timeout: float = 10.0) -> None:
+    def __init__(self, timeout: float = 10.0, keep: int = 16) -> None:
         self.timeout = timeout
-        self._local = threading.local()
+        self.keep = keep
         self._tls: ssl.SSLContext | None = None
-        # Every connection made, whichever thread keeps it, for ``close``.
-        self._all: set[http.client.HTTPConnection] = set()
         self._lock = threading.Lock()
+        self._idle: dict[_Key, list[tuple[http.client.HTTPConnection, bool]]] = {}
+        self._busy: set[http.client.HTTPConnection] = set()
 
     def close(self) -> None:
         """Close every connection (once no transfer runs)."""
         with self._lock:
-            connections, self._all = self._all, set()
-        for conn in connections:
+            idle, self._idle = self._idle, {}
+            busy, self._busy = self._busy, set()
+        for conn in busy | {conn for pooled in idle.values() for conn, _ in pooled}:
             conn.close()
 
     def get(self, url: str, headers: Mapping[str, str], accept: Accept, stop: Stop) -> None:
         parts = urlsplit(url)
-        key = (parts.scheme, parts.hostname or "", parts.port)
-        target = parts.path or "/"
-        if parts.query:
-            target += "?" + parts.query
-        connections: dict[tuple[str, str, int | None], http.client.HTTPConnection]
-        connections = self._local.__dict__.setdefault("connections", {})
-        conn = connections.pop(key, None)
-        if conn is None:
-            conn, absolute = self._connect(parts.scheme, parts.hostname or "", parts.port)
-            with self._lock:
-                self._all.add(conn)
-            if absolute:
-                target = url  # a plain proxy takes the whole URL
+        key: _Key = (parts.scheme, parts.hostname or "", parts.port)
+        conn, absolute = self._take(key)
+        target = (
+            url if absolute else (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        )
         reusable = False
         try:
             if conn.sock is None:
@@ -136,17 +136,34 @@ class HttpTransport:
             conn.request("GET", target, headers=dict(headers))
             response = conn.getresponse()
             answer = {name.lower(): value for name, value in response.getheaders()}
-            view = accept(response.status, answer)
-            _fill(response, view)
+            _fill(response, accept(response.status, answer))
             reusable = not response.will_close
         finally:
             stop.detach()
-            if reusable and not stop.pressed:
-                connections[key] = conn
-            else:
-                conn.close()
-                with self._lock:
-                    self._all.discard(conn)
+            self._give_back(key, conn, absolute, reusable and not stop.pressed)
+
+    def _take(self, key: _Key) -> tuple[http.client.HTTPConnection, bool]:
+        with self._lock:
+            pooled = self._idle.get(key)
+            if pooled:
+                conn, absolute = pooled.pop()
+                self._busy.add(conn)
+                return conn, absolute
+        conn, absolute = self._connect(*key)
+        with self._lock:
+            self._busy.add(conn)
+        return conn, absolute
+
+    def _give_back(
+        self, key: _Key, conn: http.client.HTTPConnection, absolute: bool, reusable: bool
+    ) -> None:
+        with self._lock:
+            self._busy.discard(conn)
+            pooled = self._idle.setdefault(key, [])
+            if reusable and len(pooled) < self.keep:
+                pooled.append((conn, absolute))
+                return
+        conn.close()
 
     def _connect(
         self, scheme: str, host: str, port: int | None
@@ -195,15 +212,19 @@ def _proxy_for(scheme: str, host: str) -> str | None:
     return proxy
 
 
-def _fill(response: http.client.HTTPResponse, view: memoryview) -> None:
-    """Read the body into ``view`` exactly; ``BodyLengthError`` if it is shorter or longer."""
-    expected = len(view)
+def _fill(response: http.client.HTTPResponse, views: Sequence[memoryview]) -> None:
+    """Read the body into ``views`` exactly, one after another; ``BodyLengthError`` if it is
+    shorter or longer."""
+    expected = sum(len(view) for view in views)
     got = 0
-    while got < expected:
-        n = response.readinto(view[got:])
-        if not n:
-            raise BodyLengthError(got, expected, short=True)
-        got += n
+    for view in views:
+        filled = 0
+        while filled < len(view):
+            n = response.readinto(view[filled:])
+            if not n:
+                raise BodyLengthError(got + filled, expected, short=True)
+            filled += n
+        got += filled
     if response.length:  # the headers promised more than the buffer holds
         raise BodyLengthError(got + response.length, expected, short=False)
     if response.length is None and response.read(1):  # chunked, or to the end: one more?

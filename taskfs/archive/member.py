@@ -48,6 +48,7 @@ from typing import Protocol, cast
 import trio
 from zlib_ng import zlib_ng
 
+from taskfs.archive.blocks import Block, Readahead
 from taskfs.archive.cache import Buffer
 from taskfs.archive.verify import Verifier
 from taskfs.archive.zipindex import BZIP2, DEFLATED, LZMA, STORED, Entry
@@ -76,8 +77,8 @@ CHECKPOINT_SPACING = 1 << 20
 MAX_CHECKPOINTS = 256
 # What one checkpoint costs (zlib's state with its 32 KiB window), for the budget.
 CHECKPOINT_BYTES = 40 << 10
-# Sequential read-ahead window (bytes of archive data), doubling per sequential read.
-READAHEAD_START = 1 << 20
+# The most a sequential reader keeps fetched ahead (bytes of archive data; its window doubles
+# up to its share of ``ReadBudget.total_prefetch``, at most this).
 READAHEAD_MAX = 24 << 20
 
 SUPPORTED = frozenset({STORED, DEFLATED, BZIP2, LZMA})
@@ -185,15 +186,6 @@ class CheckpointBudget:
 # -- what a reader needs from its archive ------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Block:
-    """Archive bytes from ``start``, as fetched, and their CRC-32."""
-
-    start: int
-    data: Buffer
-    crc: int
-
-
 def join_blocks(blocks: list[Block], start: int, end: int) -> Buffer:
     """Archive bytes ``[start, end)`` out of consecutive ``blocks``: a view of one block's,
     else a copy."""
@@ -210,12 +202,19 @@ class ArchiveBytes(Protocol):
 
     budget: ReadBudget
 
-    async def read_range(self, start: int, end: int, ahead: int = 0) -> Buffer:
-        """Archive bytes ``[start, end)``; ``ahead`` bytes after ``end`` may be prefetched."""
+    async def read_range(self, start: int, end: int, ahead: Readahead | None = None) -> Buffer:
+        """Archive bytes ``[start, end)``; ``ahead`` (a sequential reader's) keeps its window
+        fetched ahead."""
         ...
 
-    async def read_blocks(self, start: int, end: int, ahead: int = 0) -> list[Block]:
+    async def read_blocks(
+        self, start: int, end: int, ahead: Readahead | None = None
+    ) -> list[Block]:
         """The archive's blocks holding ``[start, end)``, with their CRC-32s."""
+        ...
+
+    def readahead(self, low: int, high: int) -> Readahead:
+        """A sequential reader's read-ahead over archive bytes ``[low, high)``."""
         ...
 
     async def member_data(self, entry: Entry) -> bytes:
@@ -354,22 +353,6 @@ class WholeMember:
 # -- large members -----------------------------------------------------------------------------
 
 
-class _ReadAhead:
-    """Sequential detection: the window doubles while reads follow each other."""
-
-    def __init__(self) -> None:
-        self.next = -1
-        self.window = 0
-
-    def advise(self, offset: int, size: int, most: int = READAHEAD_MAX) -> int:
-        if offset == self.next:
-            self.window = min(most, max(READAHEAD_START, self.window * 2))
-        else:
-            self.window = 0
-        self.next = offset + size
-        return self.window
-
-
 class StoredMember:
     """A large stored member: reads are archive ranges, verified piece by piece."""
 
@@ -379,7 +362,7 @@ class StoredMember:
         self.verifier = archive.verifier(entry)
         self.budget = archive.budget
         self.budget.readers += 1
-        self._ahead = _ReadAhead()
+        self._ahead: Readahead | None = None
         self._closed = False
 
     async def read(self, offset: int, size: int) -> Buffer:
@@ -388,9 +371,10 @@ class StoredMember:
             return b""
         self.verifier.check()
         start = await self.archive.data_start(self.entry)
-        window = self._ahead.advise(offset, size, self.budget.prefetch())
+        if self._ahead is None:
+            self._ahead = self.archive.readahead(start, start + self.entry.compressed_size)
         low, high = start + offset, start + offset + size
-        blocks = await self.archive.read_blocks(low, high, window)
+        blocks = await self.archive.read_blocks(low, high, self._ahead)
         verifier = self.verifier
         if verifier.good is None:
             end = start + self.entry.size
@@ -691,7 +675,7 @@ class CursorMember:
         self._out_pos = 0
         self._tail: Buffer = b""
         self._window = _Window(0)
-        self._ahead = _ReadAhead()
+        self._ahead: Readahead | None = None
         self._last_end = -1
         self._ahead_running = False
         self._closed = False
@@ -790,8 +774,10 @@ class CursorMember:
         if not self._tail and codec.wants_input() and self._in_pos < entry.compressed_size:
             start = await self.archive.data_start(entry)
             end = min(entry.compressed_size, self._in_pos + min(STEP_IN, step_size))
-            window = self._ahead.advise(self._in_pos, end - self._in_pos, self.budget.prefetch())
-            self._tail = await self.archive.read_range(start + self._in_pos, start + end, window)
+            if self._ahead is None:
+                self._ahead = self.archive.readahead(start, start + entry.compressed_size)
+            low, high = start + self._in_pos, start + end
+            self._tail = await self.archive.read_range(low, high, self._ahead)
         data, self._tail = self._tail, b""
         due_at = MAX_DUE
         if self.index is not None:

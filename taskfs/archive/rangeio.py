@@ -21,7 +21,7 @@ import http.client
 import logging
 import re
 import socket
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from typing import BinaryIO, cast
 
 import httpx
@@ -117,12 +117,12 @@ class RangeSource:
             raise ValueError(f"range {start}-{end} outside 0-{self.size}")
         return await self._get(f"bytes={start}-{end - 1}", (start, end), first=False)
 
-    async def fetch_into(self, start: int, view: memoryview) -> None:
-        """Bytes ``[start, start + len(view))`` of the object into ``view``, received in a
+    async def fetch_into(self, start: int, views: Sequence[memoryview]) -> None:
+        """The object's bytes from ``start`` into ``views``, one after another, received in a
         worker thread with no copy but the socket's (``taskfs.archive.fetch``). A cancelled
-        fetch (deadline, unmount) stops its transfer at once; its buffer is then the
-        caller's to drop, never to reuse (the thread may have written part of it)."""
-        end = start + len(view)
+        fetch (deadline, unmount) stops its transfer at once; its buffers are then the
+        caller's to drop, never to reuse (the thread may have written part of them)."""
+        end = start + sum(len(view) for view in views)
         if self.size is None:
             raise RuntimeError("open_tail() must come first")
         if not 0 <= start < end <= self.size:
@@ -138,12 +138,12 @@ class RangeSource:
 
             answered: list[int] = []  # the response's promised length, once it came
 
-            def accept(status: int, answer: Mapping[str, str]) -> memoryview:
+            def accept(status: int, answer: Mapping[str, str]) -> Sequence[memoryview]:
                 length = answer.get("content-length", "")
                 answered.append(int(length) if length.isdigit() else 0)
                 self._check_status(status, answer, False, refreshed)
                 self._check_range(answer, (start, end), False)
-                return view
+                return views
 
             stop = Stop()
             done = False

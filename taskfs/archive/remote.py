@@ -28,21 +28,18 @@ prefetch is simply fetched again on demand). A large member's verifier outlives 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import tempfile
 from array import array
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from functools import partial
 from typing import BinaryIO
 
 import trio
-from zlib_ng import zlib_ng
 
+from taskfs.archive.blocks import Block, BlockFetcher, Readahead
 from taskfs.archive.cache import Buffer, CacheKey, Tiered
 from taskfs.archive.member import (
-    Block,
     CheckpointBudget,
     DeflateIndex,
     MemberReader,
@@ -68,13 +65,19 @@ from taskfs.archive.zipindex import (
     parse_directory,
     parse_local_header,
 )
-from taskfs.errors import ArchiveError, StaleError, TaskfsError
+from taskfs.errors import ArchiveError, TaskfsError
 from taskfs.flight import Abandoned, Flight
 
 log = logging.getLogger(__name__)
 
 BLOCK = 1 << 20
 MAX_REQUEST = 8 << 20
+# A sequential reader's read-ahead: its first window, the requests it is fetched in (several
+# in flight on a capped link), and how far out of order a read may come and still count as
+# following on (the kernel's read-ahead has several reads in flight).
+READAHEAD_START = 1 << 20
+READAHEAD_PART = 4 << 20
+READAHEAD_SLACK = 4 << 20
 # Bytes allowed beyond the central directory's extra length for the local header's own.
 LOCAL_MARGIN = 256
 # Batches of small members: first extra budget, and the most one GET may carry.
@@ -126,7 +129,18 @@ class RemoteArchive:
         self.tree = tree
         self._nursery = nursery
         self._limiter = limiter
+        # Small members' extents being fetched (blocks have their own: ``blocks``).
         self._pending: dict[CacheKey, Flight[Buffer]] = {}
+        self.blocks = BlockFetcher(
+            fetch=self._fetch_into,
+            cache=cache,
+            object_id=object_id,
+            etag=self.etag,
+            size=self.size,
+            block=BLOCK,
+            max_request=MAX_REQUEST,
+            nursery=nursery,
+        )
         self._starts: dict[int, int] = {}
         self._indexes: OrderedDict[int, DeflateIndex] = OrderedDict()
         # Members in archive order, for batching neighbours (built on first use).
@@ -148,8 +162,6 @@ class RemoteArchive:
         self._verified: set[int] = set()
         self._corrupt: set[int] = set()
         # The CRC-32 of every block fetched so far (allocated on the first).
-        self._block_seen: bytearray | None = None
-        self._block_crcs = array("I")
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -401,14 +413,8 @@ class RemoteArchive:
             data = await self._fetch(start, end)
             view = memoryview(data)
             for key, p_start, p_end in parts:
-                part: Buffer = view[p_start - start : p_end - start]
-                crc = None
-                if key.kind == "b":  # a block fetched again must be the block seen before
-                    crc = zlib_ng.crc32(part)
-                    self._admit_block(key.number, crc)
-                else:  # a small member's extent: a copy (its batch's buffer can go)
-                    part = bytes(part)
-                landed.append((key, part, crc))
+                # A copy of the member's extent: the batch's buffer can go.
+                landed.append((key, bytes(view[p_start - start : p_end - start]), None))
             for key, part, _ in landed:
                 self.cache.memory.put(key, part)
                 if key in flights:
@@ -571,114 +577,53 @@ class RemoteArchive:
 
     # -- blocks --------------------------------------------------------------------------------
 
-    async def read_range(self, start: int, end: int, ahead: int = 0) -> Buffer:
-        """Archive bytes ``[start, end)`` through the block caches."""
+    async def read_range(self, start: int, end: int, ahead: Readahead | None = None) -> Buffer:
+        """Archive bytes ``[start, end)`` through the block caches (a view of one block's
+        where they lie in one)."""
         if start == end and 0 <= start <= self.size:
             return b""
         return join_blocks(await self.read_blocks(start, end, ahead), start, end)
 
-    async def read_blocks(self, start: int, end: int, ahead: int = 0) -> list[Block]:
+    async def read_blocks(
+        self, start: int, end: int, ahead: Readahead | None = None
+    ) -> list[Block]:
         """The blocks holding archive bytes ``[start, end)``, each with its CRC-32 (taken
-        when it arrived); ``ahead`` more bytes are fetched in the background."""
+        when it arrived); ``ahead`` (a sequential reader's) is told of the read and keeps its
+        window fetched ahead."""
         if not 0 <= start < end <= self.size:
             raise ArchiveError(f"range {start}-{end} outside the archive")
-        first, last = start // BLOCK, (end - 1) // BLOCK
-        blocks = await self._blocks(first, last)
-        if ahead > 0:
-            stop = min((end + ahead - 1) // BLOCK, (self.size - 1) // BLOCK)
-            self._prefetch(last + 1, stop)
-        return [
-            Block(n * BLOCK, data, self._block_crc(n, data))
-            for n, data in zip(range(first, last + 1), blocks, strict=True)
-        ]
+        if ahead is not None:
+            ahead.advise(start, end)
+        return await self.blocks.get_range(start // BLOCK, (end - 1) // BLOCK)
 
-    def _block_crc(self, number: int, data: Buffer) -> int:
-        """Block ``number``'s CRC-32, as noted when it arrived (or now, for a block another
-        instance of this archive left in the memory cache)."""
-        if self._block_seen is not None and self._block_seen[number]:
-            return self._block_crcs[number]
-        crc = zlib_ng.crc32(data)
-        self._admit_block(number, crc)
-        return crc
+    def readahead(self, low: int, high: int) -> Readahead:
+        """A sequential reader's window over archive bytes ``[low, high)`` (a member's data),
+        its most the reader's share of the read-ahead budget, and never more than half the
+        memory tier (blocks fetched further ahead would be let go before they are read)."""
+        room = self.cache.memory.limit // 2
 
-    def _block_parts(self, first: int, last: int) -> list[tuple[CacheKey, int, int]]:
-        return [
-            (self._key("b", n), n * BLOCK, min(self.size, (n + 1) * BLOCK))
-            for n in range(first, last + 1)
-        ]
+        def most() -> int:
+            return min(self.budget.prefetch(), room)
 
-    def _start_blocks(self, numbers: list[int], longest: int) -> None:
-        """Fetch the blocks of ``numbers`` nobody is fetching yet, in coalesced runs."""
-        numbers = [n for n in numbers if self._key("b", n) not in self._pending]
-        for run_start, run_end in _runs(numbers, longest):
-            parts = self._block_parts(run_start, run_end)
-            self._start(parts[0][1], parts[-1][2], parts)
+        return Readahead(
+            self.blocks,
+            low,
+            high,
+            start=READAHEAD_START,
+            most=most,
+            part=READAHEAD_PART,
+            slack=READAHEAD_SLACK,
+        )
 
-    async def _blocks(self, first: int, last: int) -> list[Buffer]:
-        found: dict[int, Buffer] = {}
-        while len(found) < last - first + 1:
-            missing: list[int] = []
-            for n in range(first, last + 1):
-                if n not in found:
-                    data = await self.cache.get(self._key("b", n), partial(self._admit_disk, n))
-                    if data is not None:
-                        found[n] = data
-                    elif self._key("b", n) not in self._pending:
-                        missing.append(n)
-            self._start_blocks(missing, MAX_REQUEST // BLOCK)
-            # Hold on to every flight now: a landed fetch leaves ``_pending`` for all its blocks.
-            flights = {
-                n: flight
-                for n in range(first, last + 1)
-                if n not in found and (flight := self._pending.get(self._key("b", n)))
-            }
-            for n, flight in flights.items():
-                with contextlib.suppress(Abandoned):  # its fetch was cancelled: ask again
-                    found[n] = await flight.wait()
-        return [found[n] for n in range(first, last + 1)]
-
-    def _prefetch(self, first: int, last: int) -> None:
-        """Keep blocks ``first..last`` (a reader's window ahead) coming. Nothing is asked for
-        until a quarter of the window is missing (or the last block is); then the missing
-        blocks go in parallel requests of a quarter of the window each (at most
-        ``MAX_REQUEST``): a sequential reader's requests grow with its window instead of
-        one block per read, and stay several in flight on a capped link."""
-        span = last - first + 1
-        missing = [
-            n
-            for n in range(first, last + 1)
-            if self._key("b", n) not in self._pending and not self.cache.contains(self._key("b", n))
-        ]
-        final = (self.size - 1) // BLOCK
-        if not missing or (len(missing) < span // 4 and last < final):
-            return
-        self._start_blocks(missing, max(1, min(MAX_REQUEST // BLOCK, span // 4)))
-
-    def _admit_block(self, number: int, crc: int) -> None:
-        """Note block ``number``'s CRC-32; ``StaleError`` if the block was seen before with
-        other bytes (storage changed the archive without changing its ETag): a block read
-        again after it left the caches is never bytes other than those verified before."""
-        if self._block_seen is None:
-            count = -(-self.size // BLOCK)
-            self._block_seen = bytearray(count)
-            self._block_crcs = array("I", bytes(4 * count))
-        if self._block_seen[number]:
-            if self._block_crcs[number] != crc:
-                raise StaleError(
-                    f"{self.object_id}: the archive's bytes changed without a new ETag"
-                )
-        else:
-            self._block_seen[number] = 1
-            self._block_crcs[number] = crc
-
-    def _admit_disk(self, number: int, data: bytes, crc: int) -> None:
-        self._admit_block(number, crc)
+    async def _fetch_into(self, start: int, views: Sequence[memoryview]) -> None:
+        async with self._limiter:
+            await self.source.fetch_into(start, views)
 
     async def _fetch(self, start: int, end: int) -> bytearray:
         """Archive bytes ``[start, end)`` in a new buffer, received straight into it."""
         buffer = bytearray(end - start)
         async with self._limiter:
-            await self.source.fetch_into(start, memoryview(buffer))
+            await self.source.fetch_into(start, [memoryview(buffer)])
         return buffer
 
 
@@ -691,14 +636,3 @@ def _parse_spilled(spill: BinaryIO, head: memoryview, location: Directory) -> In
         parser.feed(piece)
     parser.feed(head)
     return parser.finish()
-
-
-def _runs(numbers: list[int], longest: int) -> list[tuple[int, int]]:
-    """Consecutive runs of sorted ``numbers``, each at most ``longest`` long."""
-    runs: list[tuple[int, int]] = []
-    for n in numbers:
-        if runs and n == runs[-1][1] + 1 and n - runs[-1][0] < longest:
-            runs[-1] = (runs[-1][0], n)
-        else:
-            runs.append((n, n))
-    return runs

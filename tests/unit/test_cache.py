@@ -237,3 +237,20 @@ def test_an_accounting_never_forgets_what_was_written_while_it_scanned(
     assert calls == 2
     assert cache.contains(key(2)) and cache.get(key(2)) == b"two"
     assert cache.contains(key(1))
+
+
+def test_the_memory_tier_lets_passed_extents_go_first_oldest_first() -> None:
+    """Extents a sequential reader passed go before any other, in the order it passed them;
+    one read again is in use after all."""
+    tier = MemoryCache(4 * 10)
+    for n in range(4):
+        tier.put(key(n), b"x" * 10)
+    tier.demote(key(0))
+    tier.demote(key(1))
+    assert key(0) in tier and tier.get(key(3)) is not None
+    tier.put(key(4), b"x" * 10)  # room for one: the first one passed goes
+    assert key(0) not in tier and key(1) in tier
+    assert tier.get(key(1)) == b"x" * 10  # read again: back among the others
+    tier.put(key(5), b"x" * 10)  # nothing passed now: the least recently used goes
+    assert key(2) not in tier and {key(1), key(3), key(4), key(5)} <= set(tier._items)
+    assert tier.total == 40

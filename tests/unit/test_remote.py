@@ -176,6 +176,24 @@ async def test_large_stored_member_streams_and_is_cached(
     assert objects.gets() == fetched, [s.range for s in objects.seen][fetched:]  # refetched
 
 
+async def test_a_stream_larger_than_the_memory_tier_fetches_each_byte_once(
+    opener: tuple[Objects, Opener],
+) -> None:
+    """Blocks fetched ahead of a sequential reader stay until it reads them (those it has
+    passed go first): no block is fetched twice, in requests of several blocks."""
+    objects, open_archive = opener
+    body = os.urandom(24 << 20)
+    archive = await open_archive(
+        build([("big.bin", body, zipfile.ZIP_STORED)]), disk_limit=0, memory_limit=6 << 20
+    )
+    objects.reset()
+    assert await read_all(archive, member(archive, "big.bin"), chunk=128 << 10) == body
+    await trio.sleep(0.1)
+    fetched = [tuple(map(int, s.range[6:].split("-"))) for s in objects.seen if s.range]
+    assert sum(end - start + 1 for start, end in fetched) <= len(body) + 2 * BLOCK
+    assert len(fetched) <= len(body) // BLOCK // 2  # requests of two blocks or more
+
+
 async def test_cache_stays_within_its_limit(opener: tuple[Objects, Opener]) -> None:
     _, open_archive = opener
     body = os.urandom(10 << 20)

@@ -1,0 +1,271 @@
+"""The blocks of one archive: found in the caches, waited for while in flight, or fetched,
+and fetched ahead of sequential readers.
+
+Owns: aligned blocks of ``tuning.block`` bytes of the archive (the unit of caching for large
+members), the fetches in flight (one ``Flight`` per block: a block is fetched once, whoever
+asks), the CRC-32 of every block as it first arrived (a block read again, from storage or a
+disk cache another mount filled, must be the same bytes), and ``Readahead``: one sequential
+reader's window, which doubles while its reads follow on, remembers how far it has asked
+for, and so asks each read only for what is new (mountpoint-s3's prefetcher is the model:
+no rescan of the window per read).
+
+Hot path, per read of a block in memory: a dict lookup, no thread hop, no copy (the block is
+a view of the buffer its request was received into). A block in flight: its ``Flight``. Only
+a block the disk cache holds costs a thread hop.
+
+Must stay true: bytes come only from this archive's ETag (cache keys carry it); a block's
+bytes, from wherever, match the CRC-32 it had when first seen, or ``StaleError``; background
+fetches never raise into a reader (a failed prefetch is fetched again on demand).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from array import array
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import trio
+from zlib_ng import zlib_ng
+
+from taskfs.archive.cache import Buffer, CacheKey, Tiered
+from taskfs.errors import ArchiveError, StaleError
+from taskfs.flight import Abandoned, Flight
+
+FetchInto = Callable[[int, Sequence[memoryview]], Awaitable[None]]
+"""Archive bytes from an offset received into buffers, one after another (``RangeSource``
+through the archive's connection limit)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """Archive bytes from ``start``, as fetched, and their CRC-32."""
+
+    start: int
+    data: Buffer
+    crc: int
+
+
+class BlockFetcher:
+    """The blocks of one archive (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        fetch: FetchInto,
+        cache: Tiered,
+        object_id: str,
+        etag: str,
+        size: int,
+        block: int,
+        max_request: int,
+        nursery: trio.Nursery,
+    ) -> None:
+        self._fetch = fetch
+        self.cache = cache
+        self.counts = cache.counts  # memory hits, disk hits, misses (the mount's stats)
+        self.object_id = object_id
+        self.etag = etag
+        self.size = size
+        self.block = block
+        self.max_request = max_request
+        self._nursery = nursery
+        self._pending: dict[int, Flight[Block]] = {}
+        self.count = -(-size // block)
+        # The CRC-32 of every block seen so far (allocated on the first).
+        self._seen: bytearray | None = None
+        self._crcs = array("I")
+
+    def key(self, number: int) -> CacheKey:
+        return CacheKey(self.object_id, self.etag, "b", number)
+
+    def _bounds(self, number: int) -> tuple[int, int]:
+        start = number * self.block
+        return start, min(self.size, start + self.block)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def cached(self, number: int) -> Block | None:
+        """Block ``number`` if it is in memory (no wait, no thread hop)."""
+        key = self.key(number)
+        data = self.cache.memory.get(key)
+        if data is None:
+            data = self.cache.writing(key)
+            if data is None:
+                return None
+        self.counts["memory_hits"] += 1
+        return Block(number * self.block, data, self._crc_of(number, data))
+
+    async def get(self, number: int) -> Block:
+        """Block ``number``: from memory, its fetch in flight, the disk cache, or storage."""
+        while True:
+            found = self.cached(number)
+            if found is not None:
+                return found
+            flight = self._pending.get(number)
+            if flight is None:
+                key = self.key(number)
+                if self.cache.on_disk(key):
+                    data = await self.cache.get(key, lambda data, crc: self._admit(number, crc))
+                    if data is not None:
+                        return Block(number * self.block, data, self._crc_of(number, data))
+                self.request(number, number + 1)
+                flight = self._pending[number]
+                self.counts["misses"] += 1
+            with contextlib.suppress(Abandoned):  # its fetch was cancelled: ask again
+                return await flight.wait()
+
+    async def get_range(self, first: int, last: int) -> list[Block]:
+        """Blocks ``first..last``; those missing are asked for together (one request), and
+        taken from their flights, not the cache (which may have let them go meanwhile)."""
+        if first == last:
+            return [await self.get(first)]
+        found = {n: block for n in range(first, last + 1) if (block := self.cached(n))}
+        self.request(first, last + 1)  # the missing ones, in one request
+        flights = {n: self._pending[n] for n in range(first, last + 1) if n in self._pending}
+        for n in range(first, last + 1):
+            if n not in found:
+                flight = flights.get(n)
+                try:
+                    found[n] = await flight.wait() if flight is not None else await self.get(n)
+                except Abandoned:
+                    found[n] = await self.get(n)
+        return [found[n] for n in range(first, last + 1)]
+
+    def request(self, first: int, stop: int, part: int | None = None) -> None:
+        """Fetch the blocks of ``[first, stop)`` that are neither cached nor in flight, in
+        runs of consecutive blocks, each split into requests of at most ``part`` blocks (the
+        largest request by default), side by side."""
+        most = max(1, min(part or self.max_request // self.block, self.max_request // self.block))
+        run_start = -1
+        for n in range(max(0, first), min(stop, self.count)):
+            wanted = n not in self._pending and not self.cache.contains(self.key(n))
+            if wanted and run_start < 0:
+                run_start = n
+            if run_start >= 0 and (not wanted or n - run_start + 1 == most):
+                end = n + 1 if wanted else n
+                self._start(run_start, end)
+                run_start = -1
+        if run_start >= 0:
+            self._start(run_start, min(stop, self.count))
+
+    # -- fetching ------------------------------------------------------------------------------
+
+    def _start(self, first: int, stop: int) -> None:
+        flights = {n: Flight[Block]() for n in range(first, stop)}
+        self._pending.update(flights)
+        self._nursery.start_soon(self._land, first, stop, flights)
+
+    async def _land(self, first: int, stop: int, flights: dict[int, Flight[Block]]) -> None:
+        """Fetch blocks ``[first, stop)`` in one request, each received into a buffer of its
+        own (a block in the memory tier holds its own memory, never its neighbours'), hand
+        each to its waiters, then write them to the disk cache (off the readers' path).
+        Never raises."""
+        landed: list[tuple[CacheKey, Buffer, int | None]] = []
+        error: Exception | None = None
+        try:
+            buffers = [bytearray(b_end - b_start) for b_start, b_end in map(self._bounds, flights)]
+            views = [memoryview(buffer) for buffer in buffers]
+            await self._fetch(first * self.block, views)
+            for n, data in zip(range(first, stop), views, strict=True):
+                b_start = n * self.block
+                crc = zlib_ng.crc32(data)
+                self._admit(n, crc)
+                key = self.key(n)
+                self.cache.memory.put(key, data)
+                flights[n].land(Block(b_start, data, crc))
+                landed.append((key, data, crc))
+        except Exception as exc:  # handed to every waiter below
+            error = exc
+        finally:
+            for n, flight in flights.items():
+                if self._pending.get(n) is flight:
+                    del self._pending[n]
+                if error is not None:
+                    flight.fail(error)
+                flight.abandon()  # cancelled: its waiters ask again
+        if landed:
+            await self.cache.put_disk_many(landed)
+
+    # -- integrity -----------------------------------------------------------------------------
+
+    def _crc_of(self, number: int, data: Buffer) -> int:
+        """Block ``number``'s CRC-32, as noted when it arrived (or now, for a block another
+        instance of this archive left in the memory cache)."""
+        if self._seen is not None and self._seen[number]:
+            return self._crcs[number]
+        crc = zlib_ng.crc32(data)
+        self._admit(number, crc)
+        return crc
+
+    def _admit(self, number: int, crc: int) -> None:
+        """Note block ``number``'s CRC-32; ``StaleError`` if the block was seen before with
+        other bytes (storage changed the archive without changing its ETag): a block read
+        again after it left the caches is never bytes other than those verified before."""
+        if not 0 <= number < self.count:
+            raise ArchiveError(f"block {number} outside the archive")
+        if self._seen is None:
+            self._seen = bytearray(self.count)
+            self._crcs = array("I", bytes(4 * self.count))
+        if self._seen[number]:
+            if self._crcs[number] != crc:
+                raise StaleError(
+                    f"{self.object_id}: the archive's bytes changed without a new ETag"
+                )
+        else:
+            self._seen[number] = 1
+            self._crcs[number] = crc
+
+
+class Readahead:
+    """One sequential reader's window over ``[low, high)`` of the archive (a member's data):
+    it starts at ``start`` bytes and doubles, up to ``most()`` (the reader's share of the
+    read-ahead budget), while reads follow on (within ``slack`` of where the last one ended:
+    the kernel's read-ahead reorders reads a little); a read elsewhere starts it over. It
+    remembers how far it has asked for, and asks only for the blocks beyond, a part at a
+    time (``part`` bytes: several in flight on a capped link)."""
+
+    def __init__(
+        self,
+        blocks: BlockFetcher,
+        low: int,
+        high: int,
+        *,
+        start: int,
+        most: Callable[[], int],
+        part: int,
+        slack: int,
+    ) -> None:
+        self.blocks = blocks
+        self.low, self.high = low, high
+        self.start_window, self.most, self.part, self.slack = start, most, part, slack
+        self.window = 0
+        self.next = -1  # where the last read ended (archive offset)
+        self.until = 0  # archive bytes asked for up to here
+        self.passed = low // blocks.block  # blocks before this one were demoted
+
+    def advise(self, low: int, high: int) -> None:
+        """A read of archive bytes ``[low, high)`` came: keep its window ahead asked for."""
+        block = self.blocks.block
+        if self.next >= 0 and self.next - self.slack <= low <= self.next + self.slack:
+            self.window = min(self.most(), max(self.start_window, self.window * 2))
+            # Blocks this reader has passed go first from memory, before those fetched
+            # ahead of it that it has yet to read (by recency alone, those would go first).
+            behind = (low - self.slack) // block
+            for n in range(self.passed, behind):
+                self.blocks.cache.memory.demote(self.blocks.key(n))
+            self.passed = max(self.passed, behind)
+        else:
+            self.window = 0
+            self.until = high
+            self.passed = low // block
+        self.next = max(self.next, high) if self.window else high
+        if not self.window:
+            return
+        target = min(self.high, high + self.window)
+        begin = max(self.until, high)
+        part = min(self.window, self.part)
+        if target - begin < part and target < self.high:
+            return  # less than a part is missing: ask when there is a whole one (fewer hops)
+        self.blocks.request(begin // block, -(-target // block), max(1, part // block))
+        self.until = max(self.until, target)
