@@ -60,6 +60,7 @@ class BlockFetcher:
         block: int,
         max_request: int,
         nursery: trio.Nursery,
+        segment: int = 4,
     ) -> None:
         self._fetch = fetch
         self.cache = cache
@@ -68,6 +69,7 @@ class BlockFetcher:
         self.etag = etag
         self.size = size
         self.block = block
+        self.segment = segment  # blocks to a disk-cache file
         self.max_request = max_request
         self._nursery = nursery
         self._pending: dict[int, Flight[Block]] = {}
@@ -78,6 +80,16 @@ class BlockFetcher:
 
     def key(self, number: int) -> CacheKey:
         return CacheKey(self.object_id, self.etag, "b", number)
+
+    def segment_key(self, number: int) -> CacheKey:
+        """The disk cache's key of the segment holding block ``number``."""
+        return CacheKey(self.object_id, self.etag, "s", number // self.segment)
+
+    def _have(self, number: int) -> bool:
+        """Whether block ``number`` is cached (memory, on its way to disk, or its segment on
+        disk), without a look that changes the order of recency."""
+        segment, index = self.segment_key(number), number % self.segment
+        return self.cache.contains(self.key(number)) or self.cache.on_disk(segment, index)
 
     def _bounds(self, number: int) -> tuple[int, int]:
         start = number * self.block
@@ -98,18 +110,23 @@ class BlockFetcher:
 
     async def get(self, number: int) -> Block:
         """Block ``number``: from memory, its fetch in flight, the disk cache, or storage."""
+        looked_on_disk = False
         while True:
             found = self.cached(number)
             if found is not None:
                 return found
             flight = self._pending.get(number)
             if flight is None:
-                key = self.key(number)
-                if self.cache.on_disk(key):
-                    data = await self.cache.get(key, lambda data, crc: self._admit(number, crc))
+                segment, index = self.segment_key(number), number % self.segment
+                if not looked_on_disk and self.cache.on_disk(segment, index):
+                    looked_on_disk = True
+                    data = await self.cache.get_segment_block(
+                        segment, index, self.key(number), lambda crc: self._admit(number, crc)
+                    )
                     if data is not None:
                         return Block(number * self.block, data, self._crc_of(number, data))
-                self.request(number, number + 1)
+                    continue  # not there after all: it may have come meanwhile, look again
+                self._start(number, number + 1)  # (a segment on disk may lack it)
                 flight = self._pending[number]
                 self.counts["misses"] += 1
             with contextlib.suppress(Abandoned):  # its fetch was cancelled: ask again
@@ -135,19 +152,24 @@ class BlockFetcher:
     def request(self, first: int, stop: int, part: int | None = None) -> None:
         """Fetch the blocks of ``[first, stop)`` that are neither cached nor in flight, in
         runs of consecutive blocks, each split into requests of at most ``part`` blocks (the
-        largest request by default), side by side."""
+        largest request by default) that never cross a segment's end (a request lands whole
+        segments, written to the disk cache at once), side by side."""
         most = max(1, min(part or self.max_request // self.block, self.max_request // self.block))
         run_start = -1
-        for n in range(max(0, first), min(stop, self.count)):
-            wanted = n not in self._pending and not self.cache.contains(self.key(n))
+        last = min(stop, self.count) - 1
+        for n in range(max(0, first), last + 1):
+            wanted = n not in self._pending and not self._have(n)
             if wanted and run_start < 0:
                 run_start = n
-            if run_start >= 0 and (not wanted or n - run_start + 1 == most):
-                end = n + 1 if wanted else n
-                self._start(run_start, end)
+            if run_start < 0:
+                continue
+            ends = (n + 1) % self.segment == 0 or n == last or n - run_start + 1 >= most
+            if not wanted:
+                self._start(run_start, n)
                 run_start = -1
-        if run_start >= 0:
-            self._start(run_start, min(stop, self.count))
+            elif ends:
+                self._start(run_start, n + 1)
+                run_start = -1
 
     # -- fetching ------------------------------------------------------------------------------
 
@@ -156,25 +178,31 @@ class BlockFetcher:
         self._pending.update(flights)
         self._nursery.start_soon(self._land, first, stop, flights)
 
+    def _buffer(self, length: int) -> memoryview:
+        """A buffer for a block of ``length`` bytes: a pooled page-aligned one (direct I/O can
+        write it to the disk cache), else a new one."""
+        pool = self.cache.memory.pool
+        if pool is not None and pool.size == self.block:
+            return memoryview(pool.take())[:length]
+        return memoryview(bytearray(length))
+
     async def _land(self, first: int, stop: int, flights: dict[int, Flight[Block]]) -> None:
         """Fetch blocks ``[first, stop)`` in one request, each received into a buffer of its
         own (a block in the memory tier holds its own memory, never its neighbours'), hand
-        each to its waiters, then write them to the disk cache (off the readers' path).
+        each to its waiters, then write the segments it completed to the disk cache (off the
+        readers' path; a block fetched alone, a reader's at random, goes as soon as it came).
         Never raises."""
-        landed: list[tuple[CacheKey, Buffer, int | None]] = []
         error: Exception | None = None
+        landed: dict[int, Buffer] = {}
         try:
-            buffers = [bytearray(b_end - b_start) for b_start, b_end in map(self._bounds, flights)]
-            views = [memoryview(buffer) for buffer in buffers]
+            views = [self._buffer(end - start) for start, end in map(self._bounds, flights)]
             await self._fetch(first * self.block, views)
             for n, data in zip(range(first, stop), views, strict=True):
-                b_start = n * self.block
                 crc = zlib_ng.crc32(data)
                 self._admit(n, crc)
-                key = self.key(n)
-                self.cache.memory.put(key, data)
-                flights[n].land(Block(b_start, data, crc))
-                landed.append((key, data, crc))
+                self.cache.memory.put(self.key(n), data)
+                flights[n].land(Block(n * self.block, data, crc))
+            landed = dict(zip(range(first, stop), views, strict=True))
         except Exception as exc:  # handed to every waiter below
             error = exc
         finally:
@@ -184,8 +212,27 @@ class BlockFetcher:
                 if error is not None:
                     flight.fail(error)
                 flight.abandon()  # cancelled: its waiters ask again
-        if landed:
-            await self.cache.put_disk_many(landed)
+        if landed and self.cache.disk is not None:
+            for segment in range(first // self.segment, (stop - 1) // self.segment + 1):
+                await self._write_segment(segment, landed, alone=stop - first == 1)
+
+    async def _write_segment(self, segment: int, landed: dict[int, Buffer], alone: bool) -> None:
+        """Write segment ``segment`` to the disk cache, as one file, if all its blocks are at
+        hand (just ``landed``, or still in memory), or if ``alone`` (a block fetched by
+        itself, a random reader's: whichever are)."""
+        first = segment * self.segment
+        count = min(self.segment, self.count - first)
+        parts: list[tuple[int, CacheKey, Buffer, int]] = []
+        for index in range(count):
+            key = self.key(first + index)
+            data = landed.get(first + index) or self.cache.memory.peek(key)
+            data = data or self.cache.writing(key)
+            if data is None:
+                if not alone:
+                    return  # not complete yet: written when its last block comes
+                continue
+            parts.append((index, key, data, self._crc_of(first + index, data)))
+        await self.cache.put_segment(self.segment_key(first), self.block, count, parts)
 
     # -- integrity -----------------------------------------------------------------------------
 
