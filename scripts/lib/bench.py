@@ -26,6 +26,7 @@ import io
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import sqlite3
@@ -205,8 +206,11 @@ class Mount:
             subprocess.run(["fusermount3", "-u", "-z", str(self.path)], check=False)
 
 
-def start_mount(path: Path, cache: Path, api_url: str, key_file: Path, *extra: str) -> Mount:
-    shutil.rmtree(cache, ignore_errors=True)
+def start_mount(
+    path: Path, cache: Path, api_url: str, key_file: Path, *extra: str, keep_cache: bool = False
+) -> Mount:
+    if not keep_cache:
+        shutil.rmtree(cache, ignore_errors=True)
     path.mkdir(parents=True, exist_ok=True)
     log = cache.parent / f"{path.name}.log"
     with open(log, "ab") as out:
@@ -268,6 +272,34 @@ class PeakRss:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class Cpu:
+    """CPU time (user + system, all threads) a process spends while the block runs."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc = psutil.Process(pid)
+        self.seconds = 0.0
+
+    def __enter__(self) -> Cpu:
+        times = self.proc.cpu_times()
+        self._start = times.user + times.system
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        times = self.proc.cpu_times()
+        self.seconds = times.user + times.system - self._start
+
+    def per_gib(self, size: int) -> float:
+        return self.seconds / (size / 2**30)
+
+
+def children_cpu(command: str, timeout: float = 900) -> float:
+    """CPU seconds (user + system) of a shell command and everything it ran."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    sh(command, timeout)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 # -- datasets --------------------------------------------------------------------------------------
@@ -496,6 +528,7 @@ class Result:
     requests: dict[str, int] = field(default_factory=dict)
     bytes_down: int = 0
     peak_rss: int = 0
+    cpu: list[float] = field(default_factory=list)  # the mount's CPU seconds per GiB read
     unit: str = "s"
     notes: list[str] = field(default_factory=list)
     ok: bool | None = None  # the whole target (timed parts judged on medians)
@@ -632,6 +665,7 @@ class Bench:
         self.sizes = sizes
         self.work = work
         self.results: dict[str, Result] = {}
+        self.floors: dict[str, list[float]] = {}  # CPU seconds per GiB, per run
         self.total_tasks = 0
         self.env: dict[str, str] = {}
 
@@ -747,12 +781,13 @@ class Bench:
         p3 = self.result(
             f"P3{profile}",
             f"sequential read, {stored.member_size >> 20} MiB stored member",
-            {"b": ">= 1.0x"}.get(profile, ">= 3x") + " one raw GET",
+            {"b": ">= 1.0x"}.get(profile, ">= 3x") + f" one raw GET; CPU <= {CPU_STORED} s/GiB",
         )
-        with PeakRss(mount.proc.pid) as rss:
+        with PeakRss(mount.proc.pid) as rss, Cpu(mount.proc.pid) as cpu:
             elapsed, counts = self.counted(
                 proxy, lambda: sh(f"cat {m}/{stored.task_id}/outputs/big.bin > /dev/null")
             )
+        p3.cpu.append(cpu.per_gib(stored.member_size))
         p3.taskfs.append(elapsed)
         p3.requests, p3.bytes_down = counts, counts["bytes_down"]
         p3.peak_rss = max(p3.peak_rss, rss.peak)
@@ -770,11 +805,14 @@ class Bench:
         p4 = self.result(
             f"P4{profile}",
             f"sequential read, {deflate.member_size >> 20} MiB deflated member",
-            {"a": ">= 1.5x", "b": ">= 1.0x"}.get(profile, ">= 1.0x") + " raw GET + inflate",
+            {"a": ">= 1.5x", "b": ">= 1.0x"}.get(profile, ">= 1.0x")
+            + f" raw GET + inflate; CPU <= {CPU_DEFLATE}x the curl + zlib floor",
         )
-        elapsed, counts = self.counted(
-            proxy, lambda: sh(f"cat {m}/{deflate.task_id}/outputs/sim.vtk > /dev/null")
-        )
+        with Cpu(mount.proc.pid) as cpu:
+            elapsed, counts = self.counted(
+                proxy, lambda: sh(f"cat {m}/{deflate.task_id}/outputs/sim.vtk > /dev/null")
+            )
+        p4.cpu.append(cpu.per_gib(deflate.member_size))
         p4.taskfs.append(elapsed)
         p4.requests, p4.bytes_down = counts, counts["bytes_down"]
         start, end = deflate.member_range
@@ -941,12 +979,72 @@ class Bench:
         )
         sh(f"ls {m}/{big.task_id}/outputs > /dev/null")
         before = psutil.Process(mount.proc.pid).memory_info().rss
-        with PeakRss(mount.proc.pid) as rss:
+        with PeakRss(mount.proc.pid) as rss, Cpu(mount.proc.pid) as cpu:
             sh(f"cat {m}/{big.task_id}/outputs/{big.member} > /dev/null")
+        if big is not stored:  # (a member read before comes from the kernel's cache)
+            p9.cpu.append(cpu.per_gib(big.member_size))
         p9.notes.append(f"RSS before the stream {before / 1e6:.0f} MB")
         p9.taskfs.append(rss.peak / 1e6)
         p9.peak_rss = rss.peak
         p9.ok = p9.ok is not False and rss.peak <= 200e6
+
+        # P14: the stored member again, from the disk cache: a second mount on the same cache
+        # directory (nothing in its memory) and the kernel's page cache dropped.
+        p14 = self.result(
+            "P14",
+            f"re-read of the {stored.member_size >> 20} MiB stored member from the disk cache",
+            f"0 requests; CPU <= {CPU_DISK} s/GiB",
+        )
+        time.sleep(1)  # the last segments reach the disk
+        disk_mount = start_mount(
+            self.work / "mnt-disk", mount.cache, proxy.url, self.key_file, keep_cache=True
+        )
+        try:
+            sh(f"ls {disk_mount.path}/{stored.task_id}/outputs > /dev/null")
+            drop_page_cache()
+            with Cpu(disk_mount.proc.pid) as cpu:
+                elapsed, counts = self.counted(
+                    proxy,
+                    lambda: sh(
+                        f"cat {disk_mount.path}/{stored.task_id}/outputs/big.bin > /dev/null"
+                    ),
+                )
+        finally:
+            disk_mount.stop()
+        p14.taskfs.append(elapsed)
+        p14.cpu.append(cpu.per_gib(stored.member_size))
+        p14.requests = counts
+        p14.counts_ok = p14.counts_ok is not False and counts["storage_gets"] == 0
+        p14.ok = p14.counts_ok and statistics.median(p14.cpu) <= CPU_DISK
+        self.floor_rows(proxy, ds)
+
+    def floor_rows(self, proxy: Proxy, ds: dict[str, Dataset]) -> None:
+        """What the same bytes cost without taskfs, in CPU per GiB, measured in this run."""
+        stored, deflate = ds["stored"], ds["deflate"]
+        profile = next(iter(stored.urls))
+        gib, gib_out = stored.member_size / 2**30, deflate.member_size / 2**30
+        start, end = stored.member_range
+        floors = self.floors
+        get = f"curl -sf -H 'Range: bytes={start}-{end - 1}' '{stored.urls[profile]}' > /dev/null"
+        floors.setdefault("curl, one GET of the stored member", []).append(children_cpu(get) / gib)
+        start, end = deflate.member_range
+        inflate = (
+            f"curl -sf -H 'Range: bytes={start}-{end - 1}' '{deflate.urls[profile]}' "
+            f"| {PY} -c '{INFLATE}'"
+        )
+        python_alone = children_cpu(f"{PY} -c 'import sys, zlib' < /dev/null")
+        floors.setdefault(INFLATE_FLOOR, []).append(
+            (children_cpu(inflate) - python_alone) / gib_out
+        )
+        start, end = stored.member_range
+        fetch = f"{PY} {FLOORS} fetch '{stored.urls[profile]}' {start} {end}"
+        starting = children_cpu(f"{PY} {FLOORS} none")
+        floors.setdefault("taskfs's fetch layer alone (http.client readinto)", []).append(
+            (children_cpu(fetch) - starting) / gib
+        )
+        floors.setdefault("a minimal pyfuse3 file system serving memory", []).append(
+            memfs_floor(self.work / "mnt-floor", stored.member_size)
+        )
 
     def memory(self, proxy: Proxy, datasets: dict[str, Dataset]) -> None:
         """M1-M3: the mount's peak RSS under the worst patterns (a fresh mount)."""
@@ -1052,9 +1150,12 @@ class Bench:
             if row == "P2":
                 r.ok = bool(r.counts_ok) and taken <= PROFILES[link].rtt + 0.020
             elif row == "P3":
-                r.ok = base >= (1.0 if link == "b" else 3.0) * taken
+                r.ok = base >= (1.0 if link == "b" else 3.0) * taken and med(r.cpu) <= CPU_STORED
             elif row == "P4":
-                r.ok = base >= (1.5 if link == "a" else 1.0) * taken
+                floor = self.floors.get(INFLATE_FLOOR)
+                r.ok = base >= (1.5 if link == "a" else 1.0) * taken and (
+                    floor is None or med(r.cpu) <= CPU_DEFLATE * med(floor)
+                )
             elif row == "P7":
                 r.ok = taken <= (1.0 if link == "b" else 1.2) * base
             elif row == "P12" or key == "P10":
@@ -1111,6 +1212,32 @@ class Bench:
                 row.baselines.setdefault("ratarmount (mount + ls + cat)", []).append(
                     time.perf_counter() - t0
                 )
+
+
+FLOORS = Path(__file__).with_name("floors.py")
+# The CPU targets (seconds of the mount process per GiB read), judged on medians.
+CPU_STORED = 2.0
+CPU_DEFLATE = 1.2  # times the curl + zlib floor
+CPU_DISK = 1.0
+INFLATE_FLOOR = "curl + zlib inflate of the deflated member (per GiB out)"
+
+
+def memfs_floor(mountpoint: Path, size: int) -> float:
+    """CPU per GiB of a minimal pyfuse3 file system answering ``cat`` of ``size`` bytes."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([PY, str(FLOORS), "memfs", str(mountpoint), str(size)])
+    try:
+        deadline = time.monotonic() + 30
+        while not mountinfo_has(mountpoint):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the floor file system did not mount")
+            time.sleep(0.05)
+        with Cpu(proc.pid) as cpu:
+            sh(f"cat {mountpoint}/data > /dev/null")
+        return cpu.per_gib(size)
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mountpoint)], check=False)
+        proc.wait(timeout=30)
 
 
 def curl_get(url: str, start: int, end: int, inflate: bool = False) -> float:
@@ -1190,6 +1317,15 @@ def fmt(values: list[float], unit: str) -> str:
     return shown
 
 
+def fmt_cpu(values: list[float]) -> str:
+    if not values:
+        return "-"
+    shown = f"{statistics.median(values):.2f}"
+    if len(values) > 1:
+        shown += f" ±{(max(values) - min(values)) / 2:.2f}"
+    return shown
+
+
 def ratio(result: Result) -> str:
     if not result.baselines or not result.taskfs or result.unit != "s":
         return "-"
@@ -1213,9 +1349,9 @@ def report(bench: Bench, profiles: dict[str, Shape], sizes: Sizes) -> str:
         f"taskfs benchmark, links: {links}. {sizes.runs} run(s), medians ± half the spread; "
         f"rows without a link ran on ({next(iter(profiles))})",
         "",
-        "| # | link | workload | taskfs | baselines | speed-up | requests | bytes down | peak RSS "
-        "| target | met |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| # | link | workload | taskfs | baselines | speed-up | CPU s/GiB | requests "
+        "| bytes down | peak RSS | target | met |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def order(key: str) -> tuple[bool, int, str]:
@@ -1237,9 +1373,18 @@ def report(bench: Bench, profiles: dict[str, Shape], sizes: Sizes) -> str:
         met = "-" if r.ok is None else ("yes" if r.ok else "NO")
         lines.append(
             f"| {key} | {link_of(key)} | {r.workload}{notes} | {fmt(r.taskfs, r.unit)} | {base} "
-            f"| {ratio(r)} | {requests} | {r.bytes_down / 1e6:.1f} MB | {r.peak_rss / 1e6:.0f} MB "
-            f"| {r.target} | {met} |"
+            f"| {ratio(r)} | {fmt_cpu(r.cpu)} | {requests} "
+            f"| {r.bytes_down / 1e6:.1f} MB | {r.peak_rss / 1e6:.0f} MB | {r.target} | {met} |"
         )
+    if bench.floors:
+        lines += [
+            "",
+            "CPU floors, measured in the same run (seconds of user + system CPU per GiB):",
+            "",
+            "| floor | CPU s/GiB |",
+            "|---|---|",
+            *(f"| {name} | {fmt_cpu(values)} |" for name, values in bench.floors.items()),
+        ]
     return "\n".join(lines)
 
 

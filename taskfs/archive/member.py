@@ -36,23 +36,32 @@ does not decompress to exactly its declared size is an ``ArchiveError``.
 from __future__ import annotations
 
 import bisect
-import bz2
-import lzma
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Protocol, cast
+from typing import Protocol
 
 import trio
 from zlib_ng import zlib_ng
 
-from taskfs.archive.blocks import Block, Readahead
+from taskfs.archive.blocks import Block, Readahead, block_views
 from taskfs.archive.cache import Buffer
+from taskfs.archive.codecs import (
+    DECODE_ERRORS,
+    MAX_DUE,
+    Codec,
+    CopyableInflater,
+    DeflateCodec,
+    FastDeflateCodec,
+    StreamCodec,
+    check_supported,
+    decoder,
+)
 from taskfs.archive.verify import Verifier
-from taskfs.archive.zipindex import BZIP2, DEFLATED, LZMA, STORED, Entry
-from taskfs.errors import ArchiveError, ChecksumError, TaskfsError, UnsupportedError
+from taskfs.archive.zipindex import DEFLATED, STORED, Entry
+from taskfs.errors import ArchiveError, ChecksumError, TaskfsError
 
 # Members at most this large (compressed and uncompressed) are fetched and checked whole.
 SMALL_COMPRESSED = 4 << 20
@@ -65,11 +74,6 @@ STEP_IN = 1 << 20
 INFLATE_AHEAD = 2 << 20
 # Decode in a worker thread when a step's input is at least this large.
 THREAD_INPUT = 64 << 10
-# Input handed to zlib per call. A state copy keeps a reference to its ``unconsumed_tail``: with
-# whole steps as input each of 512 checkpoints pinned ~0.4 MiB of compressed bytes (88 MiB
-# measured in the benchmark). Checkpoints are taken where zlib has consumed all it was given,
-# or, failing that, pin at most one piece.
-INFLATE_PIECE = 16 << 10
 # A read further ahead than this repositions from a checkpoint instead of decoding on.
 FAR_AHEAD = 8 << 20
 # Checkpoint spacing: at least this, and at most ``MAX_CHECKPOINTS`` per member.
@@ -81,32 +85,7 @@ CHECKPOINT_BYTES = 40 << 10
 # up to its share of ``ReadBudget.total_prefetch``, at most this).
 READAHEAD_MAX = 24 << 20
 
-SUPPORTED = frozenset({STORED, DEFLATED, BZIP2, LZMA})
-# What the decompressors raise for corrupt input (bz2 raises OSError, lzma LZMAError).
-# zlib-ng's error class (its stubs declare it as an instance).
-INFLATE_ERROR = cast(type[Exception], zlib_ng.error)
-DECODE_ERRORS = (INFLATE_ERROR, OSError, EOFError, lzma.LZMAError, ValueError)
-METHOD_NAMES = {1: "shrink", 6: "implode", 9: "deflate64", 93: "zstandard", 95: "xz", 98: "ppmd"}
-
-
 # -- budgets -----------------------------------------------------------------------------------
-
-
-class Inflater(Protocol):
-    """A raw-deflate decompressor of zlib-ng (its stubs leave out ``copy``)."""
-
-    unconsumed_tail: bytes
-    eof: bool
-
-    def decompress(self, data: bytes | memoryview, max_length: int = 0) -> bytes: ...
-
-    def copy(self) -> Inflater: ...
-
-
-def inflater() -> Inflater:
-    """zlib-ng's inflate: the same deflate, about 1.3x zlib's speed here, and its state can be
-    copied for checkpoints (ISA-L's inflate is faster still, but its state cannot)."""
-    return cast(Inflater, zlib_ng.decompressobj(-15))
 
 
 class ReadBudget:
@@ -186,17 +165,6 @@ class CheckpointBudget:
 # -- what a reader needs from its archive ------------------------------------------------------
 
 
-def join_blocks(blocks: list[Block], start: int, end: int) -> Buffer:
-    """Archive bytes ``[start, end)`` out of consecutive ``blocks``: a view of one block's,
-    else a copy."""
-    if len(blocks) == 1:
-        first = blocks[0]
-        return memoryview(first.data)[start - first.start : end - first.start]
-    return b"".join(
-        memoryview(b.data)[max(0, start - b.start) : max(0, end - b.start)] for b in blocks
-    )
-
-
 class ArchiveBytes(Protocol):
     """What a member reader needs from its archive (``RemoteArchive`` provides it)."""
 
@@ -215,6 +183,10 @@ class ArchiveBytes(Protocol):
 
     def readahead(self, low: int, high: int) -> Readahead:
         """A sequential reader's read-ahead over archive bytes ``[low, high)``."""
+        ...
+
+    def gather(self, parts: Sequence[memoryview]) -> Buffer:
+        """``parts`` as one buffer (the part itself when there is one)."""
         ...
 
     async def member_data(self, entry: Entry) -> bytes:
@@ -257,15 +229,6 @@ class MemberReader(Protocol):
         ...
 
 
-def check_supported(entry: Entry) -> None:
-    """``UnsupportedError`` for members taskfs cannot read (encrypted, other methods)."""
-    if entry.encrypted:
-        raise UnsupportedError(f"{entry.name}: encrypted members cannot be read")
-    if entry.method not in SUPPORTED:
-        name = METHOD_NAMES.get(entry.method, f"method {entry.method}")
-        raise UnsupportedError(f"{entry.name}: compression {name} is not supported")
-
-
 def open_member(archive: ArchiveBytes, entry: Entry) -> MemberReader:
     """A reader for ``entry``; ``UnsupportedError`` for methods taskfs cannot read."""
     check_supported(entry)
@@ -293,11 +256,11 @@ def decompress_all(entry: Entry, data: bytes) -> bytes:
     if entry.method == STORED:
         out = data[: entry.size] if len(data) >= entry.size else data
     else:
-        decoder = _decoder(entry)
+        stream = decoder(entry)
         try:
-            out = decoder.decompress(data, entry.size + 1)
-            if len(out) < entry.size + 1 and not decoder.eof and not decoder.needs_input:
-                out += decoder.decompress(b"", entry.size + 1 - len(out))
+            out = stream.decompress(data, entry.size + 1)
+            if len(out) < entry.size + 1 and not stream.eof and not stream.needs_input:
+                out += stream.decompress(b"", entry.size + 1 - len(out))
         except DECODE_ERRORS as exc:
             raise ArchiveError(f"{entry.name}: corrupt compressed data: {exc}") from exc
     if len(out) != entry.size:
@@ -390,7 +353,7 @@ class StoredMember:
                         s - start, memoryview(block.data)[s - block.start : e - block.start]
                     )
         verifier.check()
-        return join_blocks(blocks, low, high)
+        return self.archive.gather(block_views(blocks, low, high))
 
     def close(self) -> bool:
         if self._closed:
@@ -404,7 +367,7 @@ class StoredMember:
 class Checkpoint:
     out_pos: int
     in_pos: int
-    state: Inflater
+    state: CopyableInflater
 
 
 def _out_pos(point: Checkpoint) -> int:
@@ -429,7 +392,7 @@ class DeflateIndex:
         i = bisect.bisect_right(self.points, offset, key=_out_pos)
         return self.points[i - 1] if i else None
 
-    def add(self, out_pos: int, in_pos: int, state: Inflater) -> None:
+    def add(self, out_pos: int, in_pos: int, state: CopyableInflater) -> None:
         """Keep ``state`` (a copy no one else uses) as the checkpoint at ``out_pos``."""
         i = bisect.bisect_left(self.points, out_pos, key=_out_pos)
         if i < len(self.points) and self.points[i].out_pos == out_pos:
@@ -455,174 +418,6 @@ class DeflateIndex:
         return before + self.spacing
 
 
-@dataclass
-class _Step:
-    chunks: list[bytes]
-    consumed: int  # input bytes the decoder took
-    # (output produced, input consumed, state copy) at a clean point past ``due_at`` (deflate)
-    point: tuple[int, int, Inflater] | None = None
-
-
-def _inflate(state: Inflater, data: Buffer, limit: int, due_at: int) -> _Step:
-    """Inflate ``data`` until ``limit`` bytes come out, ``INFLATE_PIECE`` at a time; snapshot
-    the state at the first piece boundary at least ``due_at`` bytes of output in where zlib has
-    no input left over (so the snapshot holds nothing but zlib's own state), else at the end."""
-    view = memoryview(data)
-    chunks: list[bytes] = []
-    pos = produced = 0
-    point = None
-    while pos < len(data) and produced < limit:
-        piece = view[pos : pos + INFLATE_PIECE]
-        out = state.decompress(piece, limit - produced)
-        pos += len(piece) - len(state.unconsumed_tail)
-        if out:
-            chunks.append(out)
-            produced += len(out)
-        if state.eof:
-            break
-        if point is None and produced >= due_at and not state.unconsumed_tail:
-            point = (produced, pos, state.copy())
-    if point is None and produced >= due_at and not state.eof:
-        point = (produced, pos, state.copy())
-    return _Step(chunks, pos, point)
-
-
-class _Decoder(Protocol):
-    eof: bool
-    needs_input: bool
-
-    def decompress(self, data: Buffer, max_length: int = -1) -> bytes: ...
-
-
-class _Codec(Protocol):
-    """A decoder as the cursor drives it: ``run`` one step; deflate can also be copied."""
-
-    checkpoints: bool
-
-    @property
-    def eof(self) -> bool: ...
-
-    def wants_input(self) -> bool: ...
-
-    def run(self, data: Buffer, limit: int, due_at: int) -> _Step: ...
-
-
-class _DeflateCodec:
-    checkpoints = True
-
-    def __init__(self, state: Inflater | None = None) -> None:
-        self.state = state if state is not None else inflater()
-
-    @property
-    def eof(self) -> bool:
-        return self.state.eof
-
-    def wants_input(self) -> bool:
-        return True  # zlib's leftover input stays with the cursor, not in zlib
-
-    def run(self, data: Buffer, limit: int, due_at: int) -> _Step:
-        try:
-            return _inflate(self.state, data, limit, due_at)
-        except INFLATE_ERROR as exc:
-            raise ArchiveError(f"corrupt deflate data: {exc}") from exc
-
-
-class _StreamCodec:
-    """bzip2 or lzma: the decoder keeps its own leftover input; no checkpoints."""
-
-    checkpoints = False
-
-    def __init__(self, entry: Entry) -> None:
-        self.decoder = _decoder(entry)
-
-    @property
-    def eof(self) -> bool:
-        return self.decoder.eof
-
-    def wants_input(self) -> bool:
-        return self.decoder.needs_input
-
-    def run(self, data: Buffer, limit: int, due_at: int) -> _Step:
-        try:
-            out = self.decoder.decompress(data, limit)
-        except DECODE_ERRORS as exc:
-            raise ArchiveError(f"corrupt compressed data: {exc}") from exc
-        return _Step([out] if out else [], len(data))
-
-
-class _LzmaZip:
-    """The ZIP flavour of LZMA: a 4-byte header and 5 bytes of properties, then raw LZMA1."""
-
-    def __init__(self) -> None:
-        self._head = b""
-        self._inner: lzma.LZMADecompressor | None = None
-        self.eof = False
-        self.needs_input = True
-
-    def decompress(self, data: Buffer, max_length: int = -1) -> bytes:
-        if self._inner is None:
-            self._head += data
-            if len(self._head) < 4:
-                return b""
-            props_len = int.from_bytes(self._head[2:4], "little")
-            if len(self._head) < 4 + props_len:
-                return b""
-            props = self._head[4 : 4 + props_len]
-            if props_len != 5:
-                raise ArchiveError("unsupported LZMA properties in ZIP member")
-            lc_lp_pb, dict_size = props[0], int.from_bytes(props[1:5], "little")
-            lc, rest = lc_lp_pb % 9, lc_lp_pb // 9
-            lp, pb = rest % 5, rest // 5
-            filters = [
-                {"id": lzma.FILTER_LZMA1, "dict_size": dict_size, "lc": lc, "lp": lp, "pb": pb}
-            ]
-            self._inner = lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=filters)
-            data, self._head = self._head[4 + props_len :], b""
-        out = self._inner.decompress(data, max_length)
-        self.eof = self._inner.eof
-        self.needs_input = self._inner.needs_input
-        return out
-
-
-class _Bz2:
-    def __init__(self) -> None:
-        self._inner = bz2.BZ2Decompressor()
-        self.eof = False
-        self.needs_input = True
-
-    def decompress(self, data: Buffer, max_length: int = -1) -> bytes:
-        out = self._inner.decompress(data, max_length)
-        self.eof = self._inner.eof
-        self.needs_input = self._inner.needs_input
-        return out
-
-
-class _Zlib:
-    """A raw-deflate decompressor with the bz2/lzma interface (for whole-member reads)."""
-
-    def __init__(self) -> None:
-        self._inner = inflater()
-        self.eof = False
-        self.needs_input = True
-
-    def decompress(self, data: Buffer, max_length: int = -1) -> bytes:
-        out = self._inner.decompress(self._inner.unconsumed_tail + data, max(0, max_length))
-        self.eof = self._inner.eof
-        self.needs_input = not self._inner.unconsumed_tail
-        return out
-
-
-def _decoder(entry: Entry) -> _Decoder:
-    try:
-        if entry.method == DEFLATED:
-            return _Zlib()
-        if entry.method == BZIP2:
-            return _Bz2()
-        return _LzmaZip()
-    except (lzma.LZMAError, ValueError) as exc:
-        raise ArchiveError(f"{entry.name}: {exc}") from exc
-
-
 class _Window:
     """Decoded output ``[start, end)`` kept around the cursor, as the decoder's chunks:
     appending and dropping never move bytes (a contiguous buffer trimmed at the front and
@@ -646,7 +441,7 @@ class _Window:
         while chunks and self.start + len(chunks[0]) <= offset:
             self.start += len(chunks.popleft())
 
-    def take(self, offset: int, size: int) -> bytes:
+    def take(self, offset: int, size: int) -> list[memoryview]:
         parts: list[memoryview] = []
         pos, end = self.start, offset + size
         for chunk in self._chunks:
@@ -656,7 +451,7 @@ class _Window:
                 if chunk_end >= end:
                     break
             pos = chunk_end
-        return parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
+        return parts
 
 
 class CursorMember:
@@ -670,7 +465,7 @@ class CursorMember:
         self.budget = archive.budget
         self.budget.readers += 1
         self._lock = trio.Lock()
-        self._codec: _Codec | None = None
+        self._codec: Codec | None = None
         self._in_pos = 0
         self._out_pos = 0
         self._tail: Buffer = b""
@@ -693,17 +488,23 @@ class CursorMember:
     def _restart(self, offset: int) -> None:
         point = self.index.best(offset) if self.index is not None else None
         if point is None:
-            self._codec = (
-                _DeflateCodec() if self.entry.method == DEFLATED else _StreamCodec(self.entry)
-            )
+            self._codec = self._from_start(offset)
             self._in_pos = self._out_pos = 0
         else:
-            self._codec = _DeflateCodec(point.state.copy())
+            self._codec = DeflateCodec(point.state.copy())
             self._in_pos, self._out_pos = point.in_pos, point.out_pos
         self._tail = b""
         self._window = _Window(self._out_pos)
 
-    async def read(self, offset: int, size: int) -> bytes:
+    def _from_start(self, offset: int) -> Codec:
+        """A decoder from the member's first byte. A reader that starts there gets the fast
+        inflate (no checkpoints: it reads on in order, or restarts from one when it jumps); one
+        that wants bytes further in gets zlib-ng's, which leaves checkpoints on its way."""
+        if self.entry.method != DEFLATED:
+            return StreamCodec(self.entry)
+        return FastDeflateCodec() if offset == 0 else DeflateCodec()
+
+    async def read(self, offset: int, size: int) -> Buffer:
         size = _clamp(self.entry, offset, size)
         if size == 0:
             return b""
@@ -712,7 +513,7 @@ class CursorMember:
             self.verifier.check()  # found corrupt while this read waited for the lock
             if not self._window.covers(offset, size):
                 await self._decode_to(offset, size)
-            data = self._window.take(offset, size)
+            data = self.archive.gather(self._window.take(offset, size))
             self._window.keep_from(offset + size - self.budget.share() // 2)
             sequential = offset == self._last_end
             self._last_end = offset + size
@@ -783,14 +584,14 @@ class CursorMember:
         if self.index is not None:
             due_at = self.index.next_due(self._out_pos) - self._out_pos
         try:
-            if (len(data) >= THREAD_INPUT and limit >= THREAD_INPUT) or not codec.checkpoints:
+            if (len(data) >= THREAD_INPUT and limit >= THREAD_INPUT) or not codec.returns_input:
                 step = await trio.to_thread.run_sync(codec.run, data, limit, due_at)
             else:
                 step = codec.run(data, limit, due_at)
         except ArchiveError as exc:
             raise ArchiveError(f"{entry.name}: {exc}") from exc
         start_out, start_in = self._out_pos, self._in_pos
-        if codec.checkpoints:
+        if codec.returns_input:
             self._in_pos += step.consumed
             self._tail = data[step.consumed :]
         else:
@@ -818,6 +619,3 @@ class CursorMember:
             produced, consumed, copy = step.point
             if self.index.due(start_out + produced):
                 self.index.add(start_out + produced, start_in + consumed, copy)
-
-
-MAX_DUE = 1 << 62

@@ -37,7 +37,7 @@ from typing import BinaryIO
 
 import trio
 
-from taskfs.archive.blocks import Block, BlockFetcher, Readahead
+from taskfs.archive.blocks import Block, BlockFetcher, Readahead, block_views, gather
 from taskfs.archive.cache import Buffer, CacheKey, Tiered
 from taskfs.archive.member import (
     CheckpointBudget,
@@ -45,7 +45,6 @@ from taskfs.archive.member import (
     MemberReader,
     ReadBudget,
     decompress_all,
-    join_blocks,
     open_member,
 )
 from taskfs.archive.rangeio import RangeSource
@@ -582,7 +581,12 @@ class RemoteArchive:
         where they lie in one)."""
         if start == end and 0 <= start <= self.size:
             return b""
-        return join_blocks(await self.read_blocks(start, end, ahead), start, end)
+        return self.gather(block_views(await self.read_blocks(start, end, ahead), start, end))
+
+    def gather(self, parts: Sequence[memoryview]) -> Buffer:
+        """``parts`` as one buffer: the part itself, or a copy into a buffer of the memory
+        tier's pool."""
+        return gather(parts, self.cache.memory.pool)
 
     async def read_blocks(
         self, start: int, end: int, ahead: Readahead | None = None

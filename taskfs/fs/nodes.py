@@ -45,6 +45,7 @@ from taskfs.api.models import (
     is_task_id,
     machine_type,
 )
+from taskfs.archive.codecs import METHOD_NAMES
 from taskfs.archive.member import MemberReader
 from taskfs.archive.zipindex import DirNode, Entry
 from taskfs.errors import (
@@ -71,8 +72,6 @@ FILE_MODE = stat.S_IFREG | 0o444
 CONTROL_MODE = stat.S_IFREG | 0o600
 LINK_MODE = stat.S_IFLNK | 0o777
 NS = 1_000_000_000
-# ZIP compression methods by number, as ``user.taskfs.method`` names them.
-METHODS = {0: "stored", 8: "deflate", 9: "deflate64", 12: "bzip2", 14: "lzma", 93: "zstd", 95: "xz"}
 # The mount's own directory: ``tasks/.taskfs``.
 META = ".taskfs"
 
@@ -678,7 +677,7 @@ class OutputTree(Node):
         return {
             "crc32": f"{node.crc:08x}",
             "compressed_size": str(node.compressed_size),
-            "method": METHODS.get(node.method, str(node.method)),
+            "method": METHOD_NAMES.get(node.method, str(node.method)),
             "etag": archive.etag,
         }
 
