@@ -167,14 +167,10 @@ class DiskCache:
 
     def get_checked(self, key: CacheKey) -> tuple[bytes, int] | None:
         """``get``, with the CRC-32 of the bytes (checked against the file's header)."""
-        if not self.enabled:
+        known = self._known(key)
+        if known is None:
             return None
-        digest = key.digest()
-        name = digest.hex()
-        with self._lock:
-            if name not in self._index:
-                return None
-            self._index.move_to_end(name)
+        digest, name = known
         path = self._path(name)
         try:
             with open(path, "rb") as f:
@@ -329,14 +325,10 @@ class DiskCache:
         With ``into`` (a page-aligned buffer large enough for the block in whole pages) and
         direct I/O, the block is read straight into it: no page cache filled and copied
         from, no new buffer (a third of a re-read's CPU, measured)."""
-        if not self.enabled:
+        known = self._known(key)
+        if known is None:
             return None
-        digest = key.digest()
-        name = digest.hex()
-        with self._lock:
-            if name not in self._index:
-                return None
-            self._index.move_to_end(name)
+        digest, name = known
         path = self._path(name)
         direct = self.direct and into is not None
         data: Buffer
@@ -371,6 +363,19 @@ class DiskCache:
             return None
         self._touch(name, path)
         return data, crc
+
+    def _known(self, key: CacheKey) -> tuple[bytes, str] | None:
+        """The digest and file name of ``key`` if the cache holds it (a use: it moves to the
+        back of the eviction order), else ``None``."""
+        if not self.enabled:
+            return None
+        digest = key.digest()
+        name = digest.hex()
+        with self._lock:
+            if name not in self._index:
+                return None
+            self._index.move_to_end(name)
+        return digest, name
 
     def _head_buffer(self) -> mmap.mmap:
         """A page-aligned page for reading a segment's header with direct I/O (one per
