@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import errno
 import os
+import zlib
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
-from taskfs.archive.cache import Buffer, CacheKey, DiskCache, MemoryCache, Tiered
+from taskfs.archive.blocks import gather
+from taskfs.archive.cache import Buffer, BufferPool, CacheKey, DiskCache, MemoryCache, Tiered
 
 
 def key(n: int, etag: str = '"e1"') -> CacheKey:
@@ -254,3 +256,62 @@ def test_the_memory_tier_lets_passed_extents_go_first_oldest_first() -> None:
     tier.put(key(5), b"x" * 10)  # nothing passed now: the least recently used goes
     assert key(2) not in tier and {key(1), key(3), key(4), key(5)} <= set(tier._items)
     assert tier.total == 40
+
+
+def test_a_pooled_buffer_is_lent_again_only_once_no_view_of_it_is_left() -> None:
+    pool = BufferPool(1 << 16, keep=4)
+    view = memoryview(pool.take())[:100]
+    first = view.obj
+    pool.give(view)  # back in line, but still viewed
+    assert pool.take() is not first
+    view[:3] = b"abc"  # still its own
+    del view
+    assert pool.take() is first  # no view left: lent again
+
+
+def test_gather_copies_parts_into_a_pooled_buffer_that_stays_whole_while_viewed() -> None:
+    pool = BufferPool(1 << 16, keep=4)
+    one = memoryview(os.urandom(5000))
+    assert gather([one], pool) is one  # one part: no copy
+    parts = [memoryview(os.urandom(n)) for n in (3000, 1, 40000)]
+    joined = gather(parts, pool)
+    expected = b"".join(parts)
+    assert bytes(joined) == expected
+    for _ in range(8):  # the pool lends other buffers meanwhile: none is the one viewed
+        other = gather([memoryview(b"x" * 20000), memoryview(b"y" * 20000)], pool)
+        assert bytes(other) == b"x" * 20000 + b"y" * 20000
+    assert bytes(joined) == expected
+    too_big = [memoryview(b"z" * 40000), memoryview(b"w" * 40000)]
+    assert bytes(gather(too_big, pool)) == b"z" * 40000 + b"w" * 40000  # past the pool: joined
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct I/O", "buffered"])
+def test_segment_blocks_read_back_checked_into_a_pooled_buffer(
+    tmp_path: Path, direct: bool
+) -> None:
+    block = 64 << 10
+    pool = BufferPool(block)
+    cache = DiskCache(tmp_path, 10 << 20)
+    cache.direct = direct
+    blocks = [os.urandom(block), os.urandom(block), os.urandom(1000)]  # the last one short
+    parts = []
+    for index, data in enumerate(blocks):
+        buffer = memoryview(pool.take())[: len(data)]
+        buffer[:] = data
+        parts.append((index, buffer, zlib.crc32(data)))
+    segment = key(7)
+    assert cache.put_segment(segment, block, 4, parts)
+    for index, data in enumerate(blocks):
+        into = pool.take()
+        found = cache.get_segment_block(segment, index, into)
+        assert found is not None
+        got, crc = found
+        assert bytes(got) == data and crc == zlib.crc32(data)
+    assert cache.get_segment_block(segment, 3, pool.take()) is None  # never stored
+    # A flipped byte on disk: a miss, and the segment is gone.
+    (path,) = files(cache)
+    raw = bytearray(path.read_bytes())
+    raw[4096 + block + 10] ^= 1
+    path.write_bytes(raw)
+    assert cache.get_segment_block(segment, 1, pool.take()) is None
+    assert not files(cache)
