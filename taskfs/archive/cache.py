@@ -265,12 +265,13 @@ class DiskCache:
         ``False`` if it could not be stored (the read goes on regardless)."""
         if not self.enabled or not parts:
             return False
-        size = PAGE + max(index for index, _, _ in parts) * block + len(parts[-1][1])
-        if size > self.limit:
-            return False
         digest = key.digest()
         name = digest.hex()
         path = self._path(name)
+        parts = sorted([*parts, *self._kept(key, parts)], key=lambda part: part[0])
+        size = PAGE + parts[-1][0] * block + len(parts[-1][1])
+        if size > self.limit:
+            return False
         directory = os.path.dirname(path)
         tmp = os.path.join(directory, f".{name}.{os.getpid()}.{threading.get_ident()}")
         head = _segment_head(digest, block, [(i, len(d), c) for i, d, c in parts], count)
@@ -293,6 +294,37 @@ class DiskCache:
         with self._lock:
             self._parts[name] = sum(1 << index for index, _, _ in parts)
         return True
+
+    def _kept(
+        self, key: CacheKey, parts: Sequence[tuple[int, Buffer, int]]
+    ) -> list[tuple[int, Buffer, int]]:
+        """The blocks the segment file already holds that ``parts`` does not bring (a random
+        reader's block joining a segment stored before): the new file keeps them."""
+        digest = key.digest()
+        name = digest.hex()
+        with self._lock:
+            if name not in self._index:
+                return []
+            held = self._parts.get(name)
+        if held is None:  # written by another process, or before a restart: its header says
+            try:
+                with open(self._path(name), "rb") as f:
+                    held = _segment_mask(f.read(PAGE), digest)
+            except OSError:
+                return []
+        for index, _, _ in parts:
+            held &= ~(1 << index)
+        kept = []
+        index = 0
+        while held:
+            if held & 1:
+                found = self.get_segment_block(key, index)
+                if found is not None:
+                    data, crc = found
+                    kept.append((index, data, crc))
+            held >>= 1
+            index += 1
+        return kept
 
     def _write_segment(
         self, tmp: str, head: mmap.mmap, block: int, parts: Sequence[tuple[int, Buffer, int]]
@@ -425,6 +457,14 @@ def _segment_head(
     for index, length, crc in parts:
         SEGMENT_PART.pack_into(page, SEGMENT_HEAD.size + index * SEGMENT_PART.size, length, crc)
     return page
+
+
+def _segment_mask(head: bytes, digest: bytes) -> int:
+    """Which blocks a segment file holds, as a bit mask, from its header page."""
+    if len(head) < SEGMENT_HEAD.size:
+        return 0
+    count = SEGMENT_HEAD.unpack_from(head)[4]
+    return sum(1 << index for index in range(count) if _segment_part(head, digest, index))
 
 
 def _segment_part(head: bytes, digest: bytes, index: int) -> tuple[int, int, int] | None:

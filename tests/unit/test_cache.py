@@ -315,3 +315,23 @@ def test_segment_blocks_read_back_checked_into_a_pooled_buffer(
     path.write_bytes(raw)
     assert cache.get_segment_block(segment, 1, pool.take()) is None
     assert not files(cache)
+
+
+def test_a_block_joining_a_stored_segment_keeps_the_blocks_already_there(tmp_path: Path) -> None:
+    block = 4096
+    blocks = [os.urandom(block) for _ in range(4)]
+
+    def part(index: int) -> tuple[int, Buffer, int]:
+        return index, blocks[index], zlib.crc32(blocks[index])
+
+    cache = DiskCache(tmp_path, 10 << 20)
+    segment = key(3)
+    assert cache.put_segment(segment, block, 4, [part(0), part(1)])
+    assert cache.put_segment(segment, block, 4, [part(3)])  # a random reader's block
+    # Another process (or this one after a restart), which has not seen what the file holds:
+    again = DiskCache(tmp_path, 10 << 20)
+    assert again.put_segment(segment, block, 4, [part(2)])
+    for index in range(4):
+        found = again.get_segment_block(segment, index)
+        assert found is not None and bytes(found[0]) == blocks[index], index
+        assert again.contains(segment, index)
