@@ -30,9 +30,10 @@ from taskfs.api.client import ApiClient
 from taskfs.api.models import Task
 from taskfs.archive.cache import BufferPool, DiskCache, MemoryCache, Tiered
 from taskfs.archive.fetch import BulkTransport, HttpTransport
-from taskfs.archive.member import CheckpointBudget, ReadBudget, is_small, read_whole
+from taskfs.archive.member import CheckpointBudget, ReadBudget, read_whole
 from taskfs.archive.rangeio import RangeSource, Transport, data_client
-from taskfs.archive.remote import BLOCK, RemoteArchive
+from taskfs.archive.remote import RemoteArchive
+from taskfs.archive.tuning import DEFAULT
 from taskfs.archive.zipindex import Entry, clean_path, walk, walk_dirs
 from taskfs.config import make_dirs
 from taskfs.errors import ArchiveError, NotFoundError, single_errors
@@ -47,7 +48,7 @@ MEMORY_CACHE = 32 << 20
 def make_cache(cache_dir: Path | None, limit_bytes: int) -> Tiered:
     """Memory tier plus a disk cache in ``cache_dir`` (none if ``None`` or limit 0)."""
     disk = DiskCache(cache_dir, limit_bytes) if cache_dir is not None and limit_bytes else None
-    return Tiered(MemoryCache(MEMORY_CACHE, BufferPool(BLOCK)), disk)
+    return Tiered(MemoryCache(MEMORY_CACHE, BufferPool(DEFAULT.block)), disk)
 
 
 class Outputs:
@@ -317,7 +318,7 @@ async def _download_in_order(
             size = 0
             most = 32  # the first batch is small, so that writing starts early
             for name, entry in ordered:
-                if not is_small(entry):
+                if not archive.tuning.is_small(entry.compressed_size, entry.size):
                     workers.start_soon(large, name, entry)
                     continue
                 data = await read_whole(archive, entry)

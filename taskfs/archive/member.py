@@ -6,8 +6,9 @@ random access cheap, the memory those take, and CRC-32 verification.
 
 How each kind is read:
 
-* small members (compressed and uncompressed size under the limits below) are fetched whole in
-  one request, decompressed and CRC-checked before a single byte is returned;
+* small members (compressed and uncompressed size within ``Tuning.small_compressed`` and
+  ``small_size``) are fetched whole in one request, decompressed and CRC-checked before a
+  single byte is returned;
 * stored members map reads onto the archive's blocks; each block of the member goes into its
   verifier the first time any read touches it, with the CRC-32 the archive took of the block
   when it arrived (one pass over the bytes, not two);
@@ -59,31 +60,13 @@ from taskfs.archive.codecs import (
     check_supported,
     decoder,
 )
+from taskfs.archive.tuning import DEFAULT, Tuning
 from taskfs.archive.verify import Verifier
 from taskfs.archive.zipindex import DEFLATED, STORED, Entry
 from taskfs.errors import ArchiveError, ChecksumError, TaskfsError
 
-# Members at most this large (compressed and uncompressed) are fetched and checked whole.
-SMALL_COMPRESSED = 4 << 20
-SMALL_SIZE = 16 << 20
-# Output produced per decompression step, and input fed per step.
-STEP_OUT = 1 << 20
-MIN_STEP_OUT = 64 << 10
-STEP_IN = 1 << 20
-# A streaming reader has this much decoded ahead of its last read, in the background.
-INFLATE_AHEAD = 2 << 20
-# Decode in a worker thread when a step's input is at least this large.
-THREAD_INPUT = 64 << 10
-# A read further ahead than this repositions from a checkpoint instead of decoding on.
-FAR_AHEAD = 8 << 20
-# Checkpoint spacing: at least this, and at most ``MAX_CHECKPOINTS`` per member.
-CHECKPOINT_SPACING = 1 << 20
-MAX_CHECKPOINTS = 256
 # What one checkpoint costs (zlib's state with its 32 KiB window), for the budget.
 CHECKPOINT_BYTES = 40 << 10
-# The most a sequential reader keeps fetched ahead (bytes of archive data; its window doubles
-# up to its share of ``ReadBudget.total_prefetch``, at most this).
-READAHEAD_MAX = 24 << 20
 
 # -- budgets -----------------------------------------------------------------------------------
 
@@ -114,7 +97,7 @@ class ReadBudget:
         return max(self.least, min(self.most, self.total // max(1, self.readers)))
 
     def prefetch(self) -> int:
-        return max(self.least, min(READAHEAD_MAX, self.total_prefetch // max(1, self.readers)))
+        return max(self.least, self.total_prefetch // max(1, self.readers))
 
 
 class CheckpointBudget:
@@ -169,6 +152,7 @@ class ArchiveBytes(Protocol):
     """What a member reader needs from its archive (``RemoteArchive`` provides it)."""
 
     budget: ReadBudget
+    tuning: Tuning
 
     async def read_range(self, start: int, end: int, ahead: Readahead | None = None) -> Buffer:
         """Archive bytes ``[start, end)``; ``ahead`` (a sequential reader's) keeps its window
@@ -232,16 +216,11 @@ class MemberReader(Protocol):
 def open_member(archive: ArchiveBytes, entry: Entry) -> MemberReader:
     """A reader for ``entry``; ``UnsupportedError`` for methods taskfs cannot read."""
     check_supported(entry)
-    if is_small(entry):
+    if archive.tuning.is_small(entry.compressed_size, entry.size):
         return WholeMember(archive, entry)
     if entry.method == STORED:
         return StoredMember(archive, entry)
     return CursorMember(archive, entry)
-
-
-def is_small(entry: Entry) -> bool:
-    """Read whole (one fetch, verified before any byte is returned), not through a cursor."""
-    return entry.compressed_size <= SMALL_COMPRESSED and entry.size <= SMALL_SIZE
 
 
 def _clamp(entry: Entry, offset: int, size: int) -> int:
@@ -279,7 +258,7 @@ async def read_whole(archive: ArchiveBytes, entry: Entry) -> bytes:
     data = archive.decoded(entry)
     if data is None:
         raw = await archive.member_data(entry)
-        if len(raw) >= THREAD_INPUT and entry.method != STORED:
+        if len(raw) >= archive.tuning.thread_input and entry.method != STORED:
             data = await trio.to_thread.run_sync(decompress_all, entry, raw)
         else:
             data = decompress_all(entry, raw)
@@ -383,8 +362,10 @@ class DeflateIndex:
     points: list[Checkpoint] = field(default_factory=list)
 
     @classmethod
-    def for_size(cls, size: int, budget: CheckpointBudget | None = None) -> DeflateIndex:
-        spacing = max(CHECKPOINT_SPACING, -(-size // MAX_CHECKPOINTS))
+    def for_size(
+        cls, size: int, budget: CheckpointBudget | None = None, tuning: Tuning = DEFAULT
+    ) -> DeflateIndex:
+        spacing = max(tuning.checkpoint_spacing, -(-size // tuning.max_checkpoints))
         return cls(spacing, budget or CheckpointBudget())
 
     def best(self, offset: int) -> Checkpoint | None:
@@ -462,6 +443,7 @@ class CursorMember:
         self.entry = entry
         self.verifier = archive.verifier(entry)
         self.index = archive.deflate_index(entry) if entry.method == DEFLATED else None
+        self.tuning = archive.tuning
         self.budget = archive.budget
         self.budget.readers += 1
         self._lock = trio.Lock()
@@ -518,7 +500,10 @@ class CursorMember:
             sequential = offset == self._last_end
             self._last_end = offset + size
         self.verifier.check()  # a step in the background may have found the member corrupt
-        ahead = min(self.entry.size, offset + size + min(INFLATE_AHEAD, self.budget.share() // 2))
+        ahead = min(
+            self.entry.size,
+            offset + size + min(self.tuning.inflate_ahead, self.budget.share() // 2),
+        )
         if sequential and not self._ahead_running and self._out_pos < ahead:
             self._ahead_running = True
             self.archive.spawn(self._decode_ahead, ahead)
@@ -536,7 +521,7 @@ class CursorMember:
         if self._codec is None or offset < self._window.start:
             self._restart(offset)
             streaming = False
-        elif offset > self._out_pos + FAR_AHEAD and self.index is not None:
+        elif offset > self._out_pos + self.tuning.far_ahead and self.index is not None:
             point = self.index.best(offset)
             if point is not None and point.out_pos > self._out_pos:
                 self._restart(offset)
@@ -563,18 +548,19 @@ class CursorMember:
             self._ahead_running = False
 
     async def _step(self, until: int | None) -> None:
-        """Decode one step: ``STEP_OUT`` for a streaming reader; for a random read no more
+        """Decode one step: ``tuning.step_out`` for a streaming reader; for a random read no more
         than needed to reach ``until`` (it may have just restarted from a checkpoint)."""
         codec = self._codec
         assert codec is not None
         entry = self.entry
-        step_size = max(MIN_STEP_OUT, min(STEP_OUT, self.budget.share() // 4))
+        tuning = self.tuning
+        step_size = max(tuning.min_step_out, min(tuning.step_out, self.budget.share() // 4))
         limit = step_size
         if until is not None:
-            limit = max(MIN_STEP_OUT, min(step_size, until - self._out_pos))
+            limit = max(tuning.min_step_out, min(step_size, until - self._out_pos))
         if not self._tail and codec.wants_input() and self._in_pos < entry.compressed_size:
             start = await self.archive.data_start(entry)
-            end = min(entry.compressed_size, self._in_pos + min(STEP_IN, step_size))
+            end = min(entry.compressed_size, self._in_pos + min(tuning.step_in, step_size))
             if self._ahead is None:
                 self._ahead = self.archive.readahead(start, start + entry.compressed_size)
             low, high = start + self._in_pos, start + end
@@ -584,7 +570,8 @@ class CursorMember:
         if self.index is not None:
             due_at = self.index.next_due(self._out_pos) - self._out_pos
         try:
-            if (len(data) >= THREAD_INPUT and limit >= THREAD_INPUT) or not codec.returns_input:
+            threaded = len(data) >= tuning.thread_input and limit >= tuning.thread_input
+            if threaded or not codec.returns_input:
                 step = await trio.to_thread.run_sync(codec.run, data, limit, due_at)
             else:
                 step = codec.run(data, limit, due_at)

@@ -7,14 +7,15 @@ are read in a row, all through the memory/disk caches and a bounded connection p
 
 Fetch rules:
 
-* blocks are ``BLOCK`` bytes aligned in the archive; missing consecutive blocks are fetched in
-  one GET (at most ``MAX_REQUEST``); different runs go in parallel under the pool's limiter;
+* blocks are ``tuning.block`` bytes aligned in the archive; missing consecutive blocks are
+  fetched in one GET (at most ``tuning.max_request``); different runs go in parallel under the
+  pool's limiter (sizes: ``taskfs.archive.tuning``);
 * a block or member being fetched is fetched once: later readers wait for that fetch (its
   ``Flight``: the bytes it landed, not the cache's, which may have evicted them since);
 * a small member costs exactly one GET the first time (its local header and data, with a small
   margin for the local extra field, and a few neighbours in the same request) and none after;
-  once members are read in archive order, up to ``BATCH_MAX`` bytes of the following members
-  are kept fetched ahead, in parallel requests of at most ``BATCH_PART`` bytes;
+  once members are read in archive order, up to ``tuning.batch_max`` bytes of the following
+  members are kept fetched ahead, in parallel requests of at most ``tuning.batch_part`` bytes;
 * read-ahead (asked for by member readers) prefetches blocks in the background.
 
 Must stay true: bytes come only from this archive's ETag (cache keys carry it); a block read
@@ -48,6 +49,7 @@ from taskfs.archive.member import (
     open_member,
 )
 from taskfs.archive.rangeio import RangeSource
+from taskfs.archive.tuning import DEFAULT, Tuning
 from taskfs.archive.verify import Verifier
 from taskfs.archive.zipindex import (
     LOCAL,
@@ -69,21 +71,8 @@ from taskfs.flight import Abandoned, Flight
 
 log = logging.getLogger(__name__)
 
-BLOCK = 1 << 20
-MAX_REQUEST = 8 << 20
-# A sequential reader's read-ahead: its first window, the requests it is fetched in (several
-# in flight on a capped link), and how far out of order a read may come and still count as
-# following on (the kernel's read-ahead has several reads in flight).
-READAHEAD_START = 1 << 20
-READAHEAD_PART = 4 << 20
-READAHEAD_SLACK = 4 << 20
 # Bytes allowed beyond the central directory's extra length for the local header's own.
 LOCAL_MARGIN = 256
-# Batches of small members: first extra budget, and the most one GET may carry.
-BATCH_START = 128 << 10
-BATCH_MAX = 8 << 20
-# One request of a batch carries at most this much; the rest go in parallel requests.
-BATCH_PART = 1 << 20
 # Parse the central directory in a thread above this size.
 THREAD_PARSE = 256 << 10
 # A central directory more than this beyond the tail goes through a file, read back in pieces
@@ -115,8 +104,10 @@ class RemoteArchive:
         limiter: trio.CapacityLimiter,
         budget: ReadBudget | None = None,
         checkpoints: CheckpointBudget | None = None,
+        tuning: Tuning = DEFAULT,
     ) -> None:
         assert source.size is not None
+        self.tuning = tuning
         self.source = source
         self.cache = cache
         self.object_id = object_id
@@ -136,9 +127,10 @@ class RemoteArchive:
             object_id=object_id,
             etag=self.etag,
             size=self.size,
-            block=BLOCK,
-            max_request=MAX_REQUEST,
+            block=tuning.block,
+            max_request=tuning.max_request,
             nursery=nursery,
+            segment=tuning.segment,
         )
         self._starts: dict[int, int] = {}
         self._indexes: OrderedDict[int, DeflateIndex] = OrderedDict()
@@ -176,6 +168,7 @@ class RemoteArchive:
         prefix: str = "artifacts/",
         budget: ReadBudget | None = None,
         checkpoints: CheckpointBudget | None = None,
+        tuning: Tuning = DEFAULT,
     ) -> RemoteArchive:
         """Open: one suffix GET, one more when the central directory is larger than the tail."""
         limiter = limiter or trio.CapacityLimiter(8)
@@ -229,6 +222,7 @@ class RemoteArchive:
             limiter=limiter,
             budget=budget,
             checkpoints=checkpoints,
+            tuning=tuning,
         )
 
     # -- listing -------------------------------------------------------------------------------
@@ -336,7 +330,7 @@ class RemoteArchive:
     def deflate_index(self, entry: Entry) -> DeflateIndex:
         index = self._indexes.get(entry.index)
         if index is None:
-            index = DeflateIndex.for_size(entry.size, self._checkpoints)
+            index = DeflateIndex.for_size(entry.size, self._checkpoints, self.tuning)
             self._indexes[entry.index] = index
             while len(self._indexes) > MAX_DEFLATE_INDEXES:
                 self._indexes.popitem(last=False)
@@ -497,7 +491,9 @@ class RemoteArchive:
             flight = self._pending.get(key)
             if flight is None:
                 # Even a lone miss takes a few neighbours along (cheap: same request).
-                self._start_batch(rank, min(BATCH_START << self._streak, BATCH_MAX))
+                self._start_batch(
+                    rank, min(self.tuning.batch_start << self._streak, self.tuning.batch_max)
+                )
                 flight = self._pending[key]
             try:
                 data = await flight.wait()
@@ -508,7 +504,7 @@ class RemoteArchive:
 
     def expect_sequential(self) -> None:
         """A reader will go through members in archive order (a download): batches start at
-        their largest instead of growing from ``BATCH_START``."""
+        their largest instead of growing from ``tuning.batch_start``."""
         self._streak = 16
 
     def _note_rank(self, rank: int) -> None:
@@ -532,7 +528,7 @@ class RemoteArchive:
             if (
                 e_end > limit
                 or e_start < start
-                or entry.compressed_size > BATCH_MAX // 4
+                or entry.compressed_size > self.tuning.batch_max // 4
                 or self._key("m", entry.header_offset) in self._pending
             ):
                 break
@@ -541,7 +537,7 @@ class RemoteArchive:
         return members
 
     def _start_batch(self, rank: int, budget: int) -> None:
-        """Fetch a batch of neighbours, split into requests of at most ``BATCH_PART`` bytes
+        """Fetch a batch of neighbours, split into requests of at most ``tuning.batch_part``
         that go in parallel (one connection is capped; several are not)."""
         members = self._batch(rank, budget)
         self._frontier = max(self._frontier, self._rank[members[-1].index])
@@ -549,7 +545,7 @@ class RemoteArchive:
         entries: list[Entry] = []
         for member in members:
             e_start, e_end = self._extent(member)
-            if group and e_end - group[0][1] > BATCH_PART:
+            if group and e_end - group[0][1] > self.tuning.batch_part:
                 self._start(group[0][1], max(e for _, _, e in group), group, tuple(entries))
                 group, entries = [], []
             group.append((self._key("m", member.header_offset), e_start, e_end))
@@ -557,22 +553,22 @@ class RemoteArchive:
         self._start(group[0][1], max(e for _, _, e in group), group, tuple(entries))
 
     def _maybe_prefetch_batch(self, rank: int) -> None:
-        """Keep at least half of ``BATCH_MAX`` fetched ahead of a reader on a streak."""
+        """Keep at least half of ``tuning.batch_max`` fetched ahead of a reader on a streak."""
         if self._streak < 2 or self._frontier + 1 >= len(self._order):
             return
         current = self._extent(self.entries[self._order[rank]])[1]
         frontier = self._extent(self.entries[self._order[self._frontier]])[1]
-        if frontier - current >= BATCH_MAX // 2:
+        if frontier - current >= self.tuning.batch_max // 2:
             return
         following = self._frontier + 1
         entry = self.entries[self._order[following]]
-        if entry.compressed_size > BATCH_MAX // 4:
+        if entry.compressed_size > self.tuning.batch_max // 4:
             return
         key = self._key("m", entry.header_offset)
         if key in self._pending or self.cache.contains(key):
             self._frontier = following
             return
-        self._start_batch(following, BATCH_MAX - max(0, frontier - current))
+        self._start_batch(following, self.tuning.batch_max - max(0, frontier - current))
 
     # -- blocks --------------------------------------------------------------------------------
 
@@ -598,13 +594,15 @@ class RemoteArchive:
             raise ArchiveError(f"range {start}-{end} outside the archive")
         if ahead is not None:
             ahead.advise(start, end)
-        return await self.blocks.get_range(start // BLOCK, (end - 1) // BLOCK)
+        block = self.tuning.block
+        return await self.blocks.get_range(start // block, (end - 1) // block)
 
     def readahead(self, low: int, high: int) -> Readahead:
         """A sequential reader's window over archive bytes ``[low, high)`` (a member's data),
-        its most the reader's share of the read-ahead budget, and never more than half the
-        memory tier (blocks fetched further ahead would be let go before they are read)."""
-        room = self.cache.memory.limit // 2
+        its most the reader's share of the read-ahead budget (and ``tuning.readahead_max``),
+        and never more than half the memory tier (blocks fetched further ahead would be let
+        go before they are read)."""
+        room = min(self.cache.memory.limit // 2, self.tuning.readahead_max)
 
         def most() -> int:
             return min(self.budget.prefetch(), room)
@@ -613,10 +611,10 @@ class RemoteArchive:
             self.blocks,
             low,
             high,
-            start=READAHEAD_START,
+            start=self.tuning.readahead_start,
             most=most,
-            part=READAHEAD_PART,
-            slack=READAHEAD_SLACK,
+            part=self.tuning.readahead_part,
+            slack=self.tuning.readahead_slack,
         )
 
     async def _fetch_into(self, start: int, views: Sequence[memoryview]) -> None:

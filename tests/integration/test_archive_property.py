@@ -25,10 +25,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from taskfs.archive import member as member_mod
-from taskfs.archive import remote as remote_mod
 from taskfs.archive.cache import DiskCache, MemoryCache, Tiered
 from taskfs.archive.rangeio import RangeSource
 from taskfs.archive.remote import RemoteArchive
+from taskfs.archive.tuning import DEFAULT, Tuning
 from taskfs.archive.zipindex import Entry, clean_path, walk
 from tests.rangeserver import Server, serve_in_thread
 from tests.support import read_all
@@ -78,8 +78,27 @@ def build(specs: list[tuple[str, bytes, int, bool]]) -> bytes:
     return buf.getvalue()
 
 
+# Small sizes, so that small archives reach every path: many blocks per member, cursors
+# rather than whole reads, several steps and checkpoints per member, batches.
+TINY = Tuning(
+    block=16384,
+    max_request=65536,
+    batch_start=4096,
+    small_compressed=2048,
+    small_size=8192,
+    step_out=16384,
+    step_in=4096,
+    checkpoint_spacing=8192,
+)
+
+
 async def check(
-    server: Server, path: str, data: bytes, extra_reads: list[tuple[float, int]], cache_dir: Path
+    server: Server,
+    path: str,
+    data: bytes,
+    extra_reads: list[tuple[float, int]],
+    cache_dir: Path,
+    tuning: Tuning = DEFAULT,
 ) -> None:
     expected = expected_files(data)
 
@@ -96,6 +115,7 @@ async def check(
             path,
             nursery=nursery,
             budget=member_mod.ReadBudget(20_000, 20_000, 20_000),  # small windows
+            tuning=tuning,
         )
         files = dict(walk(archive.tree, archive.entries))
         assert set(files) == set(expected)
@@ -158,19 +178,8 @@ def test_random_archives_read_like_zipfile(
 ) -> None:
     data = build(specs)
     path = server.objects.put(f"prop-{next(_counter)}.zip", data)
-    small: dict[str, Any] = {
-        "SMALL_COMPRESSED": 2048,
-        "SMALL_SIZE": 8192,
-        "STEP_OUT": 16384,
-        "STEP_IN": 4096,
-        "CHECKPOINT_SPACING": 8192,
-    }
-    with (
-        mock.patch.multiple(member_mod, **small),
-        mock.patch.multiple(remote_mod, BLOCK=16384, MAX_REQUEST=65536, BATCH_START=4096),
-        tempfile.TemporaryDirectory() as tmp,
-    ):
-        trio.run(check, server, path, data, extra_reads, Path(tmp))
+    with tempfile.TemporaryDirectory() as tmp:
+        trio.run(check, server, path, data, extra_reads, Path(tmp), TINY)
 
 
 def test_many_members(server: Server, tmp_path: Path) -> None:

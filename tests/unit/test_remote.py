@@ -9,6 +9,7 @@ import struct
 import zipfile
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -19,11 +20,16 @@ from taskfs.archive import codecs
 from taskfs.archive import member as member_mod
 from taskfs.archive.cache import CacheKey, DiskCache, MemoryCache, Tiered
 from taskfs.archive.rangeio import RangeSource
-from taskfs.archive.remote import BLOCK, RemoteArchive
+from taskfs.archive.remote import RemoteArchive
+from taskfs.archive.tuning import DEFAULT, Tuning
 from taskfs.archive.zipindex import Entry, walk
 from taskfs.errors import ArchiveError, ChecksumError, StaleError, UnsupportedError
 from tests.rangeserver import Objects
 from tests.support import read_all
+
+BLOCK = DEFAULT.block
+# Members above 64 KiB compressed or 256 KiB inflated stream through a cursor, not read whole.
+SMALL = Tuning(small_compressed=64 << 10, small_size=256 << 10)
 
 Opener = Callable[..., Awaitable[RemoteArchive]]
 
@@ -55,7 +61,11 @@ async def opener(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[tuple[O
     http = httpx.AsyncClient(transport=objects.transport())
 
     async def open_archive(
-        data: bytes | None = None, *, disk_limit: int = 64 << 20, memory_limit: int = 8 << 20
+        data: bytes | None = None,
+        *,
+        disk_limit: int = 64 << 20,
+        memory_limit: int = 8 << 20,
+        tuning: Tuning = DEFAULT,
     ) -> RemoteArchive:
         if data is not None:
             objects.put("out.zip", data)
@@ -69,6 +79,7 @@ async def opener(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[tuple[O
             cache,
             "t/out.zip",
             nursery=nursery,
+            tuning=tuning,
         )
 
     yield objects, open_archive
@@ -250,16 +261,13 @@ async def test_concurrent_readers_fetch_each_block_once(opener: tuple[Objects, O
     assert fetched <= len(body) + 2 * BLOCK, [s.range for s in objects.seen]
 
 
-async def test_deflate_random_access(
-    opener: tuple[Objects, Opener], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(member_mod, "CHECKPOINT_SPACING", 256 << 10)
-    monkeypatch.setattr(member_mod, "SMALL_COMPRESSED", 64 << 10)
-    monkeypatch.setattr(member_mod, "SMALL_SIZE", 256 << 10)
-    monkeypatch.setattr(member_mod, "STEP_OUT", 64 << 10)
+async def test_deflate_random_access(opener: tuple[Objects, Opener]) -> None:
     objects, open_archive = opener
     body = text(4 << 20, seed=7)
-    archive = await open_archive(build([("sim.vtk", body, zipfile.ZIP_DEFLATED)]))
+    archive = await open_archive(
+        build([("sim.vtk", body, zipfile.ZIP_DEFLATED)]),
+        tuning=replace(SMALL, checkpoint_spacing=256 << 10, step_out=64 << 10),
+    )
     archive.budget.most = archive.budget.least = 128 << 10  # a small window behind the cursor
     entry = member(archive, "sim.vtk")
     assert await read_all(archive, entry, chunk=1 << 20) == body
@@ -295,16 +303,11 @@ async def test_sequential_deflate_reader_stays_inflated_ahead(
             while reader._ahead_running:  # let the background inflate finish
                 await trio.sleep(0.001)
         if offset >= chunk:  # from the second sequential read on
-            assert reader._out_pos >= offset + chunk + member_mod.INFLATE_AHEAD
+            assert reader._out_pos >= offset + chunk + DEFAULT.inflate_ahead
 
 
-async def test_bzip2_and_lzma_members(
-    opener: tuple[Objects, Opener], monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_bzip2_and_lzma_members(opener: tuple[Objects, Opener]) -> None:
     # Members above these limits stream through a cursor instead of being read whole.
-    monkeypatch.setattr(member_mod, "SMALL_COMPRESSED", 64 << 10)
-    monkeypatch.setattr(member_mod, "SMALL_SIZE", 256 << 10)
-    monkeypatch.setattr(member_mod, "STEP_IN", 16 << 10)
     _, open_archive = opener
     small, large = text(20_000, 1), text(600 << 10, 2)
     archive = await open_archive(
@@ -315,7 +318,8 @@ async def test_bzip2_and_lzma_members(
                 ("c.bz2", large, zipfile.ZIP_BZIP2),
                 ("d.xz", large, zipfile.ZIP_LZMA),
             ]
-        )
+        ),
+        tuning=replace(SMALL, step_in=16 << 10),
     )
     for name, body in (("a.bz2", small), ("b.xz", small), ("c.bz2", large), ("d.xz", large)):
         entry = member(archive, name)
@@ -424,13 +428,10 @@ def _chunks(size: int, chunk: int, order: str, seed: int) -> list[int]:
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("kind", ["stored", "deflate", "bzip2"])
 async def test_corruption_is_caught_in_any_read_order(
-    opener: tuple[Objects, Opener], monkeypatch: pytest.MonkeyPatch, order: str, kind: str
+    opener: tuple[Objects, Opener], order: str, kind: str
 ) -> None:
     """Reading every byte of a corrupt member, in any order and over any handles, ends in
     ChecksumError: the read that completes the member fails, and every read after it."""
-    monkeypatch.setattr(member_mod, "SMALL_COMPRESSED", 64 << 10)
-    monkeypatch.setattr(member_mod, "SMALL_SIZE", 256 << 10)
-    monkeypatch.setattr(member_mod, "CHECKPOINT_SPACING", 256 << 10)
     _, open_archive = opener
     body = text(3 << 20, seed=11)
     method = {"stored": 0, "deflate": 8, "bzip2": 12}[kind]
@@ -438,7 +439,7 @@ async def test_corruption_is_caught_in_any_read_order(
     # Stored: a flipped byte. Compressed: the data decodes fine, but the directory's CRC says
     # it is not what was written.
     data = flip_data_byte(data, "big", 1_500_000) if kind == "stored" else corrupt_crc(data, "big")
-    archive = await open_archive(data)
+    archive = await open_archive(data, tuning=replace(SMALL, checkpoint_spacing=256 << 10))
     entry = member(archive, "big")
     chunk = 128 << 10
     offsets = _chunks(len(body), chunk, order, seed=5)
@@ -475,13 +476,11 @@ async def test_corruption_is_caught_in_any_read_order(
 
 
 async def test_an_unverified_member_asks_for_its_cached_pages_to_go(
-    opener: tuple[Objects, Opener], monkeypatch: pytest.MonkeyPatch
+    opener: tuple[Objects, Opener],
 ) -> None:
-    monkeypatch.setattr(member_mod, "SMALL_COMPRESSED", 64 << 10)
-    monkeypatch.setattr(member_mod, "SMALL_SIZE", 256 << 10)
     _, open_archive = opener
     body = text(3 << 20, seed=2)  # larger than one piece and one decoding step
-    archive = await open_archive(build([("a", body, 8), ("b", body, 0)]))
+    archive = await open_archive(build([("a", body, 8), ("b", body, 0)]), tuning=SMALL)
     for name in ("a", "b"):
         entry = member(archive, name)
         partial = archive.open_member(entry)
@@ -497,17 +496,15 @@ async def test_an_unverified_member_asks_for_its_cached_pages_to_go(
 
 
 async def test_what_a_partial_reader_of_a_corrupt_member_can_get(
-    opener: tuple[Objects, Opener], monkeypatch: pytest.MonkeyPatch
+    opener: tuple[Objects, Opener],
 ) -> None:
     """The README's statement, exactly: bytes of a corrupt member can reach a reader only
     while the member has not been read in full (its CRC covers all of it); the read that
     completes it fails, and so does every read after."""
-    monkeypatch.setattr(member_mod, "SMALL_COMPRESSED", 64 << 10)
-    monkeypatch.setattr(member_mod, "SMALL_SIZE", 256 << 10)
     _, open_archive = opener
     body = text(3 << 20, seed=4)
     bad_at = 100_000
-    archive = await open_archive(flip_data_byte(build([("m", body, 0)]), "m", bad_at))
+    archive = await open_archive(flip_data_byte(build([("m", body, 0)]), "m", bad_at), tuning=SMALL)
     reader = archive.open_member(member(archive, "m"))
     head = await reader.read(0, 1 << 20)  # part of the member: nothing to check it against yet
     assert head[bad_at] != body[bad_at] and head[:bad_at] == body[:bad_at]
@@ -522,15 +519,15 @@ async def test_what_a_partial_reader_of_a_corrupt_member_can_get(
 
 @pytest.mark.parametrize("order", ["sequential", "reverse", "random"])
 async def test_separate_opens_add_up_to_a_verdict(
-    opener: tuple[Objects, Opener], monkeypatch: pytest.MonkeyPatch, order: str
+    opener: tuple[Objects, Opener], order: str
 ) -> None:
     """A loop of ``dd`` runs, each opening the member, reading one piece and closing it,
     ends in EIO like one ``cat``: what separate handles read of a member adds up."""
-    monkeypatch.setattr(member_mod, "SMALL_COMPRESSED", 64 << 10)
-    monkeypatch.setattr(member_mod, "SMALL_SIZE", 256 << 10)
     _, open_archive = opener
     body = text(3 << 20, seed=8)
-    archive = await open_archive(flip_data_byte(build([("m", body, 0)]), "m", 2_000_000))
+    archive = await open_archive(
+        flip_data_byte(build([("m", body, 0)]), "m", 2_000_000), tuning=SMALL
+    )
     entry = member(archive, "m")
     failures = 0
     for offset in _chunks(len(body), 256 << 10, order, seed=1):
@@ -550,20 +547,20 @@ async def test_separate_opens_add_up_to_a_verdict(
 
 @pytest.mark.parametrize("source", ["storage", "a shared disk cache"])
 async def test_a_block_read_again_is_never_other_bytes_than_before(
-    opener: tuple[Objects, Opener], monkeypatch: pytest.MonkeyPatch, source: str
+    opener: tuple[Objects, Opener], source: str
 ) -> None:
     """Storage that changes an archive in place without a new ETag (bit rot, a broken
     server), or another mount's disk cache filled from it: a member read in full (and
     verified) is read again after its blocks left the caches; the changed block is ESTALE,
     never returned."""
-    monkeypatch.setattr(member_mod, "SMALL_COMPRESSED", 64 << 10)
-    monkeypatch.setattr(member_mod, "SMALL_SIZE", 256 << 10)
     objects, open_archive = opener
     body = text(3 << 20, seed=9)
     good = build([("m", body, 0)])
     shared = source != "storage"
     # No memory tier: a block read again comes from the disk cache or from storage.
-    archive = await open_archive(good, disk_limit=(64 << 20) if shared else 0, memory_limit=0)
+    archive = await open_archive(
+        good, disk_limit=(64 << 20) if shared else 0, memory_limit=0, tuning=SMALL
+    )
     entry = member(archive, "m")
     assert await read_all(archive, entry) == body  # verified
     bad = flip_data_byte(good, "m", 2_000_000)
