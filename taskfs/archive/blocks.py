@@ -355,6 +355,9 @@ class Readahead:
         if not self.window:
             return
         target = min(self.high, high + self.window)
+        span = self.blocks.segment * block
+        if target < self.high and self.window >= 2 * span:
+            target = target // span * span  # whole segments: a request fills one, not halves
         begin = max(self.until, high)
         part = min(self.window, self.part)
         if target - begin < part and target < self.high:
