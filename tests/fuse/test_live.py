@@ -494,11 +494,12 @@ def test_cat_of_a_large_file_of_a_running_task_is_whole(live_mount: Mount) -> No
     task_id = computing(
         live_mount.service,
         f"{sys.executable} -c \"import sys; sys.stdout.writelines('%09d %s\\n' % (i, 'y' * 90) "
-        'for i in range(300000))" > big.txt; sleep 60',
+        # Written whole under another name first (on a loaded machine the writer may take
+        # seconds): the file read is complete, the task still running.
+        'for i in range(300000))" > big.part && mv big.part big.txt; sleep 60',
     )
     big = live_mount / task_id / "outputs" / "big.txt"
-    wait_until(big.exists, timeout=10)
-    time.sleep(1)
+    wait_until(big.exists, timeout=30)
     data = big.read_bytes()
     assert len(data) == 300000 * 101
     assert data.endswith(b"000299999 " + b"y" * 90 + b"\n")
