@@ -27,6 +27,7 @@ import hashlib
 import logging
 import mmap
 import os
+import stat
 import struct
 import threading
 import time
@@ -173,9 +174,18 @@ class DiskCache:
         digest, name = known
         path = self._path(name)
         try:
-            with open(path, "rb") as f:
-                head = f.read(HEADER.size)
-                body = f.read()  # read apart from the header: no copy of the data
+            fd = _open_entry(path)
+            try:
+                head = os.pread(fd, HEADER.size, 0)
+                # As long as the header says, and no longer than a file has its entry (what
+                # the cache would hold beyond it is not read, whatever the file is).
+                length = HEADER.unpack_from(head)[3] if len(head) == HEADER.size else 0
+                body = os.pread(fd, min(length, self.limit), HEADER.size)
+            finally:
+                os.close(fd)
+        except _NotAnEntryError:
+            self._drop_bad(name, path)
+            return None
         except OSError:
             self._forget(name)  # evicted by another process sharing the directory
             return None
@@ -308,8 +318,11 @@ class DiskCache:
             held = self._parts.get(name)
         if held is None:  # written by another process, or before a restart: its header says
             try:
-                with open(self._path(name), "rb") as f:
-                    held = _segment_mask(f.read(PAGE), digest)
+                fd = _open_entry(self._path(name))
+                try:
+                    held = _segment_mask(os.pread(fd, PAGE, 0), digest)
+                finally:
+                    os.close(fd)
             except OSError:
                 return []
         for index, _, _ in parts:
@@ -365,7 +378,7 @@ class DiskCache:
         direct = self.direct and into is not None
         data: Buffer
         try:
-            fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+            fd = _open_entry(path, os.O_DIRECT if direct else 0)
             try:
                 if direct:
                     page = self._head_buffer()
@@ -385,6 +398,9 @@ class DiskCache:
                     data = os.pread(fd, length, PAGE + index * block)
             finally:
                 os.close(fd)
+        except _NotAnEntryError:
+            self._drop_bad(name, path)
+            return None
         except OSError:
             self._forget(name)  # evicted by another process sharing the directory
             return None
@@ -395,6 +411,13 @@ class DiskCache:
             return None
         self._touch(name, path)
         return data, crc
+
+    def _drop_bad(self, name: str, path: str) -> None:
+        """Something other than a cache file is where an entry should be (a link, a FIFO, a
+        device): it goes, and the bytes are fetched anew."""
+        log.info("disk cache: dropping %s: not a regular file", name)
+        self._forget(name)
+        _unlink(path)
 
     def _known(self, key: CacheKey) -> tuple[bytes, str] | None:
         """The digest and file name of ``key`` if the cache holds it (a use: it moves to the
@@ -508,6 +531,25 @@ def _unpack(head: bytes, data: bytes, digest: bytes) -> int | None:
     return int(crc)
 
 
+class _NotAnEntryError(OSError):
+    """A cache entry's path holds something other than a regular file."""
+
+
+def _open_entry(path: str, flags: int = 0) -> int:
+    """A descriptor of the cache file at ``path``, never of what a link there points to nor of
+    anything but a regular file (opening a FIFO would block, reading a device never end)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _NotAnEntryError(exc.errno, "a link", path) from exc
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _NotAnEntryError(errno.EINVAL, "not a regular file", path)
+    return fd
+
+
 def _unlink(path: str) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
@@ -521,7 +563,7 @@ class BufferPool:
     more (a reader, a disk write, a FUSE reply): ``mmap.resize`` refuses while a view of it
     is alive, which makes the check exact and cheap. At most ``keep`` wait to be reused."""
 
-    def __init__(self, size: int, keep: int = 64) -> None:
+    def __init__(self, size: int, keep: int = 16) -> None:
         self.size = size
         self.keep = keep
         self._back: deque[mmap.mmap] = deque()

@@ -435,6 +435,15 @@ class _Window:
         return parts
 
 
+def _own(tail: Buffer) -> Buffer:
+    """Input a cursor keeps until its next step: a copy when it is a small part of a larger
+    buffer (a block's), which it would otherwise keep whole, beyond the caches' accounting:
+    200 handles held 1 MiB each that way."""
+    if isinstance(tail, memoryview) and len(tail) < memoryview(tail.obj).nbytes // 2:
+        return bytes(tail)
+    return tail
+
+
 class CursorMember:
     """A large compressed member: one bounded cursor per handle over the member's decoder."""
 
@@ -580,7 +589,7 @@ class CursorMember:
         start_out, start_in = self._out_pos, self._in_pos
         if codec.returns_input:
             self._in_pos += step.consumed
-            self._tail = data[step.consumed :]
+            self._tail = _own(data[step.consumed :])
         else:
             self._in_pos += len(data)
         if step.chunks:

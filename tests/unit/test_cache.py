@@ -335,3 +335,25 @@ def test_a_block_joining_a_stored_segment_keeps_the_blocks_already_there(tmp_pat
         found = again.get_segment_block(segment, index)
         assert found is not None and bytes(found[0]) == blocks[index], index
         assert again.contains(segment, index)
+
+
+@pytest.mark.parametrize("kind", ["link to /dev/zero", "fifo", "directory"])
+def test_what_is_not_a_cache_file_is_a_miss_and_goes(tmp_path: Path, kind: str) -> None:
+    """Never read through a link, never block on a FIFO, never read a device to its end."""
+    block = 4096
+    data = os.urandom(block)
+    cache = DiskCache(tmp_path, 10 << 20)
+    assert cache.put(key(1), data)
+    assert cache.put_segment(key(2), block, 4, [(0, data, zlib.crc32(data))])
+    for path in files(cache):
+        path.unlink()
+        if kind == "fifo":
+            os.mkfifo(path)
+        elif kind == "directory":
+            path.mkdir()
+        else:
+            path.symlink_to("/dev/zero")
+    assert cache.get_checked(key(1)) is None  # (a blocked open would hang: the test's timeout)
+    assert cache.get_segment_block(key(2), 0) is None
+    assert not files(cache)
+    assert not [p for p in (tmp_path).rglob("*") if p.is_symlink() or p.is_fifo()]
