@@ -34,11 +34,12 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import trio
 from zlib_ng import zlib_ng
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 Buffer = bytes | bytearray | memoryview
@@ -173,22 +174,18 @@ class DiskCache:
             return None
         digest, name = known
         path = self._path(name)
-        try:
-            fd = _open_entry(path)
-            try:
-                head = os.pread(fd, HEADER.size, 0)
-                # As long as the header says, and no longer than a file has its entry (what
-                # the cache would hold beyond it is not read, whatever the file is).
-                length = HEADER.unpack_from(head)[3] if len(head) == HEADER.size else 0
-                body = os.pread(fd, min(length, self.limit), HEADER.size)
-            finally:
-                os.close(fd)
-        except _NotAnEntryError:
-            self._drop_bad(name, path)
+
+        def read(fd: int) -> tuple[bytes, bytes]:
+            head = os.pread(fd, HEADER.size, 0)
+            # As long as the header says, and no longer than a file has its entry (what the
+            # cache would hold beyond it is not read, whatever the file is).
+            length = HEADER.unpack_from(head)[3] if len(head) == HEADER.size else 0
+            return head, os.pread(fd, min(length, self.limit), HEADER.size)
+
+        found = self._read_entry(name, path, read)
+        if found is None:
             return None
-        except OSError:
-            self._forget(name)  # evicted by another process sharing the directory
-            return None
+        head, body = found
         crc = _unpack(head, body, digest)
         if crc is None:
             log.info("disk cache: dropping a corrupt entry %s", name)
@@ -226,6 +223,21 @@ class DiskCache:
         path = self._path(name)
         crc = zlib_ng.crc32(data) if crc is None else crc
         header = HEADER.pack(MAGIC, VERSION, digest, len(data), crc)
+
+        def write(tmp: str) -> None:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(header)
+                out.write(data)
+
+        if not self._publish(name, path, write):
+            return False
+        self._note(name, HEADER.size + len(data))
+        return True
+
+    def _publish(self, name: str, path: str, write: Callable[[str], None]) -> bool:
+        """Write the file of ``name`` under a temporary name with ``write``, then rename it to
+        ``path`` (readers see it whole or not at all); ``False`` if the disk refused."""
         directory = os.path.dirname(path)
         # A per-process, per-thread temporary name (dot-prefixed: swept once its process died).
         tmp = os.path.join(directory, f".{name}.{os.getpid()}.{threading.get_ident()}")
@@ -233,11 +245,8 @@ class DiskCache:
             if directory not in self._dirs:
                 os.makedirs(directory, mode=0o700, exist_ok=True)
                 self._dirs.add(directory)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
-                with os.fdopen(fd, "wb") as out:
-                    out.write(header)
-                    out.write(data)
+                write(tmp)
                 os.replace(tmp, path)
             except BaseException:
                 _unlink(tmp)
@@ -245,7 +254,6 @@ class DiskCache:
         except OSError as exc:
             log.debug("disk cache: not caching %s: %s", name, exc.strerror)
             return False
-        self._note(name, HEADER.size + len(data))
         return True
 
     def _note(self, name: str, size: int) -> None:
@@ -282,24 +290,15 @@ class DiskCache:
         size = PAGE + parts[-1][0] * block + len(parts[-1][1])
         if size > self.limit:
             return False
-        directory = os.path.dirname(path)
-        tmp = os.path.join(directory, f".{name}.{os.getpid()}.{threading.get_ident()}")
         head = _segment_head(digest, block, [(i, len(d), c) for i, d, c in parts], count)
         try:
-            if directory not in self._dirs:
-                os.makedirs(directory, mode=0o700, exist_ok=True)
-                self._dirs.add(directory)
-            try:
-                self._write_segment(tmp, head, block, parts)
-                os.replace(tmp, path)
-            except BaseException:
-                _unlink(tmp)
-                raise
-        except OSError as exc:
-            log.debug("disk cache: not caching %s: %s", name, exc.strerror)
-            return False
+            written = self._publish(
+                name, path, functools.partial(self._write_segment, head, parts, block)
+            )
         finally:
             head.close()
+        if not written:
+            return False
         self._note(name, size)
         with self._lock:
             self._parts[name] = sum(1 << index for index, _, _ in parts)
@@ -340,7 +339,7 @@ class DiskCache:
         return kept
 
     def _write_segment(
-        self, tmp: str, head: mmap.mmap, block: int, parts: Sequence[tuple[int, Buffer, int]]
+        self, head: mmap.mmap, parts: Sequence[tuple[int, Buffer, int]], block: int, tmp: str
     ) -> None:
         direct = self.direct and all(_aligned(data, block) for _, data, _ in parts)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
@@ -376,34 +375,28 @@ class DiskCache:
         digest, name = known
         path = self._path(name)
         direct = self.direct and into is not None
-        data: Buffer
-        try:
-            fd = _open_entry(path, os.O_DIRECT if direct else 0)
-            try:
-                if direct:
-                    page = self._head_buffer()
-                    head = page[: os.preadv(fd, [page], 0)]
-                else:
-                    head = os.pread(fd, PAGE, 0)
-                found = _segment_part(head, digest, index)
-                if found is None:
-                    return None
-                block, length, crc = found
-                whole = -(-length // DIRECT_ALIGN) * DIRECT_ALIGN
-                if direct and into is not None and whole <= len(into):
-                    view = memoryview(into)
-                    got = os.preadv(fd, [view[:whole]], PAGE + index * block)
-                    data = view[: min(got, length)]
-                else:
-                    data = os.pread(fd, length, PAGE + index * block)
-            finally:
-                os.close(fd)
-        except _NotAnEntryError:
-            self._drop_bad(name, path)
+
+        def read(fd: int) -> tuple[Buffer, int, int] | None:
+            if direct:
+                page = self._head_buffer()
+                head = page[: os.preadv(fd, [page], 0)]
+            else:
+                head = os.pread(fd, PAGE, 0)
+            found = _segment_part(head, digest, index)
+            if found is None:
+                return None
+            block, length, crc = found
+            whole = -(-length // DIRECT_ALIGN) * DIRECT_ALIGN
+            if direct and into is not None and whole <= len(into):
+                view = memoryview(into)
+                got = os.preadv(fd, [view[:whole]], PAGE + index * block)
+                return view[: min(got, length)], length, crc
+            return os.pread(fd, length, PAGE + index * block), length, crc
+
+        found = self._read_entry(name, path, read, os.O_DIRECT if direct else 0)
+        if found is None:
             return None
-        except OSError:
-            self._forget(name)  # evicted by another process sharing the directory
-            return None
+        data, length, crc = found
         if len(data) != length or zlib_ng.crc32(data) != crc:
             log.info("disk cache: dropping a corrupt segment %s", name)
             self._forget(name)
@@ -411,6 +404,24 @@ class DiskCache:
             return None
         self._touch(name, path)
         return data, crc
+
+    def _read_entry(
+        self, name: str, path: str, read: Callable[[int], T | None], flags: int = 0
+    ) -> T | None:
+        """``read`` of the cache file of ``name`` (opened by ``_open_entry``), or ``None``:
+        not there (evicted by another process sharing the directory), or not a cache file
+        (it goes)."""
+        try:
+            fd = _open_entry(path, flags)
+            try:
+                return read(fd)
+            finally:
+                os.close(fd)
+        except _NotAnEntryError:
+            self._drop_bad(name, path)
+        except OSError:
+            self._forget(name)
+        return None
 
     def _drop_bad(self, name: str, path: str) -> None:
         """Something other than a cache file is where an entry should be (a link, a FIFO, a
