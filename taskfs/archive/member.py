@@ -52,6 +52,7 @@ from taskfs.archive.cache import Buffer
 from taskfs.archive.codecs import (
     DECODE_ERRORS,
     MAX_DUE,
+    SMALL_PIECE,
     Codec,
     CopyableInflater,
     DeflateCodec,
@@ -78,6 +79,12 @@ class ReadBudget:
     last read, half decoded ahead of it, in steps of a quarter; each reader prefetches at most
     ``prefetch()`` bytes of archive. With many readers open each gets less, so their sums stay
     near ``total`` and ``total_prefetch``.
+
+    Each reader's share has a floor (``least``), so past ``total // least`` readers the sum
+    would grow with their number: at most ``max_held`` cursors keep their decoder and window;
+    the least recently used one beyond that sheds them (a deflate cursor leaves a checkpoint
+    where it stood and resumes from it), and past ``fast_readers`` open readers new cursors
+    inflate with zlib-ng, whose state can be left that way.
     """
 
     def __init__(
@@ -86,12 +93,32 @@ class ReadBudget:
         least: int = 256 << 10,
         most: int = 4 << 20,
         total_prefetch: int = 24 << 20,
+        *,
+        max_held: int = 64,
+        fast_readers: int = 8,
     ):
         self.total = total
         self.least = least
         self.most = most
         self.total_prefetch = total_prefetch
+        self.max_held = max_held
+        self.fast_readers = fast_readers
         self.readers = 0
+        self._held: OrderedDict[int, CursorMember] = OrderedDict()
+
+    def used(self, cursor: CursorMember) -> None:
+        """``cursor`` holds its decoder and window, and was just read: others may shed."""
+        held = self._held
+        held[id(cursor)] = cursor
+        held.move_to_end(id(cursor))
+        while len(held) > self.max_held:
+            victim = next((key for key, c in held.items() if c is not cursor and c.shed()), None)
+            if victim is None:
+                return  # all busy, or not resumable (bzip2, lzma, ISA-L): they keep theirs
+            del held[victim]
+
+    def forget(self, cursor: CursorMember) -> None:
+        self._held.pop(id(cursor), None)
 
     def share(self) -> int:
         return max(self.least, min(self.most, self.total // max(1, self.readers)))
@@ -471,10 +498,34 @@ class CursorMember:
             return True
         self._closed = True
         self.budget.readers -= 1
+        self.budget.forget(self)
         self._codec = None
         self._tail = b""
         self._window = _Window(0)
         return self.archive.release(self.entry)
+
+    def shed(self) -> bool:
+        """Let go of the decoder, its window and input, unless a read or a step ahead is
+        under way or the decoder cannot be resumed (``False``); a zlib-ng decoder leaves a
+        checkpoint where it stands (if it pins no more than a piece of input)."""
+        codec = self._codec
+        if self._lock.locked() or self._ahead_running:
+            return False
+        if codec is not None:
+            if not isinstance(codec, DeflateCodec) or isinstance(codec, FastDeflateCodec):
+                return False
+            state = codec.state
+            if (
+                self.index is not None
+                and not codec.eof
+                and self._out_pos > 0
+                and len(state.unconsumed_tail) <= SMALL_PIECE
+            ):
+                self.index.add(self._out_pos, self._in_pos, state.copy())
+        self._codec = None
+        self._tail = b""
+        self._window = _Window(self._out_pos)
+        return True
 
     def _restart(self, offset: int) -> None:
         point = self.index.best(offset) if self.index is not None else None
@@ -493,7 +544,8 @@ class CursorMember:
         that wants bytes further in gets zlib-ng's, which leaves checkpoints on its way."""
         if self.entry.method != DEFLATED:
             return StreamCodec(self.entry)
-        return FastDeflateCodec() if offset == 0 else DeflateCodec()
+        fast = offset == 0 and self.budget.readers <= self.budget.fast_readers
+        return FastDeflateCodec() if fast else DeflateCodec()
 
     async def read(self, offset: int, size: int) -> Buffer:
         size = _clamp(self.entry, offset, size)
@@ -508,6 +560,7 @@ class CursorMember:
             self._window.keep_from(offset + size - self.budget.share() // 2)
             sequential = offset == self._last_end
             self._last_end = offset + size
+            self.budget.used(self)
         self.verifier.check()  # a step in the background may have found the member corrupt
         ahead = min(
             self.entry.size,

@@ -591,3 +591,34 @@ async def test_a_block_read_again_is_never_other_bytes_than_before(
             got += await reader.read(len(got), 256 << 10)
     assert got == body[: len(got)]  # what was returned is what was verified
     reader.close()
+
+
+async def test_many_deflate_handles_hold_a_bounded_number_of_decoders(
+    opener: tuple[Objects, Opener],
+) -> None:
+    """Handles read in turn: only the most recent ``max_held`` keep a decoder and window; the
+    others shed them (leaving checkpoints) and resume, every byte still right."""
+    _, open_archive = opener
+    body = text(3 << 20, seed=5)
+    archive = await open_archive(
+        build([("sim.vtk", body, zipfile.ZIP_DEFLATED)]),
+        tuning=replace(SMALL, checkpoint_spacing=256 << 10),
+    )
+    archive.budget = member_mod.ReadBudget(max_held=3, fast_readers=2)
+    entry = member(archive, "sim.vtk")
+    rng = random.Random(3)
+    readers = [archive.open_member(entry) for _ in range(12)]
+    positions = [rng.randrange(0, len(body) - (256 << 10)) for _ in readers]
+    for _ in range(6):
+        for i, reader in enumerate(readers):
+            at = positions[i]
+            assert await reader.read(at, 40_000) == body[at : at + 40_000]
+            positions[i] += 40_000
+        cursors = [r for r in readers if isinstance(r, member_mod.CursorMember)]
+        with trio.fail_after(10):  # the steps ahead end (a busy cursor is not shed)
+            while any(c._ahead_running for c in cursors):
+                await trio.sleep(0.01)
+        await readers[0].read(0, 10)  # a use: the least recent beyond the bound shed
+        assert len([c for c in cursors if c._codec]) <= 3
+    for reader in readers:
+        reader.close()
