@@ -263,21 +263,22 @@ class BlockFetcher:
 
     async def _write_segment(self, segment: int, landed: dict[int, Buffer], alone: bool) -> None:
         """Write segment ``segment`` to the disk cache, as one file, if all its blocks are at
-        hand (just ``landed``, or still in memory), or if ``alone`` (a block fetched by
-        itself, a random reader's: whichever are)."""
+        hand (just ``landed``, still in memory, or in the segment file already, which keeps
+        them), or if ``alone`` (a block fetched by itself, a random reader's: whichever are)."""
         first = segment * self.segment
         count = min(self.segment, self.count - first)
+        segment_key = self.segment_key(first)
         parts: list[tuple[int, CacheKey, Buffer, int]] = []
         for index in range(count):
             key = self.key(first + index)
             data = landed.get(first + index) or self.cache.memory.peek(key)
             data = data or self.cache.writing(key)
             if data is None:
-                if not alone:
+                if not alone and not self.cache.on_disk(segment_key, index):
                     return  # not complete yet: written when its last block comes
                 continue
             parts.append((index, key, data, self._crc_of(first + index, data)))
-        await self.cache.put_segment(self.segment_key(first), self.block, count, parts)
+        await self.cache.put_segment(segment_key, self.block, count, parts)
 
     # -- integrity -----------------------------------------------------------------------------
 

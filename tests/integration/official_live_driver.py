@@ -88,9 +88,11 @@ def main() -> None:
         out["last_modified"] = run([cli, "tasks", "last-modified-file", steady], env)
         service.call(lambda api: api.kill(steady))
 
+        # The first line after 4 s: both clients are attached by then, even on a loaded machine
+        # (their start takes 1-3 s; one that attached late showed only the lines after).
         ticking = computing(
             service,
-            "sleep 1; for i in $(seq 1 20); do echo step $i; echo err $i >&2; sleep 0.2; done",
+            "sleep 4; for i in $(seq 1 20); do echo step $i; echo err $i >&2; sleep 0.2; done",
         )
         follow = subprocess.Popen(
             [cli, "tasks", "tail", ticking, "stdout.txt", "-f"],
