@@ -1026,18 +1026,13 @@ class Bench:
         gib, gib_out = stored.member_size / 2**30, deflate.member_size / 2**30
         start, end = stored.member_range
         floors = self.floors
-        get = f"curl -sf -H 'Range: bytes={start}-{end - 1}' '{stored.urls[profile]}' > /dev/null"
+        get = curl_command(stored.urls[profile], start, end)
         floors.setdefault("curl, one GET of the stored member", []).append(children_cpu(get) / gib)
-        start, end = deflate.member_range
-        inflate = (
-            f"curl -sf -H 'Range: bytes={start}-{end - 1}' '{deflate.urls[profile]}' "
-            f"| {PY} -c '{INFLATE}'"
-        )
+        inflate = curl_command(deflate.urls[profile], *deflate.member_range, inflate=True)
         python_alone = children_cpu(f"{PY} -c 'import sys, zlib' < /dev/null")
         floors.setdefault(INFLATE_FLOOR, []).append(
             (children_cpu(inflate) - python_alone) / gib_out
         )
-        start, end = stored.member_range
         fetch = f"{PY} {FLOORS} fetch '{stored.urls[profile]}' {start} {end}"
         starting = children_cpu(f"{PY} {FLOORS} none")
         floors.setdefault("taskfs's fetch layer alone (http.client readinto)", []).append(
@@ -1244,10 +1239,13 @@ def memfs_floor(mountpoint: Path, size: int) -> float:
 def curl_get(url: str, start: int, end: int, inflate: bool = False) -> float:
     """One single-stream ranged GET of ``[start, end)`` by curl (optionally inflated as it
     arrives, by zlib in a pipe): the network's ceiling for one connection."""
+    return sh(curl_command(url, start, end, inflate))
+
+
+def curl_command(url: str, start: int, end: int, inflate: bool = False) -> str:
+    """The shell command of ``curl_get``."""
     command = f"curl -sf -H 'Range: bytes={start}-{end - 1}' '{url}'"
-    if inflate:
-        return sh(f"{command} | {PY} -c '{INFLATE}'")
-    return sh(f"{command} > /dev/null")
+    return f"{command} | {PY} -c '{INFLATE}'" if inflate else f"{command} > /dev/null"
 
 
 INFLATE = (

@@ -188,9 +188,7 @@ class DiskCache:
         head, body = found
         crc = _unpack(head, body, digest)
         if crc is None:
-            log.info("disk cache: dropping a corrupt entry %s", name)
-            self._forget(name)
-            _unlink(path)
+            self._drop(name, path, "a corrupt entry")
             return None
         self._touch(name, path)
         return body, crc
@@ -316,13 +314,10 @@ class DiskCache:
                 return []
             held = self._parts.get(name)
         if held is None:  # written by another process, or before a restart: its header says
-            try:
-                fd = _open_entry(self._path(name))
-                try:
-                    held = _segment_mask(os.pread(fd, PAGE, 0), digest)
-                finally:
-                    os.close(fd)
-            except OSError:
+            held = self._read_entry(
+                name, self._path(name), lambda fd: _segment_mask(os.pread(fd, PAGE, 0), digest)
+            )
+            if held is None:
                 return []
         for index, _, _ in parts:
             held &= ~(1 << index)
@@ -398,9 +393,7 @@ class DiskCache:
             return None
         data, length, crc = found
         if len(data) != length or zlib_ng.crc32(data) != crc:
-            log.info("disk cache: dropping a corrupt segment %s", name)
-            self._forget(name)
-            _unlink(path)
+            self._drop(name, path, "a corrupt segment")
             return None
         self._touch(name, path)
         return data, crc
@@ -418,15 +411,15 @@ class DiskCache:
             finally:
                 os.close(fd)
         except _NotAnEntryError:
-            self._drop_bad(name, path)
+            self._drop(name, path, "what is not a regular file:")
         except OSError:
             self._forget(name)
         return None
 
-    def _drop_bad(self, name: str, path: str) -> None:
-        """Something other than a cache file is where an entry should be (a link, a FIFO, a
-        device): it goes, and the bytes are fetched anew."""
-        log.info("disk cache: dropping %s: not a regular file", name)
+    def _drop(self, name: str, path: str, what: str) -> None:
+        """The file of ``name`` failed its checks, or is not a cache file at all (a link, a
+        FIFO, a device): it goes, and its bytes are fetched anew."""
+        log.info("disk cache: dropping %s %s", what, name)
         self._forget(name)
         _unlink(path)
 

@@ -111,10 +111,7 @@ class RangeSource:
     async def fetch(self, start: int, end: int) -> bytes | bytearray:
         """Bytes ``[start, end)`` of the object, exactly (in one ``bytearray`` when large:
         callers slice what they keep)."""
-        if self.size is None:
-            raise RuntimeError("open_tail() must come first")
-        if not 0 <= start < end <= self.size:
-            raise ValueError(f"range {start}-{end} outside 0-{self.size}")
+        self._check_bounds(start, end)
         return await self._get(f"bytes={start}-{end - 1}", (start, end), first=False)
 
     async def fetch_into(self, start: int, views: Sequence[memoryview]) -> None:
@@ -123,18 +120,13 @@ class RangeSource:
         fetch (deadline, unmount) stops its transfer at once; its buffers are then the
         caller's to drop, never to reuse (the thread may have written part of them)."""
         end = start + sum(len(view) for view in views)
-        if self.size is None:
-            raise RuntimeError("open_tail() must come first")
-        if not 0 <= start < end <= self.size:
-            raise ValueError(f"range {start}-{end} outside 0-{self.size}")
+        self._check_bounds(start, end)
         refreshed = False
 
         async def attempt() -> None:
             nonlocal refreshed
             url = await self._current_url(False)
-            headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
-            if self.etag is not None:
-                headers["If-Match"] = self.etag
+            headers = self._headers(f"bytes={start}-{end - 1}")
 
             answered: list[int] = []  # the response's promised length, once it came
 
@@ -157,9 +149,7 @@ class RangeSource:
                 done = True
             except _UrlRefusedError:
                 refreshed = True
-                log.debug("%s: signed URL refused (403); asking for a fresh one", self.name)
-                await self._current_url(True)
-                raise Retryable("signed URL expired", retry_after=0.0) from None
+                raise await self._refused() from None
             except BodyLengthError as exc:
                 if exc.short:
                     raise Retryable(str(exc)) from exc
@@ -180,10 +170,7 @@ class RangeSource:
         """Bytes ``[start, end)`` of the object written to ``file`` from where it stands (a
         large range that is read back piece by piece: it costs no memory while it arrives).
         A retry writes from the same place again."""
-        if self.size is None:
-            raise RuntimeError("open_tail() must come first")
-        if not 0 <= start < end <= self.size:
-            raise ValueError(f"range {start}-{end} outside 0-{self.size}")
+        self._check_bounds(start, end)
         await self._get(f"bytes={start}-{end - 1}", (start, end), first=False, file=file)
 
     async def _get(
@@ -199,9 +186,7 @@ class RangeSource:
         async def attempt() -> bytes | bytearray:
             nonlocal refreshed
             url = await self._current_url(False)
-            headers = {"Range": range_header, "Accept-Encoding": "identity"}
-            if self.etag is not None:
-                headers["If-Match"] = self.etag
+            headers = self._headers(range_header)
             try:
                 async with self._http.stream("GET", url, headers=headers) as response:
                     self._check_status(response.status_code, response.headers, first, refreshed)
@@ -215,9 +200,7 @@ class RangeSource:
                     return await _read_body(response, expected, self.name, want is not None)
             except _UrlRefusedError:
                 refreshed = True
-                log.debug("%s: signed URL refused (403); asking for a fresh one", self.name)
-                await self._current_url(True)
-                raise Retryable("signed URL expired", retry_after=0.0) from None
+                raise await self._refused() from None
             except httpx.TransportError as exc:
                 if isinstance(exc, httpx.ConnectError):
                     self._url = None  # ask for the URL again: the server may have moved
@@ -228,6 +211,26 @@ class RangeSource:
                 raise ProtocolError(f"{self.name}: {type(exc).__name__}: {exc}") from exc
 
         return await with_retries(attempt, self.policy, f"reading {self.name}", self.breaker)
+
+    def _check_bounds(self, start: int, end: int) -> None:
+        if self.size is None:
+            raise RuntimeError("open_tail() must come first")
+        if not 0 <= start < end <= self.size:
+            raise ValueError(f"range {start}-{end} outside 0-{self.size}")
+
+    def _headers(self, range_header: str) -> dict[str, str]:
+        """A range request's headers: no compression, and this ETag's bytes only."""
+        headers = {"Range": range_header, "Accept-Encoding": "identity"}
+        if self.etag is not None:
+            headers["If-Match"] = self.etag
+        return headers
+
+    async def _refused(self) -> Retryable:
+        """Storage refused the signed URL on a first try (403): a fresh one is asked for, and
+        the attempt is retried at once with it."""
+        log.debug("%s: signed URL refused (403); asking for a fresh one", self.name)
+        await self._current_url(True)
+        return Retryable("signed URL expired", retry_after=0.0)
 
     def _check_status(
         self, status: int, headers: Mapping[str, str], first: bool, refreshed: bool
