@@ -1,8 +1,10 @@
 """The blocks of one archive: found in the caches, waited for while in flight, or fetched,
 and fetched ahead of sequential readers.
 
-Owns: aligned blocks of ``tuning.block`` bytes of the archive (the unit of caching for large
-members), the fetches in flight (one ``Flight`` per block: a block is fetched once, whoever
+Owns: blocks of ``tuning.block`` bytes laid from an origin (the unit of caching for large
+members: each large member has its own grid, from its data's first byte, so that a read
+aligned in the member, as the kernel's are, is a view of one block and never a copy), the
+fetches in flight (one ``Flight`` per block: a block is fetched once, whoever
 asks), the CRC-32 of every block as it first arrived (a block read again, from storage or a
 disk cache another mount filled, must be the same bytes), and ``Readahead``: one sequential
 reader's window, which doubles while its reads follow on, remembers how far it has asked
@@ -81,34 +83,46 @@ class BlockFetcher:
         cache: Tiered,
         object_id: str,
         etag: str,
-        size: int,
+        end: int,
         block: int,
         max_request: int,
         nursery: trio.Nursery,
         segment: int = 4,
+        start: int = 0,
     ) -> None:
         self._fetch = fetch
         self.cache = cache
         self.counts = cache.counts  # memory hits, disk hits, misses (the mount's stats)
         self.object_id = object_id
         self.etag = etag
-        self.size = size
+        # The grid: block n holds archive bytes [start + n * block, ...), up to ``end``.
+        self.start = start
+        self.end = end
+        self._kinds = ("b", "s") if start == 0 else (f"b@{start}", f"s@{start}")
         self.block = block
         self.segment = segment  # blocks to a disk-cache file
         self.max_request = max_request
         self._nursery = nursery
         self._pending: dict[int, Flight[Block]] = {}
-        self.count = -(-size // block)
+        self.count = -(-(end - start) // block)
         # The CRC-32 of every block seen so far (allocated on the first).
         self._seen: bytearray | None = None
         self._crcs = array("I")
 
     def key(self, number: int) -> CacheKey:
-        return CacheKey(self.object_id, self.etag, "b", number)
+        return CacheKey(self.object_id, self.etag, self._kinds[0], number)
 
     def segment_key(self, number: int) -> CacheKey:
         """The disk cache's key of the segment holding block ``number``."""
-        return CacheKey(self.object_id, self.etag, "s", number // self.segment)
+        return CacheKey(self.object_id, self.etag, self._kinds[1], number // self.segment)
+
+    def number(self, offset: int) -> int:
+        """The block holding archive byte ``offset``."""
+        return (offset - self.start) // self.block
+
+    def stop(self, offset: int) -> int:
+        """The first block wholly at or after archive byte ``offset``."""
+        return -(-(offset - self.start) // self.block)
 
     def _have(self, number: int) -> bool:
         """Whether block ``number`` is cached (memory, on its way to disk, or its segment on
@@ -117,8 +131,8 @@ class BlockFetcher:
         return self.cache.contains(self.key(number)) or self.cache.on_disk(segment, index)
 
     def _bounds(self, number: int) -> tuple[int, int]:
-        start = number * self.block
-        return start, min(self.size, start + self.block)
+        start = self.start + number * self.block
+        return start, min(self.end, start + self.block)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -131,7 +145,7 @@ class BlockFetcher:
             if data is None:
                 return None
         self.counts["memory_hits"] += 1
-        return Block(number * self.block, data, self._crc_of(number, data))
+        return Block(self.start + number * self.block, data, self._crc_of(number, data))
 
     async def get(self, number: int) -> Block:
         """Block ``number``: from memory, its fetch in flight, the disk cache, or storage."""
@@ -173,9 +187,19 @@ class BlockFetcher:
         if data is None:
             flight.abandon()
             return None
-        block = Block(number * self.block, data, self._crc_of(number, data))
+        block = Block(self.start + number * self.block, data, self._crc_of(number, data))
         flight.land(block)
         return block
+
+    async def read(self, low: int, high: int, ahead: Readahead | None = None) -> list[Block]:
+        """The blocks holding archive bytes ``[low, high)`` (within the grid), each with its
+        CRC-32 (taken when it arrived); ``ahead`` (a sequential reader's) is told of the read
+        and keeps its window fetched ahead."""
+        if not self.start <= low < high <= self.end:
+            raise ArchiveError(f"range {low}-{high} outside {self.start}-{self.end}")
+        if ahead is not None:
+            ahead.advise(low, high)
+        return await self.get_range(self.number(low), self.number(high - 1))
 
     async def get_range(self, first: int, last: int) -> list[Block]:
         """Blocks ``first..last``; those missing are asked for together (one request), and
@@ -241,12 +265,12 @@ class BlockFetcher:
         landed: dict[int, Buffer] = {}
         try:
             views = [self._buffer(end - start) for start, end in map(self._bounds, flights)]
-            await self._fetch(first * self.block, views)
+            await self._fetch(self.start + first * self.block, views)
             for n, data in zip(range(first, stop), views, strict=True):
                 crc = zlib_ng.crc32(data)
                 self._admit(n, crc)
                 self.cache.memory.put(self.key(n), data)
-                flights[n].land(Block(n * self.block, data, crc))
+                flights[n].land(Block(self.start + n * self.block, data, crc))
             landed = dict(zip(range(first, stop), views, strict=True))
         except Exception as exc:  # handed to every waiter below
             error = exc
@@ -335,33 +359,34 @@ class Readahead:
         self.window = 0
         self.next = -1  # where the last read ended (archive offset)
         self.until = 0  # archive bytes asked for up to here
-        self.passed = low // blocks.block  # blocks before this one were demoted
+        self.passed = blocks.number(low)  # blocks before this one were demoted
 
     def advise(self, low: int, high: int) -> None:
         """A read of archive bytes ``[low, high)`` came: keep its window ahead asked for."""
-        block = self.blocks.block
+        blocks = self.blocks
         if self.next >= 0 and self.next - self.slack <= low <= self.next + self.slack:
             self.window = min(self.most(), max(self.start_window, self.window * 2))
             # Blocks this reader has passed go first from memory, before those fetched
             # ahead of it that it has yet to read (by recency alone, those would go first).
-            behind = (low - self.slack) // block
+            behind = blocks.number(low - self.slack)
             for n in range(self.passed, behind):
-                self.blocks.cache.memory.demote(self.blocks.key(n))
+                blocks.cache.memory.demote(blocks.key(n))
             self.passed = max(self.passed, behind)
         else:
             self.window = 0
             self.until = high
-            self.passed = low // block
+            self.passed = blocks.number(low)
         self.next = max(self.next, high) if self.window else high
         if not self.window:
             return
         target = min(self.high, high + self.window)
-        span = self.blocks.segment * block
+        span = blocks.segment * blocks.block
         if target < self.high and self.window >= 2 * span:
-            target = target // span * span  # whole segments: a request fills one, not halves
+            # whole segments: a request fills one, not halves
+            target = blocks.start + (target - blocks.start) // span * span
         begin = max(self.until, high)
         part = min(self.window, self.part)
         if target - begin < part and target < self.high:
             return  # less than a part is missing: ask when there is a whole one (fewer hops)
-        self.blocks.request(begin // block, -(-target // block), max(1, part // block))
+        blocks.request(blocks.number(begin), blocks.stop(target), max(1, part // blocks.block))
         self.until = max(self.until, target)

@@ -68,7 +68,9 @@ BACKLOG_WAIT = 5.0
 
 
 class CacheKey(NamedTuple):
-    """One cached extent: ``kind`` "b" = aligned block ``number``, "m" = member at offset."""
+    """One cached extent. ``kind``: "b" = block ``number`` of the archive's grid, "b@S" = of
+    the grid laid from archive offset S (a large member's data), "s"/"s@S" = a segment of
+    blocks, "m" = a small member's extent at offset ``number``, "h" = a local header."""
 
     object_id: str
     etag: str

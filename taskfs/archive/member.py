@@ -47,7 +47,7 @@ from typing import Protocol
 import trio
 from zlib_ng import zlib_ng
 
-from taskfs.archive.blocks import Block, Readahead, block_views
+from taskfs.archive.blocks import BlockFetcher, Readahead, block_views
 from taskfs.archive.cache import Buffer
 from taskfs.archive.codecs import (
     DECODE_ERRORS,
@@ -181,19 +181,13 @@ class ArchiveBytes(Protocol):
     budget: ReadBudget
     tuning: Tuning
 
-    async def read_range(self, start: int, end: int, ahead: Readahead | None = None) -> Buffer:
-        """Archive bytes ``[start, end)``; ``ahead`` (a sequential reader's) keeps its window
-        fetched ahead."""
+    async def grid(self, entry: Entry) -> BlockFetcher:
+        """The blocks of a large member's data (archive offsets, its first byte at a block's
+        start), with their CRC-32s."""
         ...
 
-    async def read_blocks(
-        self, start: int, end: int, ahead: Readahead | None = None
-    ) -> list[Block]:
-        """The archive's blocks holding ``[start, end)``, with their CRC-32s."""
-        ...
-
-    def readahead(self, low: int, high: int) -> Readahead:
-        """A sequential reader's read-ahead over archive bytes ``[low, high)``."""
+    def readahead(self, grid: BlockFetcher) -> Readahead:
+        """A sequential reader's read-ahead over ``grid``."""
         ...
 
     def gather(self, parts: Sequence[memoryview]) -> Buffer:
@@ -202,10 +196,6 @@ class ArchiveBytes(Protocol):
 
     async def member_data(self, entry: Entry) -> bytes:
         """The compressed data of a small member, fetched whole (one request at most)."""
-        ...
-
-    async def data_start(self, entry: Entry) -> int:
-        """Archive offset of the member's data (after its local header)."""
         ...
 
     def deflate_index(self, entry: Entry) -> DeflateIndex:
@@ -339,11 +329,12 @@ class StoredMember:
         if size == 0:
             return b""
         self.verifier.check()
-        start = await self.archive.data_start(self.entry)
+        grid = await self.archive.grid(self.entry)
         if self._ahead is None:
-            self._ahead = self.archive.readahead(start, start + self.entry.compressed_size)
+            self._ahead = self.archive.readahead(grid)
+        start = grid.start
         low, high = start + offset, start + offset + size
-        blocks = await self.archive.read_blocks(low, high, self._ahead)
+        blocks = await grid.read(low, high, self._ahead)
         verifier = self.verifier
         if verifier.good is None:
             end = start + self.entry.size
@@ -621,12 +612,13 @@ class CursorMember:
         if until is not None:
             limit = max(tuning.min_step_out, min(step_size, until - self._out_pos))
         if not self._tail and codec.wants_input() and self._in_pos < entry.compressed_size:
-            start = await self.archive.data_start(entry)
+            grid = await self.archive.grid(entry)
             end = min(entry.compressed_size, self._in_pos + min(tuning.step_in, step_size))
             if self._ahead is None:
-                self._ahead = self.archive.readahead(start, start + entry.compressed_size)
-            low, high = start + self._in_pos, start + end
-            self._tail = await self.archive.read_range(low, high, self._ahead)
+                self._ahead = self.archive.readahead(grid)
+            low, high = grid.start + self._in_pos, grid.start + end
+            blocks = await grid.read(low, high, self._ahead)
+            self._tail = self.archive.gather(block_views(blocks, low, high))
         data, self._tail = self._tail, b""
         due_at = MAX_DUE
         if self.index is not None:

@@ -1,17 +1,19 @@
 """``RemoteArchive``: a ZIP archive behind a signed URL, listed and read with range requests.
 
 Owns: opening (the suffix GET, at most one more for the central directory), the parsed index
-and tree, where each member's data starts, the verifiers and deflate checkpoints of its large
-members, and the connection pool its fetches share. The fetching itself is done by its parts:
-``BlockFetcher`` (aligned blocks of large members, with read-ahead: ``blocks``) and
+and tree, where each member's data starts, the verifiers, block grids and deflate
+checkpoints of its large members, and the connection pool its fetches share. The fetching itself is done by its
+parts: ``BlockFetcher`` (the blocks of one large member, with read-ahead: ``blocks``) and
 ``SmallMembers`` (whole extents of small members, neighbours fetched together: ``batches``),
 both through the memory/disk caches.
 
 Fetch rules:
 
-* blocks are ``tuning.block`` bytes aligned in the archive; missing consecutive blocks are
-  fetched in one GET (at most ``tuning.max_request``); different runs go in parallel under the
-  pool's limiter (sizes: ``taskfs.archive.tuning``);
+* a large member's data is read in blocks of ``tuning.block`` bytes laid from its first byte
+  (its own grid: a read aligned in the member is one block, never a copy); its local header,
+  read first, is a small extent of its own; missing consecutive blocks are fetched in one GET
+  (at most ``tuning.max_request``); different runs go in parallel under the pool's limiter
+  (sizes: ``taskfs.archive.tuning``);
 * a block or member being fetched is fetched once: later readers wait for that fetch (its
   ``Flight``: the bytes it landed, not the cache's, which may have evicted them since);
 * a small member costs exactly one GET the first time (its local header and data, with a small
@@ -40,8 +42,8 @@ from typing import BinaryIO
 import trio
 
 from taskfs.archive.batches import SmallMembers
-from taskfs.archive.blocks import Block, BlockFetcher, Readahead, block_views, gather
-from taskfs.archive.cache import Buffer, Tiered
+from taskfs.archive.blocks import BlockFetcher, Readahead, block_views, gather
+from taskfs.archive.cache import Buffer, CacheKey, Tiered
 from taskfs.archive.member import (
     CheckpointBudget,
     DeflateIndex,
@@ -68,6 +70,7 @@ from taskfs.archive.zipindex import (
     parse_local_header,
 )
 from taskfs.errors import ArchiveError
+from taskfs.flight import SingleFlight
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +124,16 @@ class RemoteArchive:
             cache=cache,
             object_id=object_id,
             etag=self.etag,
-            size=self.size,
+            end=self.size,
             block=tuning.block,
             max_request=tuning.max_request,
             nursery=nursery,
             segment=tuning.segment,
         )
         self._starts: dict[int, int] = {}
+        self._heads: SingleFlight[int, int] = SingleFlight()
+        # The block grid of each large member read so far (its CRC-32s are kept with it).
+        self._grids: dict[int, BlockFetcher] = {}
         self._indexes: OrderedDict[int, DeflateIndex] = OrderedDict()
         self.small = SmallMembers(
             entries=entries,
@@ -148,7 +154,6 @@ class RemoteArchive:
         self._readers: dict[int, int] = {}
         self._verified: set[int] = set()
         self._corrupt: set[int] = set()
-        # The CRC-32 of every block fetched so far (allocated on the first).
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -322,16 +327,50 @@ class RemoteArchive:
         )
 
     async def data_start(self, entry: Entry) -> int:
+        """Where the member's data starts: after its local header, read once (one small GET,
+        then from the caches)."""
         start = self._starts.get(entry.index)
         if start is None:
-            self._check_bounds(entry)
-            head_end = min(self.data_end, self._head_end(entry))
-            head = await self.read_range(entry.header_offset, head_end)
-            start = entry.header_offset + parse_local_header(head, entry)
-            if start + entry.compressed_size > self.data_end:
-                raise ArchiveError(f"{entry.name}: member data runs into the central directory")
-            self._starts[entry.index] = start
+            start = await self._heads.run(entry.index, lambda: self._read_head(entry))
         return start
+
+    async def _read_head(self, entry: Entry) -> int:
+        self._check_bounds(entry)
+        head_end = min(self.data_end, self._head_end(entry))
+        key = CacheKey(self.object_id, self.etag, "h", entry.header_offset)
+        head = await self.cache.get(key)
+        if head is None or len(head) != head_end - entry.header_offset:
+            head = await self._fetch(entry.header_offset, head_end)
+            await self.cache.put(key, head)
+        start = entry.header_offset + parse_local_header(head, entry)
+        if start + entry.compressed_size > self.data_end:
+            raise ArchiveError(f"{entry.name}: member data runs into the central directory")
+        self._starts[entry.index] = start
+        return start
+
+    async def grid(self, entry: Entry) -> BlockFetcher:
+        """The blocks of a large member's data, laid from its first byte: the kernel's reads,
+        aligned in the file, are then each a view of one block (with the archive's blocks,
+        nearly every read would straddle two and be copied). A grid, and the CRC-32s of its
+        blocks, lasts as long as the archive."""
+        grid = self._grids.get(entry.index)
+        if grid is None:
+            start = await self.data_start(entry)
+            grid = self._grids.get(entry.index)
+            if grid is None:
+                grid = self._grids[entry.index] = BlockFetcher(
+                    fetch=self._fetch_into,
+                    cache=self.cache,
+                    object_id=self.object_id,
+                    etag=self.etag,
+                    start=start,
+                    end=start + entry.compressed_size,
+                    block=self.tuning.block,
+                    max_request=self.tuning.max_request,
+                    nursery=self._nursery,
+                    segment=self.tuning.segment,
+                )
+        return grid
 
     async def member_data(self, entry: Entry) -> bytes:
         """The compressed data of a (small) member; one GET on a miss, none on a hit."""
@@ -359,45 +398,34 @@ class RemoteArchive:
 
     # -- blocks --------------------------------------------------------------------------------
 
-    async def read_range(self, start: int, end: int, ahead: Readahead | None = None) -> Buffer:
-        """Archive bytes ``[start, end)`` through the block caches (a view of one block's
-        where they lie in one)."""
+    async def read_range(self, start: int, end: int) -> Buffer:
+        """Archive bytes ``[start, end)`` through the archive's own block grid and the caches
+        (a view of one block's where they lie in one)."""
         if start == end and 0 <= start <= self.size:
             return b""
-        return self.gather(block_views(await self.read_blocks(start, end, ahead), start, end))
+        if not 0 <= start < end <= self.size:
+            raise ArchiveError(f"range {start}-{end} outside the archive")
+        return self.gather(block_views(await self.blocks.read(start, end), start, end))
 
     def gather(self, parts: Sequence[memoryview]) -> Buffer:
         """``parts`` as one buffer: the part itself, or a copy into a buffer of the memory
         tier's pool."""
         return gather(parts, self.cache.memory.pool)
 
-    async def read_blocks(
-        self, start: int, end: int, ahead: Readahead | None = None
-    ) -> list[Block]:
-        """The blocks holding archive bytes ``[start, end)``, each with its CRC-32 (taken
-        when it arrived); ``ahead`` (a sequential reader's) is told of the read and keeps its
-        window fetched ahead."""
-        if not 0 <= start < end <= self.size:
-            raise ArchiveError(f"range {start}-{end} outside the archive")
-        if ahead is not None:
-            ahead.advise(start, end)
-        block = self.tuning.block
-        return await self.blocks.get_range(start // block, (end - 1) // block)
-
-    def readahead(self, low: int, high: int) -> Readahead:
-        """A sequential reader's window over archive bytes ``[low, high)`` (a member's data),
-        its most the reader's share of the read-ahead budget (and ``tuning.readahead_max``),
-        and never more than half the memory tier (blocks fetched further ahead would be let
-        go before they are read)."""
+    def readahead(self, grid: BlockFetcher) -> Readahead:
+        """A sequential reader's window over ``grid`` (a member's data), its most the
+        reader's share of the read-ahead budget (and ``tuning.readahead_max``), and never
+        more than half the memory tier (blocks fetched further ahead would be let go before
+        they are read)."""
         room = min(self.cache.memory.limit // 2, self.tuning.readahead_max)
 
         def most() -> int:
             return min(self.budget.prefetch(), room)
 
         return Readahead(
-            self.blocks,
-            low,
-            high,
+            grid,
+            grid.start,
+            grid.end,
             start=self.tuning.readahead_start,
             most=most,
             part=self.tuning.readahead_part,

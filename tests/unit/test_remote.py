@@ -18,7 +18,7 @@ import trio
 
 from taskfs.archive import codecs
 from taskfs.archive import member as member_mod
-from taskfs.archive.cache import CacheKey, DiskCache, MemoryCache, Tiered
+from taskfs.archive.cache import DiskCache, MemoryCache, Tiered
 from taskfs.archive.rangeio import RangeSource
 from taskfs.archive.remote import RemoteArchive
 from taskfs.archive.tuning import DEFAULT, Tuning
@@ -181,7 +181,7 @@ async def test_large_stored_member_streams_and_is_cached(
     entry = member(archive, "big.bin")
     assert await read_all(archive, entry, chunk=128 << 10) == body
     with trio.fail_after(10):  # the read-ahead of the last reads lands, and goes to disk
-        while archive.blocks._pending or archive.cache.pending_writes:
+        while (await archive.grid(entry))._pending or archive.cache.pending_writes:
             await trio.sleep(0.01)
     fetched = objects.gets()
     assert fetched <= 12  # aligned blocks coalesced into multi-MiB requests
@@ -567,8 +567,9 @@ async def test_a_block_read_again_is_never_other_bytes_than_before(
     assert await read_all(archive, entry) == body  # verified
     bad = flip_data_byte(good, "m", 2_000_000)
     etag = objects.etags["out.zip"]
-    blocks = -(-len(bad) // BLOCK)
-    segments = [CacheKey(archive.object_id, archive.etag, "s", s) for s in range(-(-blocks // 4))]
+    grid = await archive.grid(entry)  # the member's blocks, from its first byte
+    blocks = grid.count
+    segments = [grid.segment_key(n) for n in range(0, blocks, 4)]
     if shared:
         disk = archive.cache.disk
         assert disk is not None
@@ -580,7 +581,11 @@ async def test_a_block_read_again_is_never_other_bytes_than_before(
             parts = [
                 (n - first, data, zlib.crc32(data))
                 for n in range(first, min(blocks, first + 4))
-                if (data := bad[n * BLOCK : (n + 1) * BLOCK])
+                if (
+                    data := bad[
+                        grid.start + n * BLOCK : min(grid.end, grid.start + (n + 1) * BLOCK)
+                    ]
+                )
             ]
             disk.put_segment(key, BLOCK, len(parts), parts)
     else:
