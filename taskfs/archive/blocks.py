@@ -159,7 +159,7 @@ class BlockFetcher:
                 segment, index = self.segment_key(number), number % self.segment
                 if not looked_on_disk and self.cache.on_disk(segment, index):
                     looked_on_disk = True
-                    block = await self._load(number, segment, index)
+                    block = await self._load(number)
                     if block is not None:
                         return block
                     continue  # not there after all: it may have come meanwhile, look again
@@ -169,27 +169,40 @@ class BlockFetcher:
             with contextlib.suppress(Abandoned):  # its fetch was cancelled: ask again
                 return await flight.wait()
 
-    async def _load(self, number: int, segment: CacheKey, index: int) -> Block | None:
+    async def _load(self, number: int) -> Block | None:
         """Block ``number`` from its segment on disk, as a flight: readers that want it
         meanwhile (the kernel sends a file's reads side by side) wait for this one read."""
         flight = Flight[Block]()
         self._pending[number] = flight
+        self._nursery.start_soon(self._load_run, number, number + 1, {number: flight})
+        with contextlib.suppress(Abandoned):
+            return await flight.wait()
+        return None
+
+    async def _load_run(self, first: int, stop: int, flights: dict[int, Flight[Block]]) -> None:
+        """Blocks ``[first, stop)`` (of one segment) from the disk cache in one go (one
+        worker-thread call, one open of the file), each handed to its flight; a block the
+        file does not hold after all is abandoned (its waiters ask again). Never raises."""
+        segment = self.segment_key(first)
+        numbers = range(first, stop)
         try:
-            data = await self.cache.get_segment_block(
-                segment, index, self.key(number), lambda crc: self._admit(number, crc)
+            found = await self.cache.get_segment_blocks(
+                segment,
+                [n % self.segment for n in numbers],
+                [self.key(n) for n in numbers],
+                lambda i, crc: self._admit(first + i, crc),
             )
-        except BaseException:
-            flight.abandon()  # its waiters ask again
-            raise
+            for n, data in zip(numbers, found, strict=True):
+                if data is not None:
+                    flights[n].land(Block(self.start + n * self.block, data, self._crc_of(n, data)))
+        except Exception as exc:  # a block other than before (StaleError): to its waiters
+            for flight in flights.values():
+                flight.fail(exc)
         finally:
-            if self._pending.get(number) is flight:
-                del self._pending[number]
-        if data is None:
-            flight.abandon()
-            return None
-        block = Block(self.start + number * self.block, data, self._crc_of(number, data))
-        flight.land(block)
-        return block
+            for n, flight in flights.items():
+                if self._pending.get(n) is flight:
+                    del self._pending[n]
+                flight.abandon()  # not landed (not on disk after all, or cancelled): ask again
 
     async def read(self, low: int, high: int, ahead: Readahead | None = None) -> list[Block]:
         """The blocks holding archive bytes ``[low, high)`` (within the grid), each with its
@@ -222,8 +235,10 @@ class BlockFetcher:
         """Fetch the blocks of ``[first, stop)`` that are neither cached nor in flight, in
         runs of consecutive blocks, each split into requests of at most ``part`` blocks (the
         largest request by default) that never cross a segment's end (a request lands whole
-        segments, written to the disk cache at once), side by side."""
+        segments, written to the disk cache at once), side by side. Those on disk and not
+        in memory are loaded from there, a segment's at a time."""
         most = max(1, min(part or self.max_request // self.block, self.max_request // self.block))
+        self._load_from_disk(first, stop)
         run_start = -1
         last = min(stop, self.count) - 1
         for n in range(max(0, first), last + 1):
@@ -239,6 +254,27 @@ class BlockFetcher:
             elif ends:
                 self._start(run_start, n + 1)
                 run_start = -1
+
+    def _load_from_disk(self, first: int, stop: int) -> None:
+        """Start loading the blocks of ``[first, stop)`` that only the disk cache holds, in
+        runs within one segment (one worker-thread call each)."""
+        if self.cache.disk is None:
+            return
+        run: list[int] = []
+        for n in range(max(0, first), min(stop, self.count) + 1):
+            on_disk = (
+                n < min(stop, self.count)
+                and n not in self._pending
+                and not self.cache.contains(self.key(n))
+                and self.cache.on_disk(self.segment_key(n), n % self.segment)
+            )
+            if run and (not on_disk or n % self.segment == 0):
+                flights = {m: Flight[Block]() for m in run}
+                self._pending.update(flights)
+                self._nursery.start_soon(self._load_run, run[0], run[-1] + 1, flights)
+                run = []
+            if on_disk:
+                run.append(n)
 
     # -- fetching ------------------------------------------------------------------------------
 

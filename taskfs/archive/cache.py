@@ -67,6 +67,10 @@ DISK_BACKLOG = 32 << 20
 BACKLOG_WAIT = 5.0
 
 
+# Locks that put the writes of one segment in turn (a segment takes one by its digest).
+SEGMENT_LOCKS = 64
+
+
 class CacheKey(NamedTuple):
     """One cached extent. ``kind``: "b" = block ``number`` of the archive's grid, "b@S" = of
     the grid laid from archive offset S (a large member's data), "s"/"s@S" = a segment of
@@ -117,6 +121,9 @@ class DiskCache:
         self.direct = True  # segments are written with direct I/O until the disk refuses it
         self._local = threading.local()
         self._parts: dict[str, int] = {}  # which blocks a segment file holds, where known
+        # Writes of one segment in turn (striped): each keeps the blocks the file holds, so
+        # two side by side (a block fetched alone, the run beside it) would lose the other's.
+        self._segment_locks = [threading.Lock() for _ in range(SEGMENT_LOCKS)]
         if self.enabled:
             try:
                 self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -284,6 +291,17 @@ class DiskCache:
         if not self.enabled or not parts:
             return False
         digest = key.digest()
+        with self._segment_locks[digest[0] % SEGMENT_LOCKS]:
+            return self._put_segment(key, digest, block, count, parts)
+
+    def _put_segment(
+        self,
+        key: CacheKey,
+        digest: bytes,
+        block: int,
+        count: int,
+        parts: Sequence[tuple[int, Buffer, int]],
+    ) -> bool:
         name = digest.hex()
         path = self._path(name)
         parts = sorted([*parts, *self._kept(key, parts)], key=lambda part: part[0])
@@ -366,39 +384,58 @@ class DiskCache:
         With ``into`` (a page-aligned buffer large enough for the block in whole pages) and
         direct I/O, the block is read straight into it: no page cache filled and copied
         from, no new buffer (a third of a re-read's CPU, measured)."""
+        return self.get_segment_blocks(key, [index], [into])[0]
+
+    def get_segment_blocks(
+        self, key: CacheKey, indexes: Sequence[int], intos: Sequence[mmap.mmap | None]
+    ) -> list[tuple[Buffer, int] | None]:
+        """Blocks ``indexes`` of the segment under ``key`` (each as ``get_segment_block``,
+        ``intos`` its buffers), read with one open and one read of the header: a sequential
+        reader's read-ahead loads a segment's blocks in one go."""
+        missing: list[tuple[Buffer, int] | None] = [None] * len(indexes)
         known = self._known(key)
         if known is None:
-            return None
+            return missing
         digest, name = known
         path = self._path(name)
-        direct = self.direct and into is not None
+        direct = self.direct and all(into is not None for into in intos)
 
-        def read(fd: int) -> tuple[Buffer, int, int] | None:
+        def read(fd: int) -> list[tuple[Buffer, int, int] | None]:
             if direct:
                 page = self._head_buffer()
                 head = page[: os.preadv(fd, [page], 0)]
             else:
                 head = os.pread(fd, PAGE, 0)
-            found = _segment_part(head, digest, index)
-            if found is None:
-                return None
-            block, length, crc = found
-            whole = -(-length // DIRECT_ALIGN) * DIRECT_ALIGN
-            if direct and into is not None and whole <= len(into):
-                view = memoryview(into)
-                got = os.preadv(fd, [view[:whole]], PAGE + index * block)
-                return view[: min(got, length)], length, crc
-            return os.pread(fd, length, PAGE + index * block), length, crc
+            out: list[tuple[Buffer, int, int] | None] = []
+            for index, into in zip(indexes, intos, strict=True):
+                where = _segment_part(head, digest, index)
+                if where is None:
+                    out.append(None)
+                    continue
+                block, length, crc = where
+                whole = -(-length // DIRECT_ALIGN) * DIRECT_ALIGN
+                if direct and into is not None and whole <= len(into):
+                    view = memoryview(into)
+                    got = os.preadv(fd, [view[:whole]], PAGE + index * block)
+                    out.append((view[: min(got, length)], length, crc))
+                else:
+                    out.append((os.pread(fd, length, PAGE + index * block), length, crc))
+            return out
 
         found = self._read_entry(name, path, read, os.O_DIRECT if direct else 0)
         if found is None:
-            return None
-        data, length, crc = found
-        if len(data) != length or zlib_ng.crc32(data) != crc:
-            self._drop(name, path, "a corrupt segment")
-            return None
+            return missing
+        result = missing
+        for i, part in enumerate(found):
+            if part is None:
+                continue
+            data, length, crc = part
+            if len(data) != length or zlib_ng.crc32(data) != crc:
+                self._drop(name, path, "a corrupt segment")
+                return missing
+            result[i] = (data, crc)
         self._touch(name, path)
-        return data, crc
+        return result
 
     def _read_entry(
         self, name: str, path: str, read: Callable[[int], T | None], flags: int = 0
@@ -739,28 +776,37 @@ class Tiered:
 
         await self._write_behind([(k, data) for _, k, data, _ in parts], work)
 
-    async def get_segment_block(
-        self, segment: CacheKey, index: int, key: CacheKey, admit: Callable[[int], None]
-    ) -> Buffer | None:
-        """Block ``index`` of ``segment`` from disk (``key``: the block's, for the memory tier),
-        ``admit(crc)`` seeing it first (and refusing it by raising)."""
+    async def get_segment_blocks(
+        self,
+        segment: CacheKey,
+        indexes: Sequence[int],
+        keys: Sequence[CacheKey],
+        admit: Callable[[int, int], None],
+    ) -> list[Buffer | None]:
+        """Blocks ``indexes`` of ``segment`` from disk, in one worker-thread call (``keys``:
+        theirs, for the memory tier), ``admit(i, crc)`` seeing the i-th first (and refusing
+        it by raising); ``None`` for those it does not hold."""
         if self.disk is None or not self.disk.enabled:
-            return None
+            return [None] * len(indexes)
         pool = self.memory.pool
-        into = pool.take() if pool is not None else None
+        intos = [pool.take() if pool is not None else None for _ in indexes]
         found = await trio.to_thread.run_sync(
-            self.disk.get_segment_block, segment, index, into, limiter=self._limiter
+            self.disk.get_segment_blocks, segment, indexes, intos, limiter=self._limiter
         )
-        if found is None:
-            if pool is not None and into is not None:
-                pool.give(memoryview(into))
-            self.counts["misses"] += 1
-            return None
-        data, crc = found
-        admit(crc)
-        self.memory.put(key, data)
-        self.counts["disk_hits"] += 1
-        return data
+        out: list[Buffer | None] = []
+        for i, (part, into) in enumerate(zip(found, intos, strict=True)):
+            if part is None:
+                if pool is not None and into is not None:
+                    pool.give(memoryview(into))
+                self.counts["misses"] += 1
+                out.append(None)
+                continue
+            data, crc = part
+            admit(i, crc)
+            self.memory.put(keys[i], data)
+            self.counts["disk_hits"] += 1
+            out.append(data)
+        return out
 
     async def _write_behind(
         self, items: list[tuple[CacheKey, Buffer]], work: Callable[[], None]

@@ -2,10 +2,10 @@
 
 Owns: opening (the suffix GET, at most one more for the central directory), the parsed index
 and tree, where each member's data starts, the verifiers, block grids and deflate
-checkpoints of its large members, and the connection pool its fetches share. The fetching itself is done by its
-parts: ``BlockFetcher`` (the blocks of one large member, with read-ahead: ``blocks``) and
-``SmallMembers`` (whole extents of small members, neighbours fetched together: ``batches``),
-both through the memory/disk caches.
+checkpoints of its large members, and the connection pool its fetches share. The fetching
+itself is done by its parts: ``BlockFetcher`` (the blocks of one large member, with
+read-ahead: ``blocks``) and ``SmallMembers`` (whole extents of small members, neighbours
+fetched together: ``batches``), both through the memory/disk caches.
 
 Fetch rules:
 

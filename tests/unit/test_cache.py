@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
+import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -317,6 +320,35 @@ def test_segment_blocks_read_back_checked_into_a_pooled_buffer(
     assert not files(cache)
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["direct I/O", "buffered"])
+def test_a_run_of_segment_blocks_is_read_in_one_go_each_checked(
+    tmp_path: Path, direct: bool
+) -> None:
+    """Read-ahead loads several blocks of a segment with one open: each comes back checked,
+    one the file does not hold is ``None``, and one corrupt block fails the whole run (the
+    file goes: nothing from it is trusted)."""
+    block = 64 << 10
+    pool = BufferPool(block)
+    cache = DiskCache(tmp_path, 10 << 20)
+    cache.direct = direct
+    blocks = {0: os.urandom(block), 1: os.urandom(block), 3: os.urandom(500)}
+    parts = [(i, data, zlib.crc32(data)) for i, data in blocks.items()]
+    segment = key(5)
+    assert cache.put_segment(segment, block, 4, parts)
+    found = cache.get_segment_blocks(segment, [0, 1, 2, 3], [pool.take() for _ in range(4)])
+    assert found[2] is None  # never stored
+    for index, data in blocks.items():
+        got = found[index]
+        assert got is not None and bytes(got[0]) == data and got[1] == zlib.crc32(data)
+    del found, got
+    (path,) = files(cache)
+    raw = bytearray(path.read_bytes())
+    raw[4096 + 10] ^= 1  # block 0
+    path.write_bytes(raw)
+    assert cache.get_segment_blocks(segment, [0, 1], [pool.take(), pool.take()]) == [None, None]
+    assert not files(cache)
+
+
 def test_a_block_joining_a_stored_segment_keeps_the_blocks_already_there(tmp_path: Path) -> None:
     block = 4096
     blocks = [os.urandom(block) for _ in range(4)]
@@ -335,6 +367,41 @@ def test_a_block_joining_a_stored_segment_keeps_the_blocks_already_there(tmp_pat
         found = again.get_segment_block(segment, index)
         assert found is not None and bytes(found[0]) == blocks[index], index
         assert again.contains(segment, index)
+
+
+def test_two_writes_of_one_segment_side_by_side_keep_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A block fetched alone and the run beside it reach the disk in two worker threads at
+    once: the file keeps the blocks of both (each write keeps what the file holds, so they
+    must not overlap)."""
+    block = 4096
+    blocks = [os.urandom(block) for _ in range(4)]
+    cache = DiskCache(tmp_path, 10 << 20)
+    publish = cache._publish
+
+    def slow_publish(*args: Any) -> Any:
+        time.sleep(0.1)  # widen the window between reading the file and replacing it
+        return publish(*args)
+
+    monkeypatch.setattr(cache, "_publish", slow_publish)
+    segment = key(9)
+    writes = [[0], [1, 2, 3]]
+    threads = [
+        threading.Thread(
+            target=cache.put_segment,
+            args=(segment, block, 4, [(i, blocks[i], zlib.crc32(blocks[i])) for i in indexes]),
+        )
+        for indexes in writes
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    again = DiskCache(tmp_path, 10 << 20)  # what the file holds, as another process sees it
+    for index in range(4):
+        found = again.get_segment_block(segment, index)
+        assert found is not None and bytes(found[0]) == blocks[index], index
 
 
 @pytest.mark.parametrize("kind", ["link to /dev/zero", "fifo", "directory"])

@@ -11,6 +11,7 @@ import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -189,6 +190,40 @@ async def test_large_stored_member_streams_and_is_cached(
     reader = archive.open_member(entry)
     assert await reader.read(5_000_000, 10) == body[5_000_000:5_000_010]
     assert objects.gets() == fetched, [s.range for s in objects.seen][fetched:]  # refetched
+
+
+async def test_a_reread_from_the_disk_cache_loads_a_segment_per_thread_call(
+    opener: tuple[Objects, Opener], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sequential reader whose blocks are on disk (a fresh mount on a filled cache) gets
+    them by read-ahead, several per worker-thread call, with no request and the same bytes."""
+    objects, open_archive = opener
+    body = os.urandom(32 << 20)
+    data = build([("big.bin", body, zipfile.ZIP_STORED)])
+    archive = await open_archive(data, memory_limit=32 << 20)  # the mount's
+    entry = member(archive, "big.bin")
+    assert await read_all(archive, entry, chunk=1 << 20) == body
+    grid = await archive.grid(entry)
+    with trio.fail_after(10):  # every segment reaches the disk
+        while grid._pending or archive.cache.pending_writes:
+            await trio.sleep(0.01)
+    # A fresh archive and caches (as a new mount would open) over the same cache directory.
+    again = await open_archive(memory_limit=32 << 20)
+    disk = again.cache.disk
+    assert disk is not None
+    calls: list[int] = []
+    real = disk.get_segment_blocks
+
+    def counted(*args: Any) -> Any:
+        calls.append(len(args[1]))
+        return real(*args)
+
+    monkeypatch.setattr(disk, "get_segment_blocks", counted)
+    objects.reset()
+    assert await read_all(again, member(again, "big.bin"), chunk=1 << 20) == body
+    assert objects.gets() == 0
+    assert sum(calls) == -(-len(body) // BLOCK)  # each block loaded once
+    assert len(calls) <= sum(calls) // 2, calls  # mostly several blocks per call
 
 
 async def test_a_stream_larger_than_the_memory_tier_fetches_each_byte_once(
