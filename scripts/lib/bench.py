@@ -528,9 +528,13 @@ def describe(service: Service, proxies: dict[str, Proxy], datasets: dict[str, Da
             )
             rng = response.json()
             dataset.member_range = (rng["range_start"], rng["range_end"] + 1)
-            info = await api.zip_contents(task.storage_output_path)
+            # The member's own directory only: a whole listing of the million-member archive
+            # is a JSON of a million entries (it has taken the service over a minute).
+            folder, _, name = dataset.member.rpartition("/")
+            relative = f"artifacts/{folder}/" if folder else "artifacts/"
+            info = await api.zip_contents(task.storage_output_path, relative, recursive=False)
             dataset.archive_size = info.size
-            dataset.member_size = next(m.size for m in info.contents if m.name == dataset.member)
+            dataset.member_size = next(m.size for m in info.contents if m.name == name)
 
     service.call(fill)
 
