@@ -197,7 +197,8 @@ class BlockFetcher:
                     flights[n].land(Block(self.start + n * self.block, data, self._crc_of(n, data)))
         except Exception as exc:  # a block other than before (StaleError): to its waiters
             for flight in flights.values():
-                flight.fail(exc)
+                if not flight.done:
+                    flight.fail(exc)
         finally:
             for n, flight in flights.items():
                 if self._pending.get(n) is flight:

@@ -78,6 +78,8 @@ log = logging.getLogger(__name__)
 LOCAL_MARGIN = 256
 # Parse the central directory in a thread above this size.
 THREAD_PARSE = 256 << 10
+# Fetches up to this size go through the API-style client (see ``RemoteArchive._fetch``).
+SMALL_GET = 256 << 10
 # A central directory more than this beyond the tail goes through a file, read back in pieces
 # of ``SPILL_PIECE`` (its bytes and its index are never in memory together).
 SPILL = 4 << 20
@@ -437,7 +439,13 @@ class RemoteArchive:
             await self.source.fetch_into(start, views)
 
     async def _fetch(self, start: int, end: int) -> bytearray:
-        """Archive bytes ``[start, end)`` in a new buffer, received straight into it."""
+        """Archive bytes ``[start, end)`` in a new buffer. Up to ``SMALL_GET`` bytes (a small
+        member, a local header) go on the connection the open used (httpx's pool): the bulk
+        transport's own connection would cost a TCP handshake, a round trip, on the first
+        read after an open. Larger ones are received straight into the buffer."""
+        if end - start <= SMALL_GET:
+            async with self._limiter:
+                return bytearray(await self.source.fetch(start, end))
         buffer = bytearray(end - start)
         async with self._limiter:
             await self.source.fetch_into(start, [memoryview(buffer)])

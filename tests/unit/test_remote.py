@@ -140,6 +140,27 @@ async def test_small_member_costs_one_get_and_rereads_none(
     assert objects.gets() == 0
 
 
+async def test_a_small_member_after_the_open_goes_on_the_opens_connection(
+    opener: tuple[Objects, Opener], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The open's GET came through the pooled API-style client; the first small member after
+    it must too (the bulk transport would open a connection of its own: a TCP handshake, one
+    round trip more, on every first read after an open)."""
+    objects, open_archive = opener
+    archive = await open_archive(build([("log.txt", text(5000), zipfile.ZIP_DEFLATED)]))
+    bulk: list[int] = []
+    real = archive.source.fetch_into
+
+    async def spied(start: int, views: Any) -> None:
+        bulk.append(start)
+        await real(start, views)
+
+    monkeypatch.setattr(archive.source, "fetch_into", spied)
+    objects.reset()
+    assert await read_all(archive, member(archive, "log.txt")) == text(5000)
+    assert objects.gets() == 1 and bulk == []
+
+
 async def test_members_read_in_a_row_are_fetched_together(
     opener: tuple[Objects, Opener],
 ) -> None:
