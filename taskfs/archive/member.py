@@ -12,11 +12,11 @@ How each kind is read:
 * stored members map reads onto the archive's blocks; each block of the member goes into its
   verifier the first time any read touches it, with the CRC-32 the archive took of the block
   when it arrived (one pass over the bytes, not two);
-* deflate, bzip2 and lzma members stream through one ``_Cursor`` per handle: a decoder, the
-  compressed bytes not yet decoded, and a window of decoded output that never holds more than
-  the reader's share of ``ReadBudget`` behind the cursor (a read far ahead discards what it
-  skips). Deflate keeps checkpoints (``decompressobj().copy()``) spread over the member, so a
-  random read inflates from the nearest one; checkpoints of all members share one
+* deflate, bzip2 and lzma members stream through one ``CursorMember`` per handle: a decoder,
+  the compressed bytes not yet decoded, and a window of decoded output that never holds more
+  than ``ReadBudget.behind()`` behind the cursor (a read far ahead discards what it skips).
+  Deflate keeps checkpoints (``decompressobj().copy()``) spread over the member, so a random
+  read inflates from the nearest one; checkpoints of all members share one
   ``CheckpointBudget`` and are thinned when it is full. bzip2 and lzma start over for a
   backward seek.
 
@@ -75,10 +75,19 @@ CHECKPOINT_BYTES = 40 << 10
 class ReadBudget:
     """Memory of the open large-member readers, shared out among them.
 
-    Each cursor's window of decoded output holds at most ``share()`` bytes: half behind its
-    last read, half decoded ahead of it, in steps of a quarter; each reader prefetches at most
-    ``prefetch()`` bytes of archive. With many readers open each gets less, so their sums stay
-    near ``total`` and ``total_prefetch``.
+    Each cursor decodes at most half its ``share()`` ahead of its last read, in steps of a
+    quarter, and keeps ``behind()`` bytes behind it (at least half its share); each reader
+    prefetches at most ``prefetch()`` bytes of archive. With many readers open each gets less,
+    so their sums stay near ``total`` and ``total_prefetch``.
+
+    Why a reader alone keeps up to ``late`` behind: when the FUSE connection's queue is
+    congested (nine reads waiting, which a reader that inflates more slowly than the kernel
+    asks reaches), the kernel drops the rest of its asynchronous read-ahead and asks for those
+    pages when the reader gets there, after reads further on. Measured on a cold ``cat`` of a
+    deflated member: holes of 3 MiB asked for up to 8 MiB behind the last read. A cursor that
+    no longer holds such bytes starts over from a checkpoint, or from the member's first byte
+    if it had none (the fast inflate leaves none), and carries on with zlib-ng: that doubled
+    the CPU of the whole read.
 
     Each reader's share has a floor (``least``), so past ``total // least`` readers the sum
     would grow with their number: at most ``max_held`` cursors keep their decoder and window;
@@ -93,6 +102,7 @@ class ReadBudget:
         least: int = 256 << 10,
         most: int = 4 << 20,
         total_prefetch: int = 24 << 20,
+        late: int = 12 << 20,
         *,
         max_held: int = 64,
         fast_readers: int = 8,
@@ -101,6 +111,7 @@ class ReadBudget:
         self.least = least
         self.most = most
         self.total_prefetch = total_prefetch
+        self.late = late
         self.max_held = max_held
         self.fast_readers = fast_readers
         self.readers = 0
@@ -122,6 +133,10 @@ class ReadBudget:
 
     def share(self) -> int:
         return max(self.least, min(self.most, self.total // max(1, self.readers)))
+
+    def behind(self) -> int:
+        """What a cursor keeps behind its last read: reads the kernel sends late."""
+        return max(self.share() // 2, min(self.late, self.total // max(1, self.readers)))
 
     def prefetch(self) -> int:
         return max(self.least, self.total_prefetch // max(1, self.readers))
@@ -548,7 +563,7 @@ class CursorMember:
             if not self._window.covers(offset, size):
                 await self._decode_to(offset, size)
             data = self.archive.gather(self._window.take(offset, size))
-            self._window.keep_from(offset + size - self.budget.share() // 2)
+            self._window.keep_from(offset + size - self.budget.behind())
             sequential = offset == self._last_end
             self._last_end = offset + size
             self.budget.used(self)
@@ -567,7 +582,7 @@ class CursorMember:
 
         A reader near the cursor streams (kernel read-ahead may reorder its reads); one that
         needs a checkpoint reads at random and decodes only what it asked for. Output before
-        ``offset`` less the reader's share is dropped as it comes: a tail read of a huge member
+        ``offset`` less ``ReadBudget.behind()`` is dropped as it comes: a tail read of a huge member
         holds no more than that.
         """
         streaming = True
@@ -579,7 +594,7 @@ class CursorMember:
             if point is not None and point.out_pos > self._out_pos:
                 self._restart(offset)
                 streaming = False
-        keep = self.budget.share() // 2
+        keep = self.budget.behind()
         while self._out_pos < offset + size:
             self._window.keep_from(min(offset, self._out_pos) - keep)
             await self._step(None if streaming else offset + size)
@@ -593,7 +608,7 @@ class CursorMember:
                 async with self._lock:
                     if self._codec is None or self._out_pos >= until:
                         return
-                    self._window.keep_from(self._last_end - self.budget.share() // 2)
+                    self._window.keep_from(self._last_end - self.budget.behind())
                     await self._step(None)
         except TaskfsError:
             self._codec = None  # start over on the next read, which reports the error

@@ -326,7 +326,8 @@ async def test_deflate_random_access(opener: tuple[Objects, Opener]) -> None:
         build([("sim.vtk", body, zipfile.ZIP_DEFLATED)]),
         tuning=replace(SMALL, checkpoint_spacing=256 << 10, step_out=64 << 10),
     )
-    archive.budget.most = archive.budget.least = 128 << 10  # a small window behind the cursor
+    budget = archive.budget  # a small window behind the cursor
+    budget.most = budget.least = budget.late = 128 << 10
     entry = member(archive, "sim.vtk")
     assert await read_all(archive, entry, chunk=1 << 20) == body
     index = archive.deflate_index(entry)
@@ -362,6 +363,30 @@ async def test_sequential_deflate_reader_stays_inflated_ahead(
                 await trio.sleep(0.001)
         if offset >= chunk:  # from the second sequential read on
             assert reader._out_pos >= offset + chunk + DEFAULT.inflate_ahead
+
+
+async def test_a_deflate_reader_keeps_its_place_through_reads_the_kernel_sends_late(
+    opener: tuple[Objects, Opener],
+) -> None:
+    """The kernel's order when its FUSE queue is congested (a cold ``cat``, traced): it drops
+    the rest of an asynchronous read-ahead and asks for those 3 MiB after 4 MiB further on.
+    The reader keeps its fast inflate and its place: no start over, no checkpoints made."""
+    _, open_archive = opener
+    body = text(24 << 20, seed=5)
+    archive = await open_archive(build([("sim.vtk", body, zipfile.ZIP_DEFLATED)]))
+    entry = member(archive, "sim.vtk")
+    reader = archive.open_member(entry)
+    assert isinstance(reader, member_mod.CursorMember)
+    mib = 1 << 20
+    order = [*range(0, 12), *range(15, 19), 12, 13, 14, *range(19, 24)]
+    for n in order:
+        assert await reader.read(n * mib, mib) == body[n * mib : (n + 1) * mib]
+        with trio.fail_after(5):
+            while reader._ahead_running:  # the inflate ahead goes as far as it can
+                await trio.sleep(0.001)
+    assert isinstance(reader._codec, codecs.FastDeflateCodec)
+    assert archive.deflate_index(entry).points == []
+    assert reader._out_pos == len(body)
 
 
 async def test_bzip2_and_lzma_members(opener: tuple[Objects, Opener]) -> None:
