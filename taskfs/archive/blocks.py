@@ -98,7 +98,7 @@ class BlockFetcher:
         # The grid: block n holds archive bytes [start + n * block, ...), up to ``end``.
         self.start = start
         self.end = end
-        self._kinds = ("b", "s") if start == 0 else (f"b@{start}", f"s@{start}")
+        self._kinds = (f"b@{start}", f"s@{start}")
         self.block = block
         self.segment = segment  # blocks to a disk-cache file
         self.max_request = max_request
@@ -120,6 +120,10 @@ class BlockFetcher:
         """The block holding archive byte ``offset``."""
         return (offset - self.start) // self.block
 
+    def offset(self, number: int) -> int:
+        """The archive offset of block ``number``'s first byte."""
+        return self.start + number * self.block
+
     def stop(self, offset: int) -> int:
         """The first block wholly at or after archive byte ``offset``."""
         return -(-(offset - self.start) // self.block)
@@ -131,7 +135,7 @@ class BlockFetcher:
         return self.cache.contains(self.key(number)) or self.cache.on_disk(segment, index)
 
     def _bounds(self, number: int) -> tuple[int, int]:
-        start = self.start + number * self.block
+        start = self.offset(number)
         return start, min(self.end, start + self.block)
 
     # -- reading -------------------------------------------------------------------------------
@@ -145,7 +149,7 @@ class BlockFetcher:
             if data is None:
                 return None
         self.counts["memory_hits"] += 1
-        return Block(self.start + number * self.block, data, self._crc_of(number, data))
+        return Block(self.offset(number), data, self._crc_of(number, data))
 
     async def get(self, number: int) -> Block:
         """Block ``number``: from memory, its fetch in flight, the disk cache, or storage."""
@@ -194,7 +198,7 @@ class BlockFetcher:
             )
             for n, data in zip(numbers, found, strict=True):
                 if data is not None:
-                    flights[n].land(Block(self.start + n * self.block, data, self._crc_of(n, data)))
+                    flights[n].land(Block(self.offset(n), data, self._crc_of(n, data)))
         except Exception as exc:  # a block other than before (StaleError): to its waiters
             for flight in flights.values():
                 if not flight.done:
@@ -302,12 +306,12 @@ class BlockFetcher:
         landed: dict[int, Buffer] = {}
         try:
             views = [self._buffer(end - start) for start, end in map(self._bounds, flights)]
-            await self._fetch(self.start + first * self.block, views)
+            await self._fetch(self.offset(first), views)
             for n, data in zip(range(first, stop), views, strict=True):
                 crc = zlib_ng.crc32(data)
                 self._admit(n, crc)
                 self.cache.memory.put(self.key(n), data)
-                flights[n].land(Block(self.start + n * self.block, data, crc))
+                flights[n].land(Block(self.offset(n), data, crc))
             landed = dict(zip(range(first, stop), views, strict=True))
         except Exception as exc:  # handed to every waiter below
             error = exc

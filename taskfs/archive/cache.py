@@ -72,9 +72,9 @@ SEGMENT_LOCKS = 64
 
 
 class CacheKey(NamedTuple):
-    """One cached extent. ``kind``: "b" = block ``number`` of the archive's grid, "b@S" = of
-    the grid laid from archive offset S (a large member's data), "s"/"s@S" = a segment of
-    blocks, "m" = a small member's extent at offset ``number``, "h" = a local header."""
+    """One cached extent. ``kind``: "b@S" = block ``number`` of the grid laid from archive
+    offset S (a large member's data), "s@S" = a segment of those blocks, "m" = a small
+    member's extent at offset ``number``, "h" = a local header."""
 
     object_id: str
     etag: str

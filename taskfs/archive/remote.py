@@ -42,7 +42,7 @@ from typing import BinaryIO
 import trio
 
 from taskfs.archive.batches import SmallMembers
-from taskfs.archive.blocks import BlockFetcher, Readahead, block_views, gather
+from taskfs.archive.blocks import BlockFetcher, Readahead, gather
 from taskfs.archive.cache import Buffer, CacheKey, Tiered
 from taskfs.archive.member import (
     CheckpointBudget,
@@ -121,17 +121,6 @@ class RemoteArchive:
         self.tree = tree
         self._nursery = nursery
         self._limiter = limiter
-        self.blocks = BlockFetcher(
-            fetch=self._fetch_into,
-            cache=cache,
-            object_id=object_id,
-            etag=self.etag,
-            end=self.size,
-            block=tuning.block,
-            max_request=tuning.max_request,
-            nursery=nursery,
-            segment=tuning.segment,
-        )
         self._starts: dict[int, int] = {}
         self._heads: SingleFlight[int, int] = SingleFlight()
         # The block grid of each large member read so far (its CRC-32s are kept with it).
@@ -399,15 +388,6 @@ class RemoteArchive:
         self.small.expect_sequential()
 
     # -- blocks --------------------------------------------------------------------------------
-
-    async def read_range(self, start: int, end: int) -> Buffer:
-        """Archive bytes ``[start, end)`` through the archive's own block grid and the caches
-        (a view of one block's where they lie in one)."""
-        if start == end and 0 <= start <= self.size:
-            return b""
-        if not 0 <= start < end <= self.size:
-            raise ArchiveError(f"range {start}-{end} outside the archive")
-        return self.gather(block_views(await self.blocks.read(start, end), start, end))
 
     def gather(self, parts: Sequence[memoryview]) -> Buffer:
         """``parts`` as one buffer: the part itself, or a copy into a buffer of the memory
