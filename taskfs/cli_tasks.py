@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from tqdm import tqdm
 
 from taskfs.api.client import ApiClient
 from taskfs.api.models import (
@@ -317,6 +316,10 @@ def cmd_outputs(args: argparse.Namespace) -> int:
     return 0
 
 
+# How often the per-file lines of a download reach a pipe (seconds).
+FLUSH_EVERY = 0.2
+
+
 def cmd_download(args: argparse.Namespace) -> int:
     if args.dir is not None and not args.dir.strip():
         raise UsageError("--dir is empty (leave it out for the default)")
@@ -329,6 +332,8 @@ def cmd_download(args: argparse.Namespace) -> int:
         task = await api.get_task(args.id)
         if not task.is_terminated:
             raise UsageError(f"task {args.id} has not ended ({task.status}): no outputs yet")
+        from tqdm import tqdm  # noqa: PLC0415 - 10 ms of imports, for this command alone
+
         bar = tqdm(unit="B", unit_scale=True, disable=not interactive, desc=args.id[:12])
 
         def on_start(total: int) -> None:
@@ -338,15 +343,22 @@ def cmd_download(args: argparse.Namespace) -> int:
             bar.update(size)
 
         total = 0
+        flushed = time.monotonic()
 
         def on_file(name: str, size: int) -> None:
-            nonlocal total
+            # A line per file where no bar is shown, flushed a few times a second (not per
+            # file: 20,000 files were 20,000 writes, 6% of the command's time).
+            nonlocal total, flushed
             total += size
             if not interactive:
-                print(f"downloaded {name} ({format_bytes(size)})", flush=True)
+                print(f"downloaded {name} ({format_bytes(size)})")
+                now = time.monotonic()
+                if now - flushed >= FLUSH_EVERY:
+                    sys.stdout.flush()
+                    flushed = now
 
         try:
-            paths = await download(
+            names = await download(
                 api,
                 task,
                 root,
@@ -358,7 +370,8 @@ def cmd_download(args: argparse.Namespace) -> int:
             )
         finally:
             bar.close()
-        return len(paths), total
+            sys.stdout.flush()
+        return len(names), total
 
     count, size = run_api(settings_of(args), fetch)
     print(f"Downloaded {count} file(s), {format_bytes(size)}, to {dest}")

@@ -214,7 +214,7 @@ async def download(
     on_file: ProgressFn | None = None,
     on_start: Callable[[int], None] | None = None,
     below: Sequence[str] = (),
-) -> list[Path]:
+) -> list[str]:
     """Write the outputs (all, or ``filenames`` relative to ``artifacts/``) under ``dest``,
     in its subdirectory ``below`` (``<id>/outputs``, say) if given.
 
@@ -225,7 +225,8 @@ async def download(
     temporary name and renamed, so no half-written file is left behind. Names that are not in
     the archive are refused before anything is written. ``on_start(total_bytes)`` comes once
     the selection is known, ``progress(name, nbytes)`` after every chunk, ``on_file(name,
-    size)`` after every finished file.
+    size)`` after every finished file. Returns the names written (as in the archive, below
+    ``artifacts/``), sorted.
     """
     with single_errors():
         async with Outputs(api, make_cache(None, 0)) as outputs, trio.open_nursery() as nursery:
@@ -270,7 +271,7 @@ async def download(
             finally:
                 writer.close()
             nursery.cancel_scope.cancel()
-    return [target.joinpath(*name.split("/")) for name in sorted(written)]
+    return sorted(written)
 
 
 # Small members are written in batches of this many bytes or files: one worker-thread call each.

@@ -57,6 +57,7 @@ from taskfs.retry import (
     retry_after_seconds,
     with_retries,
 )
+from taskfs.tls import tls_context
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -111,6 +112,7 @@ def http_client(
         ),
         transport=transport,
         follow_redirects=False,
+        verify=tls_context(),
     )
 
 

@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import os
 import socket
-import ssl
 import threading
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 from urllib.parse import urlsplit
+
+from taskfs.tls import tls_context
 
 Accept = Callable[[int, Mapping[str, str]], Sequence[memoryview]]
 """Called in the worker thread with the status and the headers (lower-case names) before the
@@ -108,7 +108,6 @@ class HttpTransport:
     def __init__(self, timeout: float = 10.0, keep: int = 16) -> None:
         self.timeout = timeout
         self.keep = keep
-        self._tls: ssl.SSLContext | None = None
         self._lock = threading.Lock()
         self._idle: dict[_Key, list[tuple[http.client.HTTPConnection, bool]]] = {}
         self._busy: set[http.client.HTTPConnection] = set()
@@ -172,7 +171,7 @@ class HttpTransport:
         requests through it name the whole URL (a plain HTTP proxy)."""
         proxy = _proxy_for(scheme, host)
         if scheme == "https":
-            tls = self._context()
+            tls = tls_context()
             if proxy is None:
                 return http.client.HTTPSConnection(
                     host, port, timeout=self.timeout, context=tls
@@ -187,16 +186,6 @@ class HttpTransport:
             return http.client.HTTPConnection(host, port, timeout=self.timeout), False
         via = urlsplit(proxy)
         return http.client.HTTPConnection(via.hostname or "", via.port, timeout=self.timeout), True
-
-    def _context(self) -> ssl.SSLContext:
-        if self._tls is None:
-            if os.environ.get("SSL_CERT_FILE") or os.environ.get("SSL_CERT_DIR"):
-                self._tls = ssl.create_default_context()
-            else:
-                import certifi  # noqa: PLC0415 - httpx's bundle, loaded where TLS is used
-
-                self._tls = ssl.create_default_context(cafile=certifi.where())
-        return self._tls
 
 
 def _proxy_for(scheme: str, host: str) -> str | None:

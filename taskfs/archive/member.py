@@ -135,8 +135,9 @@ class ReadBudget:
         return max(self.least, min(self.most, self.total // max(1, self.readers)))
 
     def behind(self) -> int:
-        """What a cursor keeps behind its last read: reads the kernel sends late."""
-        return max(self.share() // 2, min(self.late, self.total // max(1, self.readers)))
+        """What a cursor keeps behind its last read, for reads the kernel sends late: up to
+        ``late`` while the readers' sum stays within half of ``total``, else half its share."""
+        return max(self.share() // 2, min(self.late, self.total // (2 * max(1, self.readers))))
 
     def prefetch(self) -> int:
         return max(self.least, self.total_prefetch // max(1, self.readers))

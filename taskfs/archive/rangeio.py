@@ -37,6 +37,7 @@ from taskfs.retry import (
     retry_after_seconds,
     with_retries,
 )
+from taskfs.tls import tls_context
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ def data_client(
         ),
         headers={"Accept-Encoding": "identity"},
         follow_redirects=True,
+        verify=tls_context(),
     )
 
 
