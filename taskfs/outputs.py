@@ -48,7 +48,7 @@ MEMORY_CACHE = 32 << 20
 def make_cache(cache_dir: Path | None, limit_bytes: int) -> Tiered:
     """Memory tier plus a disk cache in ``cache_dir`` (none if ``None`` or limit 0)."""
     disk = DiskCache(cache_dir, limit_bytes) if cache_dir is not None and limit_bytes else None
-    return Tiered(MemoryCache(MEMORY_CACHE, BufferPool(DEFAULT.block)), disk)
+    return Tiered(MemoryCache(MEMORY_CACHE, BufferPool(DEFAULT.block, runs=DEFAULT.segment)), disk)
 
 
 class Outputs:

@@ -20,6 +20,7 @@ limit after a ``put`` returns, and never turns a cache failure into a failed rea
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import functools
@@ -376,7 +377,7 @@ class DiskCache:
             os.close(fd)
 
     def get_segment_block(
-        self, key: CacheKey, index: int, into: mmap.mmap | None = None
+        self, key: CacheKey, index: int, into: mmap.mmap | memoryview | None = None
     ) -> tuple[Buffer, int] | None:
         """Block ``index`` of the segment stored under ``key``, with its CRC-32 (checked),
         or ``None`` (no such segment, the block is not in it, or it failed its checks).
@@ -387,7 +388,10 @@ class DiskCache:
         return self.get_segment_blocks(key, [index], [into])[0]
 
     def get_segment_blocks(
-        self, key: CacheKey, indexes: Sequence[int], intos: Sequence[mmap.mmap | None]
+        self,
+        key: CacheKey,
+        indexes: Sequence[int],
+        intos: Sequence[mmap.mmap | memoryview | None],
     ) -> list[tuple[Buffer, int] | None]:
         """Blocks ``indexes`` of the segment under ``key`` (each as ``get_segment_block``,
         ``intos`` its buffers), read with one open and one read of the header: a sequential
@@ -549,17 +553,26 @@ def _segment_part(head: bytes, digest: bytes, index: int) -> tuple[int, int, int
 
 
 def _aligned(data: Buffer, block: int) -> bool:
-    """Whether ``data`` can be written with direct I/O: a view from the start of a page-aligned
-    buffer (an anonymous map) that holds whole pages past its end."""
-    if not isinstance(data, memoryview) or not isinstance(data.obj, mmap.mmap):
+    """Whether ``data`` can be written with direct I/O: a view of an anonymous map (page
+    aligned), from a page boundary in it, with whole pages of the map past its end."""
+    base = shared_map(data)
+    if base is None or not 0 < len(data) <= block:
         return False
-    return len(data.obj) >= -(-data.nbytes // DIRECT_ALIGN) * DIRECT_ALIGN and data.nbytes <= block
+    assert isinstance(data, memoryview)
+    at = map_offset(data)
+    return at % DIRECT_ALIGN == 0 and len(base) - at >= _whole_pages(data.nbytes)
 
 
 def _padded(data: Buffer) -> memoryview:
-    """``data`` (a view of an anonymous map, from its start) to a whole number of pages."""
-    assert isinstance(data, memoryview) and isinstance(data.obj, mmap.mmap)
-    return memoryview(data.obj)[: -(-data.nbytes // DIRECT_ALIGN) * DIRECT_ALIGN]
+    """``data`` (a view of an anonymous map, from a page boundary) to whole pages."""
+    base = shared_map(data)
+    assert base is not None and isinstance(data, memoryview)
+    at = map_offset(data)
+    return memoryview(base)[at : at + _whole_pages(data.nbytes)]
+
+
+def _whole_pages(size: int) -> int:
+    return -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
 
 
 def _unpack(head: bytes, data: bytes, digest: bytes) -> int | None:
@@ -599,35 +612,61 @@ def _unlink(path: str) -> None:
 
 
 class BufferPool:
-    """Buffers for blocks: page-aligned anonymous maps of ``size`` bytes (direct I/O can
-    write them), reused instead of mapped anew (each new one costs a page fault and a zeroed
-    page per 4 KiB: a fifth of a cold read's CPU, measured). A buffer comes back when the
-    memory tier lets its block go (``give``); it is reused only once nothing views it any
+    """Buffers for blocks: page-aligned anonymous maps of ``size`` bytes, or of ``runs``
+    blocks in a row (``take(n)``: a request's run of a segment, received into one buffer so
+    that a read across two of its blocks is one view, not a copy), reused instead of mapped
+    anew (each new one costs a page fault and a zeroed page per 4 KiB: a fifth of a cold
+    read's CPU, measured). Direct I/O can write them. A buffer comes back when the memory
+    tier lets go of its last block (``give``); it is reused only once nothing views it any
     more (a reader, a disk write, a FUSE reply): ``mmap.resize`` refuses while a view of it
-    is alive, which makes the check exact and cheap. At most ``keep`` wait to be reused."""
+    is alive, which makes the check exact and cheap. At most ``keep`` blocks' worth wait to
+    be reused of each size (at least two)."""
 
-    def __init__(self, size: int, keep: int = 16) -> None:
+    def __init__(self, size: int, keep: int = 16, runs: int = 1) -> None:
         self.size = size
         self.keep = keep
-        self._back: deque[mmap.mmap] = deque()
+        self.runs = runs
+        self._back: dict[int, deque[mmap.mmap]] = {size * n: deque() for n in {1, runs}}
+        self._keep = {size: keep, size * runs: max(2, keep // runs)}
 
-    def take(self) -> mmap.mmap:
-        for _ in range(min(len(self._back), 4)):  # a few looks: the oldest are freest
-            buffer = self._back.popleft()
+    def take(self, blocks: int = 1) -> mmap.mmap:
+        """A buffer of ``blocks`` blocks (1, or ``runs``)."""
+        size = self.size * blocks
+        back = self._back[size]
+        for _ in range(min(len(back), 4)):  # a few looks: the oldest are freest
+            buffer = back.popleft()
             try:
-                buffer.resize(self.size)  # refused while a view of it is alive
+                buffer.resize(size)  # refused while a view of it is alive
             except BufferError:
-                self._back.append(buffer)
+                back.append(buffer)
                 continue
             return buffer
-        return mmap.mmap(-1, self.size)
+        return mmap.mmap(-1, size)
 
     def give(self, data: Buffer) -> None:
         """``data`` left the memory tier: its buffer (if it is one of these) may come back."""
         base = data.obj if isinstance(data, memoryview) else None
         del data
-        if isinstance(base, mmap.mmap) and len(base) == self.size and len(self._back) < self.keep:
-            self._back.append(base)
+        if isinstance(base, mmap.mmap):
+            back = self._back.get(len(base))
+            if back is not None and len(back) < self._keep[len(base)]:
+                back.append(base)
+
+
+def shared_map(data: Buffer) -> mmap.mmap | None:
+    """The pooled map ``data`` is a view of, if it is one (its blocks share it)."""
+    base = data.obj if isinstance(data, memoryview) else None
+    return base if isinstance(base, mmap.mmap) else None
+
+
+def map_offset(view: memoryview) -> int:
+    """Where ``view`` (a non-empty, writable view of a map) starts in that map: its address
+    less the map's, read by ctypes without a copy."""
+    return _address(view) - _address(memoryview(view.obj))
+
+
+def _address(view: memoryview) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
 class MemoryCache:
@@ -642,6 +681,10 @@ class MemoryCache:
         self._items: OrderedDict[CacheKey, Buffer] = OrderedDict()
         self._passed: OrderedDict[CacheKey, Buffer] = OrderedDict()
         self.pool = pool  # where the buffers of the blocks it lets go return
+        # Pooled maps that blocks here view: how many blocks each, charged whole (a block
+        # keeps its run's map, all of it, alive) once, when the first comes, and let go
+        # when the last goes.
+        self._maps: dict[int, list[int]] = {}
 
     def __contains__(self, key: object) -> bool:
         return key in self._items or key in self._passed  # a look, not a use
@@ -671,13 +714,38 @@ class MemoryCache:
         if len(data) > self.limit:
             return
         old = self._items.pop(key, None) or self._passed.pop(key, None)
-        self.total += len(data) - (len(old) if old is not None else 0)
         self._items[key] = data
+        self._charge(data)
+        if old is not None:
+            self._release(old)
         while self.total > self.limit:
             _, gone = (self._passed or self._items).popitem(last=False)
-            self.total -= len(gone)
+            self._release(gone)
+
+    def _charge(self, data: Buffer) -> None:
+        base = shared_map(data)
+        if base is None:
+            self.total += len(data)
+            return
+        held = self._maps.get(id(base))
+        if held is None:
+            self._maps[id(base)] = [1, len(base)]
+            self.total += len(base)
+        else:
+            held[0] += 1
+
+    def _release(self, data: Buffer) -> None:
+        base = shared_map(data)
+        if base is None:
+            self.total -= len(data)
+            return
+        held = self._maps[id(base)]
+        held[0] -= 1
+        if held[0] == 0:
+            del self._maps[id(base)]
+            self.total -= held[1]
             if self.pool is not None:
-                self.pool.give(gone)
+                self.pool.give(data)
 
 
 class Tiered:
@@ -789,7 +857,13 @@ class Tiered:
         if self.disk is None or not self.disk.enabled:
             return [None] * len(indexes)
         pool = self.memory.pool
-        intos = [pool.take() if pool is not None else None for _ in indexes]
+        intos: list[mmap.mmap | memoryview | None]
+        if pool is not None and pool.runs > 1 and list(indexes) == list(range(pool.runs)):
+            # A whole segment: into one map, its blocks in a row (a read across two is a view)
+            shared = memoryview(pool.take(pool.runs))
+            intos = [shared[i * pool.size : (i + 1) * pool.size] for i in indexes]
+        else:
+            intos = [pool.take() if pool is not None else None for _ in indexes]
         found = await trio.to_thread.run_sync(
             self.disk.get_segment_blocks, segment, indexes, intos, limiter=self._limiter
         )
@@ -797,7 +871,7 @@ class Tiered:
         for i, (part, into) in enumerate(zip(found, intos, strict=True)):
             if part is None:
                 if pool is not None and into is not None:
-                    pool.give(memoryview(into))
+                    pool.give(into if isinstance(into, memoryview) else memoryview(into))
                 self.counts["misses"] += 1
                 out.append(None)
                 continue

@@ -288,6 +288,66 @@ def test_gather_copies_parts_into_a_pooled_buffer_that_stays_whole_while_viewed(
     assert bytes(gather(too_big, pool)) == b"z" * 40000 + b"w" * 40000  # past the pool: joined
 
 
+def test_gather_of_blocks_in_a_row_in_one_map_is_a_view_not_a_copy() -> None:
+    pool = BufferPool(1 << 16, keep=4, runs=4)
+    shared = memoryview(pool.take(4))
+    shared[:] = os.urandom(len(shared))
+    blocks = [shared[i << 16 : (i + 1) << 16] for i in range(4)]
+    joined = gather([blocks[1][1000:], blocks[2][:5000]], pool)
+    assert bytes(joined) == bytes(shared[(1 << 16) + 1000 : (2 << 16) + 5000])
+    assert isinstance(joined, memoryview) and joined.obj is shared.obj
+    shared[(1 << 16) + 1000] ^= 0xFF  # the same memory: no copy was made
+    assert joined[0] == shared[(1 << 16) + 1000]
+    # Not in a row (a gap, or the wrong order): copied, and right.
+    for parts in ([blocks[0], blocks[2]], [blocks[1], blocks[0]]):
+        out = gather(parts, pool)
+        assert bytes(out) == b"".join(bytes(p) for p in parts)
+        assert not (isinstance(out, memoryview) and out.obj is shared.obj)
+
+
+def test_the_memory_tier_charges_a_shared_map_once_and_lets_it_go_with_its_last_block() -> None:
+    block = 1 << 16
+    pool = BufferPool(block, keep=4, runs=4)
+    tier = MemoryCache(5 * block + 100, pool)
+    shared = memoryview(pool.take(4))
+    for i in range(3):  # three blocks of one map: the whole map, once
+        tier.put(key(i), shared[i * block : (i + 1) * block])
+    assert tier.total == 4 * block
+    tier.put(key(9), memoryview(pool.take())[:100])  # a block of its own: its whole map
+    assert tier.total == 5 * block
+    tier.put(key(10), b"z" * block)  # over the limit: the oldest go until it fits
+    assert key(0) not in tier and key(1) not in tier and key(2) not in tier
+    assert tier.total == 2 * block
+    base = shared.obj
+    del shared
+    assert pool.take(4) is base  # the map came back once its last block went
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct I/O", "buffered"])
+def test_a_segment_received_into_one_map_is_stored_and_read_back_whole(
+    tmp_path: Path, direct: bool
+) -> None:
+    """Blocks that are views into one map at their offsets (a request's run) go to disk as
+    themselves, not as the map's first bytes, and come back into one map the same way."""
+    block = 64 << 10
+    pool = BufferPool(block, runs=4)
+    cache = DiskCache(tmp_path, 10 << 20)
+    cache.direct = direct
+    shared = memoryview(pool.take(4))
+    shared[:] = os.urandom(len(shared))
+    lengths = [block, block, block, 5000]  # the last one short
+    parts = [(i, shared[i * block : i * block + n], 0) for i, n in enumerate(lengths)]
+    parts = [(i, data, zlib.crc32(data)) for i, data, _ in parts]
+    segment = key(3)
+    assert cache.put_segment(segment, block, 4, parts)
+    into = memoryview(pool.take(4))
+    found = cache.get_segment_blocks(
+        segment, [0, 1, 2, 3], [into[i * block : (i + 1) * block] for i in range(4)]
+    )
+    for (_, data, crc), got in zip(parts, found, strict=True):
+        assert got is not None and bytes(got[0]) == bytes(data) and got[1] == crc
+
+
 @pytest.mark.parametrize("direct", [True, False], ids=["direct I/O", "buffered"])
 def test_segment_blocks_read_back_checked_into_a_pooled_buffer(
     tmp_path: Path, direct: bool

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import random
 import struct
@@ -19,7 +20,7 @@ import trio
 
 from taskfs.archive import codecs
 from taskfs.archive import member as member_mod
-from taskfs.archive.cache import DiskCache, MemoryCache, Tiered
+from taskfs.archive.cache import BufferPool, DiskCache, MemoryCache, Tiered
 from taskfs.archive.rangeio import RangeSource
 from taskfs.archive.remote import RemoteArchive
 from taskfs.archive.tuning import DEFAULT, Tuning
@@ -67,6 +68,7 @@ async def opener(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[tuple[O
         disk_limit: int = 64 << 20,
         memory_limit: int = 8 << 20,
         tuning: Tuning = DEFAULT,
+        pool: BufferPool | None = None,
     ) -> RemoteArchive:
         if data is not None:
             objects.put("out.zip", data)
@@ -74,7 +76,7 @@ async def opener(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[tuple[O
         async def url(refresh: bool) -> str:
             return "http://store/o/out.zip"
 
-        cache = Tiered(MemoryCache(memory_limit), DiskCache(tmp_path / "cache", disk_limit))
+        cache = Tiered(MemoryCache(memory_limit, pool), DiskCache(tmp_path / "cache", disk_limit))
         return await RemoteArchive.open(
             RangeSource(http, url, name="out.zip", bulk=objects.bulk()),
             cache,
@@ -245,6 +247,49 @@ async def test_a_reread_from_the_disk_cache_loads_a_segment_per_thread_call(
     assert objects.gets() == 0
     assert sum(calls) == -(-len(body) // BLOCK)  # each block loaded once
     assert len(calls) <= sum(calls) // 2, calls  # mostly several blocks per call
+
+
+async def test_reads_across_blocks_received_together_are_views_from_network_and_disk(
+    opener: tuple[Objects, Opener],
+) -> None:
+    """With the mount's pool, a request's whole segments are received into one map each, and
+    a disk load of a whole segment goes into one map: a read across two of its blocks (as
+    the kernel's are, half a block off) is a view of that map, not a copy; bytes as zipfile's."""
+    objects, open_archive = opener
+    block = 64 << 10
+    tuning = replace(
+        SMALL,
+        block=block,
+        max_request=8 * block,
+        readahead_start=block,
+        readahead_part=4 * block,
+        readahead_slack=4 * block,
+        readahead_max=24 * block,
+    )
+    body = os.urandom(64 * block + 777)
+    data = build([("big.bin", body, zipfile.ZIP_STORED)])
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        assert zf.read("artifacts/big.bin") == body
+
+    async def read_through(archive: RemoteArchive) -> list[bool]:
+        reader = archive.open_member(member(archive, "big.bin"))
+        views = []
+        for offset in [0, *range(block // 2, len(body), block)]:
+            size = block // 2 if offset == 0 else block
+            got = await reader.read(offset, size)
+            assert bytes(got) == body[offset : offset + size]
+            whole = got.obj if isinstance(got, memoryview) else None
+            views.append(isinstance(whole, mmap.mmap) and len(whole) == 4 * block)
+        reader.close()
+        return views
+
+    cold = await open_archive(data, pool=BufferPool(block, runs=4), tuning=tuning)
+    assert sum(await read_through(cold)) >= 32  # most: the window is whole segments soon
+    await settled(cold)
+    objects.reset()
+    again = await open_archive(data, pool=BufferPool(block, runs=4), tuning=tuning)
+    assert sum(await read_through(again)) >= 32
+    assert [s.range for s in objects.seen if s.range] == [objects.seen[0].range]  # the open's
 
 
 async def test_a_stream_larger_than_the_memory_tier_fetches_each_byte_once(
