@@ -623,14 +623,19 @@ class BufferPool:
     tier lets go of its last block (``give``); it is reused only once nothing views it any
     more (a reader, a disk write, a FUSE reply): ``mmap.resize`` refuses while a view of it
     is alive, which makes the check exact and cheap. At most ``keep`` blocks' worth wait to
-    be reused of each size (at least two)."""
+    be reused, half in each size."""
 
     def __init__(self, size: int, keep: int = 16, runs: int = 1) -> None:
         self.size = size
         self.keep = keep
         self.runs = runs
         self._back: dict[int, deque[mmap.mmap]] = {size * n: deque() for n in {1, runs}}
-        self._keep = {size: keep, size * runs: max(2, keep // runs)}
+        # Half the room each (a map of a run counts its blocks), whatever was kept before
+        # maps of runs came: what waits here counts in the mount's memory.
+        self._keep = {
+            size: keep if runs == 1 else keep // 2,
+            size * runs: max(1, keep // (2 * runs)),
+        }
 
     def take(self, blocks: int = 1) -> mmap.mmap:
         """A buffer of ``blocks`` blocks (1, or ``runs``)."""
