@@ -387,7 +387,27 @@ def cmd_submit(args: argparse.Namespace) -> int:
 # -- mount / unmount -----------------------------------------------------------------------------
 
 
+# What ``mount`` and ``unmount`` say where pyfuse3 is not installed (it is a Linux-only
+# dependency: ``pip install taskfs`` on macOS leaves it out).
+NO_FUSE = (
+    "mounting needs pyfuse3 (FUSE for Linux), which is not installed here; on Linux: the "
+    "Debian packages fuse3, libfuse3-dev and pkg-config, then pip install pyfuse3. Without "
+    "FUSE, outputs are read with 'taskfs tasks download' or the Task class"
+)
+
+
+def _fuse_available() -> None:
+    """Raise a one-line error where the FUSE side cannot be imported (no pyfuse3)."""
+    try:
+        import taskfs.fs.mount  # noqa: F401 - the FUSE side, only for these commands
+    except ImportError as exc:
+        if exc.name != "pyfuse3":
+            raise
+        raise TaskfsError(NO_FUSE) from None
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
+    _fuse_available()
     from taskfs.fs.mount import (
         FSTYPE,
         MountSettings,
@@ -579,6 +599,7 @@ def _mount_log(cache_dir: Path, mountpoint: Path) -> Path:
 
 
 def cmd_unmount(args: argparse.Namespace) -> int:
+    _fuse_available()
     from taskfs.fs.mount import unmount
 
     note = unmount(mountpoint_arg(args.mountpoint))

@@ -163,7 +163,7 @@ def cmd_last_modified(args: argparse.Namespace) -> int:
 
 
 LIVE_NOTE = (
-    " Works while the task computes, over the service's live channel (WebRTC; needs taskfs[live])."
+    " Works while the task computes, over the service's live channel (WebRTC, through aiortc)."
 )
 
 

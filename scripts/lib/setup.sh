@@ -4,13 +4,13 @@
 #   * Debian packages fuse3, libfuse3-dev, pkg-config (pyfuse3 builds against libfuse3), and
 #     the commands named in $TASKFS_TOOLS (each a package of that name);
 #   * a virtual environment in $ROOT/.venv (override with TASKFS_VENV);
-#   * the taskfs package, editable, with the extras in $TASKFS_EXTRAS (default: dev,bench,live),
+#   * the taskfs package, editable, with the extras in $TASKFS_EXTRAS (default: dev,bench),
 #     reinstalled only when pyproject.toml changed since the last install.
 # Leaves $ROOT, $VENV and $PY set, and the venv's bin first on PATH.
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 VENV=${TASKFS_VENV:-$ROOT/.venv}
-EXTRAS=${TASKFS_EXTRAS:-dev,bench,live}
+EXTRAS=${TASKFS_EXTRAS:-dev,bench}
 
 say() { printf '==> %s\n' "$*" >&2; }
 

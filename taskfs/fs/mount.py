@@ -228,7 +228,8 @@ def start_live(
     ``outputs`` then stay empty until they end)."""
     if importlib.util.find_spec("aiortc") is None:  # found, not loaded: see ``LiveTask``
         log.warning(
-            "aiortc is not installed: running tasks' outputs show once they end (taskfs[live])"
+            "aiortc is not installed: running tasks' outputs show once they end "
+            "(pip install aiortc)"
         )
         return None
     from taskfs.live.mirror import LiveMirrors  # noqa: PLC0415 - only where there is aiortc

@@ -13,8 +13,9 @@ per channel, answered by a stream of JSON messages.
 * ``client``: the caller's side (``taskfs tasks tail``, ``Task.tail_files``, the mount).
 * ``ops``: the live commands for people (CLI and ``Task``), loaded with ``load_ops()``.
 
-``aiortc`` is an optional dependency (the ``live`` extra): without it the service answers the
-channel with 204 and the live commands say what to install.
+``aiortc`` comes with the default install; where it is missing (a platform without its
+wheels, an install without dependencies) the service answers the channel with 204 and the live
+commands say what to install.
 """
 
 from __future__ import annotations
@@ -30,6 +31,6 @@ def load_ops() -> ModuleType:
         from taskfs.live import ops  # noqa: PLC0415 - aiortc is an optional extra
     except ImportError:
         raise LiveError(
-            "the live channel needs aiortc, which is not installed: pip install 'taskfs[live]'"
+            "the live channel needs aiortc, which is not installed: pip install aiortc"
         ) from None
     return ops

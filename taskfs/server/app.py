@@ -907,7 +907,7 @@ def start_live_hub(settings: ServiceSettings, runner: Runner) -> LiveHub | None:
         from taskfs.live.answerer import LiveHub  # noqa: PLC0415 - aiortc is optional
         from taskfs.live.rtc import hosts_for_bind  # noqa: PLC0415
     except ImportError:
-        log.warning("aiortc is not installed: the live channel answers 204 (taskfs[live])")
+        log.warning("aiortc is not installed: the live channel answers 204 (pip install aiortc)")
         return None
     return LiveHub(runner.computing.get, hosts_for_bind(settings.host))
 

@@ -3,13 +3,17 @@ the cause, never a traceback squeezed onto a line."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
-from taskfs.cli import _last_words
+from taskfs.cli import NO_FUSE, _last_words
 from taskfs.cli_live import Printer
 from taskfs.errors import LiveError
 
@@ -75,3 +79,48 @@ def test_a_file_the_channel_refuses_is_named_once(capsys: pytest.CaptureFixture[
     assert capsys.readouterr().err == (
         "taskfs: nope.txt: File not found\ntaskfs: bin.dat: File is not a text file\n"
     )
+
+
+# A Python where pyfuse3 cannot be imported (macOS, a container without FUSE): ``None`` in
+# sys.modules makes every ``import pyfuse3`` fail as a missing module would.
+WITHOUT_FUSE = "import sys; sys.modules['pyfuse3'] = None\n"
+
+
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_everything_but_mounting_works_without_pyfuse3(tmp_path: Path) -> None:
+    """The Task class, the outputs reader and ``taskfs tasks`` never import pyfuse3; ``mount``
+    and ``unmount`` say in one line what is missing, with no traceback."""
+    imports = run_python(
+        "import sys\n"
+        "import taskfs.cli, taskfs.task, taskfs.outputs, taskfs.cli_tasks, taskfs.cli_live\n"
+        "print('pyfuse3' in sys.modules)\n"
+    )
+    assert imports.returncode == 0 and imports.stdout.strip() == "False", imports.stderr
+    helps = run_python(
+        WITHOUT_FUSE + "from taskfs.cli import main\n"
+        "for args in (['tasks', 'list', '--help'], ['serve', '--help'], ['--version']):\n"
+        "    assert main(args) == 0, args\n"
+    )
+    assert helps.returncode == 0, helps.stderr
+    for command in (["mount", str(tmp_path)], ["unmount", str(tmp_path)]):
+        code = f"from taskfs.cli import main\nsys.exit(main({command!r}))\n"
+        done = run_python(WITHOUT_FUSE + code)
+        assert done.returncode == 1, done.stderr
+        assert "Traceback" not in done.stderr
+        assert done.stderr.strip().splitlines()[-1] == f"taskfs: error: {NO_FUSE}", done.stderr
+
+
+def test_the_install_leaves_pyfuse3_out_where_there_is_no_linux() -> None:
+    """What pip reads (the installed package's metadata): pyfuse3 only on Linux; fsspec and
+    aiortc (the live channel) in every install."""
+    requires = [Requirement(text) for text in importlib.metadata.requires("taskfs") or []]
+    fuse = [r for r in requires if r.name == "pyfuse3"]
+    assert fuse and all(r.marker is not None for r in fuse)
+    assert all(r.marker.evaluate({"sys_platform": "linux"}) for r in fuse if r.marker)
+    assert not any(r.marker.evaluate({"sys_platform": "darwin"}) for r in fuse if r.marker)
+    assert {"fsspec", "aiortc"} <= {r.name for r in requires if r.marker is None}
