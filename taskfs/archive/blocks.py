@@ -188,13 +188,16 @@ class BlockFetcher:
                     looked_on_disk = True
                     block = await self._load(number)
                     if block is not None:
+                        self.cache.memory.used(self.key(number))
                         return block
                     continue  # not there after all: it may have come meanwhile, look again
                 self._start(number, number + 1)  # (a segment on disk may lack it)
                 flight = self._pending[number]
                 self.counts["misses"] += 1
             with contextlib.suppress(Abandoned):  # its fetch was cancelled: ask again
-                return await flight.wait()
+                block = await flight.wait()
+                self.cache.memory.used(self.key(number))
+                return block
 
     async def _load(self, number: int) -> Block | None:
         """Block ``number`` from its segment on disk, as a flight: readers that want it
@@ -254,9 +257,13 @@ class BlockFetcher:
             if n not in found:
                 flight = flights.get(n)
                 try:
-                    found[n] = await flight.wait() if flight is not None else await self.get(n)
+                    if flight is None:
+                        found[n] = await self.get(n)
+                        continue
+                    found[n] = await flight.wait()
                 except Abandoned:
                     found[n] = await self.get(n)
+                self.cache.memory.used(self.key(n))
         return [found[n] for n in range(first, last + 1)]
 
     def request(self, first: int, stop: int, part: int | None = None) -> None:
@@ -350,7 +357,7 @@ class BlockFetcher:
             for n, data in zip(range(first, stop), views, strict=True):
                 crc = zlib_ng.crc32(data)
                 self._admit(n, crc)
-                self.cache.memory.put(self.key(n), data)
+                self.cache.memory.put(self.key(n), data, ahead=True)  # until it is read
                 flights[n].land(Block(self.offset(n), data, crc))
             landed = dict(zip(range(first, stop), views, strict=True))
         except Exception as exc:  # handed to every waiter below
@@ -440,23 +447,15 @@ class Readahead:
         self.window = 0
         self.next = -1  # where the last read ended (archive offset)
         self.until = 0  # archive bytes asked for up to here
-        self.passed = blocks.number(low)  # blocks before this one were demoted
 
     def advise(self, low: int, high: int) -> None:
         """A read of archive bytes ``[low, high)`` came: keep its window ahead asked for."""
         blocks = self.blocks
         if self.next >= 0 and self.next - self.slack <= low <= self.next + self.slack:
             self.window = min(self.most(), max(self.start_window, self.window * 2))
-            # Blocks this reader has passed go first from memory, before those fetched
-            # ahead of it that it has yet to read (by recency alone, those would go first).
-            behind = blocks.number(low - self.slack)
-            for n in range(self.passed, behind):
-                blocks.cache.memory.demote(blocks.key(n))
-            self.passed = max(self.passed, behind)
         else:
             self.window = 0
             self.until = high
-            self.passed = blocks.number(low)
         self.next = max(self.next, high) if self.window else high
         if not self.window:
             return

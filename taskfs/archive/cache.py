@@ -678,16 +678,19 @@ def _address(view: memoryview) -> int:
 
 
 class MemoryCache:
-    """A byte-bounded LRU of extents (the hot tier above the disk), with extents a sequential
-    reader has passed (``demote``) kept apart and let go first, oldest first: by recency
-    alone, the blocks fetched ahead of a reader and not read yet would go before those it
-    has just read and will not read again."""
+    """A byte-bounded cache of extents (the hot tier above the disk): blocks fetched ahead of
+    a reader and not read yet (``put(..., ahead=True)``) are kept apart and go last; the rest
+    go least recently used first. By recency alone, the blocks fetched ahead of a reader
+    would go before those it has just read and will not read again; and if blocks a reader
+    has passed went first of all (as here before), blocks of earlier random reads, never
+    passed, would stay for good while a file read again and again, which would fit, was let
+    go each round."""
 
     def __init__(self, limit_bytes: int, pool: BufferPool | None = None) -> None:
         self.limit = limit_bytes
         self.total = 0
-        self._items: OrderedDict[CacheKey, Buffer] = OrderedDict()
-        self._passed: OrderedDict[CacheKey, Buffer] = OrderedDict()
+        self._items: OrderedDict[CacheKey, Buffer] = OrderedDict()  # read: by recency
+        self._ahead: OrderedDict[CacheKey, Buffer] = OrderedDict()  # fetched ahead, unread
         self.pool = pool  # where the buffers of the blocks it lets go return
         # Pooled maps that blocks here view: how many blocks each, charged whole (a block
         # keeps its run's map, all of it, alive) once, when the first comes, and let go
@@ -695,39 +698,39 @@ class MemoryCache:
         self._maps: dict[int, list[int]] = {}
 
     def __contains__(self, key: object) -> bool:
-        return key in self._items or key in self._passed  # a look, not a use
+        return key in self._items or key in self._ahead  # a look, not a use
 
-    def demote(self, key: CacheKey) -> None:
-        """A sequential reader has passed ``key``: it goes before the others."""
-        data = self._items.pop(key, None)
+    def used(self, key: CacheKey) -> None:
+        """A reader has just had ``key`` (from its fetch, not from here): it counts as read."""
+        data = self._ahead.pop(key, None)
         if data is not None:
-            self._passed[key] = data
+            self._items[key] = data
 
     def peek(self, key: CacheKey) -> Buffer | None:
         """The bytes of ``key``, if held, without counting as a use."""
         data = self._items.get(key)
-        return data if data is not None else self._passed.get(key)
+        return data if data is not None else self._ahead.get(key)
 
     def get(self, key: CacheKey) -> Buffer | None:
         data = self._items.get(key)
         if data is not None:
             self._items.move_to_end(key)
             return data
-        data = self._passed.pop(key, None)
-        if data is not None:  # read again: in use after all
+        data = self._ahead.pop(key, None)
+        if data is not None:  # read now
             self._items[key] = data
         return data
 
-    def put(self, key: CacheKey, data: Buffer) -> None:
+    def put(self, key: CacheKey, data: Buffer, ahead: bool = False) -> None:
         if len(data) > self.limit:
             return
-        old = self._items.pop(key, None) or self._passed.pop(key, None)
-        self._items[key] = data
+        old = self._items.pop(key, None) or self._ahead.pop(key, None)
+        (self._ahead if ahead else self._items)[key] = data
         self._charge(data)
         if old is not None:
             self._release(old)
         while self.total > self.limit:
-            _, gone = (self._passed or self._items).popitem(last=False)
+            _, gone = (self._items or self._ahead).popitem(last=False)
             self._release(gone)
 
     def _charge(self, data: Buffer) -> None:
@@ -885,7 +888,7 @@ class Tiered:
                 continue
             data, crc = part
             admit(i, crc)
-            self.memory.put(keys[i], data)
+            self.memory.put(keys[i], data, ahead=True)  # until a reader has it
             self.counts["disk_hits"] += 1
             out.append(data)
         return out

@@ -244,21 +244,32 @@ def test_an_accounting_never_forgets_what_was_written_while_it_scanned(
     assert cache.contains(key(1))
 
 
-def test_the_memory_tier_lets_passed_extents_go_first_oldest_first() -> None:
-    """Extents a sequential reader passed go before any other, in the order it passed them;
-    one read again is in use after all."""
+def test_the_memory_tier_keeps_what_was_fetched_ahead_and_lets_the_rest_go_by_recency() -> None:
+    """Extents fetched ahead of a reader and not read yet go last; the others go least
+    recently used first, so a stale extent of an earlier random read goes before the blocks
+    a reader has just read (a file read again and again that fits stays)."""
     tier = MemoryCache(4 * 10)
-    for n in range(4):
-        tier.put(key(n), b"x" * 10)
-    tier.demote(key(0))
-    tier.demote(key(1))
-    assert key(0) in tier and tier.get(key(3)) is not None
-    tier.put(key(4), b"x" * 10)  # room for one: the first one passed goes
-    assert key(0) not in tier and key(1) in tier
-    assert tier.get(key(1)) == b"x" * 10  # read again: back among the others
-    tier.put(key(5), b"x" * 10)  # nothing passed now: the least recently used goes
-    assert key(2) not in tier and {key(1), key(3), key(4), key(5)} <= set(tier._items)
-    assert tier.total == 40
+    tier.put(key(0), b"x" * 10)  # a random read's, long ago
+    for n in (1, 2):
+        tier.put(key(n), b"x" * 10, ahead=True)  # fetched ahead of a reader
+    tier.used(key(1))  # the reader had it from its fetch
+    tier.put(key(3), b"x" * 10, ahead=True)
+    tier.put(key(4), b"x" * 10, ahead=True)  # room for four: the stale one goes
+    assert key(0) not in tier and {key(1), key(2), key(3), key(4)} <= set(tier._items) | set(
+        tier._ahead
+    )
+    tier.put(key(5), b"x" * 10)  # then the one read, though fetched after the stale one
+    assert key(1) not in tier and key(2) in tier
+    assert tier.get(key(2)) == b"x" * 10  # read: now by recency among the others
+    tier.put(key(6), b"x" * 10)
+    tier.put(key(7), b"x" * 10)  # 5 and 2 were read before 6: they go, 3 and 4 stay unread
+    assert key(5) not in tier and key(2) not in tier
+    assert {key(3), key(4)} <= set(tier._ahead) and tier.total == 40
+    # Only when nothing read is left do unread ones go, oldest first.
+    big = MemoryCache(2 * 10)
+    for n in range(3):
+        big.put(key(n), b"y" * 10, ahead=True)
+    assert key(0) not in big and key(1) in big and key(2) in big
 
 
 def test_a_pooled_buffer_is_lent_again_only_once_no_view_of_it_is_left() -> None:
