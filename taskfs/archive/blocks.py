@@ -454,6 +454,7 @@ class Readahead:
         if self.next >= 0 and self.next - self.slack <= low <= self.next + self.slack:
             self.window = min(self.most(), max(self.start_window, self.window * 2))
         else:
+            self.release()  # what it fetched ahead for the old place
             self.window = 0
             self.until = high
         self.next = max(self.next, high) if self.window else high
@@ -470,3 +471,13 @@ class Readahead:
             return  # less than a part is missing: ask when there is a whole one (fewer hops)
         blocks.request(blocks.number(begin), blocks.stop(target), max(1, part // blocks.block))
         self.until = max(self.until, target)
+
+    def release(self) -> None:
+        """The reader is gone, or reads elsewhere now: the blocks fetched ahead of it that it
+        has not read are no longer kept for it (the memory tier lets them go first)."""
+        blocks = self.blocks
+        if self.next < 0 or self.until <= self.next:
+            return
+        memory = blocks.cache.memory
+        for n in range(blocks.number(self.next), blocks.stop(self.until)):
+            memory.unwanted(blocks.key(n))

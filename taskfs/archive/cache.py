@@ -706,6 +706,14 @@ class MemoryCache:
         if data is not None:
             self._items[key] = data
 
+    def unwanted(self, key: CacheKey) -> None:
+        """``key`` was fetched ahead for a reader that has gone (closed, or jumped away): it
+        goes first."""
+        data = self._ahead.pop(key, None)
+        if data is not None:
+            self._items[key] = data
+            self._items.move_to_end(key, last=False)
+
     def peek(self, key: CacheKey) -> Buffer | None:
         """The bytes of ``key``, if held, without counting as a use."""
         data = self._items.get(key)

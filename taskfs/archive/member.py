@@ -373,6 +373,8 @@ class StoredMember:
             return True
         self._closed = True
         self.budget.readers -= 1
+        if self._ahead is not None:
+            self._ahead.release()
         return self.archive.release(self.entry)
 
 
@@ -506,6 +508,8 @@ class CursorMember:
         self._closed = True
         self.budget.readers -= 1
         self.budget.forget(self)
+        if self._ahead is not None:
+            self._ahead.release()
         self._codec = None
         self._tail = b""
         self._window = _Window(0)

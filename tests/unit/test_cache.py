@@ -265,6 +265,11 @@ def test_the_memory_tier_keeps_what_was_fetched_ahead_and_lets_the_rest_go_by_re
     tier.put(key(7), b"x" * 10)  # 5 and 2 were read before 6: they go, 3 and 4 stay unread
     assert key(5) not in tier and key(2) not in tier
     assert {key(3), key(4)} <= set(tier._ahead) and tier.total == 40
+    tier.unwanted(key(4))  # its reader has gone: it goes first, before those read
+    tier.put(key(8), b"x" * 10)
+    assert key(4) not in tier and {key(3), key(6), key(7), key(8)} <= set(tier._items) | set(
+        tier._ahead
+    )
     # Only when nothing read is left do unread ones go, oldest first.
     big = MemoryCache(2 * 10)
     for n in range(3):

@@ -292,6 +292,27 @@ async def test_reads_across_blocks_received_together_are_views_from_network_and_
     assert [s.range for s in objects.seen if s.range] == [objects.seen[0].range]  # the open's
 
 
+async def test_what_was_fetched_ahead_for_a_closed_reader_is_no_longer_kept(
+    opener: tuple[Objects, Opener],
+) -> None:
+    """A reader that stops and closes leaves its read-ahead in the memory tier as the first to
+    go, not kept (for good) for a reader that will not come."""
+    _, open_archive = opener
+    body = os.urandom(16 * BLOCK)
+    archive = await open_archive(build([("big.bin", body, zipfile.ZIP_STORED)]))
+    reader = archive.open_member(member(archive, "big.bin"))
+    for offset in range(0, 4 * BLOCK, BLOCK // 2):
+        assert await reader.read(offset, BLOCK // 2) == body[offset : offset + BLOCK // 2]
+    with trio.fail_after(5):  # the read-ahead lands
+        while archive.cache.memory._ahead == {} or any(
+            grid._pending for grid in archive._grids.values()
+        ):
+            await trio.sleep(0.01)
+    assert archive.cache.memory._ahead  # fetched ahead, not read: kept
+    reader.close()
+    assert not archive.cache.memory._ahead  # the reader has gone: first to go
+
+
 async def test_a_stream_larger_than_the_memory_tier_fetches_each_byte_once(
     opener: tuple[Objects, Opener],
 ) -> None:
