@@ -877,6 +877,7 @@ class Tiered:
             return [None] * len(indexes)
         pool = self.memory.pool
         intos: list[mmap.mmap | memoryview | None]
+        shared: memoryview | None = None
         if pool is not None and pool.runs > 1 and list(indexes) == list(range(pool.runs)):
             # A whole segment: into one map, its blocks in a row (a read across two is a view)
             shared = memoryview(pool.take(pool.runs))
@@ -886,10 +887,12 @@ class Tiered:
         found = await trio.to_thread.run_sync(
             self.disk.get_segment_blocks, segment, indexes, intos, limiter=self._limiter
         )
+        if pool is not None and shared is not None and all(part is None for part in found):
+            pool.give(shared)  # once: with any block held, the memory tier gives it back
         out: list[Buffer | None] = []
         for i, (part, into) in enumerate(zip(found, intos, strict=True)):
             if part is None:
-                if pool is not None and into is not None:
+                if pool is not None and shared is None and into is not None:
                     pool.give(into if isinstance(into, memoryview) else memoryview(into))
                 self.counts["misses"] += 1
                 out.append(None)

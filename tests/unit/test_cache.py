@@ -500,3 +500,32 @@ def test_what_is_not_a_cache_file_is_a_miss_and_goes(tmp_path: Path, kind: str) 
     assert cache.get_segment_block(key(2), 0) is None
     assert not files(cache)
     assert not [p for p in (tmp_path).rglob("*") if p.is_symlink() or p.is_fifo()]
+
+
+async def test_a_segment_loaded_into_one_map_goes_back_to_the_pool_once(tmp_path: Path) -> None:
+    """A disk load of a whole segment into one map, two of its blocks missing: the map is given
+    back once, by the memory tier with its last block, never once per missing block (a map
+    twice in line could be lent to two takers)."""
+    block = 64 << 10
+    pool = BufferPool(block, runs=4)
+    disk = DiskCache(tmp_path, 10 << 20)
+    blocks = {0: os.urandom(block), 1: os.urandom(block)}
+    segment = key(9)
+    assert disk.put_segment(segment, block, 4, [(i, d, zlib.crc32(d)) for i, d in blocks.items()])
+    tier = Tiered(MemoryCache(16 * block, pool), disk)
+    keys = [key(100 + i) for i in range(4)]
+    found = await tier.get_segment_blocks(segment, [0, 1, 2, 3], keys, lambda i, crc: None)
+    assert [bytes(f) if f is not None else None for f in found] == [
+        blocks[0],
+        blocks[1],
+        None,
+        None,
+    ]
+    runs = pool._back[4 * block]
+    assert not runs  # held by the memory tier
+    del found
+    for k in keys[:2]:
+        tier.memory.used(k)  # read: no longer kept as fetched ahead
+    for n in range(16):  # the tier lets both blocks go
+        tier.memory.put(key(200 + n), b"z" * block)
+    assert len(runs) == 1
